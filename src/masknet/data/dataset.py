@@ -1,0 +1,211 @@
+"""The prepared dataset: compact integer arrays on disk, memory-mapped, batched by slicing.
+
+Layout of a prepared dataset folder (written by `PreparedWriter`, read by `load_prepared`):
+
+    meta.json           fields (name, kind, cardinality), rows and positives per split, source, stats
+    <split>.x.bin       int32  [rows, f]  per-field category index, 0 <= x[:, i] < cardinality[i]
+    <split>.y.bin       uint8  [rows]     label 0/1
+    <split>.p.bin       float32 [rows]    true click probability (only for synthetic data: the oracle)
+
+Raw little-endian arrays (not .npy) so a writer can append chunk by chunk without
+knowing the final row count; the shapes live in meta.json.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+
+SPLITS = ("train", "valid", "test")
+FORMAT_NAME = "masknet-prepared"
+FORMAT_VERSION = 1
+X_DTYPE = np.dtype("<i4")
+Y_DTYPE = np.dtype("u1")
+P_DTYPE = np.dtype("<f4")
+
+
+@dataclass
+class Split:
+    """One split: x [n, f] int32, y [n] uint8, p [n] float32 or None. Arrays may be memory-mapped."""
+
+    x: np.ndarray
+    y: np.ndarray
+    p: Optional[np.ndarray] = None
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+
+@dataclass
+class CTRDataset:
+    field_names: list[str]
+    cardinalities: list[int]
+    splits: dict[str, Split]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_fields(self) -> int:
+        return len(self.field_names)
+
+    def has_oracle(self) -> bool:
+        return all(s.p is not None for s in self.splits.values())
+
+
+# ---------------------------------------------------------------------------
+# Writing and reading
+
+
+class PreparedWriter:
+    """Append encoded chunks to a prepared dataset folder, then `close()` to write meta.json.
+
+    Memory stays bounded by the chunk size, whatever the total number of rows.
+    """
+
+    def __init__(self, path: str | Path, fields: list[dict[str, Any]], with_prob: bool = False):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.fields = fields
+        self.with_prob = with_prob
+        self.rows = {s: 0 for s in SPLITS}
+        self.positives = {s: 0 for s in SPLITS}
+        self._files = {}
+        for s in SPLITS:
+            self._files[s] = [open(self.path / f"{s}.x.bin", "wb"), open(self.path / f"{s}.y.bin", "wb")]
+            if with_prob:
+                self._files[s].append(open(self.path / f"{s}.p.bin", "wb"))
+
+    def append(self, split: str, x: np.ndarray, y: np.ndarray, p: Optional[np.ndarray] = None) -> None:
+        if x.ndim != 2 or x.shape[1] != len(self.fields) or len(y) != len(x):
+            raise ValueError(f"chunk shape mismatch: x {x.shape}, y {y.shape}, fields {len(self.fields)}")
+        files = self._files[split]
+        files[0].write(np.ascontiguousarray(x, dtype=X_DTYPE).tobytes())
+        files[1].write(np.ascontiguousarray(y, dtype=Y_DTYPE).tobytes())
+        if self.with_prob:
+            files[2].write(np.ascontiguousarray(p, dtype=P_DTYPE).tobytes())
+        self.rows[split] += len(x)
+        self.positives[split] += int(np.count_nonzero(y))
+
+    def close(self, source: dict[str, Any] | None = None, stats: dict[str, Any] | None = None) -> Path:
+        for files in self._files.values():
+            for fh in files:
+                fh.close()
+        meta = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "fields": self.fields,
+            "splits": {
+                s: {
+                    "rows": self.rows[s],
+                    "positives": self.positives[s],
+                    "positive_rate": self.positives[s] / self.rows[s] if self.rows[s] else None,
+                }
+                for s in SPLITS
+            },
+            "has_prob": self.with_prob,
+            "source": source or {},
+            "stats": stats or {},
+        }
+        (self.path / "meta.json").write_text(json.dumps(meta, indent=2))
+        return self.path
+
+
+def write_prepared(dataset: CTRDataset, path: str | Path, kinds: Optional[list[str]] = None) -> Path:
+    """Write an in-memory dataset to a prepared folder."""
+    kinds = kinds or [f.get("kind", "categorical") for f in dataset.meta.get("fields", [])] or ["categorical"] * dataset.num_fields
+    fields = [
+        {"name": n, "kind": k, "cardinality": c}
+        for n, k, c in zip(dataset.field_names, kinds, dataset.cardinalities)
+    ]
+    writer = PreparedWriter(path, fields, with_prob=dataset.has_oracle())
+    for name, split in dataset.splits.items():
+        writer.append(name, split.x, split.y, split.p)
+    return writer.close(source=dataset.meta.get("source"), stats=dataset.meta.get("stats"))
+
+
+def load_prepared(path: str | Path) -> CTRDataset:
+    """Open a prepared dataset folder with every array memory-mapped (nothing is read yet)."""
+    path = Path(path)
+    meta_path = path / "meta.json"
+    if not path.is_dir():
+        raise DataError(f"{path}: prepared dataset folder not found (create one with `masknet prepare`)")
+    if not meta_path.is_file():
+        raise DataError(f"{path}: not a prepared dataset (no meta.json); create one with `masknet prepare`")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{meta_path}: not valid JSON ({exc})") from None
+    if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
+        raise DataError(f"{meta_path}: not a masknet prepared dataset of version {FORMAT_VERSION}")
+    fields = meta["fields"]
+    f = len(fields)
+    splits = {}
+    for s in SPLITS:
+        rows = int(meta["splits"][s]["rows"])
+        x = _map(path / f"{s}.x.bin", X_DTYPE, (rows, f))
+        y = _map(path / f"{s}.y.bin", Y_DTYPE, (rows,))
+        p = _map(path / f"{s}.p.bin", P_DTYPE, (rows,)) if meta.get("has_prob") else None
+        splits[s] = Split(x, y, p)
+    return CTRDataset(
+        field_names=[fd["name"] for fd in fields],
+        cardinalities=[int(fd["cardinality"]) for fd in fields],
+        splits=splits,
+        meta=meta,
+    )
+
+
+def _map(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if not path.is_file():
+        raise DataError(f"{path}: missing array file of the prepared dataset")
+    size = path.stat().st_size
+    if size != expected:
+        raise DataError(f"{path}: {size} bytes, expected {expected} for shape {shape} (truncated or corrupted)")
+    if expected == 0:
+        return np.zeros(shape, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape)
+
+
+# ---------------------------------------------------------------------------
+# Batching
+
+
+def iterate_batches(
+    split: Split,
+    batch_size: int,
+    shuffle: bool = False,
+    rng: Optional[np.random.Generator] = None,
+    block_rows: int = 1 << 18,
+    start: int = 0,
+    stop: Optional[int] = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (x LongTensor [b, f], y FloatTensor [b]) batches by slicing rows [start, stop).
+
+    Shuffling is block-wise: the order of blocks of `block_rows` contiguous rows is
+    permuted and rows are permuted within each block. Only one block is in memory at a
+    time, so a memory-mapped split larger than RAM trains in bounded memory.
+    """
+    stop = len(split) if stop is None else stop
+    if shuffle and rng is None:
+        raise ValueError("shuffle=True needs an rng")
+    block_rows = max(batch_size, (block_rows // batch_size) * batch_size)  # whole batches per block
+    starts = np.arange(start, stop, block_rows)
+    if shuffle:
+        starts = rng.permutation(starts)
+    for b0 in starts:
+        b1 = min(b0 + block_rows, stop)
+        xb = np.asarray(split.x[b0:b1])
+        yb = np.asarray(split.y[b0:b1])
+        if shuffle:
+            order = rng.permutation(b1 - b0)
+            xb, yb = xb[order], yb[order]
+        x_t = torch.from_numpy(xb.astype(np.int64, copy=False))
+        y_t = torch.from_numpy(yb.astype(np.float32, copy=False))
+        for i in range(0, b1 - b0, batch_size):
+            yield x_t[i : i + batch_size], y_t[i : i + batch_size]

@@ -1,0 +1,38 @@
+"""The interface every model implements (MaskNets and baselines alike)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import FieldEmbedding
+
+
+class CTRModel(nn.Module):
+    """A CTR model: per-field category indices in, one logit per row out.
+
+    forward(x: LongTensor [B, f]) -> logits [B]   (sigmoid lives in the loss and in `predict_proba`)
+    """
+
+    def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig):
+        super().__init__()
+        self.cardinalities = [int(c) for c in cardinalities]
+        self.num_fields = len(self.cardinalities)
+        self.cfg = cfg
+
+    def embeddings(self) -> list[FieldEmbedding]:
+        """The embedding tables (sparse rows; L2 is applied to the rows a batch looks up)."""
+        return [m for m in self.modules() if isinstance(m, FieldEmbedding)]
+
+    def dense_weights(self) -> list[nn.Parameter]:
+        """Weight matrices outside the embeddings (the dense L2 term); biases and norms excluded."""
+        emb = {id(e.weight) for e in self.embeddings()}
+        return [p for p in self.parameters() if p.ndim >= 2 and id(p) not in emb]
+
+    @torch.no_grad()
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        """Click probabilities [B] (eval mode is the caller's business)."""
+        return torch.sigmoid(self(x))

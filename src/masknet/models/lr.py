@@ -1,0 +1,35 @@
+"""Logistic regression on the fields: the first-order-only reference model."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .base import CTRModel
+from .layers import FieldEmbedding
+
+
+class LinearTerm(nn.Module):
+    """w_0 + Σ_i w[x_i]: one scalar weight per category. x [B, f] -> [B]."""
+
+    def __init__(self, cardinalities: Sequence[int]):
+        super().__init__()
+        self.weights = FieldEmbedding(cardinalities, 1, init_std=0.0)
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weights(x).sum(dim=(1, 2)) + self.bias
+
+
+class LogisticRegression(CTRModel):
+    """LR: logit = w_0 + Σ_i w[x_i] (no embeddings of size k, no interactions)."""
+
+    def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig):
+        super().__init__(cardinalities, cfg)
+        self.linear = LinearTerm(self.cardinalities)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)

@@ -1,0 +1,157 @@
+"""MaskNet (Wang, She, Zhang 2021), read like section 3 of the paper.
+
+Shapes: B = batch, f = fields, k = embedding size, m = f*k (width of V_emb),
+q = block width, z = width of the vector a mask multiplies, t = r*z.
+
+    V_emb        = concat(e_1..e_f)                                   (Eq. 4)   [B, m]
+    V_mask       = W_d2 ReLU(W_d1 V_emb + b_d1) + b_d2                (Eq. 5)   [B, z]
+    block on EMB : ReLU(LN(W_i (V_mask ⊙ LN_EMB(V_emb))))             (Eq. 11-12)
+    block on MB  : ReLU(LN(W_i (V_mask ⊙ V_output^p)))                (Eq. 13-14)
+    SerMaskNet   : blocks stacked, the first on the embedding
+    ParaMaskNet  : u blocks on the embedding, concat (Eq. 15), ReLU FFNs (Eq. 16)
+    prediction   : w_0 + Σ w_i x_i  (Eq. 17; the sigmoid is in the loss / predict path)
+
+Ablation switches (ModelConfig): use_mask, emb_layernorm, block_layernorm, block_ffn.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .base import CTRModel
+from .layers import MLP, FieldEmbedding, FieldLayerNorm
+
+
+def aggregation_width(z: int, reduction_ratio: float) -> int:
+    """t = r * z (the paper's reduction ratio is relative to the masked width z)."""
+    return max(1, int(round(reduction_ratio * z)))
+
+
+class InstanceGuidedMask(nn.Module):
+    """Eq. 5: aggregation layer (width t) + ReLU + projection layer (width z), no output activation.
+
+    v_emb: [B, m] (always the raw, un-normalized embedding) -> V_mask [B, z]
+    """
+
+    def __init__(self, input_dim: int, output_dim: int, reduction_ratio: float):
+        super().__init__()
+        self.aggregation = nn.Linear(input_dim, aggregation_width(output_dim, reduction_ratio))
+        self.projection = nn.Linear(self.aggregation.out_features, output_dim)
+
+    def forward(self, v_emb: torch.Tensor) -> torch.Tensor:
+        return self.projection(torch.relu(self.aggregation(v_emb)))
+
+
+class MaskBlock(nn.Module):
+    """One MaskBlock: instance-guided mask + feed-forward layer + layer normalization.
+
+    on_embedding=True  -> MaskBlock on feature embedding (Eq. 11-12): the input is V_emb,
+                          normalized per field (LN_EMB) before the mask multiplies it.
+    on_embedding=False -> MaskBlock on MaskBlock (Eq. 13-14): the input is the previous block's output.
+
+    forward(v_emb [B, m], v_in [B, n]) -> (V_output [B, output_dim], V_mask [B, n] or None)
+    """
+
+    def __init__(
+        self,
+        num_fields: int,
+        embedding_dim: int,
+        input_dim: int,
+        cfg: ModelConfig,
+        on_embedding: bool,
+    ):
+        super().__init__()
+        self.num_fields, self.embedding_dim = num_fields, embedding_dim
+        emb_width = num_fields * embedding_dim
+        self.emb_norm = (
+            FieldLayerNorm(num_fields, embedding_dim) if on_embedding and cfg.emb_layernorm else None
+        )
+        self.mask = InstanceGuidedMask(emb_width, input_dim, cfg.reduction_ratio) if cfg.use_mask else None
+        if cfg.block_ffn:
+            # With LayerNorm after it, a bias on W_i would be cancelled by the mean subtraction
+            # (Eq. 10 writes LN(W_i X), no bias); without LayerNorm the layer keeps its bias.
+            self.hidden = nn.Linear(input_dim, cfg.block_dim, bias=not cfg.block_layernorm)
+            self.hidden_norm = nn.LayerNorm(cfg.block_dim) if cfg.block_layernorm else None
+            self.output_dim = cfg.block_dim
+        else:
+            self.hidden, self.hidden_norm = None, None
+            self.output_dim = input_dim
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else None
+
+    def forward(self, v_emb: torch.Tensor, v_in: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if self.emb_norm is not None:
+            v_in = self.emb_norm(v_in.view(-1, self.num_fields, self.embedding_dim)).flatten(1)  # [B, m]
+        v_mask = self.mask(v_emb) if self.mask is not None else None  # [B, n], from the RAW V_emb
+        h = v_in * v_mask if v_mask is not None else v_in  # Eq. 6 / 11 / 13
+        if self.hidden is not None:
+            h = self.hidden(h)  # [B, q]
+            if self.hidden_norm is not None:
+                h = self.hidden_norm(h)  # LN before ReLU (Eq. 10)
+            h = torch.relu(h)
+            if self.dropout is not None:
+                h = self.dropout(h)
+        return h, v_mask
+
+
+class _MaskNet(CTRModel):
+    def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig):
+        super().__init__(cardinalities, cfg)
+        self.embedding = FieldEmbedding(self.cardinalities, cfg.embedding_dim)
+        self.emb_width = self.num_fields * cfg.embedding_dim  # m
+
+    def _block(self, input_dim: int, on_embedding: bool) -> MaskBlock:
+        return MaskBlock(self.num_fields, self.cfg.embedding_dim, input_dim, self.cfg, on_embedding)
+
+    def forward(self, x: torch.Tensor, return_masks: bool = False):
+        """x: LongTensor [B, f] -> logits [B]; with return_masks, also the list of each
+        block's V_mask ([B, z_i], in block order; empty when the mask is switched off)."""
+        v_emb = self.embedding(x).flatten(1)  # [B, m]  (Eq. 4)
+        logits, masks = self._forward_from_embedding(v_emb)
+        if return_masks:
+            return logits, [m for m in masks if m is not None]
+        return logits
+
+
+class SerialMaskNet(_MaskNet):
+    """SerMaskNet: MaskBlock on feature embedding, then (num_blocks - 1) MaskBlocks on MaskBlock."""
+
+    def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig):
+        super().__init__(cardinalities, cfg)
+        blocks, width = [], self.emb_width
+        for i in range(cfg.num_blocks):
+            block = self._block(width, on_embedding=(i == 0))
+            blocks.append(block)
+            width = block.output_dim
+        self.blocks = nn.ModuleList(blocks)
+        self.prediction = nn.Linear(width, 1)  # Eq. 17
+
+    def _forward_from_embedding(self, v_emb: torch.Tensor):
+        h, masks = v_emb, []
+        for block in self.blocks:
+            h, v_mask = block(v_emb, h)  # every block's mask reads the raw V_emb
+            masks.append(v_mask)
+        return self.prediction(h).squeeze(-1), masks
+
+
+class ParallelMaskNet(_MaskNet):
+    """ParaMaskNet: num_blocks MaskBlocks on feature embedding side by side, concat, top MLP."""
+
+    def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig):
+        super().__init__(cardinalities, cfg)
+        self.blocks = nn.ModuleList(self._block(self.emb_width, on_embedding=True) for _ in range(cfg.num_blocks))
+        merge_width = sum(b.output_dim for b in self.blocks)  # u * q  (Eq. 15)
+        self.top = MLP(merge_width, cfg.top_mlp, cfg.dropout)  # Eq. 16
+        self.prediction = nn.Linear(self.top.output_dim, 1)  # Eq. 17
+
+    def _forward_from_embedding(self, v_emb: torch.Tensor):
+        outputs, masks = [], []
+        for block in self.blocks:
+            h, v_mask = block(v_emb, v_emb)
+            outputs.append(h)
+            masks.append(v_mask)
+        v_merge = torch.cat(outputs, dim=1)  # [B, u*q]
+        return self.prediction(self.top(v_merge)).squeeze(-1), masks

@@ -1,0 +1,1 @@
+"""Training: loss, metrics, the loop, run folders."""

@@ -1,0 +1,149 @@
+"""The training loop: Adam on mini-batches, validation every epoch, early stopping on AUC.
+
+Linear, top to bottom: loss, predict/evaluate, fit.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..config import TrainConfig
+from ..data.dataset import CTRDataset, Split, iterate_batches
+from ..errors import UserError
+from ..models.base import CTRModel
+from .metrics import auc, logloss
+
+
+def loss_fn(model: CTRModel, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Objective (Eq. 18-19): mean log loss + L2. Returns (total, log loss alone).
+
+    The L2 term has two coefficients: `l2_embedding` on the embedding rows this batch
+    looks up (Σ over fields of ||e_i||², averaged over the batch: only touched rows, as
+    sparse CTR training does), and `l2_dense` on every dense weight matrix.
+    """
+    logits = model(x)
+    bce = F.binary_cross_entropy_with_logits(logits, y)  # -(y log σ + (1-y) log(1-σ)), mean
+    total = bce
+    if cfg.l2_embedding > 0:
+        emb_sq = sum(table(x).pow(2).sum() for table in model.embeddings())
+        total = total + cfg.l2_embedding * emb_sq / x.shape[0]
+    if cfg.l2_dense > 0:
+        total = total + cfg.l2_dense * sum(w.pow(2).sum() for w in model.dense_weights())
+    return total, bce
+
+
+@torch.no_grad()
+def predict(model: CTRModel, split: Split, batch_size: int = 8192) -> np.ndarray:
+    """Click probabilities for every row of `split`, in order. [n] float64."""
+    was_training = model.training
+    model.eval()
+    out = [torch.sigmoid(model(x)).double().numpy() for x, _ in iterate_batches(split, batch_size)]
+    model.train(was_training)
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def evaluate(model: CTRModel, split: Split, batch_size: int = 8192) -> dict[str, float]:
+    probs = predict(model, split, batch_size)
+    labels = np.asarray(split.y)
+    return {"auc": auc(labels, probs), "logloss": logloss(labels, probs)}
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_valid: dict[str, float]
+    history: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+    samples_seen: int = 0
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples_seen / self.train_seconds if self.train_seconds > 0 else 0.0
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+
+
+def fit(
+    model: CTRModel,
+    data: CTRDataset,
+    cfg: TrainConfig,
+    on_epoch: Optional[Callable[[dict], None]] = None,
+) -> FitResult:
+    """Train on data.splits['train'], early-stop on validation AUC, restore the best epoch."""
+    train, valid = data.splits["train"], data.splits["valid"]
+    if len(train) == 0:
+        raise UserError("the train split is empty")
+    if len(valid) == 0:
+        raise UserError("the valid split is empty: early stopping needs validation rows")
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    rng = np.random.default_rng([cfg.seed, 0x5EED])
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    result = FitResult(best_epoch=0, best_valid={"auc": -math.inf})
+    best_state = copy.deepcopy(model.state_dict())
+    bad_epochs = 0
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum, seen = 0.0, 0
+        bar = tqdm(
+            total=steps_per_epoch,
+            desc=f"epoch {epoch}/{cfg.epochs}",
+            unit="batch",
+            disable=not cfg.progress,
+            file=sys.stderr,
+            leave=False,
+            mininterval=0.5,
+        )
+        for step, (x, y) in enumerate(iterate_batches(train, cfg.batch_size, True, rng, cfg.shuffle_block_rows)):
+            loss, bce = loss_fn(model, x, y, cfg)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += bce.item() * len(y)
+            seen += len(y)
+            bar.update(1)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", samples_s=f"{seen / (time.perf_counter() - t0):,.0f}")
+        bar.close()
+        epoch_seconds = time.perf_counter() - t0
+        result.train_seconds += epoch_seconds
+        result.samples_seen += seen
+        valid_metrics = evaluate(model, valid, cfg.eval_batch_size)
+        record = {
+            "epoch": epoch,
+            "train_logloss": loss_sum / seen,
+            "valid_auc": valid_metrics["auc"],
+            "valid_logloss": valid_metrics["logloss"],
+            "epoch_seconds": epoch_seconds,
+            "samples_per_second": seen / epoch_seconds,
+        }
+        improved = valid_metrics["auc"] > result.best_valid["auc"]
+        if improved:
+            result.best_epoch, result.best_valid = epoch, valid_metrics
+            best_state = copy.deepcopy(model.state_dict())
+            bad_epochs = 0
+        else:
+            bad_epochs += 1
+        record["best_epoch"] = result.best_epoch
+        result.history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+        if bad_epochs >= cfg.patience:  # `patience` epochs without a better validation AUC
+            break
+    model.load_state_dict(best_state)
+    return result
