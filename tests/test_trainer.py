@@ -1,0 +1,319 @@
+"""Training: the objective (Eq. 18-19), early stopping, and run folders written by `masknet train`."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from masknet.cli import main
+from masknet.config import ModelConfig, TrainConfig, load_config
+from masknet.data.dataset import CTRDataset, Split
+from masknet.data.synthetic import generate
+from masknet.models import build_model
+from masknet.training import trainer
+from masknet.training.metrics import auc, logloss, relaimp
+from masknet.training.run import load_model
+from masknet.training.trainer import fit, loss_fn, predict
+
+CARDS = [5, 7, 4]
+
+
+def tiny_model(name="sermasknet", seed=0, **over):
+    cfg = ModelConfig(name=name, embedding_dim=3, num_blocks=2, block_dim=6, top_mlp=[5, 4], **over)
+    torch.manual_seed(seed)
+    model = build_model(cfg, CARDS)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def batch(n=32, seed=0):
+    rng = np.random.default_rng(seed)
+    x = np.stack([rng.integers(0, c, size=n) for c in CARDS], axis=1)
+    x[1] = x[0]  # a row looked up twice counts twice
+    y = (rng.random(n) < 0.4).astype(np.float32)
+    return torch.from_numpy(x).long(), torch.from_numpy(y)
+
+
+# ---------------------------------------------------------------------------
+# 7. The objective
+
+
+@pytest.mark.parametrize("name", ["sermasknet", "paramasknet"])
+def test_bce_is_eq18_by_hand(name):
+    model = tiny_model(name)
+    x, y = batch()
+    total, bce = loss_fn(model, x, y, TrainConfig())
+    with torch.no_grad():
+        p = torch.sigmoid(model(x)).double().numpy()
+    yy = y.double().numpy()
+    by_hand = -np.mean(yy * np.log(p) + (1 - yy) * np.log(1 - p))
+    assert 0 < p.min() and p.max() < 1 and 0 < yy.mean() < 1
+    assert bce.item() == pytest.approx(by_hand, rel=1e-5)
+    assert total.item() == pytest.approx(by_hand, rel=1e-5)  # no L2 by default
+    assert total.requires_grad
+
+
+def test_l2_embedding_term():
+    model = tiny_model()
+    x, y = batch()
+    x[:, 1] %= CARDS[1] - 1  # field b's last row is never looked up
+    lam = 0.01
+    total, bce = loss_fn(model, x, y, TrainConfig(l2_embedding=lam))
+    table = model.embedding.weight.detach().double().numpy()
+    starts = np.concatenate([[0], np.cumsum(CARDS)[:-1]])
+    rows = table[x.numpy() + starts]  # [B, f, k]: the rows this batch looked up, with repeats
+    expected = lam * (rows**2).sum() / len(x)
+    assert expected > 1e-3
+    assert (total - bce).item() == pytest.approx(expected, rel=1e-5)
+    # only looked-up rows count: an untouched row changes nothing
+    unused = sorted(set(range(sum(CARDS))) - set((x.numpy() + starts).ravel().tolist()))
+    assert unused, "the batch should leave some rows untouched"
+    with torch.no_grad():
+        model.embedding.weight[unused[0]] += 100.0
+    total2, bce2 = loss_fn(model, x, y, TrainConfig(l2_embedding=lam))
+    assert (total2 - bce2).item() == pytest.approx(expected, rel=1e-5)
+
+
+def linear_weight_matrices(model) -> list[torch.Tensor]:
+    """The paper's dense Θ (Eq. 19): the W of every fully connected layer (mask, block FFN,
+    top MLP, prediction). Not: embeddings, biases, LayerNorm gains/biases."""
+    return [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
+@pytest.mark.parametrize(
+    "name, emb_ln",
+    [
+        ("sermasknet", False),
+        ("paramasknet", False),
+        pytest.param(
+            "sermasknet",
+            True,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="BUG models/base.py dense_weights(): selects p.ndim >= 2, so FieldLayerNorm's "
+                "[f, k] gain and bias get the dense L2 penalty (docstring says norms are excluded)",
+            ),
+        ),
+        pytest.param("paramasknet", True, marks=pytest.mark.xfail(strict=True, reason="same as above")),
+    ],
+)
+def test_l2_dense_term(name, emb_ln):
+    model = tiny_model(name, emb_layernorm=emb_ln)
+    x, y = batch()
+    lam = 0.003
+    total, bce = loss_fn(model, x, y, TrainConfig(l2_dense=lam))
+    weights = linear_weight_matrices(model)
+    # mask (2 per block) + block FFN per block + prediction (+ top MLP for ParaMaskNet)
+    assert len(weights) == 2 * 3 + 1 + (2 if name == "paramasknet" else 0)
+    expected = lam * sum(float((w.detach().double() ** 2).sum()) for w in weights)
+    assert (total - bce).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_l2_terms_add():
+    model = tiny_model()
+    x, y = batch()
+    t_e, b = loss_fn(model, x, y, TrainConfig(l2_embedding=0.01))
+    t_d, _ = loss_fn(model, x, y, TrainConfig(l2_dense=0.02))
+    t_both, _ = loss_fn(model, x, y, TrainConfig(l2_embedding=0.01, l2_dense=0.02))
+    assert (t_both - b).item() == pytest.approx((t_e - b).item() + (t_d - b).item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# Early stopping (controlled validation AUCs)
+
+
+def tiny_dataset(n_train=300, n_valid=60, seed=0) -> CTRDataset:
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        x = np.stack([rng.integers(0, c, size=n) for c in CARDS], axis=1).astype(np.int32)
+        y = (rng.random(n) < 0.3).astype(np.uint8)
+        y[:2] = [0, 1]
+        return Split(x, y)
+
+    return CTRDataset(["a", "b", "c"], list(CARDS), {"train": split(n_train), "valid": split(n_valid), "test": split(n_valid)})
+
+
+def scripted_fit(monkeypatch, aucs, patience, epochs):
+    script = iter(aucs)
+    calls = []
+
+    def fake_evaluate(model, split, batch_size=8192):
+        calls.append(1)
+        return {"auc": next(script), "logloss": 0.5}
+
+    monkeypatch.setattr(trainer, "evaluate", fake_evaluate)
+    model = tiny_model()
+    snapshots = {}
+
+    def on_epoch(record):
+        snapshots[record["epoch"]] = copy.deepcopy(model.state_dict())
+
+    cfg = TrainConfig(epochs=epochs, patience=patience, batch_size=64, lr=0.05, threads=1, progress=False)
+    result = fit(model, tiny_dataset(), cfg, on_epoch)
+    return model, result, snapshots, len(calls)
+
+
+def states_equal(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_early_stopping_stops_after_patience_and_restores_best(monkeypatch):
+    model, result, snaps, n_eval = scripted_fit(monkeypatch, [0.60, 0.70, 0.65, 0.69, 0.99], patience=2, epochs=5)
+    assert n_eval == 4 and len(result.history) == 4  # epochs 3 and 4 did not improve: stop
+    assert result.best_epoch == 2 and result.best_valid["auc"] == 0.70
+    assert [r["best_epoch"] for r in result.history] == [1, 2, 2, 2]
+    final = model.state_dict()
+    assert states_equal(final, snaps[2])
+    assert not states_equal(final, snaps[4])  # weights did move after the best epoch
+
+
+def test_early_stopping_patience_resets_on_improvement(monkeypatch):
+    _, result, _, n_eval = scripted_fit(monkeypatch, [0.6, 0.55, 0.7, 0.65, 0.8, 0.7], patience=2, epochs=6)
+    assert n_eval == 6 and result.best_epoch == 5
+
+
+def test_equal_auc_is_not_an_improvement(monkeypatch):
+    model, result, snaps, n_eval = scripted_fit(monkeypatch, [0.7, 0.7, 0.7, 0.7], patience=2, epochs=4)
+    assert n_eval == 3 and result.best_epoch == 1
+    assert states_equal(model.state_dict(), snaps[1])
+
+
+def test_patience_one_and_no_early_stop(monkeypatch):
+    _, result, _, n_eval = scripted_fit(monkeypatch, [0.6, 0.5, 0.9], patience=1, epochs=3)
+    assert n_eval == 2 and result.best_epoch == 1
+    _, result, _, n_eval = scripted_fit(monkeypatch, [0.6, 0.7, 0.8], patience=1, epochs=3)
+    assert n_eval == 3 and result.best_epoch == 3
+
+
+def test_fit_really_learns():
+    """Not scripted: a few epochs on learnable data raise the validation AUC above chance."""
+    rng = np.random.default_rng(0)
+    ds = tiny_dataset(n_train=2000, n_valid=400)
+    for s in ds.splits.values():  # label depends on an interaction of fields a and b
+        s.y[:] = (((s.x[:, 0] + s.x[:, 1]) % 2 == 0) ^ (rng.random(len(s)) < 0.1)).astype(np.uint8)
+    model = tiny_model()
+    cfg = TrainConfig(epochs=8, patience=8, batch_size=128, lr=0.02, threads=1, progress=False)
+    result = fit(model, ds, cfg)
+    assert result.best_valid["auc"] > 0.8
+    probs = predict(model, ds.splits["valid"])
+    assert auc(ds.splits["valid"].y, probs) == pytest.approx(result.best_valid["auc"], abs=1e-12)
+
+
+# ---------------------------------------------------------------------------
+# 10. Run folders from `masknet train`
+
+TINY = [
+    "--set", "data.synthetic.rows=3000",
+    "--epochs", "2",
+    "--set", "model.block_dim=16",
+    "--set", "model.num_blocks=2",
+    "--set", "train.threads=1",
+    "--quiet",
+]  # fmt: skip
+
+
+def metrics_of(run):
+    return json.loads((run / "metrics.json").read_text())
+
+
+def comparable(m):
+    return {k: m[k] for k in ("valid", "test", "best_epoch", "oracle_auc")}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    paths = {k: root / k for k in ("a", "b", "a2", "c")}
+    assert main(["train", *TINY, "--seed", "11", "--output", str(paths["a"])]) == 0
+    assert main(["train", *TINY, "--seed", "12", "--output", str(paths["b"])]) == 0
+    assert main(["train", *TINY, "--seed", "11", "--output", str(paths["a2"]), "--base-run", str(paths["b"])]) == 0
+    assert main(["train", "--config", str(paths["a"] / "config.yaml"), "--output", str(paths["c"])]) == 0
+    return paths
+
+
+def test_run_folder_contents(runs):
+    run = runs["a"]
+    names = {p.name for p in run.iterdir()}
+    assert {"config.yaml", "metrics.json", "log.jsonl", "model.safetensors"} <= names
+    m = metrics_of(run)
+    assert {"valid", "test", "oracle_auc", "train_seconds", "samples_per_second"} <= set(m)
+    assert set(m["valid"]) >= {"auc", "logloss"} and set(m["test"]) >= {"auc", "logloss"}
+    for split in ("valid", "test"):
+        assert 0.0 <= m[split]["auc"] <= 1.0 and 0 < m[split]["logloss"] < 5
+    assert 0.8 < m["oracle_auc"] <= 1.0
+    assert m["train_seconds"] > 0 and m["samples_per_second"] > 0
+    assert "relaimp" not in m  # no base run given
+
+    lines = (run / "log.jsonl").read_text().splitlines()
+    assert len(lines) == 2  # one per epoch (2 epochs, patience 2: no early stop possible)
+    records = [json.loads(ln) for ln in lines]
+    assert [r["epoch"] for r in records] == [1, 2]
+    best = max(records, key=lambda r: r["valid_auc"])
+    assert m["best_epoch"] == best["epoch"]
+    assert m["valid"]["auc"] == pytest.approx(best["valid_auc"], abs=1e-12)
+
+    cfg = load_config(run / "config.yaml")
+    assert cfg.model.block_dim == 16 and cfg.model.num_blocks == 2 and cfg.train.seed == 11
+    assert cfg.train.epochs == 2 and cfg.data.synthetic.rows == 3000
+
+
+def test_no_pickle_anywhere(runs):
+    for run in runs.values():
+        for p in run.rglob("*"):
+            assert p.suffix not in {".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin"}, p
+            head = p.read_bytes()[:4]
+            assert not head.startswith(b"\x80"), f"{p} looks like a pickle"
+            assert not head.startswith(b"PK"), f"{p} looks like a torch.save zip"
+        raw = (run / "model.safetensors").read_bytes()
+        (n,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8 : 8 + n])
+        assert "embedding.weight" in header
+
+
+def test_same_seed_same_metrics_different_seed_different(runs):
+    a, a2, b = (metrics_of(runs[k]) for k in ("a", "a2", "b"))
+    assert comparable(a) == comparable(a2)
+    assert a["test"]["auc"] != b["test"]["auc"]
+    assert a["valid"]["logloss"] != b["valid"]["logloss"]
+    assert a["oracle_auc"] == b["oracle_auc"]  # same data (data seed unchanged)
+
+
+def test_saved_config_reruns_to_same_metrics(runs):
+    assert comparable(metrics_of(runs["c"])) == comparable(metrics_of(runs["a"]))
+    ca, cc = load_config(runs["a"] / "config.yaml"), load_config(runs["c"] / "config.yaml")
+    assert cc.output == str(runs["c"])
+    cc.output = ca.output
+    assert ca == cc
+
+
+def test_relaimp_against_base_run(runs):
+    m, base = metrics_of(runs["a2"]), metrics_of(runs["b"])
+    assert "relaimp" in m
+    assert m["relaimp"] == pytest.approx(relaimp(m["test"]["auc"], base["test"]["auc"]), abs=1e-12)
+    assert m["relaimp"] == pytest.approx((m["test"]["auc"] - 0.5) / (base["test"]["auc"] - 0.5) - 1, abs=1e-12)
+    assert m["relaimp"] != 0.0
+
+
+def test_load_model_reproduces_predictions(runs):
+    model = load_model(runs["a"])
+    assert not model.training
+    test = generate(3000, 7).splits["test"]
+    probs = predict(model, test)
+    m = metrics_of(runs["a"])
+    assert auc(test.y, probs) == pytest.approx(m["test"]["auc"], abs=1e-12)
+    assert logloss(test.y, probs) == pytest.approx(m["test"]["logloss"], abs=1e-9)
+    # and the two bundles of the same seed hold identical weights
+    other = load_model(runs["a2"])
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), other.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(v, v2)
+    assert math.isfinite(float(probs.sum()))
