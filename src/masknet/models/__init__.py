@@ -6,13 +6,27 @@ from typing import Sequence
 
 from ..config import ModelConfig
 from .base import CTRModel
+from .autoint import AutoInt
+from .dcn import DCN, DCNV2
+from .deepfm import DeepFM
+from .dnn import DNN
+from .fm import FM
 from .lr import LogisticRegression
 from .masknet import ParallelMaskNet, SerialMaskNet
+from .xdeepfm import XDeepFM
 
 REGISTRY: dict[str, type[CTRModel]] = {
     "sermasknet": SerialMaskNet,
     "paramasknet": ParallelMaskNet,
+    # baselines of the paper's Table 2, plus LR and DCN-V2 (docs/baselines.md)
     "lr": LogisticRegression,
+    "fm": FM,
+    "dnn": DNN,
+    "deepfm": DeepFM,
+    "dcn": DCN,
+    "dcnv2": DCNV2,
+    "xdeepfm": XDeepFM,
+    "autoint": AutoInt,
 }
 MODEL_NAMES = tuple(REGISTRY)
 
@@ -22,4 +36,7 @@ def build_model(cfg: ModelConfig, cardinalities: Sequence[int]) -> CTRModel:
     return REGISTRY[cfg.name](cardinalities, cfg)
 
 
-__all__ = ["CTRModel", "REGISTRY", "MODEL_NAMES", "build_model", "SerialMaskNet", "ParallelMaskNet", "LogisticRegression"]
+__all__ = [
+    "CTRModel", "REGISTRY", "MODEL_NAMES", "build_model", "SerialMaskNet", "ParallelMaskNet", "LogisticRegression",
+    "FM", "DNN", "DeepFM", "DCN", "DCNV2", "XDeepFM", "AutoInt",
+]

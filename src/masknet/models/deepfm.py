@@ -1,0 +1,35 @@
+"""DeepFM (Guo et al. 2017): an FM and a DNN side by side on ONE shared embedding.
+
+    y = y_FM + y_DNN                                          (logits summed; sigmoid in the loss)
+    y_FM  = w_0 + Σ_i w[x_i] + Σ_{i<j} <e_i, e_j>             (fm.FM)
+    y_DNN = w^T MLP(concat(e_1..e_f))                         (dnn.DNNTower, 3 x 400 ReLU)
+
+Sharing the embedding is DeepFM's point: the FM's factor vectors are the DNN's input, so no
+pre-training is needed and both parts shape the same e_i.
+Choice: the DNN's output unit has no bias; w_0 is the model's single global bias.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..config import ModelConfig
+from .base import CTRModel
+from .dnn import DNNTower
+from .fm import fm_pairwise
+from .layers import FieldEmbedding
+from .lr import LinearTerm
+
+
+class DeepFM(CTRModel):
+    def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig):
+        super().__init__(cardinalities, cfg)
+        self.linear = LinearTerm(self.cardinalities)
+        self.embedding = FieldEmbedding(self.cardinalities, cfg.embedding_dim)
+        self.tower = DNNTower(self.num_fields * cfg.embedding_dim, cfg, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.embedding(x)  # [B, f, k], shared by both parts
+        return self.linear(x) + fm_pairwise(e) + self.tower(e.flatten(1))  # [B]
