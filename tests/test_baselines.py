@@ -84,7 +84,7 @@ def test_fm_logit_is_bias_plus_first_order_plus_pairs():
 def test_cross_layer_hand_example():
     layer = CrossLayer(3)
     with torch.no_grad():
-        layer.weight.copy_(torch.tensor([0.1, 0.2, 0.3]))
+        layer.weight.copy_(torch.tensor([[0.1], [0.2], [0.3]]))
         layer.bias.copy_(torch.tensor([1.0, 0.0, -1.0]))
     x0 = torch.tensor([[1.0, 2.0, 3.0]])
     xl = torch.tensor([[0.5, -1.0, 2.0]])
@@ -266,6 +266,19 @@ def test_trains_on_tiny_batch(name):
     with torch.no_grad():
         end = F.binary_cross_entropy_with_logits(model(x), y).item()
     assert end < 0.8 * start, f"{name}: loss {start:.4f} -> {end:.4f}"
+
+
+@pytest.mark.parametrize("name", ["fm", "dcn", "dcnv2", "xdeepfm", "autoint"])
+def test_dense_l2_sees_every_interaction_weight(name):
+    # The dense L2 term (train.l2_dense) reads CTRModel.dense_weights(): every weight of the
+    # interaction part (cross w_l / W_l, CIN filters, W_Q/W_K/W_V/W_Res) must be in it.
+    model = build_model(tiny_cfg(name), CARDS)
+    dense = {id(p) for p in model.dense_weights()}
+    parts = {"dcn": "cross", "dcnv2": "cross", "xdeepfm": "cin", "autoint": "layers"}
+    for pname, p in model.named_parameters():
+        if name in parts and pname.startswith(parts[name] + ".") and not pname.endswith("bias"):
+            assert id(p) in dense, pname
+    assert not any(id(e.weight) in dense for e in model.embeddings())
 
 
 @pytest.mark.parametrize("name", ["dnn", "deepfm", "dcn", "dcnv2", "xdeepfm"])

@@ -31,13 +31,14 @@ class CrossLayer(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        # w as a column: x_l @ w is the per-row scalar x_l · w. Xavier-normal for an m x 1 kernel.
-        self.weight = nn.Parameter(torch.randn(dim) * (2.0 / (dim + 1)) ** 0.5)
+        # w as an [m, 1] column (a weight matrix, so the dense L2 term sees it; CTRModel.dense_weights
+        # takes parameters with ndim >= 2). Xavier-normal for an m x 1 kernel, as DCN's authors' code.
+        self.weight = nn.Parameter(torch.randn(dim, 1) * (2.0 / (dim + 1)) ** 0.5)
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x0: torch.Tensor, xl: torch.Tensor) -> torch.Tensor:
-        scale = xl @ self.weight  # [B]: one scalar per row (the rank-one x_0 x_l^T w)
-        return x0 * scale.unsqueeze(1) + self.bias + xl  # [B, m]
+        scale = xl @ self.weight  # [B, 1]: x_l · w per row (x_0 x_l^T w is a rescaled x_0)
+        return x0 * scale + self.bias + xl  # [B, m]
 
 
 class CrossLayerV2(nn.Module):
