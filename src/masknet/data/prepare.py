@@ -1,0 +1,550 @@
+"""Raw click logs -> a prepared dataset folder, streaming, in bounded memory.
+
+    prepare(spec, "out/", input="train.txt", split="random")            one file, random 8:1:1
+    prepare(spec, "out/", input="train.csv", split="time")              one file, time-ordered 8:1:1
+    prepare(spec, "out/", train="a.txt", valid="b.txt", test="c.txt")   explicit files
+
+Passes over the input (each one streams it chunk by chunk):
+    0. (time split only) the row count (file order) or the time column's value counts
+    1. validate every row, count tokens per field over the TRAIN rows only -> fit the encoder
+    2. validate again, encode, append each row to its split (`PreparedWriter`)
+Memory is bounded by the chunk size plus the vocabulary counts (distinct values in train).
+
+Splits
+    random   row r (0-based data row of the input, bad lines included) goes to
+             train if u < 0.8, valid if u < 0.9, else test, with
+             u = splitmix64(r XOR splitmix64(seed)) / 2^64: deterministic, streaming, and the
+             same row lands in the same split whatever else is in the file.
+    time     rows ranked by (time column, then file order), or by file order alone when the
+             format has no time column: the earliest 80% train, the next 10% valid, the
+             last 10% test. File order counts bad lines; time ranks count valid rows only.
+    explicit train/valid/test files; the encoder is fitted on the train file only.
+
+Bad lines (wrong number of columns, empty line, label not 0/1, unparsable number, bad
+value, bad time): with bad_lines="error" the first one stops the run with a DataError
+naming file, line and field; with "skip" they are dropped, counted per kind and file,
+and the first examples are kept in the stats.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections import Counter as _Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..errors import DataError, UserError
+from .dataset import FORMAT_NAME, SPLITS, PreparedWriter
+from .encoder import Encoder, FieldEncoder, Tokens, TokenCounter, _np, _splitmix64, fit_field, parse_label, parse_time, transform
+from .readers import DEFAULT_BLOCK_BYTES, BadLine, NeedSerial, RawChunk, check_columns, count_data_rows, iter_chunks
+from .schema import DatasetSpec
+
+TRAIN, VALID, TEST = 0, 1, 2
+MAX_EXAMPLES = 20  # bad-line examples kept in the stats
+
+
+# ---------------------------------------------------------------------------
+# Validating a chunk
+
+
+@dataclass
+class ParsedChunk:
+    file: str
+    unit: str
+    n: int
+    good: np.ndarray  # bool [n]
+    y: np.ndarray  # uint8 [n] (meaningless on bad rows)
+    row_ids: np.ndarray
+    lines: np.ndarray
+    fields: list[tuple[np.ndarray, Tokens]]  # per field: raw-value index per row (-1 missing), tokens
+    time: Optional[np.ndarray]
+    first_error: np.ndarray  # int32 [n]: index into `checks` of the row's first problem, -1 if good
+    checks: list[tuple[str, str, str, Optional[pa.Array], Optional[np.ndarray]]] = field(default_factory=list)
+    invalid: list[BadLine] = field(default_factory=list)  # rows the parser dropped
+
+    def bad_lines(self, limit: int) -> list[BadLine]:
+        out = []
+        for r in np.nonzero(self.first_error >= 0)[0][:limit]:
+            fname, kind, msg, values, idx = self.checks[self.first_error[r]]
+            if values is not None and idx is not None and idx[r] >= 0:
+                msg = f"{msg}: {values[int(idx[r])].as_py()!r}"
+            out.append(BadLine(self.file, int(self.lines[r]), fname, msg, kind, self.unit))
+        return out
+
+    def bad_counts(self) -> dict[str, int]:
+        if self.good.all():
+            return {}
+        kinds = _Counter()
+        codes, counts = np.unique(self.first_error[self.first_error >= 0], return_counts=True)
+        for c, k in zip(codes, counts):
+            kinds[self.checks[c][1]] += int(k)
+        return dict(kinds)
+
+
+def _indices(arr: pa.DictionaryArray) -> np.ndarray:
+    ind = arr.indices
+    if ind.null_count:
+        ind = pc.fill_null(ind, -1)
+    return _np(ind).astype(np.int32, copy=False)
+
+
+def parse_chunk(spec: DatasetSpec, chunk: RawChunk, path: str) -> ParsedChunk:
+    """Validate and tokenize one chunk, vectorized over its distinct raw values."""
+    n = len(chunk)
+    first_error = np.full(n, -1, dtype=np.int32)
+    checks: list = []
+
+    def flag(rows_bad: np.ndarray, fname: Optional[str], kind: str, msg: str, values=None, idx=None) -> None:
+        if rows_bad.any():
+            checks.append((fname, kind, msg, values, idx))
+            first_error[rows_bad & (first_error < 0)] = len(checks) - 1
+
+    idx_of = {c: _indices(chunk.columns[c]) for c in spec.needed_columns()}
+    if n and chunk.unit == "line":
+        all_null = np.ones(n, dtype=bool)
+        for ix in idx_of.values():
+            all_null &= ix < 0
+        flag(all_null, None, "empty_line", "empty line")
+
+    lab_arr = chunk.columns[spec.label]
+    lab_idx = idx_of[spec.label]
+    lab_vals, lab_bad = parse_label(lab_arr.dictionary, spec.label_kind)
+    safe = np.maximum(lab_idx, 0)
+    y = lab_vals[safe] if len(lab_vals) else np.zeros(n, np.uint8)
+    flag(lab_idx < 0, spec.label, "bad_label", "the label is missing")
+    if lab_bad.any():
+        want = "-1 or 1" if spec.label_kind == "pm1" else "0 or 1"
+        flag((lab_idx >= 0) & lab_bad[safe], spec.label, "bad_label", f"the label must be {want}", lab_arr.dictionary, lab_idx)
+
+    fields = []
+    for fs in spec.fields:
+        arr = chunk.columns[fs.column]
+        ix = idx_of[fs.column]
+        tok = transform(fs, arr.dictionary)
+        if tok.bad is not None:
+            flag((ix >= 0) & tok.bad[np.maximum(ix, 0)], fs.column, tok.kind, tok.message, arr.dictionary, ix)
+        fields.append((ix, tok))
+
+    times = None
+    if spec.time:
+        arr = chunk.columns[spec.time]
+        ix = idx_of[spec.time]
+        tv, tbad = parse_time(arr.dictionary, spec.time_kind)
+        flag(ix < 0, spec.time, "bad_time", "the time is missing")
+        if tbad.any():
+            flag((ix >= 0) & tbad[np.maximum(ix, 0)], spec.time, "bad_time", f"not a valid time ({spec.time_kind})", arr.dictionary, ix)
+        times = tv[np.maximum(ix, 0)] if len(tv) else np.zeros(n, np.int64)
+
+    return ParsedChunk(
+        path, chunk.unit, n, first_error < 0, y, chunk.row_ids, chunk.lines, fields, times, first_error, checks, chunk.invalid
+    )
+
+
+# ---------------------------------------------------------------------------
+# Splits
+
+
+def random_split(row_ids: np.ndarray, seed: int) -> np.ndarray:
+    """0/1/2 = train/valid/test for each data row, 8:1:1, from a seeded hash of the row index."""
+    key = _splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0]
+    u = (_splitmix64(row_ids.astype(np.uint64) ^ key) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    return ((u >= 0.8).astype(np.uint8) + (u >= 0.9).astype(np.uint8))
+
+
+def _rank_split(rank: np.ndarray, total: int) -> np.ndarray:
+    a, b = int(total * 0.8), int(total * 0.9)
+    return ((rank >= a).astype(np.uint8) + (rank >= b).astype(np.uint8))
+
+
+class TimeRanker:
+    """Rank of each valid row in (time, file order), from the time values' counts (pass 0)."""
+
+    def __init__(self, counts: pa.Table):
+        order = pc.sort_indices(counts, sort_keys=[("t", "ascending")])
+        counts = counts.take(order)
+        self.times = _np(counts["t"]).astype(np.int64)
+        c = _np(counts["c"]).astype(np.int64)
+        self.before = np.concatenate([[0], np.cumsum(c)[:-1]])
+        self.total = int(c.sum())
+        self.seen = np.zeros(len(self.times), dtype=np.int64)
+
+    def reset(self) -> None:
+        self.seen[:] = 0
+
+    def ranks(self, t: np.ndarray) -> np.ndarray:
+        pos = np.searchsorted(self.times, t)
+        order = np.argsort(pos, kind="stable")
+        sp = pos[order]
+        within = np.arange(len(sp)) - np.searchsorted(sp, sp, side="left")
+        k = np.empty(len(t), dtype=np.int64)
+        k[order] = within + self.seen[sp]
+        np.add.at(self.seen, pos, 1)
+        return self.before[pos] + k
+
+
+# ---------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class BadLineLog:
+    mode: str
+    total: int = 0
+    by_kind: dict[str, int] = field(default_factory=dict)
+    by_file: dict[str, int] = field(default_factory=dict)
+    examples: list[BadLine] = field(default_factory=list)
+
+    def check(self, parsed: ParsedChunk, record: bool) -> None:
+        """Raise on the first bad line (mode error); else count them (when `record`)."""
+        if parsed.good.all() and not parsed.invalid:
+            return
+        if self.mode == "error":
+            cands = parsed.bad_lines(1) + sorted(parsed.invalid, key=lambda b: b.line)[:1]
+            first = min(cands, key=lambda b: b.line)
+            raise DataError(f"{first} (use --bad-lines skip to skip such lines)")
+        if not record:
+            return
+        kinds = parsed.bad_counts()
+        for b in parsed.invalid:
+            kinds[b.kind] = kinds.get(b.kind, 0) + 1
+        n = sum(kinds.values())
+        self.total += n
+        self.by_file[parsed.file] = self.by_file.get(parsed.file, 0) + n
+        for k, v in kinds.items():
+            self.by_kind[k] = self.by_kind.get(k, 0) + v
+        room = MAX_EXAMPLES - len(self.examples)
+        if room > 0:
+            self.examples.extend(sorted(parsed.bad_lines(room) + parsed.invalid, key=lambda b: (b.file, b.line))[:room])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "total": self.total,
+            "by_kind": self.by_kind,
+            "by_file": self.by_file,
+            "examples": [b.to_dict() for b in self.examples],
+        }
+
+
+def _prepare_output(output: Path) -> None:
+    if output.exists() and not output.is_dir():
+        raise UserError(f"{output}: exists and is not a folder")
+    if output.is_dir() and any(output.iterdir()):
+        meta = output / "meta.json"
+        ok = False
+        if meta.is_file():
+            try:
+                ok = json.loads(meta.read_text()).get("format") == FORMAT_NAME
+            except (json.JSONDecodeError, AttributeError):
+                ok = False
+        if not ok:
+            raise UserError(f"{output}: exists, is not empty and is not a prepared dataset; choose another --output")
+        meta.unlink()  # a half-written folder must never look complete
+    output.mkdir(parents=True, exist_ok=True)
+
+
+def prepare(
+    spec: DatasetSpec,
+    output: str | Path,
+    *,
+    input: Optional[str | Path] = None,
+    train: Optional[str | Path] = None,
+    valid: Optional[str | Path] = None,
+    test: Optional[str | Path] = None,
+    split: str = "random",
+    seed: int = 2021,
+    bad_lines: str = "error",
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    log: Optional[Callable[[str], None]] = None,
+) -> dict[str, Any]:
+    """Prepare a dataset folder; returns its stats (also saved in meta.json). See the module doc."""
+    explicit = [train, valid, test]
+    if input is not None and any(p is not None for p in explicit):
+        raise UserError("give either --input or --train/--valid/--test, not both")
+    if input is None and not all(p is not None for p in explicit):
+        raise UserError("give --input FILE, or all three of --train, --valid and --test")
+    if split not in ("random", "time"):
+        raise UserError(f"--split: expected random or time, got {split!r}")
+    if bad_lines not in ("error", "skip"):
+        raise UserError(f"--bad-lines: expected error or skip, got {bad_lines!r}")
+    output = Path(output)
+    _prepare_output(output)
+    kwargs = dict(input=input, train=train, valid=valid, test=test, split=split, seed=seed, bad_lines=bad_lines, block_bytes=block_bytes, log=log)
+    try:
+        try:
+            return _prepare(spec, output, serial=False, **kwargs)
+        except NeedSerial:
+            if log:
+                log("some rows have a wrong number of columns: re-reading single-threaded to locate them")
+            return _prepare(spec, output, serial=True, **kwargs)
+    except BaseException:
+        for name in os.listdir(output):  # leave no half-written dataset behind
+            if name.endswith(".bin") or name in ("encoder.json", "meta.json"):
+                (output / name).unlink()
+        raise
+
+
+def _prepare(
+    spec: DatasetSpec, output: Path, *, input, train, valid, test, split, seed, bad_lines, block_bytes, log, serial
+) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    if input is not None:
+        sources: list[tuple[str, Optional[int]]] = [(str(input), None)]
+    else:
+        sources = [(str(train), TRAIN), (str(valid), VALID), (str(test), TEST)]
+    for path, _ in sources:
+        check_columns(spec, path)  # missing file, empty file, missing header columns: fail fast
+
+    def chunks(path: str):
+        for raw in iter_chunks(spec, path, serial=serial, block_bytes=block_bytes):
+            yield parse_chunk(spec, raw, path)
+
+    badlog = BadLineLog(bad_lines)
+    split_desc: dict[str, Any]
+    ranker: Optional[TimeRanker] = None
+    total_rows = 0
+    if input is None:
+        split_desc = {"kind": "explicit", "files": {s: p for s, (p, _) in zip(SPLITS, sources)}}
+    elif split == "random":
+        split_desc = {"kind": "random", "ratios": [0.8, 0.1, 0.1], "seed": seed, "method": "splitmix64(row ^ splitmix64(seed))"}
+    elif spec.time:
+        counter = TokenCounter()
+        for pc_ in chunks(str(input)):
+            badlog.check(pc_, record=False)
+            g = pc_.good
+            if g.any():
+                t, c = np.unique(pc_.time[g], return_counts=True)
+                counter.add(pa.array(t), c)
+        counts = counter.result()
+        if counts is None:
+            raise DataError(f"{input}: no valid data rows")
+        ranker = TimeRanker(counts)
+        split_desc = {"kind": "time", "column": spec.time, "ratios": [0.8, 0.1, 0.1], "ranked_rows": ranker.total}
+    else:
+        total_rows = count_data_rows(spec, input)
+        split_desc = {"kind": "time", "column": None, "order": "file", "ratios": [0.8, 0.1, 0.1], "data_rows": total_rows}
+
+    def assign(pc_: ParsedChunk, role: Optional[int]) -> np.ndarray:
+        if role is not None:
+            return np.full(pc_.n, role, dtype=np.uint8)
+        if split == "random":
+            return random_split(pc_.row_ids, seed)
+        if ranker is not None:
+            codes = np.full(pc_.n, TEST, dtype=np.uint8)
+            g = pc_.good
+            codes[g] = _rank_split(ranker.ranks(pc_.time[g]), ranker.total)
+            return codes
+        return _rank_split(pc_.row_ids, total_rows)
+
+    # ---- pass 1: the only full read of the input. Validate, assign splits, count tokens over
+    # the train rows, and spill each window's raw-value indices and distinct tokens to disk.
+    t1 = time.perf_counter()
+    nf = len(spec.fields)
+    counters = [TokenCounter() for _ in spec.fields]
+    spill = _Spill(output / ".prepare-tmp", spec)
+    train_rows = 0
+    if ranker is not None:
+        ranker.reset()
+    try:
+        for path, role in sources:
+            file_rows = 0
+            for pc_ in chunks(path):
+                badlog.check(pc_, record=True)
+                file_rows += pc_.n + len(pc_.invalid)
+                g = pc_.good
+                codes = assign(pc_, role)[g]
+                train_rows += int(np.count_nonzero(codes == TRAIN))
+                window = spill.add(pc_, g, codes)
+                if window is not None:
+                    _count_window(window, counters, spec)
+            if file_rows == 0:
+                raise DataError(f"{path}: no data rows")
+        window = spill.flush()
+        if window is not None:
+            _count_window(window, counters, spec)
+        if train_rows == 0:
+            raise DataError(f"{sources[0][0]}: no valid training rows")
+        encoder = Encoder(spec, [fit_field(fs, c.result()) for fs, c in zip(spec.fields, counters)])
+        del counters
+        t2 = time.perf_counter()
+
+        # ---- pass 2: map the spilled indices through each window's token -> index table
+        writer = PreparedWriter(output, encoder.field_meta())
+        missing = np.zeros((3, nf), dtype=np.int64)
+        oov = np.zeros((3, nf), dtype=np.int64)
+        for ix, tokens, y, codes in spill.windows():
+            xt = np.empty(ix.shape, dtype=np.int32)  # [f, rows]
+            for j, fe in enumerate(encoder.fields):
+                lut = np.concatenate([fe.codes(tokens[j]), np.zeros(1, np.int32)])  # last slot: missing
+                xt[j] = lut[ix[j]]  # index -1 -> the missing slot (0)
+            for s_code, s_name in enumerate(SPLITS):
+                m = codes == s_code
+                if m.any():
+                    xs = np.ascontiguousarray(xt[:, m].T)
+                    writer.append(s_name, xs, y[m])
+                    missing[s_code] += (xs == 0).sum(axis=0)
+                    oov[s_code] += (xs == 1).sum(axis=0)
+        encoder.save(output / "encoder.json")
+    finally:
+        spill.close()
+    t3 = time.perf_counter()
+
+    rows = dict(writer.rows)
+    stats = {
+        "rows": rows,
+        "positive_rate": {s: (writer.positives[s] / rows[s] if rows[s] else None) for s in SPLITS},
+        "bad_lines": badlog.to_dict(),
+        "fields": [
+            {
+                "name": fe.spec.name,
+                "kind": fe.spec.kind,
+                "transform": fe.spec.transform,
+                "cardinality": fe.cardinality,
+                "min_count": fe.spec.min_count,
+                "hash_buckets": fe.spec.hash_buckets,
+                "distinct_in_train": fe.distinct_in_train,
+                "missing_rate": {s: (float(missing[i, j]) / rows[s] if rows[s] else None) for i, s in enumerate(SPLITS)},
+                "oov_rate": {s: (float(oov[i, j]) / rows[s] if rows[s] else None) for i, s in enumerate(SPLITS)},
+            }
+            for j, fe in enumerate(encoder.fields)
+        ],
+        "seconds": {"pre_pass": round(t1 - t_start, 3), "read_count": round(t2 - t1, 3), "encode": round(t3 - t2, 3), "total": round(t3 - t_start, 3)},
+        "single_threaded_parse": serial,
+    }
+    source = {
+        "name": spec.name,
+        "format": spec.name,
+        "inputs": [{"path": str(Path(p).resolve()), "bytes": Path(p).stat().st_size} for p, _ in sources],
+        "split": split_desc,
+        "encoder": "encoder.json",
+    }
+    writer.close(source=source, stats=stats)
+    return stats
+
+
+# ---------------------------------------------------------------------------
+# Spilling pass 1 to disk
+
+
+WINDOW_ROWS = 1 << 18  # rows per spilled window: one token lookup per field per window in pass 2
+
+
+@dataclass
+class _Window:
+    ix: np.ndarray  # int32 [f, rows]: per field, index into that field's window tokens, -1 = missing
+    tokens: list[pa.Array]  # per field: the distinct raw tokens of the window's chunks, concatenated
+    y: np.ndarray  # uint8 [rows]
+    codes: np.ndarray  # uint8 [rows]: 0/1/2 = train/valid/test
+
+
+def _count_window(w: _Window, counters: list[TokenCounter], spec: DatasetSpec) -> None:
+    train = w.codes == TRAIN
+    if not train.any():
+        return
+    for j, (fs, counter) in enumerate(zip(spec.fields, counters)):
+        sel = w.ix[j][train]
+        sel = sel[sel >= 0]
+        counter.add(w.tokens[j], np.bincount(sel, minlength=len(w.tokens[j])))
+
+
+class _Spill:
+    """Pass 1's valid rows on disk: per window an int32 index block, labels, split codes,
+    and per field one Arrow IPC record batch of tokens. Deleted when the run ends."""
+
+    def __init__(self, folder: Path, spec: DatasetSpec):
+        self.folder = folder
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        self.nf = len(spec.fields)
+        self.kinds = [fs.kind for fs in spec.fields]
+        self._ix = open(folder / "ix.bin", "wb")
+        self._y = open(folder / "y.bin", "wb")
+        self._codes = open(folder / "codes.bin", "wb")
+        self._tok_writers: list = [None] * self.nf
+        self.window_rows: list[int] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self._parts: list[tuple[np.ndarray, list[pa.Array], np.ndarray, np.ndarray]] = []
+        self._rows = 0
+
+    def add(self, pc_: ParsedChunk, good: np.ndarray, codes: np.ndarray) -> Optional[_Window]:
+        n = int(np.count_nonzero(good))
+        if n:
+            ix = np.empty((self.nf, n), dtype=np.int32)
+            all_good = n == pc_.n
+            for j, (idx, tok) in enumerate(pc_.fields):
+                ix[j] = idx if all_good else idx[good]
+            self._parts.append((ix, [tok.tokens for _, tok in pc_.fields], pc_.y if all_good else pc_.y[good], codes))
+            self._rows += n
+        return self.flush() if self._rows >= WINDOW_ROWS else None
+
+    def flush(self) -> Optional[_Window]:
+        if not self._parts:
+            return None
+        lengths = np.array([[len(t) for t in toks] for _, toks, _, _ in self._parts], dtype=np.int64)  # [chunks, f]
+        bases = np.concatenate([np.zeros((1, self.nf), np.int64), np.cumsum(lengths, axis=0)[:-1]])
+        ix = np.concatenate([p[0] for p in self._parts], axis=1) if len(self._parts) > 1 else self._parts[0][0]
+        rows = np.array([p[0].shape[1] for p in self._parts])
+        if len(self._parts) > 1:
+            for j in range(self.nf):
+                col = ix[j]
+                col += np.where(col >= 0, np.repeat(bases[:, j].astype(np.int32), rows), 0).astype(np.int32)
+        tokens = []
+        for j in range(self.nf):
+            parts = [p[1][j] for p in self._parts]
+            if len(parts) == 1:
+                tokens.append(parts[0])
+                continue
+            # one dictionary per window: repeated tokens across chunks collapse to one entry
+            enc = pc.dictionary_encode(pa.concat_arrays(parts))
+            remap = np.concatenate([_np(enc.indices).astype(np.int32), np.full(1, -1, np.int32)])
+            ix[j] = remap[ix[j]]  # -1 (missing) -> the last slot, which stays -1
+            tokens.append(enc.dictionary)
+        w = _Window(ix, tokens, np.concatenate([p[2] for p in self._parts]), np.concatenate([p[3] for p in self._parts]))
+        self._ix.write(w.ix.tobytes())
+        self._y.write(w.y.tobytes())
+        self._codes.write(w.codes.tobytes())
+        for j, t in enumerate(tokens):
+            if self._tok_writers[j] is None:
+                self._tok_writers[j] = pa.ipc.new_stream(str(self.folder / f"tok.{j}.arrow"), pa.schema([("t", t.type)]))
+            self._tok_writers[j].write_batch(pa.record_batch([t], names=["t"]))
+        self.window_rows.append(ix.shape[1])
+        self._reset()
+        return w
+
+    def windows(self):
+        """Yield (ix, tokens, y, codes) per window, in the order written."""
+        for fh in (self._ix, self._y, self._codes):
+            fh.close()
+        for w in self._tok_writers:
+            if w is not None:
+                w.close()
+        readers = [pa.ipc.open_stream(str(self.folder / f"tok.{j}.arrow")) for j in range(self.nf)] if self.window_rows else []
+        with open(self.folder / "ix.bin", "rb") as fix, open(self.folder / "y.bin", "rb") as fy, open(self.folder / "codes.bin", "rb") as fc:
+            for rows in self.window_rows:
+                ix = np.fromfile(fix, dtype=np.int32, count=rows * self.nf).reshape(self.nf, rows)
+                y = np.fromfile(fy, dtype=np.uint8, count=rows)
+                codes = np.fromfile(fc, dtype=np.uint8, count=rows)
+                tokens = [r.read_next_batch().column(0) for r in readers]
+                yield ix, tokens, y, codes
+
+    def close(self) -> None:
+        for fh in (self._ix, self._y, self._codes):
+            fh.close()
+        for w in self._tok_writers:
+            if w is not None:
+                try:
+                    w.close()
+                except (pa.ArrowInvalid, OSError):
+                    pass
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -1,0 +1,317 @@
+"""What a raw input file looks like and how each column becomes a model field.
+
+A `DatasetSpec` says how to read a file (CSV/TSV with or without header, libFM, Parquet),
+which column is the label and how it is written, which columns are ignored, which column
+orders rows in time, and the list of `FieldSpec`s: one model field each, made from one
+source column by one transform:
+
+    category      the raw string is the category                 (vocabulary or hashing)
+    log_bucket    a number, discretized the Criteo way:           (vocabulary over buckets)
+                  x > 2 -> floor(ln(x)^2), x <= 2 -> floor(x) (its own bucket each), missing -> 0
+    hour_of_day   Avazu's YYMMDDHH -> HH
+    weekday       Avazu's YYMMDDHH -> day of week (0 = Monday)
+    weekend       Avazu's YYMMDDHH -> 1 on Saturday and Sunday, else 0
+    libfm         libFM's `index:1` -> index
+
+Built-in specs: criteo, criteo-csv, avazu, malware, frappe. Anything else is described by
+a small YAML/JSON schema file (`load_schema_file`), so a user's own log needs no code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from ..errors import DataError, UserError
+
+TRANSFORMS = ("category", "log_bucket", "hour_of_day", "weekday", "weekend", "libfm")
+NUMERIC_TRANSFORMS = ("log_bucket",)
+LABEL_KINDS = ("01", "pm1")  # 0/1, or libFM's -1/1 (0 also accepted as negative)
+TIME_KINDS = ("number", "iso", "avazu_hour")
+FILE_TYPES = ("csv", "libfm", "parquet", "auto")  # auto: parquet for *.parquet / *.pq, else csv
+
+
+@dataclass
+class FieldSpec:
+    """One model field: `transform` applied to raw column `column`."""
+
+    name: str
+    column: str
+    transform: str = "category"
+    min_count: int = 1  # categories (or buckets) seen fewer times in train -> out-of-vocabulary
+    hash_buckets: Optional[int] = None  # hash into this many buckets instead of a vocabulary
+
+    @property
+    def kind(self) -> str:
+        return "numeric" if self.transform in NUMERIC_TRANSFORMS else "categorical"
+
+
+@dataclass
+class DatasetSpec:
+    name: str
+    file_type: str = "csv"
+    delimiter: str = ","
+    header: bool = True
+    columns: Optional[list[str]] = None  # all columns in order; required without a header
+    quoting: bool = True
+    label: str = "label"
+    label_kind: str = "01"
+    fields: list[FieldSpec] = field(default_factory=list)
+    time: Optional[str] = None  # column that orders rows in time (for --split time)
+    time_kind: str = "number"
+    missing_values: list[str] = field(default_factory=lambda: [""])
+    schema_path: Optional[str] = None  # the schema file this spec came from (for messages)
+
+    def needed_columns(self) -> list[str]:
+        cols = [self.label] + [f.column for f in self.fields]
+        if self.time:
+            cols.append(self.time)
+        return list(dict.fromkeys(cols))
+
+    def with_min_count(self, min_count: Optional[int]) -> "DatasetSpec":
+        if min_count is not None:
+            if min_count < 1:
+                raise UserError(f"--min-count: must be >= 1, got {min_count}")
+            for f in self.fields:
+                f.min_count = min_count
+        return self
+
+    def with_hashing(self, buckets: dict[str, int]) -> "DatasetSpec":
+        names = {f.name: f for f in self.fields}
+        for name, n in buckets.items():
+            if name not in names:
+                raise UserError(f"--hash {name}={n}: no field {name!r}; fields: {', '.join(names)}")
+            if names[name].kind != "categorical":
+                raise UserError(f"--hash {name}={n}: only categorical fields can be hashed")
+            if n < 1:
+                raise UserError(f"--hash {name}={n}: the number of buckets must be >= 1")
+            names[name].hash_buckets = n
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DatasetSpec":
+        d = dict(d)
+        d["fields"] = [FieldSpec(**f) for f in d.get("fields", [])]
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------
+# Built-in formats
+
+CRITEO_COLUMNS = ["label"] + [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
+
+AVAZU_COLUMNS = [
+    "id", "click", "hour", "C1", "banner_pos", "site_id", "site_domain", "site_category", "app_id",
+    "app_domain", "app_category", "device_id", "device_ip", "device_model", "device_type",
+    "device_conn_type", "C14", "C15", "C16", "C17", "C18", "C19", "C20", "C21",
+]
+
+MALWARE_COLUMNS = [
+    "MachineIdentifier", "ProductName", "EngineVersion", "AppVersion", "AvSigVersion", "IsBeta",
+    "RtpStateBitfield", "IsSxsPassiveMode", "DefaultBrowsersIdentifier", "AVProductStatesIdentifier",
+    "AVProductsInstalled", "AVProductsEnabled", "HasTpm", "CountryIdentifier", "CityIdentifier",
+    "OrganizationIdentifier", "GeoNameIdentifier", "LocaleEnglishNameIdentifier", "Platform", "Processor",
+    "OsVer", "OsBuild", "OsSuite", "OsPlatformSubRelease", "OsBuildLab", "SkuEdition", "IsProtected",
+    "AutoSampleOptIn", "PuaMode", "SMode", "IeVerIdentifier", "SmartScreen", "Firewall", "UacLuaenable",
+    "Census_MDC2FormFactor", "Census_DeviceFamily", "Census_OEMNameIdentifier", "Census_OEMModelIdentifier",
+    "Census_ProcessorCoreCount", "Census_ProcessorManufacturerIdentifier", "Census_ProcessorModelIdentifier",
+    "Census_ProcessorClass", "Census_PrimaryDiskTotalCapacity", "Census_PrimaryDiskTypeName",
+    "Census_SystemVolumeTotalCapacity", "Census_HasOpticalDiskDrive", "Census_TotalPhysicalRAM",
+    "Census_ChassisTypeName", "Census_InternalPrimaryDiagonalDisplaySizeInInches",
+    "Census_InternalPrimaryDisplayResolutionHorizontal", "Census_InternalPrimaryDisplayResolutionVertical",
+    "Census_PowerPlatformRoleName", "Census_InternalBatteryType", "Census_InternalBatteryNumberOfCharges",
+    "Census_OSVersion", "Census_OSArchitecture", "Census_OSBranch", "Census_OSBuildNumber",
+    "Census_OSBuildRevision", "Census_OSEdition", "Census_OSSkuName", "Census_OSInstallTypeName",
+    "Census_OSInstallLanguageIdentifier", "Census_OSUILocaleIdentifier", "Census_OSWUAutoUpdateOptionsName",
+    "Census_IsPortableOperatingSystem", "Census_GenuineStateName", "Census_ActivationChannel",
+    "Census_IsFlightingInternal", "Census_IsFlightsDisabled", "Census_FlightRing", "Census_ThresholdOptIn",
+    "Census_FirmwareManufacturerIdentifier", "Census_FirmwareVersionIdentifier", "Census_IsSecureBootEnabled",
+    "Census_IsWIMBootEnabled", "Census_IsVirtualDevice", "Census_IsTouchEnabled", "Census_IsPenCapable",
+    "Census_IsAlwaysOnAlwaysConnectedCapable", "Wdft_IsGamer", "Wdft_RegionIdentifier", "HasDetections",
+]
+# The true numerics of the Malware data (sizes and counts); every other feature is categorical.
+MALWARE_NUMERIC = [
+    "Census_ProcessorCoreCount", "Census_PrimaryDiskTotalCapacity", "Census_SystemVolumeTotalCapacity",
+    "Census_TotalPhysicalRAM", "Census_InternalPrimaryDiagonalDisplaySizeInInches",
+    "Census_InternalPrimaryDisplayResolutionHorizontal", "Census_InternalPrimaryDisplayResolutionVertical",
+    "Census_InternalBatteryNumberOfCharges",
+]
+
+FRAPPE_FIELDS = ["user", "item", "daytime", "weekday", "isweekend", "homework", "cost", "weather", "country", "city"]
+
+# Default minimum counts (categories seen fewer times in train become out-of-vocabulary):
+#   criteo, criteo-csv: 10  (FuxiCTR/BARS Criteo_x4_001, the usual choice since the DeepFM/AutoInt papers)
+#   avazu: 2                (FuxiCTR/BARS Avazu_x4_001)
+#   malware: 10             (no standard in the CTR literature; we treat it like Criteo)
+#   frappe: 1               (FuxiCTR/BARS Frappe_x1: small and clean, every id kept)
+#   schema files: 1 unless the file says otherwise
+DEFAULT_MIN_COUNT = {"criteo": 10, "criteo-csv": 10, "avazu": 2, "malware": 10, "frappe": 1, "schema": 1}
+
+
+def _criteo_fields(min_count: int) -> list[FieldSpec]:
+    return [FieldSpec(f"I{i}", f"I{i}", "log_bucket", min_count) for i in range(1, 14)] + [
+        FieldSpec(f"C{i}", f"C{i}", "category", min_count) for i in range(1, 27)
+    ]
+
+
+def builtin_spec(name: str) -> DatasetSpec:
+    mc = DEFAULT_MIN_COUNT.get(name)
+    if name == "criteo":
+        return DatasetSpec(
+            name, "csv", "\t", header=False, columns=list(CRITEO_COLUMNS), quoting=False,
+            label="label", fields=_criteo_fields(mc),
+        )
+    if name == "criteo-csv":
+        return DatasetSpec(name, "csv", ",", header=True, label="label", fields=_criteo_fields(mc))
+    if name == "avazu":
+        fields = [
+            FieldSpec("hour_of_day", "hour", "hour_of_day", mc),
+            FieldSpec("weekday", "hour", "weekday", mc),
+            FieldSpec("weekend", "hour", "weekend", mc),
+        ] + [FieldSpec(c, c, "category", mc) for c in AVAZU_COLUMNS[3:]]
+        return DatasetSpec(name, "csv", ",", header=True, label="click", fields=fields, time="hour", time_kind="avazu_hour")
+    if name == "malware":
+        fields = [
+            FieldSpec(c, c, "log_bucket" if c in MALWARE_NUMERIC else "category", mc)
+            for c in MALWARE_COLUMNS[1:-1]
+        ]
+        return DatasetSpec(name, "csv", ",", header=True, label="HasDetections", fields=fields)
+    if name == "frappe":
+        return DatasetSpec(
+            name, "libfm", " ", header=False, columns=["label"] + FRAPPE_FIELDS, quoting=False,
+            label="label", label_kind="pm1", fields=[FieldSpec(f, f, "libfm", mc) for f in FRAPPE_FIELDS],
+        )
+    raise UserError(f"--format {name}: unknown format; choose criteo, criteo-csv, avazu, malware, frappe or schema:FILE")
+
+
+FORMATS = ("criteo", "criteo-csv", "avazu", "malware", "frappe")
+
+
+def spec_for_format(fmt: str) -> DatasetSpec:
+    """`criteo|criteo-csv|avazu|malware|frappe` or `schema:FILE`."""
+    if fmt.startswith("schema:"):
+        return load_schema_file(fmt[len("schema:"):])
+    return builtin_spec(fmt)
+
+
+# ---------------------------------------------------------------------------
+# Schema files
+
+SCHEMA_KEYS = {
+    "file_type": "csv or parquet (default: from the input file name; .parquet -> parquet)",
+    "delimiter": "CSV field separator (default ',')",
+    "header": "true if the first line names the columns (default true)",
+    "columns": "every column name in order (required when header: false)",
+    "label": "the 0/1 label column (required)",
+    "categorical": "list of categorical columns: a name, or {name, column, min_count, hash_buckets}",
+    "numeric": "list of numeric columns (discretized floor(ln(x)^2)): a name or {name, column, min_count}",
+    "time": "optional column that orders rows in time (for --split time)",
+    "time_format": "number (default; sortable numbers like epoch seconds or YYMMDDHH) or iso (ISO-8601)",
+    "min_count": "default minimum count for every field (default 1)",
+    "missing_values": "strings that mean missing (default [''])",
+    "quoting": "true if fields may be double-quoted (default true)",
+}
+
+
+def load_schema_file(path: str | Path) -> DatasetSpec:
+    """Read a YAML (or JSON) schema file. Errors name the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: schema file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise DataError(f"{path}: not valid YAML/JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}: expected a mapping of schema keys ({', '.join(SCHEMA_KEYS)})")
+    unknown = sorted(set(raw) - set(SCHEMA_KEYS))
+    if unknown:
+        raise DataError(f"{path}: unknown schema key {unknown[0]!r}; known keys: {', '.join(SCHEMA_KEYS)}")
+    if "label" not in raw or not isinstance(raw["label"], str):
+        raise DataError(f"{path}: 'label' (the name of the 0/1 label column) is required")
+
+    def get(key: str, tp: type, default: Any) -> Any:
+        v = raw.get(key, default)
+        if v is not None and not isinstance(v, tp):
+            raise DataError(f"{path}: {key}: expected {tp.__name__}, got {v!r}")
+        return v
+
+    min_count = get("min_count", int, DEFAULT_MIN_COUNT["schema"])
+    if min_count < 1:
+        raise DataError(f"{path}: min_count: must be >= 1, got {min_count}")
+    file_type = get("file_type", str, None)
+    if file_type is not None and file_type not in ("csv", "parquet"):
+        raise DataError(f"{path}: file_type: expected csv or parquet, got {file_type!r}")
+    header = get("header", bool, True)
+    columns = get("columns", list, None)
+    if not header and not columns:
+        raise DataError(f"{path}: columns: required when header is false")
+    time_format = get("time_format", str, "number")
+    if time_format not in ("number", "iso"):
+        raise DataError(f"{path}: time_format: expected number or iso, got {time_format!r}")
+
+    fields: list[FieldSpec] = []
+    for key, transform in (("categorical", "category"), ("numeric", "log_bucket")):
+        entries = get(key, list, [])
+        for i, entry in enumerate(entries):
+            where = f"{path}: {key}[{i}]"
+            if isinstance(entry, str):
+                entry = {"name": entry}
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+                raise DataError(f"{where}: expected a column name or a mapping with 'name'")
+            extra = sorted(set(entry) - {"name", "column", "min_count", "hash_buckets"})
+            if extra:
+                raise DataError(f"{where}: unknown key {extra[0]!r}; known: name, column, min_count, hash_buckets")
+            mc = entry.get("min_count", min_count)
+            hb = entry.get("hash_buckets")
+            if not isinstance(mc, int) or mc < 1:
+                raise DataError(f"{where}: min_count: expected an integer >= 1, got {mc!r}")
+            if hb is not None:
+                if transform != "category":
+                    raise DataError(f"{where}: hash_buckets: only categorical columns can be hashed")
+                if not isinstance(hb, int) or hb < 1:
+                    raise DataError(f"{where}: hash_buckets: expected an integer >= 1, got {hb!r}")
+            fields.append(FieldSpec(entry["name"], str(entry.get("column", entry["name"])), transform, mc, hb))
+    if not fields:
+        raise DataError(f"{path}: no features: list at least one column under 'categorical' or 'numeric'")
+    names = [f.name for f in fields]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise DataError(f"{path}: field {dup[0]!r} is listed twice")
+    label = raw["label"]
+    if label in [f.column for f in fields]:
+        raise DataError(f"{path}: the label column {label!r} is also listed as a feature")
+    missing_values = get("missing_values", list, [""])
+    spec = DatasetSpec(
+        name=f"schema:{path}",
+        file_type=file_type or "auto",
+        delimiter=get("delimiter", str, ","),
+        header=header,
+        columns=[str(c) for c in columns] if columns else None,
+        quoting=get("quoting", bool, True),
+        label=label,
+        fields=fields,
+        time=get("time", str, None),
+        time_kind=time_format,
+        missing_values=[str(v) for v in missing_values],
+        schema_path=str(path),
+    )
+    if len(spec.delimiter) != 1:
+        raise DataError(f"{path}: delimiter: expected one character, got {spec.delimiter!r}")
+    if spec.columns:
+        known = set(spec.columns)
+        for col in spec.needed_columns():
+            if col not in known:
+                raise DataError(f"{path}: column {col!r} is not among the schema's columns: {', '.join(spec.columns)}")
+    return spec
+
+
+def spec_json(spec: DatasetSpec) -> str:
+    return json.dumps(spec.to_dict(), indent=2)
