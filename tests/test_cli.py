@@ -145,3 +145,29 @@ def test_subprocess_user_error_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert_one_line_error(proc.stderr, "model.block_dim")
     assert proc.stdout == ""
+
+
+def test_settings_resolve_defaults_config_options_then_set(capsys, tmp_path, monkeypatch):
+    """defaults < --config FILE < options < each --set (in order)."""
+    import masknet.training.run as run_mod
+
+    captured = []
+    monkeypatch.setattr(run_mod, "train_run", lambda cfg: captured.append(cfg))
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("model:\n  block_dim: 32\n  num_blocks: 4\ntrain:\n  epochs: 5\n  seed: 1\n")
+    rc, _, err = run_main(
+        capsys,
+        [
+            "train", "--config", str(cfg_file), "--epochs", "3", "--seed", "9", "--model", "paramasknet",
+            "--data", "DATA", "--output", "OUT", "--base-run", "BASE", "--quiet",
+            "--set", "train.epochs=2", "--set", "model.block_dim=8", "--set", "model.block_dim=16",
+        ],
+    )  # fmt: skip
+    assert rc == 0, err
+    (cfg,) = captured
+    assert cfg.train.epochs == 2  # --set beats --epochs
+    assert cfg.model.block_dim == 16  # the last --set wins
+    assert cfg.model.num_blocks == 4  # from the file
+    assert cfg.train.seed == 9 and cfg.model.name == "paramasknet"
+    assert (cfg.data.path, cfg.output, cfg.base_run, cfg.train.progress) == ("DATA", "OUT", "BASE", False)
+    assert cfg.model.embedding_dim == 10  # default
