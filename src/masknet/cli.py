@@ -99,8 +99,108 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "prepare",
+        help="turn raw click logs (Criteo, Avazu, Malware, Frappe, any CSV/Parquet) into a prepared dataset",
+        description=(
+            "Read raw click logs (gzip read directly), fit the encoder (vocabulary with a minimum count, "
+            "numeric discretization, optional hashing) on the training split only, and write compact "
+            "memory-mapped integer arrays plus encoder.json and stats (meta.json). Streams: memory stays "
+            "flat as the input grows. See docs/data.md."
+        ),
+    )
+    p.add_argument(
+        "--format",
+        required=True,
+        metavar="FORMAT",
+        help="criteo (train.txt, tab-separated), criteo-csv (CSV with header), avazu, malware, frappe (libFM), "
+        "or schema:FILE (a YAML schema for any CSV or Parquet)",
+    )
+    p.add_argument("--input", metavar="FILE", help="one input file, split into train/valid/test (see --split)")
+    p.add_argument(
+        "--split",
+        choices=("random", "time"),
+        default="random",
+        help="with --input: random 8:1:1 (seeded; default) or time-ordered (earliest 80%% train, next 10%% valid, "
+        "last 10%% test, by the format's time column or else file order)",
+    )
+    p.add_argument("--train", metavar="FILE", help="explicit train file (with --valid and --test)")
+    p.add_argument("--valid", metavar="FILE", help="explicit validation file")
+    p.add_argument("--test", metavar="FILE", help="explicit test file")
+    p.add_argument("--output", required=True, metavar="DIR", help="prepared dataset folder to write")
+    p.add_argument(
+        "--min-count",
+        type=int,
+        metavar="N",
+        help="categories seen fewer than N times in train become out-of-vocabulary (default per format: "
+        "criteo 10, avazu 2, malware 10, frappe 1, schema files 1 or their min_count)",
+    )
+    p.add_argument(
+        "--hash",
+        action="append",
+        default=[],
+        metavar="FIELD=N",
+        help="hash categorical FIELD into N buckets instead of a vocabulary (repeatable)",
+    )
+    p.add_argument(
+        "--bad-lines",
+        choices=("error", "skip"),
+        default="error",
+        help="error (default): stop at the first bad line, naming file, line and field; skip: drop, count and report them",
+    )
+    p.add_argument("--seed", type=int, default=2021, help="seed of the random split (default 2021)")
+    p.set_defaults(func=_run_prepare)
+
+
+def _run_prepare(args: argparse.Namespace) -> int:
+    from .data.prepare import prepare
+    from .data.schema import spec_for_format
+
+    spec = spec_for_format(args.format).with_min_count(args.min_count)
+    buckets = {}
+    for item in args.hash:
+        name, sep, n = item.partition("=")
+        try:
+            buckets[name.strip()] = int(n)
+        except ValueError:
+            raise UserError(f"--hash {item!r}: expected FIELD=N, e.g. --hash device_ip=1000000") from None
+        if not sep:
+            raise UserError(f"--hash {item!r}: expected FIELD=N, e.g. --hash device_ip=1000000")
+    spec.with_hashing(buckets)
+    log = lambda msg: print(f"masknet prepare: {msg}", file=sys.stderr)  # noqa: E731
+    stats = prepare(
+        spec,
+        args.output,
+        input=args.input,
+        train=args.train,
+        valid=args.valid,
+        test=args.test,
+        split=args.split,
+        seed=args.seed,
+        bad_lines=args.bad_lines,
+        log=log,
+    )
+    rows = stats["rows"]
+    rate = stats["positive_rate"]
+    print(
+        f"wrote {args.output}: "
+        + ", ".join(f"{s} {rows[s]:,} rows ({rate[s]:.1%} positive)" if rows[s] else f"{s} 0 rows" for s in rows)
+        + f"; {len(stats['fields'])} fields in {stats['seconds']['total']:.1f} s"
+    )
+    bad = stats["bad_lines"]
+    if bad["total"]:
+        kinds = ", ".join(f"{k} {v:,}" for k, v in sorted(bad["by_kind"].items()))
+        print(f"skipped {bad['total']:,} bad lines ({kinds}); the first ones:")
+        for ex in bad["examples"][:5]:
+            where = ex.get("line", ex.get("row"))
+            field = f" field {ex['field']!r}:" if ex["field"] else ""
+            print(f"  {ex['file']}:{where}:{field} {ex['message']}")
+    return 0
+
+
 # Each later capability (prepare, predict, serve, ...) registers its subcommand here.
-SUBCOMMANDS: list[SubcommandSetup] = [_add_train, _add_generate]
+SUBCOMMANDS: list[SubcommandSetup] = [_add_train, _add_generate, _add_prepare]
 
 
 def build_parser() -> argparse.ArgumentParser:
