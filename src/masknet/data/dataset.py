@@ -16,12 +16,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import numpy as np
-import torch
 
 from ..errors import DataError
+
+if TYPE_CHECKING:  # torch is imported lazily: `masknet prepare` never needs it
+    import torch
 
 SPLITS = ("train", "valid", "test")
 FORMAT_NAME = "masknet-prepared"
@@ -191,6 +193,8 @@ def iterate_batches(
     permuted and rows are permuted within each block. Only one block is in memory at a
     time, so a memory-mapped split larger than RAM trains in bounded memory.
     """
+    import torch
+
     stop = len(split) if stop is None else stop
     if shuffle and rng is None:
         raise ValueError("shuffle=True needs an rng")

@@ -284,6 +284,7 @@ class FieldEncoder:
             "hash_buckets": self.spec.hash_buckets,
             "cardinality": self.cardinality,
             "distinct_in_train": self.distinct_in_train,
+            "token_type": "int64" if self.vocab is not None and pa.types.is_integer(self.vocab.type) else "string",
             "vocab": None if self.vocab is None else self.vocab.to_pylist(),
         }
 
@@ -293,7 +294,7 @@ def fit_field(fs: FieldSpec, counts: Optional[pa.Table]) -> FieldEncoder:
     if fs.hash_buckets:
         return FieldEncoder(fs, None, 0 if counts is None else counts.num_rows)
     if counts is None or counts.num_rows == 0:
-        return FieldEncoder(fs, pa.array([], pa.int64() if fs.kind == "numeric" else pa.string()), 0)
+        return FieldEncoder(fs, pa.array([], pa.string() if fs.transform in ("category", "libfm") else pa.int64()), 0)
     kept = counts.filter(pc.greater_equal(counts["c"], fs.min_count))
     kept = kept.take(pc.sort_indices(kept, sort_keys=[("c", "descending"), ("t", "ascending")]))
     return FieldEncoder(fs, kept["t"].combine_chunks(), counts.num_rows)
@@ -347,6 +348,6 @@ class Encoder:
         for fs, fd in zip(spec.fields, d["fields"]):
             vocab = None
             if fd["vocab"] is not None:
-                vocab = pa.array(fd["vocab"], pa.int64() if fs.kind == "numeric" else pa.string())
+                vocab = pa.array(fd["vocab"], pa.int64() if fd.get("token_type") == "int64" else pa.string())
             fields.append(FieldEncoder(fs, vocab, fd.get("distinct_in_train", 0)))
         return cls(spec, fields)

@@ -281,9 +281,7 @@ def prepare(
     try:
         try:
             return _prepare(spec, output, serial=False, **kwargs)
-        except NeedSerial:
-            if log:
-                log("some rows have a wrong number of columns: re-reading single-threaded to locate them")
+        except NeedSerial:  # rows with a wrong number of columns: re-read single-threaded to locate them
             return _prepare(spec, output, serial=True, **kwargs)
     except BaseException:
         for name in os.listdir(output):  # leave no half-written dataset behind
