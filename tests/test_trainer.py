@@ -94,16 +94,8 @@ def linear_weight_matrices(model) -> list[torch.Tensor]:
     [
         ("sermasknet", False),
         ("paramasknet", False),
-        pytest.param(
-            "sermasknet",
-            True,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG models/base.py dense_weights(): selects p.ndim >= 2, so FieldLayerNorm's "
-                "[f, k] gain and bias get the dense L2 penalty (docstring says norms are excluded)",
-            ),
-        ),
-        pytest.param("paramasknet", True, marks=pytest.mark.xfail(strict=True, reason="same as above")),
+        ("sermasknet", True),
+        ("paramasknet", True),
     ],
 )
 def test_l2_dense_term(name, emb_ln):

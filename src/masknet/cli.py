@@ -203,8 +203,15 @@ def _run_prepare(args: argparse.Namespace) -> int:
 SUBCOMMANDS: list[SubcommandSetup] = [_add_train, _add_generate, _add_prepare]
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad options: one line naming the problem (and where to look), exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="masknet",
         description="MaskNet CTR ranking models (Wang, She, Zhang 2021): train, evaluate, prepare data.",
     )

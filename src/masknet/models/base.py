@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import FieldEmbedding
+from .layers import FieldEmbedding, FieldLayerNorm
 
 
 class CTRModel(nn.Module):
@@ -29,8 +29,10 @@ class CTRModel(nn.Module):
 
     def dense_weights(self) -> list[nn.Parameter]:
         """Weight matrices outside the embeddings (the dense L2 term); biases and norms excluded."""
-        emb = {id(e.weight) for e in self.embeddings()}
-        return [p for p in self.parameters() if p.ndim >= 2 and id(p) not in emb]
+        excluded = {id(e.weight) for e in self.embeddings()}
+        norms = (nn.LayerNorm, FieldLayerNorm)  # FieldLayerNorm's gain/bias are [f, k]: not weights
+        excluded |= {id(p) for m in self.modules() if isinstance(m, norms) for p in m.parameters()}
+        return [p for p in self.parameters() if p.ndim >= 2 and id(p) not in excluded]
 
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:

@@ -88,6 +88,8 @@ def fit(
         raise UserError("the train split is empty")
     if len(valid) == 0:
         raise UserError("the valid split is empty: early stopping needs validation rows")
+    if np.unique(np.asarray(valid.y)).size < 2:
+        raise UserError("the valid split has only one class: validation AUC is undefined")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng([cfg.seed, 0x5EED])
