@@ -201,3 +201,30 @@ def test_transform_on_dictionary_values():
     tok = transform(FieldSpec("u", "u", "libfm"), pa.array(["204:1", "5:1.0", "7:2", "x"]))
     assert tok.bad.tolist() == [False, False, True, True]
     assert tok.tokens.to_pylist()[:2] == ["204", "5"]
+
+
+def test_encode_file_with_saved_encoder_matches_prepared(tmp_path):
+    """Prediction-time encoding of raw rows (with or without the label column) = the prepared arrays."""
+    from masknet.data.prepare import encode_file
+
+    rows = write_criteo(tmp_path / "all.txt", 900, seed=9).read_text().splitlines()
+    tr, va, te = (tmp_path / f"{n}.txt" for n in ("tr", "va", "te"))
+    tr.write_text("\n".join(rows[:700]) + "\n")
+    va.write_text("\n".join(rows[700:800]) + "\n")
+    te.write_text("\n".join(rows[800:]) + "\n")
+    out = tmp_path / "o"
+    prepare(builtin_spec("criteo"), out, train=tr, valid=va, test=te)
+    ds = load_prepared(out)
+    parts = list(encode_file(out / "encoder.json", te))
+    x = np.concatenate([p[0] for p in parts])
+    np.testing.assert_array_equal(x, np.asarray(ds.splits["test"].x))
+    np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), np.asarray(ds.splits["test"].y))
+    # a CSV with header and no label column, through a schema-free path: criteo-csv encoder on unlabeled rows
+    csv = tmp_path / "nolabel.csv"
+    write_criteo(tmp_path / "lab.csv", 50, seed=1, header=True, sep=",")
+    lines = (tmp_path / "lab.csv").read_text().splitlines()
+    csv.write_text("\n".join(",".join(l.split(",")[1:]) for l in lines) + "\n")
+    prepare(builtin_spec("criteo-csv"), tmp_path / "o2", input=tmp_path / "lab.csv", split="time")
+    parts = list(encode_file(tmp_path / "o2", csv))
+    assert parts[0][1] is None and sum(len(p[0]) for p in parts) == 50
+    assert parts[0][2][0] == 2  # line numbers: the header is line 1

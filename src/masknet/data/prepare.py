@@ -35,7 +35,7 @@ import time
 from collections import Counter as _Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -114,15 +114,18 @@ def parse_chunk(spec: DatasetSpec, chunk: RawChunk, path: str) -> ParsedChunk:
             all_null &= ix < 0
         flag(all_null, None, "empty_line", "empty line")
 
-    lab_arr = chunk.columns[spec.label]
-    lab_idx = idx_of[spec.label]
-    lab_vals, lab_bad = parse_label(lab_arr.dictionary, spec.label_kind)
-    safe = np.maximum(lab_idx, 0)
-    y = lab_vals[safe] if len(lab_vals) else np.zeros(n, np.uint8)
-    flag(lab_idx < 0, spec.label, "bad_label", "the label is missing")
-    if lab_bad.any():
-        want = "-1 or 1" if spec.label_kind == "pm1" else "0 or 1"
-        flag((lab_idx >= 0) & lab_bad[safe], spec.label, "bad_label", f"the label must be {want}", lab_arr.dictionary, lab_idx)
+    y = np.zeros(n, np.uint8)
+    if spec.label:
+        lab_arr = chunk.columns[spec.label]
+        lab_idx = idx_of[spec.label]
+        lab_vals, lab_bad = parse_label(lab_arr.dictionary, spec.label_kind)
+        safe = np.maximum(lab_idx, 0)
+        if len(lab_vals):
+            y = lab_vals[safe]
+        flag(lab_idx < 0, spec.label, "bad_label", "the label is missing")
+        if lab_bad.any():
+            want = "-1 or 1" if spec.label_kind == "pm1" else "0 or 1"
+            flag((lab_idx >= 0) & lab_bad[safe], spec.label, "bad_label", f"the label must be {want}", lab_arr.dictionary, lab_idx)
 
     fields = []
     for fs in spec.fields:
@@ -546,3 +549,40 @@ class _Spill:
                 except (pa.ArrowInvalid, OSError):
                     pass
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# Applying a saved encoder to new raw rows (evaluation, prediction)
+
+
+def encode_file(
+    encoder: Encoder | str | Path,
+    path: str | Path,
+    bad_lines: str = "error",
+    with_label: Optional[bool] = None,
+) -> Iterator[tuple[np.ndarray, Optional[np.ndarray], np.ndarray]]:
+    """Encode a raw file with a fitted encoder, chunk by chunk: yields (x int32 [n, f], y uint8 [n]
+    or None, line numbers [n]). Same reading, checks and indices as `prepare`; unseen categories
+    map to out-of-vocabulary. `with_label=None`: use the label column if the file has one.
+    Bad lines raise a DataError (`bad_lines="error"`) or are dropped (`"skip"`)."""
+    import copy
+
+    from .readers import file_columns
+
+    enc = encoder if isinstance(encoder, Encoder) else Encoder.load(encoder)
+    spec = copy.deepcopy(enc.spec)
+    if with_label is None:
+        with_label = spec.label in file_columns(spec, path) if spec.label else False
+    if not with_label:
+        spec.label = None
+    log = BadLineLog(bad_lines)
+
+    # single-threaded parse: rows with a wrong number of columns get their line numbers at once
+    for raw in iter_chunks(spec, path, serial=True):
+        pc_ = parse_chunk(spec, raw, str(path))
+        log.check(pc_, record=True)
+        g = pc_.good
+        x = np.empty((int(g.sum()), len(enc.fields)), dtype=np.int32)
+        for j, (fe, (ix, tok)) in enumerate(zip(enc.fields, pc_.fields)):
+            x[:, j] = np.concatenate([fe.codes(tok.tokens), np.zeros(1, np.int32)])[ix[g]]
+        yield x, (pc_.y[g] if with_label else None), pc_.lines[g]

@@ -58,7 +58,7 @@ class DatasetSpec:
     header: bool = True
     columns: Optional[list[str]] = None  # all columns in order; required without a header
     quoting: bool = True
-    label: str = "label"
+    label: Optional[str] = "label"  # None: no label column (raw rows to predict on)
     label_kind: str = "01"
     fields: list[FieldSpec] = field(default_factory=list)
     time: Optional[str] = None  # column that orders rows in time (for --split time)
@@ -67,7 +67,7 @@ class DatasetSpec:
     schema_path: Optional[str] = None  # the schema file this spec came from (for messages)
 
     def needed_columns(self) -> list[str]:
-        cols = [self.label] + [f.column for f in self.fields]
+        cols = ([self.label] if self.label else []) + [f.column for f in self.fields]
         if self.time:
             cols.append(self.time)
         return list(dict.fromkeys(cols))
