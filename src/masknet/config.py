@@ -86,6 +86,7 @@ class TrainConfig:
     lr: float = 1e-3  # paper's summary: 1e-3; the paper's own text says 1e-4 (see docs/model.md)
     l2_embedding: float = 0.0  # OPEN (paper: "lambda"): on the embedding rows a batch looks up
     l2_dense: float = 0.0  # OPEN: on every dense weight matrix (mask, FFN, prediction layer)
+    sparse_embeddings: bool = True  # update only the embedding rows a batch touched ("lazy" Adam, see docs)
     patience: int = 2  # stop after this many epochs without a better validation AUC
     seed: int = 2021
     eval_batch_size: int = 8192

@@ -103,7 +103,7 @@ class PlantedModel:
         gate = (rng.normal(0, 1.0, size=cards[GATE_FIELDS[0]]), rng.normal(0, 1.0, size=cards[GATE_FIELDS[1]]))
         zipf = []
         for c in CATEGORICAL_CARDINALITIES:
-            s = rng.uniform(1.05, 1.3)
+            s = rng.uniform(1.2, 1.6)
             w = 1.0 / np.arange(1, c + 1) ** s
             zipf.append(w / w.sum())
         numeric = np.stack(

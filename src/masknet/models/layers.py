@@ -21,7 +21,12 @@ class FieldEmbedding(nn.Module):
 
     x: LongTensor [B, f] of per-field indices, 0 <= x[:, i] < cardinalities[i]
     returns: [B, f, k]
+
+    With `sparse = True` the backward pass yields a sparse gradient holding only the rows
+    the batch looked up (the trainer sets it and pairs it with a sparse optimizer).
     """
+
+    sparse: bool = False
 
     def __init__(self, cardinalities: Sequence[int], dim: int, init_std: float = 1e-4):
         super().__init__()
@@ -37,7 +42,7 @@ class FieldEmbedding(nn.Module):
         nn.init.normal_(self.weight, std=init_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.embedding(x + self.offsets, self.weight)  # [B, f, k]
+        return F.embedding(x + self.offsets, self.weight, sparse=self.sparse)  # [B, f, k]
 
 
 class FieldLayerNorm(nn.Module):

@@ -58,6 +58,37 @@ def evaluate(model: CTRModel, split: Split, batch_size: int = 8192) -> dict[str,
     return {"auc": auc(labels, probs), "logloss": logloss(labels, probs)}
 
 
+class Optimizer:
+    """Adam for the dense parameters, plus, with `sparse_embeddings`, SparseAdam for the tables.
+
+    SparseAdam is "lazy" Adam: only the rows a batch looked up have their moments and values
+    updated, so a step costs O(rows touched) instead of O(vocabulary). Rows not in the batch
+    keep their moments unchanged (dense Adam would decay them); this is the usual choice for
+    CTR embeddings (TensorFlow's LazyAdam, TorchRec's fused row-wise optimizers).
+    """
+
+    def __init__(self, model: CTRModel, cfg: TrainConfig):
+        tables = model.embeddings()
+        for table in tables:
+            table.sparse = cfg.sparse_embeddings
+        if cfg.sparse_embeddings:
+            table_ids = {id(t.weight) for t in tables}
+            dense = [p for p in model.parameters() if id(p) not in table_ids]
+            self.optimizers = [torch.optim.SparseAdam([t.weight for t in tables], lr=cfg.lr)]
+            if dense:
+                self.optimizers.append(torch.optim.Adam(dense, lr=cfg.lr))
+        else:
+            self.optimizers = [torch.optim.Adam(model.parameters(), lr=cfg.lr)]
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+
 @dataclass
 class FitResult:
     best_epoch: int
@@ -93,7 +124,7 @@ def fit(
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng([cfg.seed, 0x5EED])
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = Optimizer(model, cfg)
     result = FitResult(best_epoch=0, best_valid={"auc": -math.inf})
     best_state = copy.deepcopy(model.state_dict())
     bad_epochs = 0
@@ -113,7 +144,7 @@ def fit(
         )
         for step, (x, y) in enumerate(iterate_batches(train, cfg.batch_size, True, rng, cfg.shuffle_block_rows)):
             loss, bce = loss_fn(model, x, y, cfg)
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             loss_sum += bce.item() * len(y)
