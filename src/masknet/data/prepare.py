@@ -33,6 +33,7 @@ import os
 import shutil
 import time
 from collections import Counter as _Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -107,7 +108,8 @@ def parse_chunk(spec: DatasetSpec, chunk: RawChunk, path: str) -> ParsedChunk:
             checks.append((fname, kind, msg, values, idx))
             first_error[rows_bad & (first_error < 0)] = len(checks) - 1
 
-    idx_of = {c: _indices(chunk.columns[c]) for c in spec.needed_columns()}
+    needed = spec.needed_columns()
+    idx_of = dict(zip(needed, _POOL.map(lambda c: _indices(chunk.columns[c]), needed)))
     if n and chunk.unit == "line":
         all_null = np.ones(n, dtype=bool)
         for ix in idx_of.values():
@@ -128,10 +130,10 @@ def parse_chunk(spec: DatasetSpec, chunk: RawChunk, path: str) -> ParsedChunk:
             flag((lab_idx >= 0) & lab_bad[safe], spec.label, "bad_label", f"the label must be {want}", lab_arr.dictionary, lab_idx)
 
     fields = []
-    for fs in spec.fields:
+    toks = _POOL.map(lambda fs: transform(fs, chunk.columns[fs.column].dictionary), spec.fields)
+    for fs, tok in zip(spec.fields, toks):
         arr = chunk.columns[fs.column]
         ix = idx_of[fs.column]
-        tok = transform(fs, arr.dictionary)
         if tok.bad is not None:
             flag((ix >= 0) & tok.bad[np.maximum(ix, 0)], fs.column, tok.kind, tok.message, arr.dictionary, ix)
         fields.append((ix, tok))
@@ -383,9 +385,12 @@ def _prepare(
         oov = np.zeros((3, nf), dtype=np.int64)
         for ix, tokens, y, codes in spill.windows():
             xt = np.empty(ix.shape, dtype=np.int32)  # [f, rows]
-            for j, fe in enumerate(encoder.fields):
-                lut = np.concatenate([fe.codes(tokens[j]), np.zeros(1, np.int32)])  # last slot: missing
+
+            def one_field(j: int) -> None:
+                lut = np.concatenate([encoder.fields[j].codes(tokens[j]), np.zeros(1, np.int32)])  # last: missing
                 xt[j] = lut[ix[j]]  # index -1 -> the missing slot (0)
+
+            list(_POOL.map(one_field, range(nf)))
             for s_code, s_name in enumerate(SPLITS):
                 m = codes == s_code
                 if m.any():
@@ -435,6 +440,7 @@ def _prepare(
 # Spilling pass 1 to disk
 
 
+_POOL = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="masknet-prepare")
 WINDOW_ROWS = 1 << 18  # rows per spilled window: one token lookup per field per window in pass 2
 
 
@@ -450,10 +456,16 @@ def _count_window(w: _Window, counters: list[TokenCounter], spec: DatasetSpec) -
     train = w.codes == TRAIN
     if not train.any():
         return
-    for j, (fs, counter) in enumerate(zip(spec.fields, counters)):
-        sel = w.ix[j][train]
+    all_train = bool(train.all())
+
+    def one_field(j: int) -> None:
+        if spec.fields[j].hash_buckets:
+            return
+        sel = w.ix[j] if all_train else w.ix[j][train]
         sel = sel[sel >= 0]
-        counter.add(w.tokens[j], np.bincount(sel, minlength=len(w.tokens[j])))
+        counters[j].add(w.tokens[j], np.bincount(sel, minlength=len(w.tokens[j])))
+
+    list(_POOL.map(one_field, range(len(spec.fields))))
 
 
 class _Spill:
@@ -496,21 +508,21 @@ class _Spill:
         bases = np.concatenate([np.zeros((1, self.nf), np.int64), np.cumsum(lengths, axis=0)[:-1]])
         ix = np.concatenate([p[0] for p in self._parts], axis=1) if len(self._parts) > 1 else self._parts[0][0]
         rows = np.array([p[0].shape[1] for p in self._parts])
-        if len(self._parts) > 1:
-            for j in range(self.nf):
-                col = ix[j]
-                col += np.where(col >= 0, np.repeat(bases[:, j].astype(np.int32), rows), 0).astype(np.int32)
-        tokens = []
-        for j in range(self.nf):
+        multi = len(self._parts) > 1
+
+        def one_field(j: int) -> pa.Array:
             parts = [p[1][j] for p in self._parts]
-            if len(parts) == 1:
-                tokens.append(parts[0])
-                continue
+            if not multi:
+                return parts[0]
+            col = ix[j]
+            col += np.where(col >= 0, np.repeat(bases[:, j].astype(np.int32), rows), 0).astype(np.int32)
             # one dictionary per window: repeated tokens across chunks collapse to one entry
             enc = pc.dictionary_encode(pa.concat_arrays(parts))
             remap = np.concatenate([_np(enc.indices).astype(np.int32), np.full(1, -1, np.int32)])
-            ix[j] = remap[ix[j]]  # -1 (missing) -> the last slot, which stays -1
-            tokens.append(enc.dictionary)
+            ix[j] = remap[col]  # -1 (missing) -> the last slot, which stays -1
+            return enc.dictionary
+
+        tokens = list(_POOL.map(one_field, range(self.nf)))  # Arrow and numpy release the GIL
         w = _Window(ix, tokens, np.concatenate([p[2] for p in self._parts]), np.concatenate([p[3] for p in self._parts]))
         self._ix.write(w.ix.tobytes())
         self._y.write(w.y.tobytes())
