@@ -93,6 +93,10 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 = PyTorch's default (all cores)
     shuffle_block_rows: int = 1 << 18  # rows read (and shuffled) together from a memory-mapped split
     progress: bool = True  # tqdm progress bar on stderr
+    checkpoints: bool = True  # checkpoint at every epoch end (RUN/checkpoints), for --resume
+    checkpoint_every_steps: int = 0  # also every N steps; 0 = epoch ends only
+    keep_checkpoints: int = 2  # how many recent checkpoints to keep
+    on_nan: str = "stop"  # non-finite loss/gradient: "stop" (keep the last good checkpoint) or "skip-batch"
 
     def validate(self) -> None:
         _positive("train.epochs", self.epochs)
@@ -105,6 +109,11 @@ class TrainConfig:
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}: must be >= 0, got {getattr(self, key)}")
         _positive("train.patience", self.patience)
+        if self.checkpoint_every_steps < 0:
+            raise ConfigError(f"train.checkpoint_every_steps: must be >= 0, got {self.checkpoint_every_steps}")
+        _positive("train.keep_checkpoints", self.keep_checkpoints)
+        if self.on_nan not in ("stop", "skip-batch"):
+            raise ConfigError(f"train.on_nan: must be 'stop' or 'skip-batch', got {self.on_nan!r}")
         if self.threads < 0:
             raise ConfigError(f"train.threads: must be >= 0, got {self.threads}")
 

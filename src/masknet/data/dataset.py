@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -181,35 +181,40 @@ def _map(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
 def iterate_batches(
     split: Split,
     batch_size: int,
-    shuffle: bool = False,
-    rng: Optional[np.random.Generator] = None,
+    shuffle_seed: Optional[Sequence[int]] = None,
     block_rows: int = 1 << 18,
     start: int = 0,
     stop: Optional[int] = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    skip_batches: int = 0,
+) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
     """Yield (x LongTensor [b, f], y FloatTensor [b]) batches by slicing rows [start, stop).
 
-    Shuffling is block-wise: the order of blocks of `block_rows` contiguous rows is
-    permuted and rows are permuted within each block. Only one block is in memory at a
-    time, so a memory-mapped split larger than RAM trains in bounded memory.
+    With `shuffle_seed` (e.g. (seed, epoch)) shuffling is block-wise: the order of blocks
+    of `block_rows` contiguous rows is permuted, and rows are permuted within each block.
+    Only one block is in memory at a time, so a memory-mapped split larger than RAM
+    trains in bounded memory. Every permutation is a pure function of the seed and the
+    block, so `skip_batches=n` resumes exactly at batch n without replaying the rest.
     """
     import torch
 
     stop = len(split) if stop is None else stop
-    if shuffle and rng is None:
-        raise ValueError("shuffle=True needs an rng")
     block_rows = max(batch_size, (block_rows // batch_size) * batch_size)  # whole batches per block
     starts = np.arange(start, stop, block_rows)
-    if shuffle:
-        starts = rng.permutation(starts)
+    if shuffle_seed is not None:
+        starts = np.random.default_rng([*shuffle_seed, 0]).permutation(starts)
     for b0 in starts:
         b1 = min(b0 + block_rows, stop)
+        n_batches = -(-(b1 - b0) // batch_size)
+        if skip_batches >= n_batches:
+            skip_batches -= n_batches
+            continue
         xb = np.asarray(split.x[b0:b1])
         yb = np.asarray(split.y[b0:b1])
-        if shuffle:
-            order = rng.permutation(b1 - b0)
+        if shuffle_seed is not None:
+            order = np.random.default_rng([*shuffle_seed, 1, int(b0)]).permutation(b1 - b0)
             xb, yb = xb[order], yb[order]
         x_t = torch.from_numpy(xb.astype(np.int64, copy=False))
         y_t = torch.from_numpy(yb.astype(np.float32, copy=False))
-        for i in range(0, b1 - b0, batch_size):
+        for i in range(skip_batches * batch_size, b1 - b0, batch_size):
             yield x_t[i : i + batch_size], y_t[i : i + batch_size]
+        skip_batches = 0

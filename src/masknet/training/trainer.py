@@ -10,7 +10,8 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from ..config import TrainConfig
 from ..data.dataset import CTRDataset, Split, iterate_batches
 from ..errors import UserError
 from ..models.base import CTRModel
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .metrics import auc, logloss
 
 
@@ -107,13 +109,31 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % (2**32))
 
 
+class TrainingDiverged(UserError):
+    """The loss or a gradient became NaN or infinite."""
+
+
+def _finite_step(loss: torch.Tensor, model: CTRModel) -> bool:
+    if not torch.isfinite(loss):
+        return False
+    grads = [p.grad for p in model.dense_weights() if p.grad is not None]
+    return not grads or bool(torch.isfinite(torch.stack([g.norm() for g in grads])).all())
+
+
 def fit(
     model: CTRModel,
     data: CTRDataset,
     cfg: TrainConfig,
     on_epoch: Optional[Callable[[dict], None]] = None,
+    run_dir: Optional[Path] = None,
+    resume_from: Optional[Path] = None,
 ) -> FitResult:
-    """Train on data.splits['train'], early-stop on validation AUC, restore the best epoch."""
+    """Train on data.splits['train'], early-stop on validation AUC, restore the best epoch.
+
+    With `run_dir`, checkpoints are written at every epoch end (`cfg.checkpoints`) and every
+    `cfg.checkpoint_every_steps` steps; `resume_from` (a checkpoint folder) continues a run
+    exactly where it stopped: same batches, same RNG, same optimizer moments.
+    """
     train, valid = data.splits["train"], data.splits["valid"]
     if len(train) == 0:
         raise UserError("the train split is empty")
@@ -123,60 +143,93 @@ def fit(
         raise UserError("the valid split has only one class: validation AUC is undefined")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    rng = np.random.default_rng([cfg.seed, 0x5EED])
     optimizer = Optimizer(model, cfg)
-    result = FitResult(best_epoch=0, best_valid={"auc": -math.inf})
-    best_state = copy.deepcopy(model.state_dict())
-    bad_epochs = 0
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    for epoch in range(1, cfg.epochs + 1):
+    # progress: everything needed to continue exactly (saved in every checkpoint)
+    st: dict[str, Any] = {
+        "epoch": 1, "step": 0, "global_step": 0, "best_epoch": 0, "best_valid": {"auc": -math.inf},
+        "bad_epochs": 0, "history": [], "train_seconds": 0.0, "samples_seen": 0,
+        "epoch_loss_sum": 0.0, "epoch_seen": 0, "epoch_seconds": 0.0, "skipped_batches": 0, "done": False,
+    }
+    best_state = copy.deepcopy(model.state_dict())
+    if resume_from is not None:
+        st, best_state = load_checkpoint(resume_from, model, optimizer.optimizers)
+    writing = run_dir is not None
+
+    def checkpoint() -> Optional[Path]:
+        if writing and (cfg.checkpoints or cfg.checkpoint_every_steps):
+            return save_checkpoint(run_dir, model, optimizer.optimizers, best_state, st, cfg.keep_checkpoints)
+        return None
+
+    while not st["done"] and st["epoch"] <= cfg.epochs:
+        epoch = st["epoch"]
         model.train()
-        t0 = time.perf_counter()
-        loss_sum, seen = 0.0, 0
+        t0 = time.perf_counter() - st["epoch_seconds"]
         bar = tqdm(
-            total=steps_per_epoch,
-            desc=f"epoch {epoch}/{cfg.epochs}",
-            unit="batch",
-            disable=not cfg.progress,
-            file=sys.stderr,
-            leave=False,
-            mininterval=0.5,
+            total=steps_per_epoch, initial=st["step"], desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
+            disable=not cfg.progress, file=sys.stderr, leave=False, mininterval=0.5,
         )
-        for step, (x, y) in enumerate(iterate_batches(train, cfg.batch_size, True, rng, cfg.shuffle_block_rows)):
+        batches = iterate_batches(train, cfg.batch_size, (cfg.seed, epoch), cfg.shuffle_block_rows, skip_batches=st["step"])
+        for x, y in batches:
             loss, bce = loss_fn(model, x, y, cfg)
             optimizer.zero_grad()
             loss.backward()
-            optimizer.step()
-            loss_sum += bce.item() * len(y)
-            seen += len(y)
+            st["step"] += 1
+            st["global_step"] += 1
+            if _finite_step(loss, model):
+                optimizer.step()
+                st["epoch_loss_sum"] += bce.item() * len(y)
+                st["epoch_seen"] += len(y)
+            elif cfg.on_nan == "skip-batch":
+                st["skipped_batches"] += 1
+            else:
+                last = latest_checkpoint(run_dir) if writing else None
+                where = f"the last good checkpoint is {last}; " if last else ""
+                raise TrainingDiverged(
+                    f"non-finite loss or gradient at epoch {epoch}, step {st['step']} (global step "
+                    f"{st['global_step']}, loss {loss.item()}); {where}resume with a lower learning rate: "
+                    f"masknet train --resume {run_dir or 'RUN'} --set train.lr={cfg.lr / 10:g} "
+                    f"(or --set train.on_nan=skip-batch to skip such batches)"
+                )
             bar.update(1)
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", samples_s=f"{seen / (time.perf_counter() - t0):,.0f}")
+            if st["step"] % 20 == 0:
+                seen = max(st["epoch_seen"], 1)
+                bar.set_postfix(loss=f"{st['epoch_loss_sum'] / seen:.4f}", samples_s=f"{seen / (time.perf_counter() - t0):,.0f}")
+            if cfg.checkpoint_every_steps and st["global_step"] % cfg.checkpoint_every_steps == 0 and st["step"] < steps_per_epoch:
+                st["epoch_seconds"] = time.perf_counter() - t0
+                checkpoint()
         bar.close()
         epoch_seconds = time.perf_counter() - t0
-        result.train_seconds += epoch_seconds
-        result.samples_seen += seen
+        st["train_seconds"] += epoch_seconds
+        st["samples_seen"] += st["epoch_seen"]
         valid_metrics = evaluate(model, valid, cfg.eval_batch_size)
         record = {
             "epoch": epoch,
-            "train_logloss": loss_sum / seen,
+            "train_logloss": st["epoch_loss_sum"] / max(st["epoch_seen"], 1),
             "valid_auc": valid_metrics["auc"],
             "valid_logloss": valid_metrics["logloss"],
             "epoch_seconds": epoch_seconds,
-            "samples_per_second": seen / epoch_seconds,
+            "samples_per_second": st["epoch_seen"] / epoch_seconds,
         }
-        improved = valid_metrics["auc"] > result.best_valid["auc"]
+        if st["skipped_batches"]:
+            record["skipped_batches"] = st["skipped_batches"]
+        improved = valid_metrics["auc"] > st["best_valid"]["auc"]
         if improved:
-            result.best_epoch, result.best_valid = epoch, valid_metrics
+            st["best_epoch"], st["best_valid"] = epoch, valid_metrics
             best_state = copy.deepcopy(model.state_dict())
-            bad_epochs = 0
+            st["bad_epochs"] = 0
         else:
-            bad_epochs += 1
-        record["best_epoch"] = result.best_epoch
-        result.history.append(record)
+            st["bad_epochs"] += 1
+        record["best_epoch"] = st["best_epoch"]
+        st["history"].append(record)
         if on_epoch is not None:
             on_epoch(record)
-        if bad_epochs >= cfg.patience:  # `patience` epochs without a better validation AUC
-            break
+        # patience epochs without a better validation AUC, or the last epoch: done
+        st["done"] = st["bad_epochs"] >= cfg.patience or epoch == cfg.epochs
+        st.update(epoch=epoch + 1, step=0, epoch_loss_sum=0.0, epoch_seen=0, epoch_seconds=0.0, skipped_batches=0)
+        checkpoint()
     model.load_state_dict(best_state)
-    return result
+    return FitResult(
+        best_epoch=st["best_epoch"], best_valid=st["best_valid"], history=st["history"],
+        train_seconds=st["train_seconds"], samples_seen=st["samples_seen"],
+    )
