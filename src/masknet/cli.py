@@ -199,8 +199,139 @@ def _run_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="score raw rows with a trained model (the saved encoder does all preprocessing)",
+        description=(
+            "Read raw rows in the format the model was trained on (or --format, with the same fields), encode them "
+            "with the run folder's saved encoder (unseen categories: out-of-vocabulary), and write one click "
+            "probability per input row, in order, with the row's id column when the format has one. Streams: "
+            "memory stays flat as the input grows. The bundle is verified against its manifest first."
+        ),
+    )
+    p.add_argument("--model", required=True, metavar="RUN", help="a trained run folder (model bundle)")
+    p.add_argument("--input", required=True, metavar="FILE", help="raw rows (gzip read directly); a label column is ignored")
+    p.add_argument(
+        "--format",
+        metavar="FORMAT",
+        help="read the input as this format instead of the training one (e.g. criteo-csv for a Criteo model); "
+        "its fields must be the model's",
+    )
+    p.add_argument("--output", required=True, metavar="FILE", help="scores.csv or scores.parquet")
+    p.add_argument("--id-column", metavar="COLUMN", help="copy this input column to the output (default: the format's id, e.g. Avazu's id)")
+    p.add_argument(
+        "--bad-lines",
+        choices=("error", "skip"),
+        default="error",
+        help="error (default): stop at the first bad line; skip: leave it out (a `line` column maps scores to input lines)",
+    )
+    p.add_argument("--batch-size", type=int, default=8192, metavar="N", help="rows per forward pass (default 8192)")
+    p.add_argument("--threads", type=int, metavar="N", help="torch threads (default: all cores)")
+    p.set_defaults(func=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from .serving.bundle import verify_and_load
+    from .serving.predict import predict_file
+
+    bundle = verify_and_load(args.model, threads=args.threads)
+    r = predict_file(
+        bundle, args.input, args.output, fmt=args.format, bad_lines=args.bad_lines, batch_size=args.batch_size,
+        id_column=args.id_column,
+    )
+    skipped = f" ({r['skipped']:,} bad lines skipped)" if r["skipped"] else ""
+    print(f"wrote {r['output']}: {r['rows']:,} scores{skipped}")
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="AUC and logloss of a trained model on a prepared split (or a labelled raw file)",
+        description="Evaluate a trained run folder on a split of a prepared dataset (--data) or on labelled raw rows (--input).",
+    )
+    p.add_argument("--model", required=True, metavar="RUN", help="a trained run folder (model bundle)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", metavar="DIR", help="a prepared dataset folder encoded with the model's encoder")
+    src.add_argument("--input", metavar="FILE", help="a labelled raw file in the model's format")
+    p.add_argument("--split", default="test", choices=("train", "valid", "test"), help="with --data: the split (default test)")
+    p.add_argument("--format", metavar="FORMAT", help="with --input: read it as this format (same fields)")
+    p.add_argument("--threads", type=int, metavar="N", help="torch threads (default: all cores)")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from .serving.bundle import verify_and_load
+    from .serving.predict import evaluate_file, evaluate_prepared
+
+    bundle = verify_and_load(args.model, threads=args.threads)
+    if args.data:
+        r = evaluate_prepared(bundle, args.data, args.split)
+    else:
+        r = evaluate_file(bundle, args.input, args.format)
+    print(json.dumps(r))
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a trained model to ONNX",
+        description=(
+            "Export the run folder's model to ONNX: input x int64 [batch, fields] (encoded indices; dynamic batch), "
+            "outputs score and logit [batch]. The export is run in onnxruntime and compared with PyTorch."
+        ),
+    )
+    p.add_argument("--model", required=True, metavar="RUN", help="a trained run folder (model bundle)")
+    p.add_argument("--format", default="onnx", choices=("onnx",), help="export format (onnx)")
+    p.add_argument("--output", required=True, metavar="FILE", help="model.onnx")
+    p.add_argument("--opset", type=int, default=17, metavar="N", help="ONNX opset (default 17)")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .serving.bundle import verify_and_load
+    from .serving.export import export_onnx
+
+    r = export_onnx(verify_and_load(args.model), args.output, opset=args.opset)
+    print(f"wrote {r['output']} ({r['bytes']:,} bytes, opset {r['opset']}); onnxruntime vs PyTorch max |diff| {r['max_abs_diff']:.2e}")
+    return 0
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="HTTP ranking service (FastAPI on uvicorn): /rank, /predict, /health, /metadata",
+        description="Serve a trained run folder over HTTP. See docs/serving.md for the API; /docs has the OpenAPI UI.",
+    )
+    p.add_argument("--model", required=True, metavar="RUN", help="a trained run folder (model bundle)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--runtime", choices=("torch", "onnx"), default="torch", help="PyTorch (default) or onnxruntime")
+    p.add_argument("--max-candidates", type=int, default=1000, metavar="N", help="most candidates (or rows) per request (default 1000)")
+    p.add_argument("--max-body-bytes", type=int, default=8 << 20, metavar="N", help="largest request body (default 8 MiB)")
+    p.add_argument("--threads", type=int, metavar="N", help="threads per forward pass (default: the runtime's)")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from .serving.bundle import verify_and_load
+    from .serving.service import serve
+
+    if args.max_candidates < 1 or args.max_body_bytes < 1:
+        raise UserError("--max-candidates and --max-body-bytes must be >= 1")
+    bundle = verify_and_load(args.model, threads=args.threads)
+    serve(bundle, args.host, args.port, args.runtime, args.max_candidates, args.max_body_bytes, args.threads)
+    return 0
+
+
 # Each later capability (prepare, predict, serve, ...) registers its subcommand here.
-SUBCOMMANDS: list[SubcommandSetup] = [_add_train, _add_generate, _add_prepare]
+SUBCOMMANDS: list[SubcommandSetup] = [
+    _add_train, _add_generate, _add_prepare, _add_predict, _add_evaluate, _add_export, _add_serve,
+]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -8,11 +8,14 @@ A run folder holds:
     metrics.json     {"valid": {auc, logloss}, "test": {auc, logloss}, "oracle_auc", "train_seconds",
                       "samples_per_second", "best_epoch", "model", ["relaimp", "base_run"]}
     log.jsonl        one line per epoch
+    encoder.json     (prepared data only) the fitted encoder: turns raw rows into the model's inputs
+    manifest.json    versions and the SHA-256 of every file above (masknet.serving.bundle)
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -109,30 +112,48 @@ def train_run(cfg: RunConfig, data: Optional[CTRDataset] = None, log: Any = prin
     if base_auc is not None:
         metrics["relaimp"] = relaimp(test["auc"], base_auc)
         metrics["base_run"] = {"path": str(cfg.base_run), "test_auc": base_auc}
-    save_model(out, model, cfg.model, data)
+    save_model(out, model, cfg.model, data, data_path=cfg.data.path)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    from ..serving.bundle import write_manifest  # lazy: serving imports this module
+
+    write_manifest(out)
     oracle = f"  (oracle {metrics['oracle_auc']:.4f})" if "oracle_auc" in metrics else ""
     rel = f"  RelaImp {metrics['relaimp']:+.2%}" if "relaimp" in metrics else ""
     log(f"best epoch {result.best_epoch}: test AUC {test['auc']:.4f}  logloss {test['logloss']:.4f}{oracle}{rel}")
     return RunResult(out, metrics, model)
 
 
-def save_model(out: Path, model: CTRModel, model_cfg: ModelConfig, data: CTRDataset) -> None:
+def save_model(
+    out: Path, model: CTRModel, model_cfg: ModelConfig, data: CTRDataset, data_path: Optional[str | Path] = None
+) -> None:
+    """Write model.json, dataset.json, model.safetensors and, when the data is a prepared folder
+    with an encoder, a copy of its encoder.json (so the run folder alone can encode raw rows)."""
+    encoder = Path(data_path) / "encoder.json" if data_path else None
     spec = {
         "model": model_cfg.name,
         "model_config": asdict(model_cfg),
         "field_names": data.field_names,
         "cardinalities": data.cardinalities,
+        "encoder": "encoder.json" if encoder is not None and encoder.is_file() else None,
     }
+    if spec["encoder"]:
+        shutil.copyfile(encoder, out / "encoder.json")
     (out / "model.json").write_text(json.dumps(spec, indent=2))
     (out / "dataset.json").write_text(json.dumps(data.meta, indent=2, default=str))
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"))
 
 
-def load_model(run: str | Path) -> CTRModel:
-    """Rebuild a trained model from a run folder (model.json + model.safetensors)."""
+def load_model(run: str | Path, verify: bool = True) -> CTRModel:
+    """Rebuild a trained model from a run folder (model.json + model.safetensors).
+
+    With `verify` (default) and a manifest.json in the folder, every file's SHA-256 is checked
+    first (a UserError names the first modified, truncated or missing file)."""
     run = Path(run)
+    if verify and (run / "manifest.json").is_file():
+        from ..serving.bundle import verify_manifest
+
+        verify_manifest(run)
     spec_path, weights = run / "model.json", run / "model.safetensors"
     for p in (spec_path, weights):
         if not p.is_file():

@@ -1,0 +1,228 @@
+"""A trained run folder as a self-contained, verifiable model bundle.
+
+    RUN/
+      model.safetensors   weights (safetensors: no pickle, no code)
+      model.json          model name, model config, field names, cardinalities
+      encoder.json        the fitted encoder (prepared data only): raw rows -> model inputs
+      config.yaml, dataset.json, metrics.json, log.jsonl
+      manifest.json       bundle format, versions, SHA-256 and size of every file above
+
+`write_manifest(run)` seals a folder (train_run does it at the end of training);
+`verify_and_load(run)` checks every file against the manifest (missing, truncated, modified or
+unlisted required file: a UserError naming it) and then loads JSON and safetensors only; nothing
+is ever unpickled. Only the top-level files of the folder are part of the bundle (checkpoint
+sub-folders are not). Paths in the manifest are relative, so a bundle copied to another
+machine verifies and loads there.
+
+    python -m masknet.serving.bundle RUN          seal a run folder (e.g. one trained before manifests)
+    python -m masknet.serving.bundle --verify RUN check one
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from ..errors import UserError
+
+MANIFEST = "manifest.json"
+BUNDLE_FORMAT = "masknet-bundle"
+BUNDLE_VERSION = 1
+REQUIRED = ("model.json", "model.safetensors")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+    import safetensors
+    import torch
+
+    from .. import __version__ as masknet_version
+
+    return {
+        "masknet": masknet_version,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "safetensors": safetensors.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _bundle_hash(files: dict[str, dict[str, Any]]) -> str:
+    """One SHA-256 over the sorted (name, file hash) pairs: identifies the bundle's content."""
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(f"{name}\0{files[name]['sha256']}\n".encode())
+    return h.hexdigest()
+
+
+def write_manifest(run: str | Path) -> dict[str, Any]:
+    """Hash every top-level file of `run` (except the manifest) into RUN/manifest.json."""
+    run = Path(run)
+    for name in REQUIRED:
+        if not (run / name).is_file():
+            raise UserError(f"{run / name}: missing; is {run} a finished run folder?")
+    files = {
+        p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
+        for p in sorted(run.iterdir())
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
+    }
+    spec = json.loads((run / "model.json").read_text())
+    manifest = {
+        "format": BUNDLE_FORMAT,
+        "version": BUNDLE_VERSION,
+        "model": spec.get("model"),
+        "encoder": spec.get("encoder"),
+        "versions": _versions(),
+        "files": files,
+        "bundle_sha256": _bundle_hash(files),
+    }
+    (run / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def verify_manifest(run: str | Path) -> dict[str, Any]:
+    """Check every file listed in RUN/manifest.json; return the manifest. Raises UserError."""
+    run = Path(run)
+    if not run.is_dir():
+        raise UserError(f"{run}: model bundle folder not found")
+    path = run / MANIFEST
+    if not path.is_file():
+        raise UserError(
+            f"{path}: missing; {run} is not a sealed model bundle (train it with this masknet, or seal an "
+            f"existing run folder with `python -m masknet.serving.bundle {run}`)"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc}); the bundle is corrupted") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        raise UserError(f"{path}: not a masknet bundle manifest")
+    if manifest.get("version") != BUNDLE_VERSION:
+        raise UserError(f"{path}: bundle format version {manifest.get('version')!r}; this masknet reads version {BUNDLE_VERSION}")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise UserError(f"{path}: no file list; the bundle is corrupted")
+    for name in REQUIRED + ((manifest["encoder"],) if manifest.get("encoder") else ()):
+        if name not in files:
+            raise UserError(f"{path}: {name} is not listed in the manifest; the bundle was tampered with")
+    for name, entry in files.items():
+        if "/" in name or "\\" in name or name in ("", ".", ".."):
+            raise UserError(f"{path}: bad file name {name!r} in the manifest")
+        p = run / name
+        if not p.is_file():
+            raise UserError(f"{p}: listed in the manifest but missing; the bundle is incomplete")
+        size = p.stat().st_size
+        if size != entry.get("bytes"):
+            what = "truncated" if size < entry.get("bytes", 0) else "modified"
+            raise UserError(f"{p}: {size} bytes, the manifest says {entry.get('bytes')} ({what}); refusing to load")
+        if _sha256(p) != entry.get("sha256"):
+            raise UserError(f"{p}: SHA-256 does not match the manifest (the file was modified); refusing to load")
+    if manifest.get("bundle_sha256") != _bundle_hash(files):
+        raise UserError(f"{path}: bundle_sha256 does not match the file list (the manifest was edited)")
+    return manifest
+
+
+@dataclass
+class Bundle:
+    """A verified, loaded bundle. `model` is in eval mode; `encoder` is None for runs on the
+    built-in synthetic data (their inputs are already-encoded integer indices)."""
+
+    path: Path
+    model: Any  # CTRModel
+    encoder: Any  # masknet.data.encoder.Encoder or None
+    spec: dict[str, Any]  # model.json
+    manifest: dict[str, Any]
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def field_names(self) -> list[str]:
+        return list(self.spec["field_names"])
+
+    @property
+    def cardinalities(self) -> list[int]:
+        return [int(c) for c in self.spec["cardinalities"]]
+
+    @property
+    def bundle_hash(self) -> str:
+        return self.manifest["bundle_sha256"]
+
+    def __iter__(self):  # model, encoder, spec = verify_and_load(run)
+        return iter((self.model, self.encoder, self.spec))
+
+
+def _read_json(p: Path) -> Any:
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{p}: not valid JSON ({exc})") from None
+
+
+def verify_and_load(run: str | Path, threads: Optional[int] = None) -> Bundle:
+    """Verify RUN against its manifest, then load the model (safetensors) and encoder (JSON)."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from ..config import ModelConfig, _from_dict
+    from ..data.encoder import Encoder
+    from ..models import build_model
+
+    run = Path(run)
+    manifest = verify_manifest(run)
+    if threads:
+        torch.set_num_threads(threads)
+    spec = _read_json(run / "model.json")
+    try:
+        model_cfg = _from_dict(ModelConfig, spec["model_config"], prefix="model.")
+        model = build_model(model_cfg, spec["cardinalities"])
+    except KeyError as exc:
+        raise UserError(f"{run / 'model.json'}: lacks {exc}") from None
+    try:
+        state = load_file(str(run / "model.safetensors"))
+        model.load_state_dict(state)
+    except (SafetensorError, RuntimeError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{run / 'model.safetensors'}: weights do not fit model.json ({first})") from None
+    model.eval()
+    encoder = None
+    if spec.get("encoder"):
+        encoder = Encoder.load(run / spec["encoder"])
+        names = [f.spec.name for f in encoder.fields]
+        if names != list(spec["field_names"]) or encoder.cardinalities != [int(c) for c in spec["cardinalities"]]:
+            raise UserError(f"{run / spec['encoder']}: its fields do not match model.json's fields and cardinalities")
+    metrics_path = run / "metrics.json"
+    metrics = _read_json(metrics_path) if metrics_path.is_file() else {}
+    return Bundle(run, model, encoder, spec, manifest, metrics)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m masknet.serving.bundle", description="Seal or verify a model bundle.")
+    p.add_argument("run", help="a run folder")
+    p.add_argument("--verify", action="store_true", help="verify instead of sealing")
+    args = p.parse_args(argv)
+    try:
+        m = verify_manifest(args.run) if args.verify else write_manifest(args.run)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.run}: {'verified' if args.verify else 'sealed'}; bundle sha256 {m['bundle_sha256']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

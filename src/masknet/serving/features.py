@@ -1,0 +1,202 @@
+"""Raw feature values from JSON requests -> the model's integer inputs, column-wise.
+
+The serving hot path. A request's rows are turned into one Python list per raw column, and
+each column is then handled by Arrow/NumPy as a whole: dictionary-encoded (each distinct value
+parsed once), transformed by the saved encoder's own transforms (`data.encoder.transform`: the
+same numeric buckets, Avazu hours and libFM indices as `masknet prepare`), and looked up in
+the vocabulary with a binary search over a sorted copy built once at start-up (no per-request
+hash table over the vocabulary). Unseen categories map to out-of-vocabulary (1), null to
+missing (0). Hashed fields use the encoder's FNV-1a hashing.
+
+A value must be a string, a number or null; anything else (a list, an object, true/false), a
+missing field, an unknown field or a value the training data would reject (a numeric field
+that is not a number, a bad Avazu hour) raises `RequestError`, whose message names the row
+and the field.
+
+Bundles trained on the built-in synthetic data have no encoder: their fields take the
+already-encoded integer index (0 <= value < cardinality).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..data.encoder import OOV, FieldEncoder, transform
+
+_ABSENT = object()
+
+
+class RequestError(ValueError):
+    """A bad request; the message names the row and field. `status` is the HTTP status."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = status
+
+
+def _py_type(v: Any) -> str:
+    return {list: "a list", dict: "an object", bool: "a boolean"}.get(type(v), type(v).__name__)
+
+
+class _Lookup:
+    """Token -> index for one vocabulary field, by binary search in a sorted copy of the vocabulary."""
+
+    def __init__(self, fe: FieldEncoder):
+        vocab = fe.vocab
+        self.is_int = vocab is not None and pa.types.is_integer(vocab.type)
+        values = np.asarray(vocab.to_pylist() if vocab is not None else [], dtype=np.int64 if self.is_int else str)
+        if not self.is_int and len(values) == 0:
+            values = np.zeros(0, dtype="U1")
+        self.order = np.argsort(values, kind="stable")
+        self.sorted = values[self.order]
+
+    def codes(self, tokens: pa.Array) -> np.ndarray:
+        n = len(tokens)
+        if n == 0 or len(self.sorted) == 0:
+            return np.full(n, OOV, dtype=np.int64)
+        if self.is_int:
+            q = tokens.cast(pa.int64()).to_numpy(zero_copy_only=False)
+        else:
+            q = np.asarray(tokens.cast(pa.string()).to_pylist(), dtype=str)
+        pos = np.searchsorted(self.sorted, q)
+        pos_c = np.minimum(pos, len(self.sorted) - 1)
+        hit = self.sorted[pos_c] == q
+        return np.where(hit, self.order[pos_c] + 2, OOV).astype(np.int64)
+
+
+class FeatureEncoder:
+    """Encode JSON rows for one bundle. `columns`: the raw column names a row must give."""
+
+    def __init__(self, encoder: Any, field_names: Sequence[str], cardinalities: Sequence[int]):
+        self.encoder = encoder
+        self.field_names = list(field_names)
+        self.cardinalities = [int(c) for c in cardinalities]
+        if encoder is None:
+            self.columns = list(self.field_names)
+            self.lookups: list[Optional[_Lookup]] = []
+        else:
+            self.columns = list(dict.fromkeys(fe.spec.column for fe in encoder.fields))
+            self.lookups = [None if fe.spec.hash_buckets else _Lookup(fe) for fe in encoder.fields]
+        self.column_set = frozenset(self.columns)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Per field: name, raw column, kind, transform, cardinality (for /metadata)."""
+        if self.encoder is None:
+            return [
+                {"name": n, "column": n, "kind": "index", "transform": "none (already-encoded index)", "cardinality": c}
+                for n, c in zip(self.field_names, self.cardinalities)
+            ]
+        return [
+            {
+                "name": fe.spec.name,
+                "column": fe.spec.column,
+                "kind": fe.spec.kind,
+                "transform": fe.spec.transform,
+                "hash_buckets": fe.spec.hash_buckets,
+                "cardinality": fe.cardinality,
+            }
+            for fe in self.encoder.fields
+        ]
+
+    # -- gathering columns from rows --------------------------------------------------------
+
+    def check_keys(self, rows: Sequence[dict], where: Callable[[int], str], extra_ok: frozenset = frozenset()) -> None:
+        """Unknown keys anywhere in `rows`: RequestError naming the first row that has one."""
+        seen = set().union(*rows) if rows else set()
+        unknown = seen - self.column_set - extra_ok
+        if unknown:
+            for i, r in enumerate(rows):
+                bad = sorted(unknown.intersection(r))
+                if bad:
+                    raise RequestError(
+                        f"{where(i)}: unknown field {bad[0]!r}; the model's fields are: {', '.join(self.columns)}"
+                    )
+
+    def gather(
+        self, rows: Sequence[dict], where: Callable[[int], str], context: Optional[dict] = None
+    ) -> dict[str, list]:
+        """One list of values per raw column; a value missing from a row comes from `context`."""
+        context = context or {}
+        out = {}
+        for c in self.columns:
+            default = context.get(c, _ABSENT)
+            vals = [r.get(c, default) for r in rows]
+            if default is _ABSENT and _ABSENT in vals:
+                i = next(i for i, v in enumerate(vals) if v is _ABSENT)
+                raise RequestError(f"{where(i)}: missing field {c!r} (send null for a missing value)")
+            out[c] = vals
+        return out
+
+    # -- encoding ----------------------------------------------------------------------------
+
+    def encode(self, cols: dict[str, list], n: int, where: Callable[[int, str], str]) -> np.ndarray:
+        """x int64 [n, fields] from the gathered columns. `where(row, column)` names a value."""
+        x = np.empty((n, len(self.field_names)), dtype=np.int64)
+        if self.encoder is None:
+            for j, (name, card) in enumerate(zip(self.field_names, self.cardinalities)):
+                arr = _to_arrow(cols[name], lambda i, name=name: where(i, name))
+                if not pa.types.is_integer(arr.type) or arr.null_count:
+                    i = _first(cols[name], lambda v: isinstance(v, bool) or not isinstance(v, int))
+                    raise RequestError(f"{where(i, name)}: expected an integer index (this model was trained on "
+                                       f"already-encoded data), got {cols[name][i]!r}")
+                v = arr.to_numpy()
+                bad = (v < 0) | (v >= card)
+                if bad.any():
+                    i = int(np.argmax(bad))
+                    raise RequestError(f"{where(i, name)}: index {int(v[i])} out of range [0, {card})")
+                x[:, j] = v
+            return x
+        dicts: dict[str, pa.DictionaryArray] = {}
+        for j, fe in enumerate(self.encoder.fields):
+            col = fe.spec.column
+            if col not in dicts:
+                arr = _to_arrow(cols[col], lambda i, col=col: where(i, col))
+                dicts[col] = arr.dictionary_encode() if len(arr) else pa.array([], pa.string()).dictionary_encode()
+            darr = dicts[col]
+            values = darr.dictionary
+            if fe.spec.transform == "libfm":  # JSON convenience: 123 or "123" means the libFM feature "123:1"
+                s = values if pa.types.is_string(values.type) else values.cast(pa.string())
+                plain = pc.match_substring_regex(s, r"^[0-9]+$")
+                values = pc.if_else(plain, pc.binary_join_element_wise(s, pa.scalar(":1"), pa.scalar("")), s)
+            tok = transform(fe.spec, values)
+            ix = darr.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+            if tok.bad is not None:
+                bad_rows = (ix >= 0) & tok.bad[np.maximum(ix, 0)]
+                if bad_rows.any():
+                    i = int(np.argmax(bad_rows))
+                    raise RequestError(f"{where(i, col)}: {tok.message}: {darr.dictionary[int(ix[i])].as_py()!r}")
+            lookup = self.lookups[j]
+            codes = fe.codes(tok.tokens).astype(np.int64) if lookup is None else lookup.codes(tok.tokens)
+            x[:, j] = np.concatenate([codes, np.zeros(1, np.int64)])[ix]  # -1 (null) -> missing (0)
+        return x
+
+
+def _first(values: list, pred: Callable[[Any], bool]) -> int:
+    return next((i for i, v in enumerate(values) if pred(v)), 0)
+
+
+def _to_arrow(values: list, where: Callable[[int], str]) -> pa.Array:
+    """A column of JSON scalars as one Arrow array: string, int64 or float64 when the values
+    agree, else every value as a string (numbers written as `_as_string` would, 5.0 -> "5")."""
+    try:
+        arr = pa.array(values)
+        t = arr.type
+        if pa.types.is_string(t) or pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t):
+            return arr.cast(pa.string()) if pa.types.is_null(t) else arr
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError, ValueError):
+        pass
+    out = []
+    for i, v in enumerate(values):  # slow path: mixed types, or a bad one somewhere
+        if v is None or isinstance(v, str):
+            out.append(v)
+        elif isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise RequestError(f"{where(i)}: expected a string, a number or null, got {_py_type(v)}: {v!r}")
+        elif isinstance(v, float) and v.is_integer() and abs(v) < 2**53:
+            out.append(str(int(v)))
+        else:
+            out.append(str(v) if isinstance(v, int) else repr(v))
+    return pa.array(out, pa.string())

@@ -1,0 +1,243 @@
+"""Batch prediction on raw files, and evaluation on a prepared split.
+
+    predict_file(bundle, "new.txt", "scores.csv")              the format the model was trained on
+    predict_file(bundle, "rows.csv", "s.parquet", fmt="criteo-csv")   same fields, another layout
+    evaluate_prepared(bundle, "data/criteo", split="test")     {"auc", "logloss", "rows"}
+
+Raw rows are read by the data layer's streaming readers in blocks (bounded memory, whatever the
+file size), checked and tokenized by the same code as `masknet prepare`, and encoded with the
+bundle's saved encoder (unseen categories -> out-of-vocabulary). One score per input row is
+written in file order, with the row's id column when the format has one (Avazu's `id`); with
+`bad_lines="skip"` bad rows are left out and a `line` column says which input line each score
+belongs to.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+
+from ..errors import UserError
+from .bundle import Bundle
+
+ID_COLUMNS = {"avazu": "id", "malware": "MachineIdentifier"}  # per built-in format: the row id column
+_ID_FIELD = "__row_id__"
+
+
+def _require_encoder(bundle: Bundle, what: str) -> None:
+    if bundle.encoder is None:
+        raise UserError(
+            f"{bundle.path}: this model was trained on the built-in synthetic data, which has no raw format and no "
+            f"encoder, so {what} cannot read raw rows; train on a prepared dataset (`masknet prepare`, then "
+            f"`masknet train --data DIR`), or score encoded rows with `masknet evaluate --data DIR` or the "
+            f"service's /predict (integer indices)"
+        )
+
+
+def reading_spec(bundle: Bundle, fmt: Optional[str] = None):
+    """The DatasetSpec to read raw input with: the training format, or `fmt` if it has the same fields."""
+    from ..data.schema import spec_for_format
+
+    enc = bundle.encoder
+    spec = copy.deepcopy(enc.spec)
+    if fmt:
+        other = spec_for_format(fmt)
+        by_name = {f.name: f for f in other.fields}
+        fields = []
+        for fe in enc.fields:
+            f = by_name.get(fe.spec.name)
+            if f is None or f.transform != fe.spec.transform:
+                raise UserError(
+                    f"--format {fmt}: its fields do not match the model's (field {fe.spec.name!r} "
+                    f"{'is missing' if f is None else 'is transformed differently'}); the model was trained on "
+                    f"{enc.spec.name}"
+                )
+            g = copy.deepcopy(fe.spec)
+            g.column = f.column
+            fields.append(g)
+        spec = copy.deepcopy(other)
+        spec.fields = fields
+    spec.time = None  # ordering rows is a training concern; prediction does not need the column
+    return spec
+
+
+def _has_label(spec, path: Path) -> Optional[list[str]]:
+    """For header-less formats whose first column is the label: the column list for a file
+    without it (e.g. Criteo's unlabelled test.txt), or None when the file has the label."""
+    from ..data.readers import _first_line
+
+    if spec.header or not spec.columns or spec.label != spec.columns[0] or spec.file_type == "parquet":
+        return None
+    line = _first_line(path).rstrip(b"\r").decode("utf-8", "replace")
+    n = len(line.split(spec.delimiter))
+    if spec.file_type == "libfm":
+        return spec.columns[1:] if n == len(spec.fields) else None
+    return spec.columns[1:] if n == len(spec.columns) - 1 else None
+
+
+def encode_raw(
+    bundle: Bundle,
+    input: str | Path,
+    fmt: Optional[str] = None,
+    bad_lines: str = "error",
+    with_label: bool = False,
+    id_column: Optional[str] = None,
+    stats: Optional[dict] = None,
+) -> Iterator[tuple[np.ndarray, Optional[np.ndarray], np.ndarray, Optional[pa.Array]]]:
+    """Yield (x int64 [n, f], y uint8 [n] or None, line numbers [n], ids or None) per block.
+    `stats["skipped"]` gets the number of bad lines skipped (bad_lines="skip")."""
+    from ..data.encoder import Encoder
+    from ..data.prepare import BadLineLog, parse_chunk
+    from ..data.readers import file_columns, iter_chunks
+    from ..data.schema import FieldSpec
+
+    _require_encoder(bundle, "predict")
+    if bad_lines not in ("error", "skip"):
+        raise UserError(f"--bad-lines: expected error or skip, got {bad_lines!r}")
+    input = Path(input)
+    spec = reading_spec(bundle, fmt)
+    short = _has_label(spec, input) if input.is_file() else None
+    if short is not None:
+        spec.columns = short
+        spec.label = None
+    present = file_columns(spec, input)
+    if with_label:
+        if not spec.label or spec.label not in present:
+            raise UserError(f"{input}: no label column {spec.label!r}; evaluation needs labelled rows")
+    elif spec.label:
+        spec.label = None  # a label column, when present, is ignored (and not checked)
+    if id_column is None and fmt is None:
+        id_column = ID_COLUMNS.get(spec.name)
+    elif id_column is None:
+        id_column = ID_COLUMNS.get(fmt)
+    if id_column is not None and id_column not in present:
+        id_column = None
+    nf = len(bundle.encoder.fields)
+    if id_column is not None:
+        spec.fields = spec.fields + [FieldSpec(_ID_FIELD, id_column, "category")]
+    enc = Encoder(spec, bundle.encoder.fields)
+    log = BadLineLog(bad_lines)
+    for raw in iter_chunks(spec, input, serial=True):
+        pc_ = parse_chunk(spec, raw, str(input))
+        log.check(pc_, record=True)
+        g = pc_.good
+        x = np.empty((int(g.sum()), nf), dtype=np.int64)
+        for j, (fe, (ix, tok)) in enumerate(zip(enc.fields, pc_.fields[:nf])):
+            x[:, j] = np.concatenate([fe.codes(tok.tokens), np.zeros(1, np.int32)])[ix[g]]
+        ids = None
+        if id_column is not None:
+            ix, tok = pc_.fields[nf]
+            ixg = ix[g].astype(np.int32)
+            ids = pa.DictionaryArray.from_arrays(pa.array(np.maximum(ixg, 0), mask=ixg < 0), tok.tokens.cast(pa.string()))
+            ids = ids.dictionary_decode()
+        yield x, (pc_.y[g] if with_label else None), pc_.lines[g], ids
+    if stats is not None:
+        stats["skipped"] = log.total
+
+
+def score(model: Any, x: np.ndarray, batch_size: int = 8192) -> np.ndarray:
+    """Click probabilities (float32) for encoded rows, in sub-batches."""
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(x), batch_size):
+            out.append(torch.sigmoid(model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size])))).numpy())
+    return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
+
+
+def predict_file(
+    bundle: Bundle,
+    input: str | Path,
+    output: str | Path,
+    fmt: Optional[str] = None,
+    bad_lines: str = "error",
+    batch_size: int = 8192,
+    id_column: Optional[str] = None,
+    progress: Optional[Callable[[int], None]] = None,
+) -> dict[str, Any]:
+    """Score every row of a raw file into `output` (.csv, or .parquet/.pq). Returns counts."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    output = Path(output)
+    suffix = output.suffix.lower()
+    if suffix not in (".csv", ".parquet", ".pq"):
+        raise UserError(f"--output {output}: expected a .csv or .parquet file name")
+    if output.parent and not output.parent.exists():
+        raise UserError(f"--output {output}: folder {output.parent} does not exist")
+    stats = {"skipped": 0}
+    writer = None
+    rows = 0
+    tmp = output.with_name(output.name + ".partial")
+    try:
+        for x, _, lines, ids in encode_raw(bundle, input, fmt, bad_lines, id_column=id_column, stats=stats):
+            if len(x) == 0 and writer is not None:
+                continue
+            cols: dict[str, pa.Array] = {}
+            if ids is not None:
+                cols["id"] = ids
+            if bad_lines == "skip":
+                cols["line"] = pa.array(lines, pa.int64())
+            cols["score"] = pa.array(score(bundle.model, x, batch_size), pa.float32())
+            table = pa.table(cols)
+            if writer is None:
+                writer = pq.ParquetWriter(str(tmp), table.schema) if suffix != ".csv" else pacsv.CSVWriter(str(tmp), table.schema)
+            writer.write_table(table)
+            rows += len(x)
+            if progress:
+                progress(len(x))
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    if writer is None:
+        raise UserError(f"{input}: no data rows")
+    writer.close()
+    tmp.replace(output)
+    return {"rows": rows, "skipped": stats["skipped"], "output": str(output)}
+
+
+def evaluate_file(bundle: Bundle, input: str | Path, fmt: Optional[str] = None, batch_size: int = 8192) -> dict[str, Any]:
+    """AUC and logloss on a labelled raw file."""
+    from ..training.metrics import auc, logloss
+
+    ys, ps = [], []
+    for x, y, _, _ in encode_raw(bundle, input, fmt, with_label=True):
+        if len(x):
+            ys.append(y)
+            ps.append(score(bundle.model, x, batch_size).astype(np.float64))
+    y, p = np.concatenate(ys), np.concatenate(ps)
+    return {"auc": auc(y, p), "logloss": logloss(y, p), "rows": int(len(y)), "positives": int(y.sum())}
+
+
+def evaluate_prepared(bundle: Bundle, data: str | Path, split: str = "test", batch_size: int = 8192) -> dict[str, Any]:
+    """AUC and logloss of the bundle's model on a split of a prepared dataset folder."""
+    from ..data.dataset import load_prepared
+    from ..training.trainer import evaluate
+
+    ds = load_prepared(data)
+    if ds.field_names != bundle.field_names or ds.cardinalities != bundle.cardinalities:
+        raise UserError(
+            f"{data}: its fields/cardinalities do not match the model's ({bundle.path}); evaluate on data encoded "
+            f"with the model's own encoder (the prepared folder it was trained on), or use --input for raw rows"
+        )
+    enc_path = Path(data) / "encoder.json"
+    if bundle.encoder is not None and enc_path.is_file():
+        from ..data.encoder import Encoder
+
+        other = Encoder.load(enc_path).to_dict()["fields"]
+        if other != bundle.encoder.to_dict()["fields"]:
+            raise UserError(f"{data}: encoded with a different encoder than the model's ({bundle.path}/encoder.json)")
+    if split not in ds.splits:
+        raise UserError(f"--split: expected one of {', '.join(ds.splits)}, got {split!r}")
+    s = ds.splits[split]
+    if len(s) == 0:
+        raise UserError(f"{data}: split {split!r} has no rows")
+    m = evaluate(bundle.model, s, batch_size)
+    return {"split": split, "auc": m["auc"], "logloss": m["logloss"], "rows": len(s), "positives": int(np.asarray(s.y).sum())}
