@@ -19,6 +19,7 @@ already-encoded integer index (0 <= value < cardinality).
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -27,7 +28,6 @@ import pyarrow.compute as pc
 
 from ..data.encoder import OOV, FieldEncoder, transform
 
-_ABSENT = object()
 
 
 class RequestError(ValueError):
@@ -118,17 +118,33 @@ class FeatureEncoder:
 
     def gather(
         self, rows: Sequence[dict], where: Callable[[int], str], context: Optional[dict] = None
-    ) -> dict[str, list]:
-        """One list of values per raw column; a value missing from a row comes from `context`."""
+    ) -> dict[str, Sequence]:
+        """One sequence of values per raw column; a value missing from a row comes from `context`.
+
+        Fast path: one C-level itemgetter call per row for the columns every row must give, then
+        a transpose; only columns that the context gives and some row overrides go value by value."""
         context = context or {}
-        out = {}
+        own = [c for c in self.columns if c not in context]
+        out: dict[str, Sequence] = {}
+        if own:
+            get = operator.itemgetter(*own)
+            try:
+                values = [get(r) for r in rows]
+            except KeyError:
+                for c in own:
+                    for i, r in enumerate(rows):
+                        if c not in r:
+                            raise RequestError(f"{where(i)}: missing field {c!r} (send null for a missing value)") from None
+                raise
+            cols = list(zip(*values)) if len(own) > 1 else [values]
+            if not rows:
+                cols = [()] * len(own)
+            out.update(zip(own, cols))
+        overridden = set().union(*rows) if rows else set()
         for c in self.columns:
-            default = context.get(c, _ABSENT)
-            vals = [r.get(c, default) for r in rows]
-            if default is _ABSENT and _ABSENT in vals:
-                i = next(i for i, v in enumerate(vals) if v is _ABSENT)
-                raise RequestError(f"{where(i)}: missing field {c!r} (send null for a missing value)")
-            out[c] = vals
+            if c in context:
+                v = context[c]
+                out[c] = [r.get(c, v) for r in rows] if c in overridden else [v] * len(rows)
         return out
 
     # -- encoding ----------------------------------------------------------------------------
@@ -154,7 +170,8 @@ class FeatureEncoder:
         for j, fe in enumerate(self.encoder.fields):
             col = fe.spec.column
             if col not in dicts:
-                arr = _to_arrow(cols[col], lambda i, col=col: where(i, col))
+                hint = None if fe.spec.kind == "numeric" else pa.string()  # (a float64 hint would take true as 1.0)
+                arr = _to_arrow(cols[col], lambda i, col=col: where(i, col), hint)
                 dicts[col] = arr.dictionary_encode() if len(arr) else pa.array([], pa.string()).dictionary_encode()
             darr = dicts[col]
             values = darr.dictionary
@@ -175,13 +192,18 @@ class FeatureEncoder:
         return x
 
 
-def _first(values: list, pred: Callable[[Any], bool]) -> int:
+def _first(values: Sequence, pred: Callable[[Any], bool]) -> int:
     return next((i for i, v in enumerate(values) if pred(v)), 0)
 
 
-def _to_arrow(values: list, where: Callable[[int], str]) -> pa.Array:
+def _to_arrow(values: Sequence, where: Callable[[int], str], hint: Optional[pa.DataType] = None) -> pa.Array:
     """A column of JSON scalars as one Arrow array: string, int64 or float64 when the values
     agree, else every value as a string (numbers written as `_as_string` would, 5.0 -> "5")."""
+    if hint is not None:
+        try:
+            return pa.array(values, hint)  # the common case, without type inference
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError, ValueError):
+            pass
     try:
         arr = pa.array(values)
         t = arr.type

@@ -87,6 +87,7 @@ def encode_raw(
     with_label: bool = False,
     id_column: Optional[str] = None,
     stats: Optional[dict] = None,
+    block_bytes: Optional[int] = None,
 ) -> Iterator[tuple[np.ndarray, Optional[np.ndarray], np.ndarray, Optional[pa.Array]]]:
     """Yield (x int64 [n, f], y uint8 [n] or None, line numbers [n], ids or None) per block.
     `stats["skipped"]` gets the number of bad lines skipped (bad_lines="skip")."""
@@ -121,7 +122,8 @@ def encode_raw(
         spec.fields = spec.fields + [FieldSpec(_ID_FIELD, id_column, "category")]
     enc = Encoder(spec, bundle.encoder.fields)
     log = BadLineLog(bad_lines)
-    for raw in iter_chunks(spec, input, serial=True):
+    kw = {"block_bytes": block_bytes} if block_bytes else {}
+    for raw in iter_chunks(spec, input, serial=True, **kw):
         pc_ = parse_chunk(spec, raw, str(input))
         log.check(pc_, record=True)
         g = pc_.good

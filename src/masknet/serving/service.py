@@ -213,7 +213,12 @@ def create_app(
         first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
         if first.get("type") == "json_invalid":
             ctx = first.get("ctx", {}).get("error", "")
-            return _error(f"malformed JSON: {ctx or first.get('msg')}", 400)
+            loc = first.get("loc", ())
+            at = f" at character {loc[1]}" if len(loc) > 1 and isinstance(loc[1], int) else ""
+            return _error(f"malformed JSON: {ctx or first.get('msg')}{at}", 400)
+        loc = tuple(first.get("loc", ()))
+        if len(loc) >= 2 and loc[-2] == "id" and loc[-1] in ("str", "int"):  # the union's member tag
+            return _error(f"{_loc(loc[:-1])}: must be a string or an integer", 422)
         if first.get("type") == "model_attributes_type" or (first.get("loc") == ("body",) and first.get("type") != "missing"):
             return _error(f"the request body must be a JSON object: {first.get('msg')}", 422)
         return _error(f"{_loc(tuple(first.get('loc', ())))}: {first.get('msg')}", 422)
