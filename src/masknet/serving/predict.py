@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import pyarrow as pa
 
-from ..errors import UserError
+from ..errors import DataError, UserError
 from .bundle import Bundle
 
 ID_COLUMNS = {"avazu": "id", "malware": "MachineIdentifier"}  # per built-in format: the row id column
@@ -123,9 +123,13 @@ def encode_raw(
     enc = Encoder(spec, bundle.encoder.fields)
     log = BadLineLog(bad_lines)
     kw = {"block_bytes": block_bytes} if block_bytes else {}
-    for raw in iter_chunks(spec, input, serial=True, **kw):
+    hint = "" if fmt else f" (the model was trained on format {enc.spec.name}; give --format if this file has another layout)"
+    for raw in _hinted(iter_chunks(spec, input, serial=True, **kw), hint):
         pc_ = parse_chunk(spec, raw, str(input))
-        log.check(pc_, record=True)
+        try:
+            log.check(pc_, record=True)
+        except DataError as exc:
+            raise DataError(f"{exc}{hint}") from None
         g = pc_.good
         x = np.empty((int(g.sum()), nf), dtype=np.int64)
         for j, (fe, (ix, tok)) in enumerate(zip(enc.fields, pc_.fields[:nf])):
@@ -139,6 +143,13 @@ def encode_raw(
         yield x, (pc_.y[g] if with_label else None), pc_.lines[g], ids
     if stats is not None:
         stats["skipped"] = log.total
+
+
+def _hinted(chunks: Iterator, hint: str) -> Iterator:
+    try:
+        yield from chunks
+    except DataError as exc:
+        raise DataError(f"{exc}{hint}") from None
 
 
 def score(model: Any, x: np.ndarray, batch_size: int = 8192) -> np.ndarray:
@@ -161,6 +172,7 @@ def predict_file(
     batch_size: int = 8192,
     id_column: Optional[str] = None,
     progress: Optional[Callable[[int], None]] = None,
+    block_bytes: Optional[int] = None,
 ) -> dict[str, Any]:
     """Score every row of a raw file into `output` (.csv, or .parquet/.pq). Returns counts."""
     import pyarrow.csv as pacsv
@@ -177,7 +189,7 @@ def predict_file(
     rows = 0
     tmp = output.with_name(output.name + ".partial")
     try:
-        for x, _, lines, ids in encode_raw(bundle, input, fmt, bad_lines, id_column=id_column, stats=stats):
+        for x, _, lines, ids in encode_raw(bundle, input, fmt, bad_lines, id_column=id_column, stats=stats, block_bytes=block_bytes):
             if len(x) == 0 and writer is not None:
                 continue
             cols: dict[str, pa.Array] = {}
