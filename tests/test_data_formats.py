@@ -233,3 +233,15 @@ def test_schema_csv_and_parquet_end_to_end(tmp_path, capsys):
     for s in a.splits:  # Parquet and CSV of the same table encode identically
         np.testing.assert_array_equal(np.asarray(a.splits[s].x), np.asarray(b.splits[s].x))
     train_ok(capsys, tmp_path / "log_parquet", tmp_path / "run")
+
+
+def test_cli_hash_option(tmp_path, capsys):
+    src = write_criteo(tmp_path / "c.txt", 400, seed=8)
+    out = tmp_path / "h"
+    prepare_ok(capsys, "--format", "criteo", "--input", str(src), "--output", str(out), "--hash", "C3=50", "--hash", "C12=7")
+    ds = load_prepared(out)
+    card = dict(zip(ds.field_names, ds.cardinalities))
+    assert card["C3"] == 52 and card["C12"] == 9
+    assert Encoder.load(out).fields[ds.field_names.index("C3")].vocab is None
+    code = main(["prepare", "--format", "criteo", "--input", str(src), "--output", str(tmp_path / "x"), "--hash", "I1=5"])
+    assert code == 2 and "only categorical" in capsys.readouterr().err
