@@ -137,25 +137,31 @@ class BodyLimit:
                     n = 0
                 if n > self.max_bytes:
                     return await _error(f"{msg} ({n:,} bytes)", 413)(scope, receive, send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
+        # Read the body up to the limit before the app sees it (bounded memory), then replay it.
+        parts, seen, more = [], 0, True
+        while more:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge()
-            return message
-
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await _error(msg, 413)(scope, receive, send)
+            if message["type"] != "http.request":
+                return await self.app(scope, _replay([message]), send)
+            parts.append(message.get("body", b""))
+            seen += len(parts[-1])
+            more = message.get("more_body", False)
+            if seen > self.max_bytes:
+                return await _error(msg, 413)(scope, receive, send)
+        await self.app(scope, _replay([{"type": "http.request", "body": b"".join(parts), "more_body": False}], receive), send)
 
 
-class _TooLarge(Exception):
-    pass
+def _replay(messages: list, then: Any = None):
+    queue = list(messages)
+
+    async def receive():
+        if queue:
+            return queue.pop(0)
+        if then is not None:
+            return await then()
+        return {"type": "http.disconnect"}
+
+    return receive
 
 
 def create_app(
