@@ -1,0 +1,156 @@
+"""`masknet reproduce`: build the plan, run the cells (resumable), analyse, plot, write the report."""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from ..config import RunConfig, apply_override, load_config
+from ..errors import UserError
+from . import plots as plots_mod
+from . import report
+from .analysis import analyse
+from .plan import PRESETS, RQ4_MAX_INSTANCES, format_value, make_plan
+from .rq4 import analyse as rq4_analyse
+from .runner import fmt_seconds, load_dataset, run_plan
+from .stats import auc_standard_error
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out += _flatten(v, key + ".")
+        else:
+            out.append((key, v))
+    return out
+
+
+def base_config(preset: str, config_file: Optional[str], data: Optional[str], sets: Sequence[str]) -> tuple[RunConfig, list[str]]:
+    """Preset, then the keys of --config FILE, then --data, then each --set."""
+    if preset not in PRESETS:
+        raise UserError(f"--preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    cfg = RunConfig()
+    for key, value in PRESETS[preset]["overrides"].items():
+        apply_override(cfg, f"{key}={format_value(value)}")
+    applied: list[str] = []
+    if config_file:
+        load_config(config_file)  # validates the file (unknown keys, types) with a message naming it
+        import yaml
+
+        raw = yaml.safe_load(Path(config_file).read_text()) or {}
+        for key, value in _flatten(raw):
+            if key in ("output", "base_run", "model.name", "train.seed"):
+                continue  # every cell sets its own model, seed and folder
+            if value is None and key != "data.path":
+                continue
+            apply_override(cfg, f"{key}={format_value(value) if value is not None else 'none'}")
+            applied.append(f"{key}={format_value(value)}")
+    if data:
+        cfg.data.path = data
+    for assignment in sets:
+        apply_override(cfg, assignment)
+        applied.append(assignment)
+    cfg.model.name = "sermasknet"
+    cfg.validate()
+    return cfg, applied
+
+
+def _data_info(cfg: RunConfig, data) -> dict[str, Any]:
+    test = data.splits["test"]
+    y = np.asarray(test.y)
+    pos, neg = int(y.sum()), int(len(y) - y.sum())
+    src = data.meta.get("source", {}) if isinstance(data.meta, dict) else {}
+    if cfg.data.path:
+        name = Path(cfg.data.path).name
+        desc = f"prepared dataset `{cfg.data.path}` (source: {src.get('name') or src.get('format') or 'unknown'})"
+    else:
+        name = f"synthetic-{cfg.data.synthetic.rows // 1000}k"
+        desc = (f"built-in synthetic Criteo-like data, {cfg.data.synthetic.rows:,} rows (generator seed "
+                f"{cfg.data.synthetic.seed}), split 8:1:1")
+        if data.meta.get("selected_fields"):
+            desc += (f", restricted to {data.num_fields} of its 39 fields ({', '.join(data.field_names)}: both fields of the planted "
+                     f"gate and 8 fields of the planted interactions; the oracle still sees all 39)")
+    info = {
+        "name": name,
+        "description": desc,
+        "rows": {s: len(v) for s, v in data.splits.items()},
+        "fields": data.num_fields,
+        "test_pos": pos,
+        "test_neg": neg,
+    }
+    if data.has_oracle():
+        from ..training.metrics import auc
+
+        info["oracle_auc"] = auc(y, np.asarray(test.p))
+    return info
+
+
+def reproduce(
+    cfg: RunConfig,
+    tables: list[str],
+    seeds: int,
+    out: Path,
+    preset: str,
+    applied: list[str],
+    command: str,
+    quiet: bool = False,
+    log=print,
+) -> Path:
+    t0 = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fields = None if cfg.data.path else PRESETS[preset].get("synthetic_fields")
+    plan = make_plan(cfg, tables, seeds, fields)
+    log(f"reproduce: tables {','.join(tables)}; {len(plan.cells)} cells ({seeds} seed{'s' if seeds > 1 else ''}); output {out}")
+    data = load_dataset(cfg, fields)
+    before = {cid for cid in plan.cells if (out / "cells" / cid / "result.json").is_file()}
+    results = run_plan(plan, out, data=data, quiet=quiet)
+    resumed = len([c for c in plan.cells if c in before and results[c].get("seconds") is not None])
+    rq4 = None
+    rq4_cell = None
+    if "rq4" in tables:
+        rq4_cell = next(c.id for c in plan.cells.values() if "rq4" in c.tables)
+        if not quiet:
+            log(f"reproduce: RQ4 mask analysis on {rq4_cell}")
+        rq4 = rq4_analyse(out / "cells" / rq4_cell, data, RQ4_MAX_INSTANCES)
+    analysis = analyse(plan, results, rq4)
+    info = _data_info(cfg, data)
+    ref = [r["test"]["auc"] for r in results.values()]
+    info["ref_auc"] = float(np.median(ref)) if ref else 0.75
+    info["test_auc_se"] = auc_standard_error(info["ref_auc"], info["test_pos"], info["test_neg"])
+    m, tr = cfg.model, cfg.train
+    meta = {
+        "command": command,
+        "preset": preset,
+        "tables": tables,
+        "seeds": plan.seeds,
+        "seeds_note": (f"The `{preset}` preset defaults to {PRESETS[preset]['seeds']} seeds (the issue's default is 3)"
+                       if PRESETS[preset]["seeds"] != 3 and seeds == PRESETS[preset]["seeds"] else ""),
+        "overrides": applied,
+        "data": info,
+        "budget": {
+            "epochs": tr.epochs, "patience": tr.patience, "lr": tr.lr, "batch_size": tr.batch_size,
+            "l2_embedding": tr.l2_embedding, "l2_dense": tr.l2_dense,
+            "embedding_dim": m.embedding_dim, "dnn_hidden": m.dnn_hidden, "num_blocks": m.num_blocks, "block_dim": m.block_dim,
+            "reduction_ratio": m.reduction_ratio, "top_mlp": m.top_mlp, "cin_layers": m.cin_layers,
+            "attention_layers": m.attention_layers, "attention_heads": m.attention_heads, "attention_dim": m.attention_dim,
+        },
+        "base_config": cfg.to_dict(),
+        "cells_run": len(plan.cells) - len(before & set(plan.cells)),
+        "cells_resumed": len(before & set(plan.cells)),
+        "train_seconds_total": sum(r.get("seconds", 0.0) for r in results.values()),
+        "rq4_cell": rq4_cell,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+    del resumed
+    plot_files = plots_mod.make_all(analysis, rq4, out, info["name"])
+    meta["wall"] = fmt_seconds(time.perf_counter() - t0)
+    report.write(out, meta, plan, results, analysis, rq4, plot_files)
+    log(f"reproduce: wrote {out / 'report.md'}, {out / 'results.json'} and {len(plot_files)} plots in {meta['wall']}")
+    return out
