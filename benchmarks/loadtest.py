@@ -137,6 +137,50 @@ def run_cell(port: int, body: bytes, n_cands: int, concurrency: int, max_request
     }
 
 
+def stage_cpu_ms(run: str, bodies: dict[int, bytes], reps: int = 7) -> list[dict]:
+    """CPU time (this thread's, median of `reps`) of each stage of one /rank request, in process and
+    single-threaded. CPU time is far less sensitive than wall time to other processes on the machine,
+    so it estimates the latency on an otherwise idle core."""
+    import torch
+
+    from masknet.serving.bundle import verify_and_load
+    from masknet.serving.features import FeatureEncoder
+    from masknet.serving.service import RankRequest, Scorer
+
+    torch.set_num_threads(1)
+    b = verify_and_load(run)
+    fe = FeatureEncoder(b.encoder, b.field_names, b.cardinalities)
+    scorers = {"forward_torch": Scorer(b, "torch"), "forward_onnx": Scorer(b, "onnx", threads=1)}
+    out = []
+    for n, body in bodies.items():
+        stages: dict[str, list[float]] = {}
+
+        def timed(name, f):
+            t = time.thread_time()
+            r = f()
+            stages.setdefault(name, []).append((time.thread_time() - t) * 1000)
+            return r
+
+        for _ in range(reps):
+            obj = timed("json_parse", lambda: json.loads(body))
+            req = timed("validate", lambda: RankRequest.model_validate(obj))
+            feats = [c.features for c in req.candidates]
+            x = timed("encode", lambda: fe.encode(fe.gather(feats, str), n, lambda i, c: ""))
+            scores = None
+            for name, sc in scorers.items():
+                scores = timed(name, lambda: sc(x))
+
+            def respond():
+                order = np.argsort(-scores, kind="stable")
+                s = scores.tolist()
+                return json.dumps({"scores": s, "ranking": [{"id": i, "index": i, "score": s[i]} for i in order.tolist()]})
+
+            timed("respond", respond)
+        row = {"candidates": n, **{k: round(float(np.median(v)), 2) for k, v in stages.items()}}
+        out.append(row)
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="a trained run folder")
@@ -150,12 +194,22 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=20, help="at most this long per cell (default 20)")
     p.add_argument("--warmup", type=int, default=5, help="unmeasured requests per size first (default 5)")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--stages", action="store_true", help="only measure the CPU time of each request stage in process (no server)")
     args = p.parse_args()
     args.sizes = [int(s) for s in args.sizes.split(",")]
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
 
     rows = raw_rows(args.model, args.data, max(args.sizes), args.format)
     bodies = {n: json.dumps({"candidates": [{"id": i, "features": r} for i, r in enumerate(rows[:n])]}).encode() for n in args.sizes}
+    if args.stages:
+        rows_ = stage_cpu_ms(args.model, bodies)
+        keys = list(rows_[0])
+        print(f"CPU ms per /rank request, by stage (single thread, median); load average {os.getloadavg()[0]:.2f}\n")
+        print("| " + " | ".join(keys) + " |")
+        print("|" + "---:|" * len(keys))
+        for r in rows_:
+            print("| " + " | ".join(f"{r[k]:,}" if k == "candidates" else str(r[k]) for k in keys) + " |")
+        return 0
     load_before = os.getloadavg()
     port = free_port()
     server = start_server(args, port)

@@ -246,3 +246,39 @@ def test_real_http_round_trip(bundle, raw_rows, file_scores):
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.mark.parametrize("name, sample", [("avazu", ("avazu-sample-100", "avazu_sample.txt")),
+                                          ("frappe", ("frappe", "frappe.validation.libfm"))])
+def test_service_encodes_like_the_file_path_for_other_formats(name, sample, tmp_path):
+    """Avazu's hour (-> hour_of_day, weekday, weekend) and libFM indices go through the same transforms."""
+    from masknet.data.readers import iter_chunks
+    from masknet.serving.predict import predict_file, reading_spec
+
+    b = verify_and_load(trained(name))
+    src = tmp_path / "rows.txt"
+    lines = need(*sample).read_text().splitlines()
+    src.write_text("\n".join(lines[:31 if name == "avazu" else 30]) + "\n")  # avazu: header + 30 rows
+    spec = reading_spec(b)
+    spec.label = None
+    columns = list(dict.fromkeys(f.column for f in spec.fields))
+    (chunk,) = list(iter_chunks(spec, src, serial=True))
+    cols = {c: chunk.columns[c].dictionary_decode().to_pylist() for c in columns}
+    rows = [{c: cols[c][i] for c in columns} for i in range(len(chunk))]
+    if name == "avazu":
+        for r in rows:
+            r["hour"] = int(r["hour"])  # YYMMDDHH as a JSON number
+    else:
+        for r in rows:
+            r["user"] = int(r["user"].split(":")[0])  # libFM index without ":1"
+    predict_file(b, src, tmp_path / "s.parquet")
+    import pyarrow.parquet as pq
+
+    want = pq.read_table(tmp_path / "s.parquet").column("score").to_numpy()
+    r = TestClient(create_app(b)).post("/predict", json={"rows": rows})
+    assert r.status_code == 200, r.text
+    assert len(want) == 30
+    np.testing.assert_allclose(r.json()["scores"], want, atol=1e-6)
+    if name == "avazu":
+        bad = TestClient(create_app(b)).post("/predict", json={"rows": [dict(rows[0], hour=14023099)]})
+        assert bad.status_code == 422 and "rows[0].hour: not a YYMMDDHH hour" in bad.json()["error"]

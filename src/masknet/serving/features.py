@@ -59,9 +59,9 @@ class _Lookup:
         if n == 0 or len(self.sorted) == 0:
             return np.full(n, OOV, dtype=np.int64)
         if self.is_int:
-            q = tokens.cast(pa.int64()).to_numpy(zero_copy_only=False)
+            q = (tokens if tokens.type == pa.int64() else tokens.cast(pa.int64())).to_numpy(zero_copy_only=False)
         else:
-            q = np.asarray(tokens.cast(pa.string()).to_pylist(), dtype=str)
+            q = np.asarray((tokens if tokens.type == pa.string() else tokens.cast(pa.string())).to_pylist(), dtype=str)
         pos = np.searchsorted(self.sorted, q)
         pos_c = np.minimum(pos, len(self.sorted) - 1)
         hit = self.sorted[pos_c] == q
@@ -180,7 +180,8 @@ class FeatureEncoder:
                 plain = pc.match_substring_regex(s, r"^[0-9]+$")
                 values = pc.if_else(plain, pc.binary_join_element_wise(s, pa.scalar(":1"), pa.scalar("")), s)
             tok = transform(fe.spec, values)
-            ix = darr.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+            ind = darr.indices
+            ix = (ind.fill_null(-1) if ind.null_count else ind).to_numpy(zero_copy_only=False).astype(np.int64)
             if tok.bad is not None:
                 bad_rows = (ix >= 0) & tok.bad[np.maximum(ix, 0)]
                 if bad_rows.any():
