@@ -180,4 +180,7 @@ def make_plan(base: RunConfig, tables: list[str], seeds: int, fields: Optional[l
                 cells[cid] = Cell(model, variant, s, dict(overrides) if variant != "base" else {})
             if table not in cells[cid].tables:
                 cells[cid].tables.append(table)
+    # seed-major order: an interrupted run has every model at the first seeds before any at the later ones
+    order = sorted(cells.values(), key=lambda c: seed_list.index(c.seed))
+    cells = {c.id: c for c in order}
     return Plan(base=base, tables=tables, seeds=seed_list, cells=cells, layout=layout, fields=fields)
