@@ -27,7 +27,7 @@ def _save(fig, path: Path) -> str:
 
 def table2_plot(t2: dict, out: Path, data_name: str) -> str:
     rows = [r for r in t2["rows"] if r["auc"]["mean"] is not None]
-    fig, ax = plt.subplots(figsize=(8, 4.2))
+    fig, ax = plt.subplots(figsize=(8, 4.8))
     x = np.arange(len(rows))
     means = [r["auc"]["mean"] for r in rows]
     stds = [r["auc"]["std"] for r in rows]
@@ -46,13 +46,13 @@ def table2_plot(t2: dict, out: Path, data_name: str) -> str:
     ax.set_title("Table 2: test AUC by model")
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, loc="lower right", fontsize=8)
+    ax.legend(h1 + h2, l1 + l2, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, out / "table2_auc.png")
 
 
 def table3_plot(t3: dict, out: Path, data_name: str) -> str:
-    fig, ax = plt.subplots(figsize=(8, 4.2))
+    fig, ax = plt.subplots(figsize=(8, 4.6))
     abls = list(ABLATION_LABELS)
     width = 0.38
     x = np.arange(len(abls))
@@ -69,13 +69,13 @@ def table3_plot(t3: dict, out: Path, data_name: str) -> str:
     pad = max(0.002, 0.15 * (max(allv) - min(allv)))
     ax.set_ylim(min(allv) - pad, max(allv) + pad)
     ax.set_title("Table 3: ablation (paper on Criteo: every removal costs AUC, except FFN in ParaMaskNet)", fontsize=9)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, out / "table3_ablation.png")
 
 
 def sweep_plot(table: str, t: dict, out: Path, data_name: str) -> str:
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(7, 5.0))
     ax2 = ax.twinx()
     for m in MASKNETS:
         rows = [r for r in t["rows"] if r["model"] == m and r["auc"]["mean"] is not None]
@@ -91,7 +91,7 @@ def sweep_plot(table: str, t: dict, out: Path, data_name: str) -> str:
     ax.set_title(f"Table {table}: test AUC against {t['label']}")
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="best")
+    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     ax.grid(alpha=0.3)
     return _save(fig, out / f"table{table}_{t['key'].split('.')[-1]}.png")
 
@@ -134,6 +134,7 @@ def mask_heatmaps(rq: dict, out: Path) -> str:
     fields = rq["field_names"]
     f = len(fields)
     fig, axes = plt.subplots(len(ex), nb, figsize=(4.0 * nb + 1, 0.22 * max(f, 12) * len(ex) + 1.5), squeeze=False)
+    lims = [max(float(np.max(np.abs(np.asarray(inst["masks"][j])))) for inst in ex) or 1.0 for j in range(nb)]
     for i, inst in enumerate(ex):
         for j, m in enumerate(inst["masks"]):
             ax = axes[i][j]
@@ -141,20 +142,24 @@ def mask_heatmaps(rq: dict, out: Path) -> str:
             if j == 0 and len(v) == f * k:
                 img = v.reshape(f, k)
                 ax.set_yticks(range(f), fields, fontsize=6 if f > 15 else 8)
-                ax.set_xlabel("embedding bit (0..k-1)")
+                ax.set_xticks(range(k) if k <= 20 else range(0, k, max(1, k // 10)))
+                ax.set_xlabel("embedding bit (0 .. k-1)")
                 ax.set_ylabel("field")
             else:
                 cols = 16 if len(v) >= 64 else 8
                 img = _grid(v, cols)
-                ax.set_xlabel(f"unit index mod {cols}")
-                ax.set_ylabel(f"unit index // {cols}")
-            lim = float(np.nanmax(np.abs(img))) or 1.0
-            im = ax.imshow(img, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+                rows_n = img.shape[0]
+                step = max(1, rows_n // 8)
+                ax.set_yticks(range(0, rows_n, step), [str(r * cols) for r in range(0, rows_n, step)])
+                ax.set_xticks(range(0, cols, 2 if cols > 8 else 1))
+                ax.set_xlabel(f"hidden unit: offset in row (+0 .. +{cols - 1})")
+                ax.set_ylabel("hidden unit: row start index")
+            im = ax.imshow(img, aspect="auto", cmap="RdBu_r", vmin=-lims[j], vmax=lims[j], interpolation="nearest")
             cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
             cb.set_label("mask value", fontsize=8)
             kind = "embedding mask" if j == 0 else "hidden-layer mask"
             ax.set_title(f"instance {chr(65 + i)} (test row {inst['row']}, label {inst['label']})\nblock {j + 1}: {kind}", fontsize=8)
-    fig.suptitle("RQ4: instance-guided masks of two instances (red = amplify, blue = flip sign, white = suppress)", fontsize=10)
+    fig.suptitle("RQ4: instance-guided masks of two instances (colour scale shared per block; red > 0, blue < 0 flips the sign, white ≈ 0 suppresses)", fontsize=10)
     return _save(fig, out / "rq4_mask_heatmaps.png")
 
 
