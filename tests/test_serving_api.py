@@ -84,6 +84,15 @@ def test_predict_matches_the_batch_path(client, raw_rows, file_scores):
     # numbers sent as strings (as in the raw file) encode the same
     as_text = [{k: (str(v) if v is not None else None) for k, v in row.items()} for row in raw_rows]
     np.testing.assert_allclose(client.post("/predict", json={"rows": as_text}).json()["scores"], file_scores, atol=1e-6)
+    # "" is the format's missing value, as in the raw file: same as null
+    as_empty = [{k: ("" if v is None else v) for k, v in row.items()} for row in as_text]
+    np.testing.assert_allclose(client.post("/predict", json={"rows": as_empty}).json()["scores"], file_scores, atol=1e-6)
+    # categorical values sent as numbers take the per-field path: same result for the same strings
+    x_enc = client.app.state.features
+    cols = x_enc.gather(as_text, str)
+    mixed = dict(cols, C1=[1234 if i == 0 else v for i, v in enumerate(cols["C1"])])
+    a, b = x_enc.encode(cols, len(as_text), str), x_enc.encode(mixed, len(as_text), str)
+    assert np.array_equal(np.delete(a, 13, axis=1), np.delete(b, 13, axis=1)) and b[0, 13] == 1  # unseen "1234": OOV
 
 
 def test_rank_scores_and_sorts_candidates(client, raw_rows):
