@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -42,14 +44,31 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--output", metavar="DIR", help="run folder (default: runs/<model>-<timestamp>)")
     p.add_argument("--base-run", metavar="DIR", help="a finished run: report RelaImp (Eq. 20) against its test AUC")
+    p.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue an interrupted run from its latest checkpoint, with its saved config (other options are ignored)",
+    )
+    p.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train with N processes (DistributedDataParallel, gloo): launches torchrun for you; "
+        "needs --output. Equivalent to `torchrun --nproc_per_node=N -m masknet train ...`",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from .config import RunConfig, apply_override, load_config
-    from .training.run import train_run
+    from .training.run import resume_run, train_run
 
+    if args.nproc is not None and "WORLD_SIZE" not in os.environ:
+        return _launch_torchrun(args)
+    if args.resume:
+        resume_run(args.resume)
+        return 0
     cfg = load_config(args.config) if args.config else RunConfig()
     if args.model:
         cfg.model.name = args.model
@@ -69,6 +88,24 @@ def _run_train(args: argparse.Namespace) -> int:
         apply_override(cfg, assignment)
     train_run(cfg)
     return 0
+
+
+def _launch_torchrun(args: argparse.Namespace) -> int:
+    """Re-run this same command under torchrun with N local processes (without --nproc)."""
+    if args.nproc < 1:
+        raise UserError(f"--nproc: must be >= 1, got {args.nproc}")
+    if not args.output and not args.resume:
+        raise UserError("--nproc needs --output (every process must write to the same run folder)")
+    argv, rest, skip = [], list(args.argv), False
+    for i, a in enumerate(rest):
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            argv.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", "-m", "masknet", *argv]
+    return subprocess.call(cmd)
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -410,7 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)  # argparse itself exits 2 with a one-line message on bad options
+    args.argv = argv
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class FieldEmbedding(nn.Module):
+class FieldEmbedding(nn.Embedding):
     """One embedding table of size k per field (Eq. 4), stored as one concatenated table.
 
     Field i's rows live at `offsets[i] : offsets[i] + cardinalities[i]`, so a whole
@@ -23,21 +23,20 @@ class FieldEmbedding(nn.Module):
     returns: [B, f, k]
 
     With `sparse = True` the backward pass yields a sparse gradient holding only the rows
-    the batch looked up (the trainer sets it and pairs it with a sparse optimizer).
+    the batch looked up (the trainer sets it and pairs it with a sparse optimizer). It is
+    an `nn.Embedding` so that DistributedDataParallel knows to expect sparse gradients.
     """
 
-    sparse: bool = False
-
     def __init__(self, cardinalities: Sequence[int], dim: int, init_std: float = 1e-4):
-        super().__init__()
         if not cardinalities or min(cardinalities) <= 0:
             raise ValueError(f"cardinalities must be positive, got {list(cardinalities)}")
+        rows = sum(int(c) for c in cardinalities)
+        super().__init__(rows, dim, _weight=torch.empty(rows, dim))  # initialised once, below
         self.cardinalities = [int(c) for c in cardinalities]
         self.num_fields = len(self.cardinalities)
         self.dim = dim
         offsets = torch.tensor([0] + self.cardinalities[:-1], dtype=torch.long).cumsum(0)
         self.register_buffer("offsets", offsets, persistent=False)
-        self.weight = nn.Parameter(torch.empty(sum(self.cardinalities), dim))
         # Small normal init as in FuxiCTR/DeepCTR (std 1e-4); the paper does not state one.
         nn.init.normal_(self.weight, std=init_std)
 

@@ -15,6 +15,7 @@ A run folder holds:
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -30,6 +31,8 @@ from ..data.synthetic import generate
 from ..errors import UserError
 from ..models import CTRModel, build_model
 from .metrics import auc, relaimp
+from .checkpoint import latest_checkpoint
+from .distributed import init_from_env
 from .trainer import evaluate, fit, seed_everything
 
 
@@ -66,24 +69,43 @@ def read_base_auc(base_run: str) -> float:
         raise UserError(f"{path}: no test AUC in the base run's metrics") from None
 
 
-def train_run(cfg: RunConfig, data: Optional[CTRDataset] = None, log: Any = print) -> RunResult:
+def train_run(cfg: RunConfig, data: Optional[CTRDataset] = None, log: Any = print, resume: bool = False) -> RunResult:
     """Train `cfg.model` on `cfg.data` and write the run folder. Returns its metrics."""
     cfg.validate()
     base_auc = read_base_auc(cfg.base_run) if cfg.base_run else None  # fail before training, not after
     data = data if data is not None else load_data(cfg)
+    ctx = init_from_env()  # rank 0 of 1 unless launched by torchrun
+    if not ctx.is_main:
+        log = _quiet
+    if ctx.enabled and not cfg.output:
+        raise UserError("a multi-process run needs --output (every rank must agree on the run folder)")
     out = Path(cfg.output) if cfg.output else default_output(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    checkpoint = None
+    if resume:
+        checkpoint = latest_checkpoint(out)
+        if checkpoint is None:
+            raise UserError(f"{out}: no complete checkpoint to resume from")
+    elif ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
 
     seed_everything(cfg.train.seed)
-    model = build_model(cfg.model, data.cardinalities)
+    model = build_model(cfg.model, data.cardinalities)  # identical on every rank
+    rank_seeds = [cfg.train.seed + 1_000_003 * r for r in range(ctx.world_size)]
+    if ctx.enabled:
+        seed_everything(rank_seeds[ctx.rank])  # dropout differs per rank, repeatably
     n_params = sum(p.numel() for p in model.parameters())
     log(
         f"{cfg.model.name}: {n_params:,} parameters; data: {data.meta.get('source', {}).get('name', cfg.data.path)} "
         f"(train {len(data.splits['train']):,} / valid {len(data.splits['valid']):,} / test {len(data.splits['test']):,} rows, "
         f"{data.num_fields} fields); run folder: {out}"
     )
-    with open(out / "log.jsonl", "w") as log_file:
+    if checkpoint is not None:
+        log(f"resuming from {checkpoint}")
+    with open(out / "log.jsonl", "w") if ctx.is_main else open(os.devnull, "w") as log_file:
+        if checkpoint is not None:  # the log is rewritten from the checkpoint's own history
+            history = json.loads((checkpoint / "state.json").read_text())["history"]
+            log_file.writelines(json.dumps(r) + "\n" for r in history)
 
         def on_epoch(record: dict) -> None:
             log_file.write(json.dumps(record) + "\n")
@@ -94,9 +116,9 @@ def train_run(cfg: RunConfig, data: Optional[CTRDataset] = None, log: Any = prin
                 f"({record['samples_per_second']:,.0f} samples/s)"
             )
 
-        result = fit(model, data, cfg.train, on_epoch)
+        result = fit(model, data, cfg.train, on_epoch, run_dir=out, resume_from=checkpoint, ctx=ctx)
 
-    test = evaluate(model, data.splits["test"], cfg.train.eval_batch_size)
+    test = evaluate(model, data.splits["test"], cfg.train.eval_batch_size, ctx)
     metrics: dict[str, Any] = {
         "model": cfg.model.name,
         "valid": result.best_valid,
@@ -112,6 +134,10 @@ def train_run(cfg: RunConfig, data: Optional[CTRDataset] = None, log: Any = prin
     if base_auc is not None:
         metrics["relaimp"] = relaimp(test["auc"], base_auc)
         metrics["base_run"] = {"path": str(cfg.base_run), "test_auc": base_auc}
+    if ctx.enabled:
+        metrics["distributed"] = {"world_size": ctx.world_size, "backend": "gloo", "rank_seeds": rank_seeds}
+    if not ctx.is_main:  # only rank 0 writes the run folder and the bundle
+        return RunResult(out, metrics, model)
     save_model(out, model, cfg.model, data, data_path=cfg.data.path)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     from ..serving.bundle import write_manifest  # lazy: serving imports this module
@@ -121,6 +147,10 @@ def train_run(cfg: RunConfig, data: Optional[CTRDataset] = None, log: Any = prin
     rel = f"  RelaImp {metrics['relaimp']:+.2%}" if "relaimp" in metrics else ""
     log(f"best epoch {result.best_epoch}: test AUC {test['auc']:.4f}  logloss {test['logloss']:.4f}{oracle}{rel}")
     return RunResult(out, metrics, model)
+
+
+def _quiet(*_: Any) -> None:
+    pass
 
 
 def save_model(
@@ -142,6 +172,18 @@ def save_model(
     (out / "dataset.json").write_text(json.dumps(data.meta, indent=2, default=str))
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"))
+
+
+def resume_run(run: str | Path, log: Any = print) -> RunResult:
+    """Continue an interrupted run from its latest checkpoint, with its own saved config."""
+    from ..config import load_config
+
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise UserError(f"{run}: not a run folder (no config.yaml)")
+    cfg = load_config(run / "config.yaml")
+    cfg.output = str(run)
+    return train_run(cfg, log=log, resume=True)
 
 
 def load_model(run: str | Path, verify: bool = True) -> CTRModel:

@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..config import TrainConfig
@@ -23,17 +24,21 @@ from ..data.dataset import CTRDataset, Split, iterate_batches
 from ..errors import UserError
 from ..models.base import CTRModel
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .distributed import DistContext, gather_concat
 from .metrics import auc, logloss
 
 
-def loss_fn(model: CTRModel, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_fn(
+    model: CTRModel, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, forward: Optional[torch.nn.Module] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Objective (Eq. 18-19): mean log loss + L2. Returns (total, log loss alone).
 
     The L2 term has two coefficients: `l2_embedding` on the embedding rows this batch
     looks up (Σ over fields of ||e_i||², averaged over the batch: only touched rows, as
     sparse CTR training does), and `l2_dense` on every dense weight matrix.
+    `forward` is the module to call (the DistributedDataParallel wrapper in multi-process runs).
     """
-    logits = model(x)
+    logits = (forward or model)(x)
     bce = F.binary_cross_entropy_with_logits(logits, y)  # -(y log σ + (1-y) log(1-σ)), mean
     total = bce
     if cfg.l2_embedding > 0:
@@ -45,17 +50,20 @@ def loss_fn(model: CTRModel, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig)
 
 
 @torch.no_grad()
-def predict(model: CTRModel, split: Split, batch_size: int = 8192) -> np.ndarray:
-    """Click probabilities for every row of `split`, in order. [n] float64."""
+def predict(model: CTRModel, split: Split, batch_size: int = 8192, ctx: DistContext = DistContext()) -> np.ndarray:
+    """Click probabilities for every row of `split`, in order. [n] float64.
+
+    In a multi-process run each rank scores its own shard and the shards are gathered."""
     was_training = model.training
     model.eval()
-    out = [torch.sigmoid(model(x)).double().numpy() for x, _ in iterate_batches(split, batch_size)]
+    lo, hi = ctx.shard(len(split))
+    out = [torch.sigmoid(model(x)).double().numpy() for x, _ in iterate_batches(split, batch_size, start=lo, stop=hi)]
     model.train(was_training)
-    return np.concatenate(out) if out else np.zeros(0)
+    return gather_concat(np.concatenate(out) if out else np.zeros(0), ctx)
 
 
-def evaluate(model: CTRModel, split: Split, batch_size: int = 8192) -> dict[str, float]:
-    probs = predict(model, split, batch_size)
+def evaluate(model: CTRModel, split: Split, batch_size: int = 8192, ctx: DistContext = DistContext()) -> dict[str, float]:
+    probs = predict(model, split, batch_size, ctx)
     labels = np.asarray(split.y)
     return {"auc": auc(labels, probs), "logloss": logloss(labels, probs)}
 
@@ -127,12 +135,15 @@ def fit(
     on_epoch: Optional[Callable[[dict], None]] = None,
     run_dir: Optional[Path] = None,
     resume_from: Optional[Path] = None,
+    ctx: DistContext = DistContext(),
 ) -> FitResult:
     """Train on data.splits['train'], early-stop on validation AUC, restore the best epoch.
 
     With `run_dir`, checkpoints are written at every epoch end (`cfg.checkpoints`) and every
     `cfg.checkpoint_every_steps` steps; `resume_from` (a checkpoint folder) continues a run
     exactly where it stopped: same batches, same RNG, same optimizer moments.
+    In a multi-process run (`ctx`), each rank trains on its slice of every global batch
+    through DistributedDataParallel, and only rank 0 writes checkpoints.
     """
     train, valid = data.splits["train"], data.splits["valid"]
     if len(train) == 0:
@@ -143,7 +154,8 @@ def fit(
         raise UserError("the valid split has only one class: validation AUC is undefined")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    optimizer = Optimizer(model, cfg)
+    optimizer = Optimizer(model, cfg)  # sets the tables sparse before DDP sees them
+    forward = DistributedDataParallel(model) if ctx.enabled else model
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     # progress: everything needed to continue exactly (saved in every checkpoint)
     st: dict[str, Any] = {
@@ -154,7 +166,7 @@ def fit(
     best_state = copy.deepcopy(model.state_dict())
     if resume_from is not None:
         st, best_state = load_checkpoint(resume_from, model, optimizer.optimizers)
-    writing = run_dir is not None
+    writing = run_dir is not None and ctx.is_main
 
     def checkpoint() -> Optional[Path]:
         if writing and (cfg.checkpoints or cfg.checkpoint_every_steps):
@@ -167,11 +179,14 @@ def fit(
         t0 = time.perf_counter() - st["epoch_seconds"]
         bar = tqdm(
             total=steps_per_epoch, initial=st["step"], desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
-            disable=not cfg.progress, file=sys.stderr, leave=False, mininterval=0.5,
+            disable=not (cfg.progress and ctx.is_main), file=sys.stderr, leave=False, mininterval=0.5,
         )
         batches = iterate_batches(train, cfg.batch_size, (cfg.seed, epoch), cfg.shuffle_block_rows, skip_batches=st["step"])
         for x, y in batches:
-            loss, bce = loss_fn(model, x, y, cfg)
+            if ctx.enabled:  # this rank's disjoint slice of the global batch
+                lo, hi = ctx.shard(len(y))
+                x, y = x[lo:hi], y[lo:hi]
+            loss, bce = loss_fn(model, x, y, cfg, forward)
             optimizer.zero_grad()
             loss.backward()
             st["step"] += 1
@@ -201,8 +216,12 @@ def fit(
         bar.close()
         epoch_seconds = time.perf_counter() - t0
         st["train_seconds"] += epoch_seconds
+        if ctx.enabled:  # the epoch's loss over all ranks' rows
+            totals = torch.tensor([st["epoch_loss_sum"], float(st["epoch_seen"])], dtype=torch.float64)
+            torch.distributed.all_reduce(totals)
+            st["epoch_loss_sum"], st["epoch_seen"] = totals[0].item(), int(totals[1].item())
         st["samples_seen"] += st["epoch_seen"]
-        valid_metrics = evaluate(model, valid, cfg.eval_batch_size)
+        valid_metrics = evaluate(model, valid, cfg.eval_batch_size, ctx)
         record = {
             "epoch": epoch,
             "train_logloss": st["epoch_loss_sum"] / max(st["epoch_seen"], 1),
