@@ -96,6 +96,7 @@ class TrainConfig:
     checkpoints: bool = True  # checkpoint at every epoch end (RUN/checkpoints), for --resume
     checkpoint_every_steps: int = 0  # also every N steps; 0 = epoch ends only
     keep_checkpoints: int = 2  # how many recent checkpoints to keep
+    precision: str = "fp32"  # "bf16": autocast the forward to bfloat16 (weights, optimizer, loss stay fp32)
     on_nan: str = "stop"  # non-finite loss/gradient: "stop" (keep the last good checkpoint) or "skip-batch"
 
     def validate(self) -> None:
@@ -112,6 +113,8 @@ class TrainConfig:
         if self.checkpoint_every_steps < 0:
             raise ConfigError(f"train.checkpoint_every_steps: must be >= 0, got {self.checkpoint_every_steps}")
         _positive("train.keep_checkpoints", self.keep_checkpoints)
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"train.precision: must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.on_nan not in ("stop", "skip-batch"):
             raise ConfigError(f"train.on_nan: must be 'stop' or 'skip-batch', got {self.on_nan!r}")
         if self.threads < 0:

@@ -186,7 +186,8 @@ def fit(
             if ctx.enabled:  # this rank's disjoint slice of the global batch
                 lo, hi = ctx.shard(len(y))
                 x, y = x[lo:hi], y[lo:hi]
-            loss, bce = loss_fn(model, x, y, cfg, forward)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                loss, bce = loss_fn(model, x, y, cfg, forward)
             optimizer.zero_grad()
             loss.backward()
             st["step"] += 1
