@@ -129,7 +129,8 @@ def encode_raw(
         try:
             log.check(pc_, record=True)
         except DataError as exc:
-            raise DataError(f"{exc}{hint}") from None
+            layout = "wrong number of columns" in str(exc) or "empty line" in str(exc)
+            raise DataError(f"{exc}{hint if layout else ''}") from None
         g = pc_.good
         x = np.empty((int(g.sum()), nf), dtype=np.int64)
         for j, (fe, (ix, tok)) in enumerate(zip(enc.fields, pc_.fields[:nf])):
