@@ -58,6 +58,8 @@ def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     d.pop("output", None)
     d["train"].pop("progress", None)
     d["train"].pop("threads", None)  # threads do not change results enough to force a re-run
+    for key in ("checkpoints", "checkpoint_every_steps", "keep_checkpoints"):
+        d["train"].pop(key, None)  # bookkeeping, not results
     return d
 
 
@@ -157,6 +159,8 @@ def run_plan(
             cfg = plan.cell_config(cell)
             cfg.output = str(out / "cells" / cell.id)
             cfg.train.progress = False
+            if hasattr(cfg.train, "checkpoints"):
+                cfg.train.checkpoints = False  # a cell re-runs whole; its per-epoch checkpoints would only cost time
             log(f"=== {cell.id}")
             t0 = time.perf_counter()
             run = train_run(cfg, data=data, log=log)
