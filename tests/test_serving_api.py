@@ -87,6 +87,12 @@ def test_predict_matches_the_batch_path(client, raw_rows, file_scores):
     # "" is the format's missing value, as in the raw file: same as null
     as_empty = [{k: ("" if v is None else v) for k, v in row.items()} for row in as_text]
     np.testing.assert_allclose(client.post("/predict", json={"rows": as_empty}).json()["scores"], file_scores, atol=1e-6)
+    # numbers as floats (260.0 encodes like 260), and a numeric column mixing strings and numbers
+    # (which takes the per-field path instead of the grouped one): the same scores
+    as_float = [{k: (float(v) if isinstance(v, int) else v) for k, v in row.items()} for row in raw_rows]
+    np.testing.assert_allclose(client.post("/predict", json={"rows": as_float}).json()["scores"], file_scores, atol=1e-6)
+    mixed_types = [dict(r, I2=(str(r["I2"]) if i % 2 and r["I2"] is not None else r["I2"])) for i, r in enumerate(raw_rows)]
+    np.testing.assert_allclose(client.post("/predict", json={"rows": mixed_types}).json()["scores"], file_scores, atol=1e-6)
     # categorical values sent as numbers take the per-field path: same result for the same strings
     x_enc = client.app.state.features
     cols = x_enc.gather(as_text, str)

@@ -28,7 +28,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..data.encoder import OOV, FieldEncoder, transform
+from ..data.encoder import OOV, FieldEncoder, log_bucket, parse_numbers, transform
+
+_FIELD_STRIDE = 1 << 48  # numeric group keys: field * 2^48 + token
+_TOKEN_LIMIT = 1 << 46
 
 
 
@@ -108,6 +111,24 @@ class FeatureEncoder:
         keys_a, codes_a = np.concatenate(keys), np.concatenate(codes)
         order = np.argsort(keys_a, kind="stable")
         self.group_keys, self.group_codes = keys_a[order], codes_a[order]
+        # numeric (log_bucket) fields likewise: one parse and bucketing for all of them, one search over
+        # int64 keys field * 2^48 + token (tokens outside +-2^46 cannot be in a vocabulary of buckets)
+        self.num_group = [
+            j for j, fe in enumerate(self.encoder.fields)
+            if fe.spec.transform == "log_bucket" and not fe.spec.hash_buckets and uses[fe.spec.column] == 1
+            and fe.vocab is not None and pa.types.is_integer(fe.vocab.type)
+        ]
+        self.num_columns = [self.encoder.fields[j].spec.column for j in self.num_group]
+        nkeys = [np.zeros(0, np.int64)]
+        ncodes = [np.zeros(0, np.int64)]
+        for g, j in enumerate(self.num_group):
+            tok = np.asarray(self.encoder.fields[j].vocab.to_pylist(), dtype=np.int64)
+            ok = np.abs(tok) < _TOKEN_LIMIT
+            nkeys.append(g * _FIELD_STRIDE + tok[ok])
+            ncodes.append((np.arange(len(tok), dtype=np.int64) + 2)[ok])
+        nk, nc = np.concatenate(nkeys), np.concatenate(ncodes)
+        order = np.argsort(nk, kind="stable")
+        self.num_keys, self.num_codes = nk[order], nc[order]
 
     def _encode_group(self, cols: dict[str, Sequence], n: int, x: np.ndarray) -> bool:
         """Fill x's group columns; False (nothing done) when some value is not a string or null."""
@@ -132,6 +153,41 @@ class FeatureEncoder:
         elif valid.any():
             codes[valid] = OOV
         x[:, self.group] = codes.reshape(len(self.group), n).T
+        return True
+
+    def _encode_numeric(self, cols: dict[str, Sequence], n: int, x: np.ndarray, where: Callable[[int, str], str]) -> bool:
+        """Fill x's numeric group columns; False (nothing done) when the values are of mixed types."""
+        if not self.num_group or n == 0:
+            return False
+        try:
+            arr = pa.array(list(chain.from_iterable(cols[c] for c in self.num_columns)))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError, ValueError):
+            return False
+        t = arr.type
+        if pa.types.is_null(t):
+            x[:, self.num_group] = 0
+            return True
+        if not (pa.types.is_string(t) or pa.types.is_integer(t) or pa.types.is_floating(t)):
+            return False  # booleans, lists, ...: the per-field path names the bad value
+        null = ~arr.is_valid().to_numpy(zero_copy_only=False)
+        if pa.types.is_string(t) and len(self.missing):
+            null |= pc.is_in(arr, value_set=self.missing).to_numpy(zero_copy_only=False)
+        if null.any():  # parse_numbers takes no nulls: a placeholder, masked out below
+            arr = pc.if_else(pa.array(null), pa.scalar("0" if pa.types.is_string(t) else 0, t), arr)
+        f, bad = parse_numbers(arr)
+        bad &= ~null
+        if bad.any():
+            p = int(np.argmax(bad))
+            raise RequestError(f"{where(p % n, self.num_columns[p // n])}: not a number: {arr[p].as_py()!r}")
+        tok = log_bucket(np.where(null, 0.0, f))
+        key = np.repeat(np.arange(len(self.num_group), dtype=np.int64), n) * _FIELD_STRIDE + np.clip(tok, -_TOKEN_LIMIT, _TOKEN_LIMIT)
+        codes = np.full(len(key), OOV, np.int64)
+        if len(self.num_keys):
+            pos = np.minimum(np.searchsorted(self.num_keys, key), len(self.num_keys) - 1)
+            hit = (self.num_keys[pos] == key) & (np.abs(tok) < _TOKEN_LIMIT)
+            codes = np.where(hit, self.num_codes[pos], OOV)
+        codes[null] = 0
+        x[:, self.num_group] = codes.reshape(len(self.num_group), n).T
         return True
 
     def _indices(self, darr: pa.DictionaryArray) -> np.ndarray:
@@ -229,6 +285,8 @@ class FeatureEncoder:
                 x[:, j] = v
             return x
         done = set(self.group) if self._encode_group(cols, n, x) else set()
+        if self._encode_numeric(cols, n, x, where):
+            done |= set(self.num_group)
         dicts: dict[str, pa.DictionaryArray] = {}
         for j, fe in enumerate(self.encoder.fields):
             if j in done:
