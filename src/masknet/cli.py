@@ -420,10 +420,72 @@ def _run_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="benchmark training/prediction throughput, latency, memory and roofline fractions",
+        description=(
+            "Generate a synthetic Criteo-like dataset, then for every model x precision measure "
+            "steady-state training samples/s (trainer step incl. optimizer, data wait timed apart), "
+            "prediction samples/s at batch 1024 and 8192, 1,000-candidate latency p50/p99 and peak RSS "
+            "(each in its own process), the machine's fp32/bf16 GEMM rate at the model's matmul shapes "
+            "and the roofline fraction; print a table and write JSON. Method: docs/performance.md."
+        ),
+    )
+    p.add_argument("--models", metavar="LIST", help="comma-separated models (default: all)")
+    p.add_argument("--precisions", default="fp32,bf16", metavar="LIST", help="comma-separated, of fp32,bf16 (default both)")
+    p.add_argument("--rows", type=int, default=1_000_000, metavar="N", help="synthetic rows to generate (default 1,000,000)")
+    p.add_argument("--data", metavar="DIR", help="use this prepared dataset instead of generating one")
+    p.add_argument("--steps", type=int, metavar="N", help="timed training steps after warm-up (default 30; --quick 3)")
+    p.add_argument("--threads", type=int, default=2, metavar="N", help="torch threads (default 2)")
+    p.add_argument("--auc-rows", type=int, default=0, metavar="N",
+                   help="also train SerMaskNet 1 epoch on N rows in fp32 and bf16 and compare test AUC (default 0: skip)")
+    p.add_argument("--auc-data", action="append", default=[], metavar="DIR", help="another prepared dataset for the AUC check (repeatable)")
+    p.add_argument("--vocab", default="100000,10000000", metavar="SMALL,LARGE", help="vocabulary sizes for the scaling test")
+    p.add_argument("--output", default="bench.json", metavar="FILE", help="JSON output (default bench.json)")
+    p.add_argument("--quick", action="store_true", help="tiny models and data (CI smoke test)")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .bench.runner import format_table, run_bench
+    from .models import MODEL_NAMES
+
+    models = args.models.split(",") if args.models else list(MODEL_NAMES)
+    bad = [m for m in models if m not in MODEL_NAMES]
+    if bad:
+        raise UserError(f"--models: unknown model {bad[0]!r}; choose from {', '.join(MODEL_NAMES)}")
+    precisions = args.precisions.split(",")
+    if any(p not in ("fp32", "bf16") for p in precisions):
+        raise UserError(f"--precisions: use fp32 and/or bf16, got {args.precisions!r}")
+    try:
+        vocab = tuple(int(v) for v in args.vocab.split(","))
+        assert len(vocab) == 2 and min(vocab) > 0
+    except (ValueError, AssertionError):
+        raise UserError(f"--vocab: expected SMALL,LARGE row counts, got {args.vocab!r}") from None
+    rows = 20_000 if args.quick and args.rows == 1_000_000 else args.rows
+    steps = args.steps if args.steps is not None else (3 if args.quick else 30)
+    if args.quick and args.vocab == "100000,10000000":
+        vocab = (10_000, 100_000)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    report = run_bench(models, precisions, rows, steps, Path(args.output), quick=args.quick, threads=args.threads,
+                       data=args.data, vocab=vocab, auc_rows=args.auc_rows, auc_data=args.auc_data, log=log)
+    print(format_table(report["results"]))
+    vs = report["vocab_scaling"]
+    if vs["ratio_large_over_small"] is not None:
+        print(f"vocabulary {vocab[0]:,} -> {vocab[1]:,} rows: training samples/s ratio {vs['ratio_large_over_small']:.3f}")
+    for c in report.get("auc_check", []):
+        print(f"AUC check {c['data']}: fp32 {c['fp32']['test_auc']:.4f}, bf16 {c['bf16']['test_auc']:.4f}, delta {c['test_auc_delta']:+.4f}")
+    print(f"load average {report['load_avg_1m_start']:.2f} -> {report['load_avg_1m_end']:.2f}; JSON: {args.output}")
+    return 0
+
+
 # Each later capability (prepare, predict, serve, ...) registers its subcommand here.
 SUBCOMMANDS: list[SubcommandSetup] = [
     _add_train, _add_generate, _add_prepare, _add_predict, _add_evaluate, _add_export, _add_serve,
-    _add_reproduce,
+    _add_reproduce, _add_bench,
 ]
 
 

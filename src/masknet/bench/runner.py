@@ -1,0 +1,373 @@
+"""`masknet bench`: every measurement of one model x precision runs in its own process.
+
+A job (one model, one precision) builds the model with the paper's config, then measures:
+
+- training: `warmup` steps, then `steps` timed steps of exactly the trainer's step (loss_fn,
+  zero_grad, backward, finite check, Optimizer.step: SparseAdam on the table, Adam on the rest,
+  bf16 autocast for precision bf16) on the prepared data through `iterate_batches`. The time
+  spent in the batch iterator is timed apart from the step: train samples/s excludes it and
+  `data_wait_fraction` reports it (wait / (wait + step)). Because the iterator loads and shuffles
+  a block of rows every `shuffle_block_rows` rows, `data_cost_fraction` also reports the amortised
+  cost: one full pass of the iterator over the train split, per batch, over the step time.
+- prediction: eval mode, inference_mode, batches of 1024 and 8192 rows already in memory.
+  fp32 jobs also measure int8 dynamic quantization (every nn.Linear, torch.ao quantize_dynamic)
+  and bf16 jobs the bf16-autocast forward; both report the test AUC difference against the
+  fp32 forward of the same weights (those of the training measurement).
+- latency: one request = score 1,000 candidates (one forward of 1,000 rows), p50 / p99.
+- peak RSS: the job process's ru_maxrss (the data is memory-mapped, so it counts the pages read).
+- roofline: FLOPs per sample (flops.py) and the GEMM rate at the model's shapes (matmul.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+QUICK_MODEL = dict(
+    embedding_dim=4, block_dim=16, top_mlp=[16], dnn_hidden=[16, 16], cin_layers=[8, 8],
+    attention_layers=1, attention_dim=4,
+)
+
+
+@dataclass
+class Job:
+    model: str
+    precision: str  # "fp32" | "bf16"
+    data: str  # prepared dataset folder
+    steps: int = 30
+    warmup: int = 5
+    threads: int = 2
+    batch_size: int = 1024
+    predict_rows: int = 65536
+    latency_reps: int = 200
+    auc_rows: int = 50000
+    quick: bool = False
+    vocab_rows: int = 0  # > 0: vocabulary test, random indices over this many embedding rows
+    seed: int = 2021
+
+
+def _model_config(name: str, quick: bool):
+    from ..config import ModelConfig
+
+    cfg = ModelConfig(name=name)
+    if quick:
+        for k, v in QUICK_MODEL.items():
+            setattr(cfg, k, v)
+    return cfg
+
+
+def _scaled_cardinalities(base: list[int], total: int) -> list[int]:
+    """Field sizes with the same proportions as `base`, summing to about `total` rows."""
+    scale = total / sum(base)
+    return [max(2, int(round(c * scale))) for c in base]
+
+
+def _time_reps(fn, reps: int) -> list[float]:
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, int(math.ceil(q / 100 * len(xs))) - 1))]
+
+
+def run_job(job: Job) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    from ..config import TrainConfig
+    from ..data.dataset import iterate_batches, load_prepared
+    from ..models import build_model
+    from ..training.metrics import auc
+    from ..training.trainer import Optimizer, _finite_step, loss_fn, seed_everything
+    from .flops import counted_flops_per_sample
+    from .matmul import gemm_rate, record_matmuls
+
+    torch.set_num_threads(job.threads)
+    seed_everything(job.seed)
+    data = load_prepared(job.data)
+    cards = data.cardinalities
+    if job.vocab_rows:
+        cards = _scaled_cardinalities(cards, job.vocab_rows)
+    mcfg = _model_config(job.model, job.quick)
+    model = build_model(mcfg, cards)
+    tcfg = TrainConfig(batch_size=job.batch_size, precision=job.precision, seed=job.seed, threads=job.threads)
+    bf16 = job.precision == "bf16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    res: dict[str, Any] = {"model": job.model, "precision": job.precision, "threads": torch.get_num_threads()}
+    res["embedding_rows"] = sum(cards)
+    res["parameters"] = sum(p.numel() for p in model.parameters())
+
+    # --- FLOPs and roofline
+    flops = counted_flops_per_sample(model, cards)
+    gen = torch.Generator().manual_seed(1)
+    x_rand = torch.stack([torch.randint(0, c, (job.batch_size,), generator=gen) for c in cards], dim=1)
+    rate = gemm_rate(record_matmuls(model, x_rand), dtype, min_seconds=0.002 if job.quick else 0.05, repeats=1 if job.quick else 3)
+    res.update(
+        flops_forward_per_sample=flops.forward, flops_train_per_sample=flops.train,
+        gemm_gflops=rate.gflops if rate.shapes else None, roofline_train_samples_per_s=rate.gflops * 1e9 / flops.train if flops.train and rate.shapes else None,
+        roofline_predict_samples_per_s=rate.gflops * 1e9 / flops.forward if flops.forward and rate.shapes else None,
+    )
+
+    # --- training: the trainer's step, data wait timed apart
+    optimizer = Optimizer(model, tcfg)
+    model.train()
+    if job.vocab_rows:  # random indices over the scaled vocabulary (worst case: few repeated rows)
+        def batches():
+            g = torch.Generator().manual_seed(job.seed)
+            while True:
+                x = torch.stack([torch.randint(0, c, (job.batch_size,), generator=g) for c in cards], dim=1)
+                yield x, (torch.rand(job.batch_size, generator=g) < 0.25).float()
+        it = batches()
+    else:
+        def batches():
+            epoch = 1
+            while True:
+                yield from iterate_batches(data.splits["train"], job.batch_size, (job.seed, epoch), tcfg.shuffle_block_rows)
+                epoch += 1
+        it = batches()
+    wait = step_time = 0.0
+    n_rows = 0
+    for i in range(job.warmup + job.steps):
+        t0 = time.perf_counter()
+        x, y = next(it)
+        t1 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = loss_fn(model, x, y, tcfg)
+        optimizer.zero_grad()
+        loss.backward()
+        if _finite_step(loss, model):
+            optimizer.step()
+        t2 = time.perf_counter()
+        if i >= job.warmup:
+            wait += t1 - t0
+            step_time += t2 - t1
+            n_rows += len(y)
+    res["train_samples_per_s"] = n_rows / step_time
+    res["train_step_ms"] = 1000 * step_time / job.steps
+    roof = res["roofline_train_samples_per_s"]
+    res["train_roofline_fraction"] = res["train_samples_per_s"] / roof if roof else None  # None: no matmuls (LR, FM)
+    res["data_wait_fraction"] = wait / (wait + step_time)
+    if not job.vocab_rows:
+        train = data.splits["train"]
+        t0, nb = time.perf_counter(), 0
+        for _ in iterate_batches(train, job.batch_size, (job.seed, 99), tcfg.shuffle_block_rows):
+            nb += 1
+        per_batch = (time.perf_counter() - t0) / max(nb, 1)
+        res["data_ms_per_batch"] = 1000 * per_batch
+        res["data_cost_fraction"] = per_batch / (per_batch + step_time / job.steps)
+    res["final_train_loss"] = float(loss.item())
+    if job.vocab_rows:
+        res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return res
+
+    # --- prediction and latency (weights = those after the training measurement)
+    model.eval()
+    test = data.splits["test"]
+    n_pred = min(job.predict_rows, len(test))
+    x_test = torch.from_numpy(np.asarray(test.x[:n_pred]).astype(np.int64))
+    y_test = np.asarray(test.y[:n_pred])
+
+    def forward_fn(m, autocast: bool):
+        def f(x):
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                return m(x).float()
+        return f
+
+    def predict_rate(f, batch: int) -> float:
+        chunks = list(x_test.split(batch))
+        f(chunks[0])  # warm-up
+        reps = max(1, (2 * 8192) // n_pred) if job.quick else max(1, (4 * 8192 + n_pred - 1) // n_pred)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            for c in chunks:
+                f(c)
+        return reps * n_pred / (time.perf_counter() - t0)
+
+    def latency(f) -> tuple[float, float]:
+        cand = x_test[:1000]
+        for _ in range(5):
+            f(cand)
+        ts = _time_reps(lambda: f(cand), job.latency_reps)
+        return 1000 * _percentile(ts, 50), 1000 * _percentile(ts, 99)
+
+    f32 = forward_fn(model, False)
+    ref = torch.sigmoid(torch.cat([f32(c) for c in x_test[: job.auc_rows].split(8192)])).double().numpy()
+    ref_auc = auc(y_test[: len(ref)], ref) if 0 < y_test[: len(ref)].sum() < len(ref) else float("nan")
+    main = forward_fn(model, bf16)
+    res["predict_samples_per_s"] = predict_rate(main, 8192)
+    res["predict_1024_samples_per_s"] = predict_rate(main, 1024)
+    res["latency_1000_p50_ms"], res["latency_1000_p99_ms"] = latency(main)
+    res["test_auc_fp32_forward"] = ref_auc
+    if bf16:
+        p = torch.sigmoid(torch.cat([main(c) for c in x_test[: job.auc_rows].split(8192)])).double().numpy()
+        res["test_auc_delta_vs_fp32_forward"] = auc(y_test[: len(p)], p) - ref_auc
+    else:  # int8 dynamic quantization of every nn.Linear (weights int8, activations quantized per batch)
+        from torch.ao.quantization import quantize_dynamic
+
+        q = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        fq = forward_fn(q, False)
+        res["int8_predict_samples_per_s"] = predict_rate(fq, 8192)
+        res["int8_predict_1024_samples_per_s"] = predict_rate(fq, 1024)
+        res["int8_latency_1000_p50_ms"], res["int8_latency_1000_p99_ms"] = latency(fq)
+        p = torch.sigmoid(torch.cat([fq(c) for c in x_test[: job.auc_rows].split(8192)])).double().numpy()
+        res["int8_test_auc_delta_vs_fp32"] = auc(y_test[: len(p)], p) - ref_auc
+    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return res
+
+
+# ---------------------------------------------------------------------------
+# Orchestration (parent process)
+
+
+def _run_child(job: Job, log) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="masknet-bench-") as tmp:
+        spec, out = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        spec.write_text(json.dumps(asdict(job)))
+        proc = subprocess.run([sys.executable, "-m", "masknet.bench.runner", str(spec), str(out)], capture_output=True, text=True)
+        if proc.returncode != 0 or not out.exists():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            log(f"  {job.model}/{job.precision}: FAILED ({tail[0]})")
+            return {"model": job.model, "precision": job.precision, "error": tail[0]}
+        return json.loads(out.read_text())
+
+
+def auc_check(data_dir: str, rows: int, epochs: int, threads: int, seed: int, quick: bool, model: str = "sermasknet") -> dict[str, Any]:
+    """Train `model` in fp32 and in bf16 with the same data and seed (trainer.fit); test AUC of each."""
+    import numpy as np
+    import torch
+
+    from ..config import TrainConfig
+    from ..data.dataset import CTRDataset, Split, load_prepared
+    from ..models import build_model
+    from ..training.trainer import evaluate, fit, seed_everything
+
+    torch.set_num_threads(threads)
+    data = load_prepared(data_dir)
+
+    def head(s: Split, n: int) -> Split:
+        n = min(n, len(s))
+        return Split(np.asarray(s.x[:n]), np.asarray(s.y[:n]))
+
+    sub = CTRDataset(data.field_names, data.cardinalities, {
+        "train": head(data.splits["train"], rows),
+        "valid": head(data.splits["valid"], max(rows // 8, 1)),
+        "test": head(data.splits["test"], max(rows // 8, 1)),
+    }, data.meta)
+    out: dict[str, Any] = {"data": str(data_dir), "train_rows": len(sub.splits["train"]), "epochs": epochs, "model": model}
+    for precision in ("fp32", "bf16"):
+        seed_everything(seed)
+        m = build_model(_model_config(model, quick), sub.cardinalities)
+        cfg = TrainConfig(epochs=epochs, precision=precision, seed=seed, threads=threads, progress=False, checkpoints=False, patience=epochs)
+        r = fit(m, sub, cfg)
+        out[precision] = {"test_auc": evaluate(m, sub.splits["test"])["auc"], "train_samples_per_s": r.samples_per_second}
+    out["test_auc_delta"] = out["bf16"]["test_auc"] - out["fp32"]["test_auc"]
+    return out
+
+
+def _load() -> Optional[float]:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    head = (
+        f"{'model':<12}{'prec':<6}{'train/s':>9}{'roofline/s':>11}{'frac':>6}{'GFLOP/s':>9}{'pred@1k/s':>11}"
+        f"{'pred@8k/s':>11}{'int8@8k/s':>11}{'p50 ms':>8}{'p99 ms':>8}{'RSS MB':>8}{'wait%':>7}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['model']:<12}{r['precision']:<6}  error: {r['error']}")
+            continue
+        i8 = r.get("int8_predict_samples_per_s")
+        num = lambda v, fmt: format(v, fmt) if v is not None else "-"  # noqa: E731
+        lines.append(
+            f"{r['model']:<12}{r['precision']:<6}{r['train_samples_per_s']:>9,.0f}{num(r['roofline_train_samples_per_s'], ',.0f'):>11}"
+            f"{num(r['train_roofline_fraction'], '.2f'):>6}{num(r['gemm_gflops'], '.1f'):>9}{r['predict_1024_samples_per_s']:>11,.0f}"
+            f"{r['predict_samples_per_s']:>11,.0f}{(f'{i8:,.0f}' if i8 else '-'):>11}{r['latency_1000_p50_ms']:>8.2f}"
+            f"{r['latency_1000_p99_ms']:>8.2f}{r['peak_rss_mb']:>8.0f}{100 * r['data_wait_fraction']:>7.2f}"
+        )
+    return "\n".join(lines)
+
+
+def run_bench(
+    models: list[str], precisions: list[str], rows: int, steps: int, output: Path, quick: bool = False,
+    threads: int = 2, data: Optional[str] = None, vocab: tuple[int, int] = (100_000, 10_000_000),
+    auc_rows: int = 0, auc_data: Optional[list[str]] = None, log=print,
+) -> dict[str, Any]:
+    from ..data.synthetic import write_synthetic
+
+    t_start = time.time()
+    report: dict[str, Any] = {
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_avg_1m_start": _load(),
+        "threads": threads, "quick": quick, "cpu_capability": None, "torch": None,
+    }
+    import torch
+
+    report["torch"] = torch.__version__
+    report["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    with tempfile.TemporaryDirectory(prefix="masknet-bench-data-") as tmp:
+        if data is None:
+            data = str(Path(tmp) / "synthetic")
+            t0 = time.perf_counter()
+            write_synthetic(data, rows)
+            log(f"generated {rows:,} synthetic Criteo-like rows in {time.perf_counter() - t0:.1f} s -> {data}")
+        report["data"] = {"path": data, "rows": rows}
+        base = dict(data=data, steps=steps, threads=threads, quick=quick)
+        if quick:
+            base.update(warmup=1, batch_size=256, predict_rows=2048, latency_reps=5, auc_rows=2048)
+        results = []
+        for name in models:
+            for precision in precisions:
+                log(f"{name} {precision} ... (load {_load():.1f})")
+                results.append(_run_child(Job(model=name, precision=precision, **base), log))
+        report["results"] = results
+        report["models"] = {m: {r["precision"]: r for r in results if r["model"] == m} for m in models}
+        # vocabulary scaling: SerMaskNet fp32, random indices, total vocabulary small vs large
+        vocab_model = "sermasknet" if "sermasknet" in models else models[0]
+        vs = {}
+        for total in vocab:
+            log(f"vocabulary {total:,} rows ({vocab_model} fp32) ...")
+            vs[str(total)] = _run_child(Job(model=vocab_model, precision="fp32", vocab_rows=total, **base), log)
+        small, large = (vs[str(v)].get("train_samples_per_s") for v in vocab)
+        report["vocab_scaling"] = {
+            "model": vocab_model, "results": vs, "ratio_large_over_small": large / small if small and large else None,
+        }
+        if auc_rows:
+            checks = []
+            for d in [data, *(auc_data or [])]:
+                log(f"AUC check fp32 vs bf16 on {d} ...")
+                checks.append(auc_check(d, auc_rows, 1, threads, 2021, quick))
+            report["auc_check"] = checks
+    report["load_avg_1m_end"] = _load()
+    report["seconds"] = time.time() - t_start
+    output.write_text(json.dumps(report, indent=2, default=float))
+    return report
+
+
+def _child_main(argv: list[str]) -> int:
+    spec, out = Path(argv[0]), Path(argv[1])
+    job = Job(**json.loads(spec.read_text()))
+    out.write_text(json.dumps(run_job(job), default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))
