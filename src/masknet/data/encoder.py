@@ -235,7 +235,7 @@ class TokenCounter:
         t = pa.table({"t": tokens.filter(pa.array(keep)), "c": pa.array(counts[keep].astype(np.int64))})
         self.pending.append(t)
         self.pending_rows += t.num_rows
-        if self.pending_rows > max(1 << 18, 2 * (self.merged.num_rows if self.merged is not None else 0)):
+        if self.pending_rows > max(1 << 16, (self.merged.num_rows if self.merged is not None else 0) // 2):
             self._merge()
 
     def _merge(self) -> None:

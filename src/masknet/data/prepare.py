@@ -533,6 +533,7 @@ class _Spill:
             self._tok_writers[j].write_batch(pa.record_batch([t], names=["t"]))
         self.window_rows.append(ix.shape[1])
         self._reset()
+        pa.default_memory_pool().release_unused()  # keep the allocator from holding freed windows
         return w
 
     def windows(self):
