@@ -47,8 +47,8 @@ class Job:
     warmup: int = 5
     threads: int = 2
     batch_size: int = 1024
-    predict_rows: int = 65536
-    latency_reps: int = 200
+    predict_rows: int = 32768
+    latency_reps: int = 100
     auc_rows: int = 50000
     quick: bool = False
     vocab_rows: int = 0  # > 0: vocabulary test, random indices over this many embedding rows
@@ -191,7 +191,7 @@ def run_job(job: Job) -> dict[str, Any]:
     def predict_rate(f, batch: int) -> float:
         chunks = list(x_test.split(batch))
         f(chunks[0])  # warm-up
-        reps = max(1, (2 * 8192) // n_pred) if job.quick else max(1, (4 * 8192 + n_pred - 1) // n_pred)
+        reps = 1 if job.quick else max(1, (32768 + n_pred - 1) // n_pred)
         t0 = time.perf_counter()
         for _ in range(reps):
             for c in chunks:
@@ -217,8 +217,12 @@ def run_job(job: Job) -> dict[str, Any]:
         p = torch.sigmoid(torch.cat([main(c) for c in x_test[: job.auc_rows].split(8192)])).double().numpy()
         res["test_auc_delta_vs_fp32_forward"] = auc(y_test[: len(p)], p) - ref_auc
     else:  # int8 dynamic quantization of every nn.Linear (weights int8, activations quantized per batch)
+        import warnings
+
         from torch.ao.quantization import quantize_dynamic
 
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module="torch.ao")
         q = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
         fq = forward_fn(q, False)
         res["int8_predict_samples_per_s"] = predict_rate(fq, 8192)
