@@ -63,6 +63,14 @@ def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
+def _same_settings(saved: Any, planned: Any) -> bool:
+    """Equal on every key both configs have: a key added to RunConfig after the cell ran (with its
+    default) does not force a re-run, a changed value does."""
+    if isinstance(saved, dict) and isinstance(planned, dict):
+        return all(_same_settings(saved[k], planned[k]) for k in saved.keys() & planned.keys())
+    return saved == planned
+
+
 def _write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2))
@@ -78,7 +86,7 @@ def read_result(out: Path, cell: Cell, cfg: RunConfig, fields: Optional[list[str
         result = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
-    if _comparable(result.get("config", {})) != _comparable(cfg.to_dict()):
+    if not _same_settings(_comparable(result.get("config", {})), _comparable(cfg.to_dict())):
         return None
     if result.get("data_fields") != (list(fields) if fields else None):
         return None
