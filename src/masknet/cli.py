@@ -438,10 +438,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", metavar="DIR", help="use this prepared dataset instead of generating one")
     p.add_argument("--steps", type=int, metavar="N", help="timed training steps after warm-up (default 30; --quick 3)")
     p.add_argument("--threads", type=int, default=2, metavar="N", help="torch threads (default 2)")
+    p.add_argument("--latency-reps", type=int, default=100, metavar="N", help="1,000-candidate requests timed per model (default 100)")
+    p.add_argument("--predict-rows", type=int, default=32768, metavar="N", help="test rows scored per prediction measurement (default 32768)")
     p.add_argument("--auc-rows", type=int, default=0, metavar="N",
                    help="also train SerMaskNet 1 epoch on N rows in fp32 and bf16 and compare test AUC (default 0: skip)")
     p.add_argument("--auc-data", action="append", default=[], metavar="DIR", help="another prepared dataset for the AUC check (repeatable)")
-    p.add_argument("--vocab", default="100000,10000000", metavar="SMALL,LARGE", help="vocabulary sizes for the scaling test")
+    p.add_argument("--vocab", default="100000,10000000", metavar="SMALL,LARGE", help="vocabulary sizes for the scaling test, or none")
     p.add_argument("--output", default="bench.json", metavar="FILE", help="JSON output (default bench.json)")
     p.add_argument("--quick", action="store_true", help="tiny models and data (CI smoke test)")
     p.set_defaults(func=_run_bench)
@@ -461,8 +463,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     if any(p not in ("fp32", "bf16") for p in precisions):
         raise UserError(f"--precisions: use fp32 and/or bf16, got {args.precisions!r}")
     try:
-        vocab = tuple(int(v) for v in args.vocab.split(","))
-        assert len(vocab) == 2 and min(vocab) > 0
+        vocab = () if args.vocab == "none" else tuple(int(v) for v in args.vocab.split(","))
+        assert vocab == () or (len(vocab) == 2 and min(vocab) > 0)
     except (ValueError, AssertionError):
         raise UserError(f"--vocab: expected SMALL,LARGE row counts, got {args.vocab!r}") from None
     rows = 20_000 if args.quick and args.rows == 1_000_000 else args.rows
@@ -471,10 +473,11 @@ def _run_bench(args: argparse.Namespace) -> int:
         vocab = (10_000, 100_000)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     report = run_bench(models, precisions, rows, steps, Path(args.output), quick=args.quick, threads=args.threads,
-                       data=args.data, vocab=vocab, auc_rows=args.auc_rows, auc_data=args.auc_data, log=log)
+                       data=args.data, vocab=vocab, auc_rows=args.auc_rows, auc_data=args.auc_data, log=log,
+                       job_options=dict(latency_reps=args.latency_reps, predict_rows=args.predict_rows))
     print(format_table(report["results"]))
-    vs = report["vocab_scaling"]
-    if vs["ratio_large_over_small"] is not None:
+    vs = report.get("vocab_scaling")
+    if vs and vs["ratio_large_over_small"] is not None:
         print(f"vocabulary {vocab[0]:,} -> {vocab[1]:,} rows: training samples/s ratio {vs['ratio_large_over_small']:.3f}")
     for c in report.get("auc_check", []):
         print(f"AUC check {c['data']}: fp32 {c['fp32']['test_auc']:.4f}, bf16 {c['bf16']['test_auc']:.4f}, delta {c['test_auc_delta']:+.4f}")

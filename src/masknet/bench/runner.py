@@ -314,7 +314,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
 def run_bench(
     models: list[str], precisions: list[str], rows: int, steps: int, output: Path, quick: bool = False,
     threads: int = 2, data: Optional[str] = None, vocab: tuple[int, int] = (100_000, 10_000_000),
-    auc_rows: int = 0, auc_data: Optional[list[str]] = None, log=print,
+    auc_rows: int = 0, auc_data: Optional[list[str]] = None, log=print, job_options: Optional[dict] = None,
 ) -> dict[str, Any]:
     from ..data.synthetic import write_synthetic
 
@@ -334,7 +334,7 @@ def run_bench(
             write_synthetic(data, rows)
             log(f"generated {rows:,} synthetic Criteo-like rows in {time.perf_counter() - t0:.1f} s -> {data}")
         report["data"] = {"path": data, "rows": rows}
-        base = dict(data=data, steps=steps, threads=threads, quick=quick)
+        base = dict(data=data, steps=steps, threads=threads, quick=quick, **(job_options or {}))
         if quick:
             base.update(warmup=1, batch_size=256, predict_rows=2048, latency_reps=5, auc_rows=2048)
         results = []
@@ -350,10 +350,11 @@ def run_bench(
         for total in vocab:
             log(f"vocabulary {total:,} rows ({vocab_model} fp32) ...")
             vs[str(total)] = _run_child(Job(model=vocab_model, precision="fp32", vocab_rows=total, **base), log)
-        small, large = (vs[str(v)].get("train_samples_per_s") for v in vocab)
-        report["vocab_scaling"] = {
-            "model": vocab_model, "results": vs, "ratio_large_over_small": large / small if small and large else None,
-        }
+        if vocab:
+            small, large = (vs[str(v)].get("train_samples_per_s") for v in vocab)
+            report["vocab_scaling"] = {
+                "model": vocab_model, "results": vs, "ratio_large_over_small": large / small if small and large else None,
+            }
         if auc_rows:
             checks = []
             for d in [data, *(auc_data or [])]:
