@@ -94,7 +94,10 @@ def _first_line(path: Path) -> bytes:
     with open_stream(path) as fh:
         buf = b""
         while b"\n" not in buf:
-            part = fh.read(1 << 16)
+            try:
+                part = fh.read(1 << 16)
+            except OSError as exc:
+                raise DataError(f"{path}: unreadable: {exc}") from None
             if not part:
                 break
             buf += part
@@ -104,7 +107,11 @@ def _first_line(path: Path) -> bytes:
 def check_not_empty(path: str | Path) -> None:
     path = Path(path)
     with open_stream(path) as fh:
-        if not fh.read(1):
+        try:
+            first = fh.read(1)
+        except OSError as exc:  # e.g. a truncated or corrupt gzip stream
+            raise DataError(f"{path}: unreadable: {exc}") from None
+        if not first:
             raise DataError(f"{path}: empty file")
 
 
@@ -132,8 +139,10 @@ def file_columns(spec: DatasetSpec, path: str | Path) -> list[str]:
         text = line.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise DataError(f"{path}: line 1: the header is not UTF-8 text") from None
+    if not text.strip():
+        raise DataError(f"{path}: line 1: empty header")
     if spec.quoting:
-        names = next(csv.reader(io.StringIO(text), delimiter=spec.delimiter))
+        names = next(csv.reader(io.StringIO(text), delimiter=spec.delimiter), [])
     else:
         names = text.split(spec.delimiter)
     return [n.strip() for n in names]
@@ -231,6 +240,8 @@ def _iter_csv(spec: DatasetSpec, path: Path, serial: bool, block_bytes: int) -> 
                 raise DataError(f"{path}: cannot parse: {_arrow_msg(exc)}") from None
             except UnicodeDecodeError:
                 raise DataError(f"{path}: not UTF-8 text") from None
+            except OSError as exc:  # a gzip stream that ends early or is corrupt
+                raise DataError(f"{path}: unreadable: {exc}") from None
             if unknown_line[0]:
                 raise NeedSerial()
             n = batch.num_rows
