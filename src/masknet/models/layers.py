@@ -56,11 +56,12 @@ class FieldLayerNorm(nn.Module):
     def __init__(self, num_fields: int, dim: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
+        self.dim = dim
         self.weight = nn.Parameter(torch.ones(num_fields, dim))
         self.bias = nn.Parameter(torch.zeros(num_fields, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = F.layer_norm(x, x.shape[-1:], eps=self.eps)  # per field: over the last dim only
+        normed = F.layer_norm(x, (self.dim,), eps=self.eps)  # per field: over its own k values (static k: exportable)
         return normed * self.weight + self.bias
 
 

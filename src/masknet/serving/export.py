@@ -12,10 +12,8 @@ PyTorch's TorchScript-based exporter (`dynamo=False`) is used: it needs no extra
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import types
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -43,28 +41,6 @@ def _scorer(model: Any):
     return Scorer(model).eval()
 
 
-@contextlib.contextmanager
-def _traceable(model: Any):
-    """FieldLayerNorm normalizes over `x.shape[-1:]`, which the tracer turns into a dynamic
-    shape that layer_norm's ONNX symbolic rejects; during export its instances use the same
-    computation with the static width (weight.shape[-1]). Restored afterwards."""
-    import torch.nn.functional as F
-
-    from ..models.layers import FieldLayerNorm
-
-    def forward(self, x):
-        return F.layer_norm(x, (int(self.weight.shape[-1]),), eps=self.eps) * self.weight + self.bias
-
-    patched = [m for m in model.modules() if isinstance(m, FieldLayerNorm)]
-    for m in patched:
-        m.forward = types.MethodType(forward, m)
-    try:
-        yield
-    finally:
-        for m in patched:
-            del m.forward
-
-
 def export_onnx_bytes(bundle: Bundle, opset: int = OPSET) -> bytes:
     """The serialized ONNX model (see the module docstring)."""
     import onnx
@@ -76,7 +52,7 @@ def export_onnx_bytes(bundle: Bundle, opset: int = OPSET) -> bytes:
     f = len(bundle.field_names)
     example = torch.zeros((2, f), dtype=torch.long)
     buf = io.BytesIO()
-    with warnings.catch_warnings(), _traceable(model):
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
         torch.onnx.export(
             _scorer(model),
