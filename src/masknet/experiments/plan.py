@@ -45,14 +45,15 @@ RQ4_MAX_INSTANCES = 100_000
 
 # Presets: overrides on RunConfig() (the paper's settings are the defaults).
 PRESETS: dict[str, dict[str, Any]] = {
-    # Small models and data: every table and RQ4 in a few minutes on 2 cores (README, CI).
+    # Small models and data: every table and RQ4 in minutes on 2 cores (README, CI). A smoke run:
+    # too little data and training to resolve the paper's claims.
     "quick": {
         "seeds": 2,
         # With the built-in synthetic data: 10 of its 39 fields (both gate fields and 8 interaction
         # fields), so the embedding mask at k = 80 (2·(f·k)² weights per mask) stays small.
         "synthetic_fields": ["I1", "I2", "I3", "I6", "I9", "I11", "C1", "C4", "C6", "C25"],
         "overrides": {
-            "data.synthetic.rows": 20_000,
+            "data.synthetic.rows": 10_000,
             "model.embedding_dim": 10,
             "model.block_dim": 64,
             "model.top_mlp": [64, 64],
@@ -62,7 +63,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "model.attention_dim": 16,
             "train.epochs": 2,
             "train.batch_size": 512,
-            "train.lr": 2e-3,  # few steps per cell (16k train rows / 512): a larger step than the default 1e-3
+            "train.lr": 2e-3,  # few steps per cell (8k train rows / 512): a larger step than the default 1e-3
             "train.patience": 1,
         },
     },
