@@ -342,6 +342,7 @@ def run_bench(
             for precision in precisions:
                 log(f"{name} {precision} ... (load {_load():.1f})")
                 results.append(_run_child(Job(model=name, precision=precision, **base), log))
+                output.write_text(json.dumps({**report, "results": results, "partial": True}, indent=2, default=float))
         report["results"] = results
         report["models"] = {m: {r["precision"]: r for r in results if r["model"] == m} for m in models}
         # vocabulary scaling: SerMaskNet fp32, random indices, total vocabulary small vs large
