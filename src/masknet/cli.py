@@ -382,11 +382,11 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
         "--preset",
         choices=("quick", "paper"),
         default="paper",
-        help="quick: small models on 10k synthetic rows (10 fields), 2 epochs, 1 seed (minutes on 2 cores); "
+        help="quick: small models on 10k synthetic rows (10 fields), 2 epochs, 2 seeds (minutes on 2 cores); "
         "paper: the paper's settings, 3 seeds (default)",
     )
     p.add_argument("--tables", metavar="LIST", help="comma-separated subset of 2,3,4,5,6,rq4 (default: all)")
-    p.add_argument("--seeds", type=int, metavar="N", help="seeds per cell (default: the preset's, 3 for paper, 1 for quick)")
+    p.add_argument("--seeds", type=int, metavar="N", help="seeds per cell (default: the preset's, 3 for paper, 2 for quick)")
     p.add_argument("--data", metavar="DIR", help="a prepared dataset folder; default: the built-in synthetic data")
     p.add_argument("--config", metavar="FILE", help="a YAML run config whose keys override the preset (model/seed/output keys ignored)")
     p.add_argument(
