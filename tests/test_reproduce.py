@@ -85,4 +85,6 @@ def test_verdicts():
     assert compare([0.80, 0.81, 0.79], [0.801, 0.79, 0.809])["verdict"] == "not resolved"
     assert compare([0.8], [0.7])["verdict"].startswith("not resolved")
     # the paper's "no real difference" (|Δ| < 0.0005)
-    assert compare([0.80, 0.81, 0.79], [0.801, 0.79, 0.809], 0.0002)["verdict"].startswith("holds")
+    assert compare([0.8001, 0.8003, 0.8002], [0.8002, 0.8000, 0.8004], 0.0002)["verdict"].startswith("holds")
+    assert compare([0.80, 0.81, 0.79], [0.801, 0.79, 0.809], 0.0002)["verdict"] == "not resolved"
+    assert compare([0.81, 0.8101, 0.8102], [0.80, 0.8001, 0.8002], 0.0002)["verdict"].startswith("does not hold")

@@ -66,7 +66,7 @@ def write(out: Path, meta: dict, plan, results: dict, analysis: dict, rq4: dict 
              f"{meta['train_seconds_total'] / 60:.1f} min of training in total; each cell's run folder is under `cells/`, every number is in `results.json`.")
     L.append(f"- **Noise**: verdicts compare mean test AUCs over seeds: a difference beyond 2 standard errors (Welch, from the seed-to-seed std) "
              f"in the paper's direction **holds**, reversed beyond 2 SE **does not hold**, otherwise **not resolved**. A published |Δ| < 0.0005 "
-             f"is read as \"no real difference\". The seed spread leaves out the test set's own sampling noise: one AUC near "
+             f"is read as \"no real difference\", which holds here when the difference ± 2 SE stays within ±0.002 AUC. The seed spread leaves out the test set's own sampling noise: one AUC near "
              f"{d['ref_auc']:.3f} on this test set has a standard error of about {d['test_auc_se']:.4f} (Hanley & McNeil), so differences "
              f"smaller than that may not carry over to another sample of the same data.")
     L.append(f"- **The paper's numbers** are on Criteo (45M rows, Table 2 also Malware and Avazu): compare directions and gaps, not levels.")
@@ -79,8 +79,12 @@ def write(out: Path, meta: dict, plan, results: dict, analysis: dict, rq4: dict 
         for k in counts:
             if c["verdict"].startswith(k):
                 counts[k] += 1
-    L.append(f"Of {len(claims)} claims checked: {counts['holds']} hold, {counts['not resolved']} are not resolved within the noise, "
-             f"{counts['does not hold']} do not hold here.")
+    def n(k: int, one: str, many: str) -> str:
+        return f"{k} {one if k == 1 else many}"
+
+    L.append(f"Of {len(claims)} claims checked: {n(counts['holds'], 'holds', 'hold')}, "
+             f"{n(counts['not resolved'], 'is not resolved', 'are not resolved')} within the noise, "
+             f"{n(counts['does not hold'], 'does not hold', 'do not hold')} here.")
     L.append("")
     if "2" in tables:
         rows = sorted((r for r in tables["2"]["rows"] if r["auc"]["mean"] is not None), key=lambda r: -r["auc"]["mean"])

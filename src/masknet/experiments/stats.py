@@ -6,8 +6,9 @@ A comparison "A > B" is decided from the per-seed test AUCs:
   diff < -2 se  -> "does not hold" (reversed beyond the spread)
   otherwise     -> "not resolved"  (within noise)
 With one seed there is no spread: every verdict is "not resolved (1 seed)".
-A claim of "no real difference" (the paper's |Δ| < 0.0005) holds when the difference is
-within 2 se, and does not hold when it is beyond.
+A claim of "no real difference" (the paper's |Δ| < 0.0005) holds when the whole interval
+diff ± 2 se lies within ±0.002 AUC (EQUIVALENT), does not hold when |diff| > 2 se, and is
+not resolved otherwise (the noise is too wide to tell "equal" from "different").
 
 The seeds vary initialisation and shuffling on a fixed split, so the spread does not include
 the sampling noise of the test set itself; `auc_standard_error` (Hanley & McNeil 1982) gives
@@ -20,6 +21,7 @@ import math
 from typing import Any, Optional, Sequence
 
 NEGLIGIBLE = 0.0005  # a published |Δ AUC| below this is read as "no real difference"
+EQUIVALENT = 0.002  # "no real difference" holds here when diff ± 2 se stays within ±EQUIVALENT
 
 
 def mean_std(values: Sequence[float]) -> dict[str, Any]:
@@ -43,7 +45,12 @@ def compare(a: Sequence[float], b: Sequence[float], paper_diff: Optional[float] 
     se = math.sqrt(sa["std"] ** 2 / sa["n"] + sb["std"] ** 2 / sb["n"])
     se = max(se, 1e-12)
     if paper_diff is not None and abs(paper_diff) < NEGLIGIBLE:
-        verdict = "holds (no significant difference)" if abs(diff) <= 2 * se else "does not hold (a clear difference)"
+        if abs(diff) > 2 * se:
+            verdict = "does not hold (a clear difference)"
+        elif abs(diff) + 2 * se <= EQUIVALENT:
+            verdict = f"holds (equal within ±{EQUIVALENT})"
+        else:
+            verdict = "not resolved"
     else:
         sign = 1.0 if paper_diff is None or paper_diff > 0 else -1.0
         z = sign * diff / se
