@@ -433,7 +433,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--models", metavar="LIST", help="comma-separated models (default: all)")
-    p.add_argument("--precisions", default="fp32,bf16", metavar="LIST", help="comma-separated, of fp32,bf16 (default both)")
+    p.add_argument("--precisions", default="fp32,bf16", metavar="LIST", help="comma-separated, of fp32,bf16 (default both); none: only the vocabulary test")
     p.add_argument("--rows", type=int, default=1_000_000, metavar="N", help="synthetic rows to generate (default 1,000,000)")
     p.add_argument("--data", metavar="DIR", help="use this prepared dataset instead of generating one")
     p.add_argument("--steps", type=int, metavar="N", help="timed training steps after warm-up (default 30; --quick 3)")
@@ -459,7 +459,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     bad = [m for m in models if m not in MODEL_NAMES]
     if bad:
         raise UserError(f"--models: unknown model {bad[0]!r}; choose from {', '.join(MODEL_NAMES)}")
-    precisions = args.precisions.split(",")
+    precisions = [] if args.precisions == "none" else args.precisions.split(",")
     if any(p not in ("fp32", "bf16") for p in precisions):
         raise UserError(f"--precisions: use fp32 and/or bf16, got {args.precisions!r}")
     try:
@@ -478,7 +478,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     print(format_table(report["results"]))
     vs = report.get("vocab_scaling")
     if vs and vs["ratio_large_over_small"] is not None:
-        print(f"vocabulary {vocab[0]:,} -> {vocab[1]:,} rows: training samples/s ratio {vs['ratio_large_over_small']:.3f}")
+        print(f"vocabulary {vocab[0]:,} -> {vocab[1]:,} rows: training samples/s ratio {vs['ratio_large_over_small']:.3f} "
+              f"(CPU time per step: {vs['cpu_time_ratio_large_over_small']:.3f})")
     for c in report.get("auc_check", []):
         print(f"AUC check {c['data']}: fp32 {c['fp32']['test_auc']:.4f}, bf16 {c['bf16']['test_auc']:.4f}, delta {c['test_auc_delta']:+.4f}")
     print(f"load average {report['load_avg_1m_start']:.2f} -> {report['load_avg_1m_end']:.2f}; JSON: {args.output}")
