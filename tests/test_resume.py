@@ -151,9 +151,9 @@ def test_nan_loss_stops_with_step_and_resume_hint(tmp_path, monkeypatch, capsys)
     real = trainer.loss_fn
     calls = [0]
 
-    def poisoned(model, x, y, cfg):
+    def poisoned(model, x, y, cfg, *rest):
         calls[0] += 1
-        total, bce = real(model, x, y, cfg)
+        total, bce = real(model, x, y, cfg, *rest)
         return (total * float("nan"), bce) if calls[0] == 7 else (total, bce)
 
     monkeypatch.setattr(trainer, "loss_fn", poisoned)
