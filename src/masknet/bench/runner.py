@@ -116,7 +116,9 @@ def run_job(job: Job) -> dict[str, Any]:
     flops = counted_flops_per_sample(model, cards)
     gen = torch.Generator().manual_seed(1)
     x_rand = torch.stack([torch.randint(0, c, (job.batch_size,), generator=gen) for c in cards], dim=1)
-    rate = gemm_rate(record_matmuls(model, x_rand), dtype, min_seconds=0.002 if job.quick else 0.05, repeats=1 if job.quick else 3)
+    matmuls = record_matmuls(model, x_rand)
+    replay = lambda: gemm_rate(matmuls, dtype, min_seconds=0.002 if job.quick else 0.05, repeats=1 if job.quick else 3)  # noqa: E731
+    rate = replay()  # measured again after training: the mean of both is used (a shared machine's load drifts)
     res.update(
         flops_forward_per_sample=flops.forward, flops_train_per_sample=flops.train,
         gemm_gflops=rate.gflops if rate.shapes else None, roofline_train_samples_per_s=rate.gflops * 1e9 / flops.train if flops.train and rate.shapes else None,
@@ -163,6 +165,12 @@ def run_job(job: Job) -> dict[str, Any]:
             step_cpu += time.process_time() - c1
             n_rows += len(y)
     res["train_samples_per_s"] = n_rows / step_time
+    rate_after = replay()
+    res["gemm_gflops_before_after_training"] = [rate.gflops, rate_after.gflops]
+    if rate.shapes:
+        gflops = (rate.gflops + rate_after.gflops) / 2
+        res.update(gemm_gflops=gflops, roofline_train_samples_per_s=gflops * 1e9 / flops.train,
+                   roofline_predict_samples_per_s=gflops * 1e9 / flops.forward)
     res["train_step_ms"] = 1000 * step_time / job.steps
     res["train_step_cpu_ms"] = 1000 * step_cpu / job.steps  # process CPU time (all threads): less sensitive to load
     roof = res["roofline_train_samples_per_s"]
