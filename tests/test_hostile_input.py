@@ -9,6 +9,8 @@ skipped and counted with --bad-lines skip), and every index is inside its field'
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import tempfile
@@ -29,7 +31,7 @@ settings.register_profile("hostile", max_examples=25, deadline=None, suppress_he
 SETTINGS = settings.get_profile("hostile")
 
 
-def criteo_line(rng: np.random.Generator) -> list[bytes]:
+def criteo_line(rng: np.random.Generator, i: int = 0) -> list[bytes]:
     label = [str(rng.integers(0, 2)).encode()]
     ints = [b"" if rng.random() < 0.2 else str(int(rng.integers(-3, 5000))).encode() for _ in range(13)]
     cats = [b"" if rng.random() < 0.1 else f"{int(rng.integers(0, 16**8)):08x}".encode() for _ in range(26)]
@@ -71,9 +73,6 @@ def run_prepare(fmt: str, content: bytes, bad_lines: str, header: bytes = b"") -
         src = work / "input.txt"
         src.write_bytes(header + content)
         out = work / "prepared"
-        import contextlib
-        import io
-
         err = io.StringIO()
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             rc = main(["prepare", "--format", fmt, "--input", str(src), "--output", str(out), "--bad-lines", bad_lines])
@@ -112,29 +111,12 @@ def check_outcome(rc: int, err: str, out: Path, lines: int, bad_lines: str) -> N
 
 
 @st.composite
-def criteo_files(draw):
+def files(draw, make_line, sep: bytes):
+    """1-30 valid lines of a format, up to 3 of them mutated into hostile ones."""
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     n = draw(st.integers(1, 30))
     bad = set(draw(st.lists(st.integers(0, n - 1), max_size=3)))
-    rows = [mutate(criteo_line(rng), b"\t", draw) if i in bad else b"\t".join(criteo_line(rng)) for i in range(n)]
-    return b"\n".join(rows) + b"\n"
-
-
-@st.composite
-def avazu_files(draw):
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    n = draw(st.integers(1, 30))
-    bad = set(draw(st.lists(st.integers(0, n - 1), max_size=3)))
-    rows = [mutate(avazu_line(rng, i), b",", draw) if i in bad else b",".join(avazu_line(rng, i)) for i in range(n)]
-    return b"\n".join(rows) + b"\n"
-
-
-@st.composite
-def frappe_files(draw):
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    n = draw(st.integers(1, 30))
-    bad = set(draw(st.lists(st.integers(0, n - 1), max_size=3)))
-    rows = [mutate(frappe_line(rng, i), b" ", draw) if i in bad else b" ".join(frappe_line(rng, i)) for i in range(n)]
+    rows = [mutate(make_line(rng, i), sep, draw) if i in bad else sep.join(make_line(rng, i)) for i in range(n)]
     return b"\n".join(rows) + b"\n"
 
 
@@ -145,19 +127,19 @@ AVAZU_HEADER = (
 
 
 @SETTINGS
-@given(content=criteo_files(), bad_lines=st.sampled_from(["error", "skip"]))
+@given(content=files(criteo_line, b"\t"), bad_lines=st.sampled_from(["error", "skip"]))
 def test_criteo_reader_never_crashes_or_misparses(content, bad_lines):
     check_outcome(*run_prepare("criteo", content, bad_lines), bad_lines)
 
 
 @SETTINGS
-@given(content=avazu_files(), bad_lines=st.sampled_from(["error", "skip"]))
+@given(content=files(avazu_line, b","), bad_lines=st.sampled_from(["error", "skip"]))
 def test_avazu_reader_never_crashes_or_misparses(content, bad_lines):
     check_outcome(*run_prepare("avazu", content, bad_lines, header=AVAZU_HEADER), bad_lines)
 
 
 @SETTINGS
-@given(content=frappe_files(), bad_lines=st.sampled_from(["error", "skip"]))
+@given(content=files(frappe_line, b" "), bad_lines=st.sampled_from(["error", "skip"]))
 def test_libfm_reader_never_crashes_or_misparses(content, bad_lines):
     check_outcome(*run_prepare("frappe", content, bad_lines), bad_lines)
 
