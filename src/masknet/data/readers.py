@@ -12,12 +12,22 @@ columns are dropped by the parser and reported through its invalid-row handler; 
 single-threaded parser knows their line numbers, so a file that has such rows is read
 again single-threaded (`NeedSerial`). Arrow also turns a fully empty line into a row of
 nulls (kept: it is reported later as an "empty line"), so line numbers stay exact.
+
+Text is read as bytes and checked for UTF-8 per block (on each column's dictionary, so the
+cost is per distinct value): a row with a value that is not UTF-8 is reported with its line
+and field ("bad_text") and, like every bad line, stops the read or is skipped (`--bad-lines`).
+Arrow's invalid-row handler cannot pass a wrong-width line that is also not UTF-8 to Python
+(pyarrow decodes the line's text before calling the handler, and fails); when that happens the
+file is read again through `_SanitizedStream`, which replaces the undecodable bytes of exactly
+those wrong-width lines, so they are reported as wrong-width lines with their line numbers.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -32,12 +42,17 @@ from ..errors import DataError
 from .schema import DatasetSpec
 
 DICT_STRING = pa.dictionary(pa.int32(), pa.string())
+DICT_BINARY = pa.dictionary(pa.int32(), pa.binary())
 DEFAULT_BLOCK_BYTES = 4 << 20  # CSV bytes parsed per block (about 16k Criteo lines)
 PARQUET_BATCH_ROWS = 1 << 16
 
 
 class NeedSerial(Exception):
     """A multi-threaded read met a row with the wrong number of columns: redo it single-threaded."""
+
+
+class _UndecodableRow(Exception):
+    """Arrow met a wrong-width line that is not UTF-8 and could not hand it to Python."""
 
 
 @dataclass
@@ -182,9 +197,23 @@ def iter_chunks(
 
 
 def _iter_csv(spec: DatasetSpec, path: Path, serial: bool, block_bytes: int) -> Iterator[RawChunk]:
+    done_through = [0]  # the last line number already yielded (rows and dropped lines)
+    try:
+        yield from _iter_csv_pass(spec, path, serial, block_bytes, done_through, sanitize=False)
+    except _UndecodableRow:
+        if not serial:  # only the single-threaded parser gives line numbers
+            raise NeedSerial() from None
+        # Read again with those lines made decodable; skip what was already yielded.
+        yield from _iter_csv_pass(spec, path, True, block_bytes, done_through, sanitize=True)
+
+
+def _iter_csv_pass(
+    spec: DatasetSpec, path: Path, serial: bool, block_bytes: int, done_through: list[int], sanitize: bool
+) -> Iterator[RawChunk]:
     columns = check_columns(spec, path)
     needed = spec.needed_columns()
     header_lines = 1 if spec.header else 0
+    skip_through = done_through[0]
     invalid: list[BadLine] = []
     invalid_rows: list[int] = []  # data row index of each dropped row, in order
     unknown_line = [False]
@@ -217,19 +246,25 @@ def _iter_csv(spec: DatasetSpec, path: Path, serial: bool, block_bytes: int) -> 
         invalid_row_handler=handler,
     )
     conv_opts = pacsv.ConvertOptions(
-        column_types={c: DICT_STRING for c in needed},
+        column_types={c: DICT_BINARY for c in needed},  # bytes: UTF-8 is checked per block below
         include_columns=needed,
         null_values=list(spec.missing_values),
         strings_can_be_null=True,
         quoted_strings_can_be_null=True,
     )
     stream = open_stream(path)
+    if sanitize:
+        stream = _SanitizedStream(stream, spec, len(columns))
+    decode_errors = _HandlerDecodeErrors(handler)
     try:
+        decode_errors.__enter__()
         try:
             reader = pacsv.open_csv(stream, read_options=read_opts, parse_options=parse_opts, convert_options=conv_opts)
         except pa.ArrowInvalid as exc:
+            if _undecodable_wrong_width(exc, decode_errors):
+                raise _UndecodableRow() from None
             raise DataError(f"{path}: cannot parse: {_arrow_msg(exc)}") from None
-        valid_seen = 0  # valid rows yielded so far
+        valid_seen = 0  # valid rows parsed so far
         adjusted = np.zeros(0, dtype=np.int64)  # invalid_rows[i] - i, for the row-index mapping
         while True:
             try:
@@ -237,9 +272,9 @@ def _iter_csv(spec: DatasetSpec, path: Path, serial: bool, block_bytes: int) -> 
             except StopIteration:
                 break
             except pa.ArrowInvalid as exc:
+                if _undecodable_wrong_width(exc, decode_errors):
+                    raise _UndecodableRow() from None
                 raise DataError(f"{path}: cannot parse: {_arrow_msg(exc)}") from None
-            except UnicodeDecodeError:
-                raise DataError(f"{path}: not UTF-8 text") from None
             except OSError as exc:  # a gzip stream that ends early or is corrupt
                 raise DataError(f"{path}: unreadable: {exc}") from None
             if unknown_line[0]:
@@ -253,20 +288,162 @@ def _iter_csv(spec: DatasetSpec, path: Path, serial: bool, block_bytes: int) -> 
             else:
                 row_ids = j
             valid_seen += n
-            chunk = RawChunk(
-                {c: batch.column(c) for c in needed},
-                row_ids,
-                row_ids + 1 + header_lines,
-                invalid=list(invalid),
-            )
+            lines = row_ids + 1 + header_lines
+            cols, undecodable, placeholders = _utf8_columns(batch, needed)
+            bad_text = [
+                BadLine(str(path), int(lines[i]), c, "not UTF-8 text", "bad_text")
+                for i, c in sorted(undecodable.items())
+            ]
+            keep = np.ones(n, dtype=bool)
+            if undecodable:
+                keep[list(undecodable)] = False
+            if skip_through:  # a second pass: drop what the first one yielded
+                keep &= lines > skip_through
+                invalid[:] = [b for b in invalid if b.line > skip_through]
+                bad_text = [b for b in bad_text if b.line > skip_through]
+            dropped = sorted(invalid + bad_text, key=lambda b: b.line)
+            if not keep.all():
+                mask = pa.array(keep)
+                cols = {c: a.filter(mask) for c, a in cols.items()}
+                for c in placeholders:
+                    cols[c] = pc.dictionary_encode(cols[c].dictionary_decode()).cast(DICT_STRING)
+                row_ids, lines = row_ids[keep], lines[keep]
             invalid.clear()
-            yield chunk
+            if len(row_ids) or dropped:
+                done_through[0] = max(done_through[0], int(lines[-1]) if len(lines) else 0, *(b.line for b in dropped))
+                yield RawChunk(cols, row_ids, lines, invalid=dropped)
         if unknown_line[0]:
             raise NeedSerial()
+        if skip_through:
+            invalid[:] = [b for b in invalid if b.line > skip_through]
         if invalid:  # dropped rows after the last valid one
+            done_through[0] = max(done_through[0], *(b.line for b in invalid))
             yield RawChunk({c: pa.array([], DICT_STRING) for c in needed}, np.zeros(0, np.int64), np.zeros(0, np.int64), list(invalid))
     finally:
+        decode_errors.__exit__()
         stream.close()
+
+
+def _utf8_columns(batch: pa.RecordBatch, needed: list[str]) -> tuple[dict[str, pa.DictionaryArray], dict[int, str], list[str]]:
+    """The batch's byte columns as UTF-8 string columns, and {row: first field} of rows whose
+    value is not UTF-8, and the columns that had such values (the caller drops those rows and
+    re-encodes those columns, so that no placeholder value is left in a dictionary).
+    Checked on the dictionary (distinct values), not per row."""
+    out: dict[str, pa.DictionaryArray] = {}
+    undecodable: dict[int, str] = {}
+    placeholders: list[str] = []  # columns whose dictionary holds placeholder values
+    for c in needed:
+        arr = batch.column(c)
+        try:
+            values = arr.dictionary.cast(pa.string())
+        except pa.ArrowInvalid:  # rare: find the offending values in Python
+            raw = arr.dictionary.to_pylist()
+            bad = np.zeros(len(raw), dtype=bool)
+            for k, v in enumerate(raw):
+                try:
+                    v.decode("utf-8")
+                except UnicodeDecodeError:
+                    bad[k] = True
+            idx = arr.indices.fill_null(0).to_numpy(zero_copy_only=False)
+            valid = arr.indices.is_valid().to_numpy(zero_copy_only=False)
+            rows = np.flatnonzero(valid & bad[idx])
+            for r in rows.tolist():
+                undecodable.setdefault(r, c)
+            placeholders.append(c)
+            # placeholders for the bad values: their rows are dropped and the column re-encoded
+            values = pa.array([v.decode("utf-8", "replace") for v in raw], pa.string())
+        out[c] = pa.DictionaryArray.from_arrays(arr.indices, values)
+    return out, undecodable, placeholders
+
+
+class _HandlerDecodeErrors:
+    """Swallow the UnicodeDecodeError that pyarrow raises (and reports as 'unraisable', with a
+    traceback on stderr) when it cannot decode a wrong-width line for `handler`; count them.
+    Only errors raised for this handler are touched; Arrow may parse ahead in another thread,
+    so the hook stays installed for the whole read."""
+
+    def __init__(self, handler) -> None:
+        self.handler = handler
+        self.seen = 0
+
+    def __enter__(self) -> "_HandlerDecodeErrors":
+        self.previous = sys.unraisablehook
+
+        def hook(info) -> None:
+            if isinstance(info.exc_value, UnicodeDecodeError) and info.object is self.handler:
+                self.seen += 1
+            else:
+                self.previous(info)
+
+        sys.unraisablehook = hook
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sys.unraisablehook = self.previous
+
+
+def _undecodable_wrong_width(exc: Exception, decode_errors: _HandlerDecodeErrors) -> bool:
+    # Our handler skips every wrong-width row; Arrow reports one as an error only when the
+    # handler could not be called, i.e. when the line is not UTF-8.
+    return bool(decode_errors.seen) or bool(re.search(r"Expected \d+ columns, got \d+", str(exc)))
+
+
+class _SanitizedStream(io.RawIOBase):
+    """The file's bytes, line for line, except that a line which is not UTF-8 AND has the wrong
+    number of columns gets its undecodable bytes replaced by U+FFFD. Such a line is dropped
+    either way; this lets Arrow hand it to the invalid-row handler with its line number. Lines
+    with the right width are passed unchanged (their bad values are reported per field)."""
+
+    def __init__(self, source: pa.NativeFile, spec: DatasetSpec, n_columns: int):
+        super().__init__()
+        self.source, self.spec, self.n_columns = source, spec, n_columns
+        self.pending = b""  # output not yet read
+        self.carry = b""  # an incomplete last line
+        self.eof = False
+
+    def readable(self) -> bool:
+        return True
+
+    def _fix_line(self, line: bytes) -> bytes:
+        try:
+            line.decode("utf-8")
+            return line
+        except UnicodeDecodeError:
+            pass
+        text = line.decode("utf-8", "replace")
+        body = text.rstrip("\r\n")
+        if self.spec.quoting:
+            width = len(next(csv.reader([body], delimiter=self.spec.delimiter), []))
+        else:
+            width = body.count(self.spec.delimiter) + 1
+        return line if width == self.n_columns else text.encode("utf-8")
+
+    def _fill(self) -> None:
+        while not self.pending and not self.eof:
+            block = self.source.read(1 << 20)
+            if not block:
+                self.eof = True
+                block, self.carry = self.carry, b""
+            else:
+                block = self.carry + block
+                cut = block.rfind(b"\n") + 1
+                block, self.carry = block[:cut], block[cut:]
+            try:
+                block.decode("utf-8")
+                self.pending = block
+            except UnicodeDecodeError:
+                self.pending = b"".join(self._fix_line(ln) for ln in block.splitlines(keepends=True))
+
+    def readinto(self, buf) -> int:
+        self._fill()
+        n = min(len(buf), len(self.pending))
+        buf[:n] = self.pending[:n]
+        self.pending = self.pending[n:]
+        return n
+
+    def close(self) -> None:
+        self.source.close()
+        super().close()
 
 
 def _arrow_msg(exc: Exception) -> str:
