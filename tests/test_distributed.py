@@ -95,3 +95,68 @@ def test_nproc_needs_output(capsys):
 
     assert main(["train", "--nproc", "2"]) == 2
     assert "--output" in capsys.readouterr().err
+
+
+def test_resumed_two_process_run_with_dropout_continues_exactly(tmp_path):
+    """With dropout every rank draws its own masks; a checkpoint holds every rank's RNG state, so
+    a two-process run resumed from a mid-epoch checkpoint ends with the very same weights."""
+    import shutil
+
+    args = [
+        *ARGS, "--epochs", "2", "--set", "model.dropout=0.3", "--set", "train.checkpoint_every_steps=7",
+        "--set", "train.keep_checkpoints=20", "--nproc", "2",
+    ]
+    full = tmp_path / "full"
+    run([sys.executable, "-m", "masknet", *args, "--output", str(full)])
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    ckpts = sorted((resumed / "checkpoints").glob("step-*"))
+    assert len(ckpts) >= 4
+    for later in ckpts[1:]:  # keep only the step-7 checkpoint (mid epoch 1)
+        shutil.rmtree(later)
+    for name in ("model.safetensors", "metrics.json", "manifest.json"):
+        (resumed / name).unlink()
+    state = json.loads((ckpts[0] / "state.json").read_text())
+    assert state["global_step"] == 7 and state["epoch"] == 1
+    from safetensors.torch import load_file
+
+    rng = load_file(str(ckpts[0] / "optim.safetensors"))
+    assert {"rng.torch.rank0", "rng.torch.rank1"} <= set(rng)
+    assert not (rng["rng.torch.rank0"] == rng["rng.torch.rank1"]).all()  # per-rank seeds
+    run([sys.executable, "-m", "masknet", "train", "--quiet", "--resume", str(resumed), "--nproc", "2"])
+    assert (resumed / "model.safetensors").read_bytes() == (full / "model.safetensors").read_bytes()
+    untimed = lambda h: [{k: v for k, v in r.items() if k not in ("epoch_seconds", "samples_per_second")} for r in h]  # noqa: E731
+    assert untimed(history(resumed)) == untimed(history(full))
+
+
+def test_device_resolution_and_backend_choice(monkeypatch):
+    """auto = CUDA when present, else CPU; cuda without a GPU is a clear error; ranks on CUDA
+    use NCCL (which has no sparse all-reduce, so their tables train densely)."""
+    import torch
+
+    from masknet.errors import UserError
+    from masknet.training.distributed import DistContext, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"
+    with pytest.raises(UserError, match="train.device=cuda"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto", local_rank=1) == "cuda:1" and resolve_device("cpu", 1) == "cpu"
+    with pytest.raises(UserError, match="LOCAL_RANK=2"):
+        resolve_device("cuda", local_rank=2)
+    assert DistContext(0, 2, "cuda:0", "nccl").sparse_allreduce is False
+    assert DistContext(0, 2).sparse_allreduce and DistContext(device="cuda:0").sparse_allreduce
+
+
+def test_cuda_requested_without_gpu_exits_with_one_line(capsys):
+    import torch
+
+    from masknet.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["train", "--quiet", "--set", "train.device=cuda", "--set", "data.synthetic.rows=1000"]) == 2
+    err = capsys.readouterr().err
+    assert "train.device=cuda" in err and "Traceback" not in err

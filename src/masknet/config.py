@@ -98,6 +98,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # how many recent checkpoints to keep
     precision: str = "fp32"  # "bf16": autocast the forward to bfloat16 (weights, optimizer, loss stay fp32)
     on_nan: str = "stop"  # non-finite loss/gradient: "stop" (keep the last good checkpoint) or "skip-batch"
+    device: str = "auto"  # "auto" (CUDA when present, else CPU), "cpu" or "cuda"; torchrun ranks use cuda:LOCAL_RANK
 
     def validate(self) -> None:
         _positive("train.epochs", self.epochs)
@@ -119,6 +120,8 @@ class TrainConfig:
             raise ConfigError(f"train.on_nan: must be 'stop' or 'skip-batch', got {self.on_nan!r}")
         if self.threads < 0:
             raise ConfigError(f"train.threads: must be >= 0, got {self.threads}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"train.device: must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
 
 
 @dataclass

@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from ..errors import UserError
+from .distributed import DistContext, set_rng_states
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "state.json"
@@ -60,7 +61,7 @@ def _flatten_optimizers(optimizers: list[torch.optim.Optimizer]) -> tuple[dict[s
         for pid, st in sd["state"].items():
             for name, value in st.items():
                 if torch.is_tensor(value):
-                    tensors[f"opt{i}.{pid}.{name}"] = value.detach().contiguous()
+                    tensors[f"opt{i}.{pid}.{name}"] = value.detach().cpu().contiguous()
                 else:
                     scalars.setdefault(str(pid), {})[name] = value
         meta.append({"param_groups": sd["param_groups"], "scalars": scalars, "state_ids": [str(k) for k in sd["state"]]})
@@ -81,7 +82,7 @@ def _unflatten_optimizers(optimizers: list[torch.optim.Optimizer], tensors: dict
 
 
 def _state_tensors(module_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().clone() for k, v in module_state.items()}
+    return {k: v.detach().cpu().contiguous().clone() for k, v in module_state.items()}
 
 
 def save_checkpoint(
@@ -91,14 +92,16 @@ def save_checkpoint(
     best_state: dict[str, torch.Tensor],
     state: dict[str, Any],
     keep: int,
+    rng: Optional[dict[str, torch.Tensor]] = None,
 ) -> Path:
-    """Write checkpoint `step-<state['global_step']>` atomically; prune to the last `keep`."""
+    """Write checkpoint `step-<state['global_step']>` atomically; prune to the last `keep`.
+    `rng`: every rank's RNG states (`distributed.rng_states`); default this process's CPU RNG."""
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state['global_step']:09d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     optim_tensors, optim_meta = _flatten_optimizers(optimizers)
-    optim_tensors["rng.torch"] = torch.get_rng_state()
+    optim_tensors.update(rng if rng is not None else {"rng.torch.rank0": torch.get_rng_state()})
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -137,9 +140,10 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
 
 
 def load_checkpoint(
-    path: Path, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]
+    path: Path, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], ctx: Optional[DistContext] = None
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Restore model and optimizers in place; return (progress state, best-epoch weights)."""
+    """Restore model, optimizers and this rank's RNG states in place; return (progress state,
+    best-epoch weights, on CPU)."""
     try:
         state = json.loads((path / STATE_FILE).read_text())
         model.load_state_dict(load((path / "model.safetensors").read_bytes()))
@@ -147,6 +151,6 @@ def load_checkpoint(
         optim = load((path / "optim.safetensors").read_bytes())
     except (OSError, ValueError, SafetensorError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: unreadable checkpoint ({exc})") from None
-    torch.set_rng_state(optim.pop("rng.torch"))
+    set_rng_states({k: optim.pop(k) for k in list(optim) if k.startswith("rng.")}, ctx or DistContext())
     _unflatten_optimizers(optimizers, optim, state.pop("optimizers"))
     return state, best

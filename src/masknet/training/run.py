@@ -74,7 +74,7 @@ def train_run(cfg: RunConfig, data: Optional[CTRDataset] = None, log: Any = prin
     cfg.validate()
     base_auc = read_base_auc(cfg.base_run) if cfg.base_run else None  # fail before training, not after
     data = data if data is not None else load_data(cfg)
-    ctx = init_from_env()  # rank 0 of 1 unless launched by torchrun
+    ctx = init_from_env(cfg.train.device)  # rank 0 of 1 unless launched by torchrun
     if not ctx.is_main:
         log = _quiet
     if ctx.enabled and not cfg.output:
@@ -135,7 +135,11 @@ def train_run(cfg: RunConfig, data: Optional[CTRDataset] = None, log: Any = prin
         metrics["relaimp"] = relaimp(test["auc"], base_auc)
         metrics["base_run"] = {"path": str(cfg.base_run), "test_auc": base_auc}
     if ctx.enabled:
-        metrics["distributed"] = {"world_size": ctx.world_size, "backend": "gloo", "rank_seeds": rank_seeds}
+        metrics["distributed"] = {
+            "world_size": ctx.world_size, "backend": ctx.backend, "rank_seeds": rank_seeds,
+            "sparse_embedding_gradients": ctx.sparse_allreduce and cfg.train.sparse_embeddings,
+        }
+    metrics["device"] = ctx.device
     if not ctx.is_main:  # only rank 0 writes the run folder and the bundle
         return RunResult(out, metrics, model)
     save_model(out, model, cfg.model, data, data_path=cfg.data.path)
@@ -170,7 +174,7 @@ def save_model(
         shutil.copyfile(encoder, out / "encoder.json")
     (out / "model.json").write_text(json.dumps(spec, indent=2))
     (out / "dataset.json").write_text(json.dumps(data.meta, indent=2, default=str))
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"))
 
 

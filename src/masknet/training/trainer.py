@@ -24,7 +24,7 @@ from ..data.dataset import CTRDataset, Split, iterate_batches
 from ..errors import UserError
 from ..models.base import CTRModel
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .distributed import DistContext, gather_concat
+from .distributed import DistContext, gather_concat, rng_states
 from .metrics import auc, logloss
 
 
@@ -57,7 +57,11 @@ def predict(model: CTRModel, split: Split, batch_size: int = 8192, ctx: DistCont
     was_training = model.training
     model.eval()
     lo, hi = ctx.shard(len(split))
-    out = [torch.sigmoid(model(x)).double().numpy() for x, _ in iterate_batches(split, batch_size, start=lo, stop=hi)]
+    dev = next(model.parameters()).device
+    out = [
+        torch.sigmoid(model(x.to(dev, non_blocking=True))).double().cpu().numpy()
+        for x, _ in iterate_batches(split, batch_size, start=lo, stop=hi)
+    ]
     model.train(was_training)
     return gather_concat(np.concatenate(out) if out else np.zeros(0), ctx)
 
@@ -79,11 +83,12 @@ class Optimizer:
     about 6x less optimizer time on CPU, docs/performance.md).
     """
 
-    def __init__(self, model: CTRModel, cfg: TrainConfig):
+    def __init__(self, model: CTRModel, cfg: TrainConfig, sparse: Optional[bool] = None):
+        sparse = cfg.sparse_embeddings if sparse is None else sparse
         tables = model.embeddings()
         for table in tables:
-            table.sparse = cfg.sparse_embeddings
-        if cfg.sparse_embeddings:
+            table.sparse = sparse
+        if sparse:
             table_ids = {id(t.weight) for t in tables}
             dense = [p for p in model.parameters() if id(p) not in table_ids]
             self.optimizers = [torch.optim.SparseAdam([t.weight for t in tables], lr=cfg.lr)]
@@ -156,8 +161,14 @@ def fit(
         raise UserError("the valid split has only one class: validation AUC is undefined")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    optimizer = Optimizer(model, cfg)  # sets the tables sparse before DDP sees them
-    forward = DistributedDataParallel(model) if ctx.enabled else model
+    device = torch.device(ctx.device)
+    model.to(device)
+    # NCCL cannot all-reduce sparse gradients: multi-GPU runs update the tables densely
+    optimizer = Optimizer(model, cfg, sparse=cfg.sparse_embeddings and ctx.sparse_allreduce)  # before DDP
+    if ctx.enabled:
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        forward = model
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     # progress: everything needed to continue exactly (saved in every checkpoint)
     st: dict[str, Any] = {
@@ -167,12 +178,21 @@ def fit(
     }
     best_state = copy.deepcopy(model.state_dict())
     if resume_from is not None:
-        st, best_state = load_checkpoint(resume_from, model, optimizer.optimizers)
+        st, best_state = load_checkpoint(resume_from, model, optimizer.optimizers, ctx)
+        if not ctx.is_main:  # the saved running loss is the sum over all ranks: count it once
+            st.update(epoch_loss_sum=0.0, epoch_seen=0)
     writing = run_dir is not None and ctx.is_main
 
     def checkpoint() -> Optional[Path]:
-        if writing and (cfg.checkpoints or cfg.checkpoint_every_steps):
-            return save_checkpoint(run_dir, model, optimizer.optimizers, best_state, st, cfg.keep_checkpoints)
+        if run_dir is not None and (cfg.checkpoints or cfg.checkpoint_every_steps):
+            rng = rng_states(ctx)  # collective: every rank takes part, rank 0 writes
+            saved = st
+            if ctx.enabled:  # mid-epoch: the running loss over all ranks (rank 0 restores it)
+                totals = torch.tensor([st["epoch_loss_sum"], float(st["epoch_seen"])], dtype=torch.float64, device=device)
+                torch.distributed.all_reduce(totals)
+                saved = dict(st, epoch_loss_sum=totals[0].item(), epoch_seen=int(totals[1].item()))
+            if writing:
+                return save_checkpoint(run_dir, model, optimizer.optimizers, best_state, saved, cfg.keep_checkpoints, rng)
         return None
 
     while not st["done"] and st["epoch"] <= cfg.epochs:
@@ -188,7 +208,8 @@ def fit(
             if ctx.enabled:  # this rank's disjoint slice of the global batch
                 lo, hi = ctx.shard(len(y))
                 x, y = x[lo:hi], y[lo:hi]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
                 loss, bce = loss_fn(model, x, y, cfg, forward)
             optimizer.zero_grad()
             loss.backward()
@@ -220,7 +241,7 @@ def fit(
         epoch_seconds = time.perf_counter() - t0
         st["train_seconds"] += epoch_seconds
         if ctx.enabled:  # the epoch's loss over all ranks' rows
-            totals = torch.tensor([st["epoch_loss_sum"], float(st["epoch_seen"])], dtype=torch.float64)
+            totals = torch.tensor([st["epoch_loss_sum"], float(st["epoch_seen"])], dtype=torch.float64, device=device)
             torch.distributed.all_reduce(totals)
             st["epoch_loss_sum"], st["epoch_seen"] = totals[0].item(), int(totals[1].item())
         st["samples_seen"] += st["epoch_seen"]
