@@ -38,7 +38,7 @@ def loss_fn(
     sparse CTR training does), and `l2_dense` on every dense weight matrix.
     `forward` is the module to call (the DistributedDataParallel wrapper in multi-process runs).
     """
-    logits = (forward or model)(x)
+    logits = (forward if forward is not None else model)(x)
     bce = F.binary_cross_entropy_with_logits(logits, y)  # -(y log σ + (1-y) log(1-σ)), mean
     total = bce
     if cfg.l2_embedding > 0:
