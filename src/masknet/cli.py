@@ -14,7 +14,7 @@ SubcommandSetup = Callable[[argparse._SubParsersAction], None]
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from .models import MODEL_NAMES
+    from .config import MODEL_NAMES
 
     p = sub.add_parser(
         "train",
@@ -453,7 +453,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .bench.runner import format_table, run_bench
-    from .models import MODEL_NAMES
+    from .config import MODEL_NAMES
 
     models = args.models.split(",") if args.models else list(MODEL_NAMES)
     bad = [m for m in models if m not in MODEL_NAMES]

@@ -22,6 +22,10 @@ import yaml
 
 from .errors import ConfigError
 
+# Every model in masknet.models.REGISTRY (checked there). Kept here, free of torch, so that the
+# CLI can list the choices and validate a config without importing PyTorch (about 2 s).
+MODEL_NAMES = ("sermasknet", "paramasknet", "lr", "fm", "dnn", "deepfm", "dcn", "dcnv2", "xdeepfm", "autoint")
+
 MASKNET_MODELS = ("sermasknet", "paramasknet")
 
 
@@ -53,7 +57,6 @@ class ModelConfig:
     attention_residual: bool = True
 
     def validate(self) -> None:
-        from .models import MODEL_NAMES  # late import: models import config
 
         if self.name not in MODEL_NAMES:
             raise ConfigError(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..config import ModelConfig
+from ..config import MODEL_NAMES, ModelConfig
 from .base import CTRModel
 from .autoint import AutoInt
 from .dcn import DCN, DCNV2
@@ -28,7 +28,9 @@ REGISTRY: dict[str, type[CTRModel]] = {
     "xdeepfm": XDeepFM,
     "autoint": AutoInt,
 }
-MODEL_NAMES = tuple(REGISTRY)
+# config.MODEL_NAMES is the torch-free copy the CLI and config validation use; keep them equal
+if tuple(REGISTRY) != MODEL_NAMES:
+    raise RuntimeError(f"config.MODEL_NAMES {MODEL_NAMES} must list the REGISTRY's models {tuple(REGISTRY)}")
 
 
 def build_model(cfg: ModelConfig, cardinalities: Sequence[int]) -> CTRModel:
