@@ -53,7 +53,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "--nproc",
         type=int,
         metavar="N",
-        help="train with N processes (DistributedDataParallel, gloo): launches torchrun for you; "
+        help="train with N processes (DistributedDataParallel; gloo on CPU, NCCL on CUDA): launches torchrun for you; "
         "needs --output. Equivalent to `torchrun --nproc_per_node=N -m masknet train ...`",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
