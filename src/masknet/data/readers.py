@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import csv
 import io
+import queue
 import re
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -266,9 +268,14 @@ def _iter_csv_pass(
             raise DataError(f"{path}: cannot parse: {_arrow_msg(exc)}") from None
         valid_seen = 0  # valid rows parsed so far
         adjusted = np.zeros(0, dtype=np.int64)  # invalid_rows[i] - i, for the row-index mapping
+        # Multi-threaded reads parse the next blocks in a background thread while this one
+        # processes the current block (Arrow's streaming reader parses about one block at a
+        # time). Single-threaded reads stay in step: their invalid-row reports belong to the
+        # block just read.
+        batches = _read_ahead(reader.read_next_batch) if not serial else iter(reader.read_next_batch, None)
         while True:
             try:
-                batch = reader.read_next_batch()
+                batch = next(batches)
             except StopIteration:
                 break
             except pa.ArrowInvalid as exc:
@@ -277,7 +284,7 @@ def _iter_csv_pass(
                 raise DataError(f"{path}: cannot parse: {_arrow_msg(exc)}") from None
             except OSError as exc:  # a gzip stream that ends early or is corrupt
                 raise DataError(f"{path}: unreadable: {exc}") from None
-            if unknown_line[0]:
+            if unknown_line[0] or (invalid and not serial):
                 raise NeedSerial()
             n = batch.num_rows
             j = np.arange(valid_seen, valid_seen + n, dtype=np.int64)
@@ -320,8 +327,48 @@ def _iter_csv_pass(
             done_through[0] = max(done_through[0], *(b.line for b in invalid))
             yield RawChunk({c: pa.array([], DICT_STRING) for c in needed}, np.zeros(0, np.int64), np.zeros(0, np.int64), list(invalid))
     finally:
+        if "batches" in locals() and hasattr(batches, "close"):
+            batches.close()  # stops the read-ahead thread before the stream closes
         decode_errors.__exit__()
         stream.close()
+
+
+def _read_ahead(read_next: Callable[[], pa.RecordBatch], depth: int = 2) -> Iterator[pa.RecordBatch]:
+    """Yield read_next() results computed by a background thread up to `depth` ahead; the
+    thread's exception (other than StopIteration, which ends the stream) is raised here."""
+    results: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work() -> None:
+        while not stop.is_set():
+            try:
+                item = ("batch", read_next())
+            except StopIteration:
+                item = ("end", None)
+            except BaseException as exc:  # handed to the consumer
+                item = ("error", exc)
+            while not stop.is_set():
+                try:
+                    results.put(item, timeout=0.05)
+                    break
+                except queue.Full:
+                    continue
+            if item[0] != "batch":
+                return
+
+    worker = threading.Thread(target=work, name="masknet-csv-read-ahead", daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, value = results.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        worker.join(timeout=30)
 
 
 def _utf8_columns(batch: pa.RecordBatch, needed: list[str]) -> tuple[dict[str, pa.DictionaryArray], dict[int, str], list[str]]:
