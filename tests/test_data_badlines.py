@@ -277,3 +277,34 @@ def test_not_utf8_lines_skipped_exactly_across_blocks(tmp_path, capsys, criteo_l
     got, want = load_prepared(tmp_path / "o").splits["train"], load_prepared(tmp_path / "r").splits["train"]
     np.testing.assert_array_equal(np.asarray(got.x), np.asarray(want.x))
     np.testing.assert_array_equal(np.asarray(got.y), np.asarray(want.y))
+
+
+def test_read_ahead_passes_errors_and_stops_when_abandoned():
+    """The CSV read-ahead thread: results in order, the reader's error raised in the consumer,
+    and a consumer that stops early does not leave the thread running."""
+    import threading
+
+    from masknet.data.readers import _read_ahead
+
+    def source(items):
+        it = iter(items)
+
+        def read_next():
+            item = next(it)
+            if isinstance(item, Exception):
+                raise item
+            return item
+
+        return read_next
+
+    assert list(_read_ahead(source([1, 2, 3]))) == [1, 2, 3]
+    gen = _read_ahead(source([1, ValueError("block 2 is broken"), 3]))
+    assert next(gen) == 1
+    with pytest.raises(ValueError, match="block 2"):
+        next(gen)
+    before = threading.active_count()
+    gen = _read_ahead(source(list(range(1000))), depth=2)
+    assert next(gen) == 0
+    gen.close()  # abandoned with the queue full
+    assert threading.active_count() <= before
+    assert not any(t.name == "masknet-csv-read-ahead" for t in threading.enumerate())
