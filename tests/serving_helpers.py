@@ -7,10 +7,19 @@ cached here, so every serving test module reuses them.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
+import os
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -90,3 +99,52 @@ def copy_run(run: Path, name: str) -> Path:
         shutil.rmtree(dst)
     shutil.copytree(run, dst, ignore=shutil.ignore_patterns("checkpoints"))
     return dst
+
+
+CRITEO_COLUMNS = [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
+
+
+def criteo_rows(n: int) -> list[dict]:
+    """The first n rows of criteo-8k's test.txt as JSON rows (numbers as JSON numbers, empty = null)."""
+    rows = []
+    for line in need("criteo-8k", "test.txt").read_text().splitlines()[:n]:
+        row = {c: (v if v != "" else None) for c, v in zip(CRITEO_COLUMNS, line.split("\t")[1:])}
+        for c in CRITEO_COLUMNS[:13]:
+            if row[c] is not None:
+                row[c] = int(row[c])
+        rows.append(row)
+    return rows
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(run: Path, log: Path, *args: str) -> Iterator[tuple[int, subprocess.Popen]]:
+    """`masknet serve --model run *args` on a free loopback port, its output in `log`; yields
+    (port, process) once /health answers (fails the test if it does not start); stops it after."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "masknet", "serve", "--model", str(run), "--port", str(port), *args]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
+                    resp.read()
+                break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                if proc.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"server did not start (exit {proc.poll()}): {log.read_text(errors='replace')[-2000:]}")
+                time.sleep(0.2)
+        yield port, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 import warnings
@@ -19,7 +14,7 @@ from masknet.serving.bundle import verify_and_load
 from masknet.serving.predict import encode_raw, score
 from masknet.serving.service import create_app
 
-from serving_helpers import need, trained
+from serving_helpers import CRITEO_COLUMNS, criteo_rows, need, running_server, trained
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -27,7 +22,6 @@ with warnings.catch_warnings():
 
 MAX_CANDIDATES = 50
 MAX_BODY = 200_000
-CRITEO_COLUMNS = [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +37,7 @@ def client(bundle):
 @pytest.fixture(scope="module")
 def raw_rows():
     """The first 20 rows of criteo-8k's test.txt as JSON rows (numbers as JSON numbers, empty = null)."""
-    lines = need("criteo-8k", "test.txt").read_text().splitlines()[:20]
-    rows = []
-    for ln in lines:
-        vals = ln.split("\t")[1:]
-        row = {c: (v if v != "" else None) for c, v in zip(CRITEO_COLUMNS, vals)}
-        for c in CRITEO_COLUMNS[:13]:
-            if row[c] is not None:
-                row[c] = int(row[c])
-        rows.append(row)
-    return rows
+    return criteo_rows(20)
 
 
 @pytest.fixture(scope="module")
@@ -207,12 +192,6 @@ def test_synthetic_bundle_takes_encoded_indices():
     assert bad.status_code == 422 and "integer index" in bad.json()["error"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: dict | bytes):
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
@@ -223,26 +202,11 @@ def _post(url: str, body: dict | bytes):
         return exc.code, json.loads(exc.read())
 
 
-def test_real_http_round_trip(bundle, raw_rows, file_scores):
-    port = _free_port()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "masknet", "serve", "--model", str(bundle.path), "--port", str(port), "--threads", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as resp:
-                    assert json.loads(resp.read())["status"] == "ok"
-                break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                if proc.poll() is not None or time.time() > deadline:
-                    out = proc.stdout.read().decode() if proc.stdout else ""
-                    pytest.fail(f"server did not start (exit {proc.poll()}): {out[-2000:]}")
-                time.sleep(0.2)
+def test_real_http_round_trip(bundle, raw_rows, file_scores, tmp_path):
+    with running_server(bundle.path, tmp_path / "server.log", "--threads", "1") as (port, _):
+        base = f"http://127.0.0.1:{port}"
+        with urllib.request.urlopen(base + "/health", timeout=10) as resp:
+            assert json.loads(resp.read())["status"] == "ok"
         status, body = _post(base + "/predict", {"rows": raw_rows})
         assert status == 200
         np.testing.assert_allclose(body["scores"], file_scores, atol=1e-6)
@@ -255,12 +219,6 @@ def test_real_http_round_trip(bundle, raw_rows, file_scores):
         assert status == 400 and "malformed JSON" in body["error"]
         with urllib.request.urlopen(base + "/metadata", timeout=10) as resp:
             assert json.loads(resp.read())["bundle_sha256"] == bundle.bundle_hash
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.mark.parametrize("name, sample", [("avazu", ("avazu-sample-100", "avazu_sample.txt")),

@@ -9,12 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import random
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,9 +21,7 @@ from schemathesis.checks import not_a_server_error
 from masknet.serving.bundle import verify_and_load
 from masknet.serving.service import create_app
 
-from serving_helpers import need, trained
-
-CRITEO_COLUMNS = [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
+from serving_helpers import CRITEO_COLUMNS, criteo_rows, running_server, trained
 
 
 @pytest.fixture(scope="module")
@@ -102,24 +95,9 @@ def _requests(rows: list[dict], rng: random.Random):
 
 
 def test_ten_thousand_requests_no_server_error_no_memory_growth(tmp_path):
-    bundle_path = trained("criteo8k")
-    lines = need("criteo-8k", "test.txt").read_text().splitlines()[:200]
-    rows = []
-    for ln in lines:
-        row = {c: (v if v != "" else None) for c, v in zip(CRITEO_COLUMNS, ln.split("\t")[1:])}
-        for c in CRITEO_COLUMNS[:13]:
-            row[c] = int(row[c]) if row[c] is not None else None
-        rows.append(row)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "masknet", "serve", "--model", str(bundle_path), "--port", str(port), "--threads", "1",
-         "--max-candidates", "50"],
-        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "wb"), env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )
-    try:
-        conn = _connect(port, proc, tmp_path / "server.log")
+    rows = criteo_rows(200)
+    with running_server(trained("criteo8k"), tmp_path / "server.log", "--threads", "1", "--max-candidates", "50") as (port, proc):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         traffic = _requests(rows, random.Random(0))
         statuses: dict[int, int] = {}
         rss = {}
@@ -135,29 +113,8 @@ def test_ten_thousand_requests_no_server_error_no_memory_growth(tmp_path):
             if i + 1 in (1_000, 10_000):
                 rss[i + 1] = _rss_kb(proc.pid)
         conn.close()
-        assert not any(s >= 500 for s in statuses), statuses
-        growth_mb = (rss[10_000] - rss[1_000]) / 1024
-        print(f"server RSS after 1,000 requests {rss[1_000] / 1024:.1f} MB, after 10,000 {rss[10_000] / 1024:.1f} MB; statuses {statuses}")
-        # after warm-up, 9,000 more requests may move the allocator a little, not grow with traffic
-        assert growth_mb < 16, f"server RSS grew {growth_mb:.1f} MB from request 1,000 to 10,000 ({rss})"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def _connect(port: int, proc: subprocess.Popen, log: Path) -> http.client.HTTPConnection:
-    deadline = time.time() + 90
-    while True:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-            conn.request("GET", "/health")
-            conn.getresponse().read()
-            return conn
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                err = log.read_text(errors="replace")
-                pytest.fail(f"server did not start (exit {proc.poll()}): {err[-2000:]}")
-            time.sleep(0.2)
+    assert not any(s >= 500 for s in statuses), statuses
+    growth_mb = (rss[10_000] - rss[1_000]) / 1024
+    print(f"server RSS after 1,000 requests {rss[1_000] / 1024:.1f} MB, after 10,000 {rss[10_000] / 1024:.1f} MB; statuses {statuses}")
+    # after warm-up, 9,000 more requests may move the allocator a little, not grow with traffic
+    assert growth_mb < 16, f"server RSS grew {growth_mb:.1f} MB from request 1,000 to 10,000 ({rss})"

@@ -257,80 +257,77 @@ def _iter_csv_pass(
     stream = open_stream(path)
     if sanitize:
         stream = _SanitizedStream(stream, spec, len(columns))
-    decode_errors = _HandlerDecodeErrors(handler)
-    try:
-        decode_errors.__enter__()
-        try:
-            reader = pacsv.open_csv(stream, read_options=read_opts, parse_options=parse_opts, convert_options=conv_opts)
-        except pa.ArrowInvalid as exc:
+    batches: Optional[Iterator[pa.RecordBatch]] = None
+    with _HandlerDecodeErrors(handler) as decode_errors:
+
+        def parse_error(exc: pa.ArrowInvalid) -> Exception:
             if _undecodable_wrong_width(exc, decode_errors):
-                raise _UndecodableRow() from None
-            raise DataError(f"{path}: cannot parse: {_arrow_msg(exc)}") from None
-        valid_seen = 0  # valid rows parsed so far
-        adjusted = np.zeros(0, dtype=np.int64)  # invalid_rows[i] - i, for the row-index mapping
-        # Multi-threaded reads parse the next blocks in a background thread while this one
-        # processes the current block (Arrow's streaming reader parses about one block at a
-        # time). Single-threaded reads stay in step: their invalid-row reports belong to the
-        # block just read.
-        batches = _read_ahead(reader.read_next_batch) if not serial else iter(reader.read_next_batch, None)
-        while True:
+                return _UndecodableRow()
+            return DataError(f"{path}: cannot parse: {_arrow_msg(exc)}")
+
+        try:
             try:
-                batch = next(batches)
-            except StopIteration:
-                break
+                reader = pacsv.open_csv(stream, read_options=read_opts, parse_options=parse_opts, convert_options=conv_opts)
             except pa.ArrowInvalid as exc:
-                if _undecodable_wrong_width(exc, decode_errors):
-                    raise _UndecodableRow() from None
-                raise DataError(f"{path}: cannot parse: {_arrow_msg(exc)}") from None
-            except OSError as exc:  # a gzip stream that ends early or is corrupt
-                raise DataError(f"{path}: unreadable: {exc}") from None
-            if unknown_line[0] or (invalid and not serial):
+                raise parse_error(exc) from None
+            valid_seen = 0  # valid rows parsed so far
+            adjusted = np.zeros(0, dtype=np.int64)  # invalid_rows[i] - i, for the row-index mapping
+            # Multi-threaded reads parse the next blocks in a background thread while this one
+            # processes the current block (Arrow's streaming reader parses about one block at a
+            # time). Single-threaded reads stay in step: their invalid-row reports belong to the
+            # block just read.
+            batches = _read_ahead(reader.read_next_batch) if not serial else iter(reader.read_next_batch, None)
+            while True:
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    break
+                except pa.ArrowInvalid as exc:
+                    raise parse_error(exc) from None
+                except OSError as exc:  # a gzip stream that ends early or is corrupt
+                    raise DataError(f"{path}: unreadable: {exc}") from None
+                if unknown_line[0] or (invalid and not serial):
+                    raise NeedSerial()
+                n = batch.num_rows
+                j = np.arange(valid_seen, valid_seen + n, dtype=np.int64)
+                if invalid_rows:
+                    if len(adjusted) != len(invalid_rows):
+                        adjusted = np.asarray(invalid_rows, dtype=np.int64) - np.arange(len(invalid_rows))
+                    row_ids = j + np.searchsorted(adjusted, j, side="right")
+                else:
+                    row_ids = j
+                valid_seen += n
+                lines = row_ids + 1 + header_lines
+                cols, undecodable, placeholders = _utf8_columns(batch, needed)
+                bad_text = [
+                    BadLine(str(path), int(lines[i]), c, "not UTF-8 text", "bad_text")
+                    for i, c in sorted(undecodable.items())
+                ]
+                keep = np.ones(n, dtype=bool)
+                if undecodable:
+                    keep[list(undecodable)] = False
+                keep &= lines > skip_through  # a second pass: drop what the first one yielded
+                dropped = sorted((b for b in invalid + bad_text if b.line > skip_through), key=lambda b: b.line)
+                if not keep.all():
+                    mask = pa.array(keep)
+                    cols = {c: a.filter(mask) for c, a in cols.items()}
+                    for c in placeholders:
+                        cols[c] = pc.dictionary_encode(cols[c].dictionary_decode()).cast(DICT_STRING)
+                    row_ids, lines = row_ids[keep], lines[keep]
+                invalid.clear()
+                if len(row_ids) or dropped:
+                    done_through[0] = max(done_through[0], int(lines[-1]) if len(lines) else 0, *(b.line for b in dropped))
+                    yield RawChunk(cols, row_ids, lines, invalid=dropped)
+            if unknown_line[0]:
                 raise NeedSerial()
-            n = batch.num_rows
-            j = np.arange(valid_seen, valid_seen + n, dtype=np.int64)
-            if invalid_rows:
-                if len(adjusted) != len(invalid_rows):
-                    adjusted = np.asarray(invalid_rows, dtype=np.int64) - np.arange(len(invalid_rows))
-                row_ids = j + np.searchsorted(adjusted, j, side="right")
-            else:
-                row_ids = j
-            valid_seen += n
-            lines = row_ids + 1 + header_lines
-            cols, undecodable, placeholders = _utf8_columns(batch, needed)
-            bad_text = [
-                BadLine(str(path), int(lines[i]), c, "not UTF-8 text", "bad_text")
-                for i, c in sorted(undecodable.items())
-            ]
-            keep = np.ones(n, dtype=bool)
-            if undecodable:
-                keep[list(undecodable)] = False
-            if skip_through:  # a second pass: drop what the first one yielded
-                keep &= lines > skip_through
-                invalid[:] = [b for b in invalid if b.line > skip_through]
-                bad_text = [b for b in bad_text if b.line > skip_through]
-            dropped = sorted(invalid + bad_text, key=lambda b: b.line)
-            if not keep.all():
-                mask = pa.array(keep)
-                cols = {c: a.filter(mask) for c, a in cols.items()}
-                for c in placeholders:
-                    cols[c] = pc.dictionary_encode(cols[c].dictionary_decode()).cast(DICT_STRING)
-                row_ids, lines = row_ids[keep], lines[keep]
-            invalid.clear()
-            if len(row_ids) or dropped:
-                done_through[0] = max(done_through[0], int(lines[-1]) if len(lines) else 0, *(b.line for b in dropped))
-                yield RawChunk(cols, row_ids, lines, invalid=dropped)
-        if unknown_line[0]:
-            raise NeedSerial()
-        if skip_through:
-            invalid[:] = [b for b in invalid if b.line > skip_through]
-        if invalid:  # dropped rows after the last valid one
-            done_through[0] = max(done_through[0], *(b.line for b in invalid))
-            yield RawChunk({c: pa.array([], DICT_STRING) for c in needed}, np.zeros(0, np.int64), np.zeros(0, np.int64), list(invalid))
-    finally:
-        if "batches" in locals() and hasattr(batches, "close"):
-            batches.close()  # stops the read-ahead thread before the stream closes
-        decode_errors.__exit__()
-        stream.close()
+            rest = [b for b in invalid if b.line > skip_through]
+            if rest:  # dropped rows after the last valid one
+                done_through[0] = max(done_through[0], *(b.line for b in rest))
+                yield RawChunk({c: pa.array([], DICT_STRING) for c in needed}, np.zeros(0, np.int64), np.zeros(0, np.int64), rest)
+        finally:
+            if hasattr(batches, "close"):
+                batches.close()  # stops the read-ahead thread before the stream closes
+            stream.close()
 
 
 def _read_ahead(read_next: Callable[[], pa.RecordBatch], depth: int = 2) -> Iterator[pa.RecordBatch]:

@@ -135,6 +135,13 @@ def _finite_step(loss: torch.Tensor, model: CTRModel) -> bool:
     return not grads or bool(torch.isfinite(torch.stack([g.norm() for g in grads])).all())
 
 
+def _summed_over_ranks(st: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The epoch's running loss sum and row count over all ranks (collective)."""
+    totals = torch.tensor([st["epoch_loss_sum"], float(st["epoch_seen"])], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(totals)
+    return {"epoch_loss_sum": totals[0].item(), "epoch_seen": int(totals[1].item())}
+
+
 def fit(
     model: CTRModel,
     data: CTRDataset,
@@ -188,9 +195,7 @@ def fit(
             rng = rng_states(ctx)  # collective: every rank takes part, rank 0 writes
             saved = st
             if ctx.enabled:  # mid-epoch: the running loss over all ranks (rank 0 restores it)
-                totals = torch.tensor([st["epoch_loss_sum"], float(st["epoch_seen"])], dtype=torch.float64, device=device)
-                torch.distributed.all_reduce(totals)
-                saved = dict(st, epoch_loss_sum=totals[0].item(), epoch_seen=int(totals[1].item()))
+                saved = dict(st, **_summed_over_ranks(st, device))
             if writing:
                 return save_checkpoint(run_dir, model, optimizer.optimizers, best_state, saved, cfg.keep_checkpoints, rng)
         return None
@@ -241,9 +246,7 @@ def fit(
         epoch_seconds = time.perf_counter() - t0
         st["train_seconds"] += epoch_seconds
         if ctx.enabled:  # the epoch's loss over all ranks' rows
-            totals = torch.tensor([st["epoch_loss_sum"], float(st["epoch_seen"])], dtype=torch.float64, device=device)
-            torch.distributed.all_reduce(totals)
-            st["epoch_loss_sum"], st["epoch_seen"] = totals[0].item(), int(totals[1].item())
+            st.update(_summed_over_ranks(st, device))
         st["samples_seen"] += st["epoch_seen"]
         valid_metrics = evaluate(model, valid, cfg.eval_batch_size, ctx)
         record = {
