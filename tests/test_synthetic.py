@@ -102,3 +102,18 @@ def test_first_order_model_stays_below_oracle(big):
     oracle = auc(test.y, test.p)
     assert lr_auc > 0.6  # LR did learn the first-order part
     assert oracle - lr_auc >= 0.03, (oracle, lr_auc)
+
+
+def test_quick_profile_fields_carry_the_planted_structure():
+    """The `reproduce --profile quick` field subset must keep the gate and most planted pairs of
+    the default data seed, or its tables would measure a data set without interactions."""
+    from masknet.config import SyntheticConfig
+    from masknet.experiments.plan import PRESETS
+
+    names = synthetic.field_names()
+    keep = set(PRESETS["quick"]["synthetic_fields"])
+    planted = synthetic.PlantedModel.draw(SyntheticConfig().seed)
+    assert {names[i] for i in synthetic.GATE_FIELDS} <= keep
+    kept_pairs = [(a, b) for a, b in planted.pairs if names[a] in keep and names[b] in keep]
+    assert len(planted.pairs) == synthetic.NUM_PAIRS
+    assert len(kept_pairs) >= synthetic.NUM_PAIRS - 1, [(names[a], names[b]) for a, b in planted.pairs]

@@ -207,7 +207,8 @@ def test_fit_really_learns(sparse, floor):
 # 10. Run folders from `masknet train`
 
 TINY = [
-    "--set", "data.synthetic.rows=3000",
+    "--set", "data.synthetic.rows=6000",
+    "--set", "train.lr=0.01",  # enough to learn something in 2 short epochs: the base run needs AUC > 0.5
     "--epochs", "2",
     "--set", "model.block_dim=16",
     "--set", "model.num_blocks=2",
@@ -249,7 +250,7 @@ def test_run_folder_contents(runs):
     assert "relaimp" not in m  # no base run given
 
     lines = (run / "log.jsonl").read_text().splitlines()
-    assert len(lines) == 2  # one per epoch (2 epochs, patience 2: no early stop possible)
+    assert len(lines) == 2  # one per epoch (2 epochs: at most one epoch without improvement)
     records = [json.loads(ln) for ln in lines]
     assert [r["epoch"] for r in records] == [1, 2]
     best = max(records, key=lambda r: r["valid_auc"])
@@ -258,7 +259,7 @@ def test_run_folder_contents(runs):
 
     cfg = load_config(run / "config.yaml")
     assert cfg.model.block_dim == 16 and cfg.model.num_blocks == 2 and cfg.train.seed == 11
-    assert cfg.train.epochs == 2 and cfg.data.synthetic.rows == 3000
+    assert cfg.train.epochs == 2 and cfg.data.synthetic.rows == 6000
 
 
 def test_no_pickle_anywhere(runs):
@@ -300,10 +301,21 @@ def test_relaimp_against_base_run(runs):
     assert m["relaimp"] != 0.0
 
 
+def test_base_run_at_or_below_chance_is_refused_before_training(runs, tmp_path, capsys):
+    weak = tmp_path / "weak"
+    weak.mkdir()
+    (weak / "metrics.json").write_text(json.dumps({"test": {"auc": 0.48, "logloss": 0.7}}))
+    out = tmp_path / "never"
+    assert main(["train", *TINY, "--output", str(out), "--base-run", str(weak)]) == 2
+    err = capsys.readouterr().err
+    assert "RelaImp" in err and "0.4800" in err and "metrics.json" in err
+    assert not out.exists()  # refused before any training or run folder
+
+
 def test_load_model_reproduces_predictions(runs):
     model = load_model(runs["a"])
     assert not model.training
-    test = generate(3000, 7).splits["test"]
+    test = generate(6000, 7).splits["test"]
     probs = predict(model, test)
     m = metrics_of(runs["a"])
     assert auc(test.y, probs) == pytest.approx(m["test"]["auc"], abs=1e-12)

@@ -117,7 +117,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
             "probability) straight to disk in chunks, so any size fits in bounded memory."
         ),
     )
-    p.add_argument("--rows", type=int, default=300_000, help="total rows, split 8:1:1 (default 300000)")
+    from .config import SyntheticConfig  # torch-free
+
+    p.add_argument("--rows", type=int, default=SyntheticConfig.rows, help=f"total rows, split 8:1:1 (default {SyntheticConfig.rows})")
     p.add_argument("--seed", type=int, default=7, help="generator seed (default 7)")
     p.add_argument("--output", required=True, metavar="DIR", help="folder to write")
     p.set_defaults(func=_run_generate)

@@ -64,9 +64,12 @@ def read_base_auc(base_run: str) -> float:
     if not path.is_file():
         raise UserError(f"{path}: base run has no metrics.json (is {base_run} a finished run folder?)")
     try:
-        return float(json.loads(path.read_text())["test"]["auc"])
+        value = float(json.loads(path.read_text())["test"]["auc"])
     except (KeyError, TypeError, ValueError, json.JSONDecodeError):
         raise UserError(f"{path}: no test AUC in the base run's metrics") from None
+    if not value > 0.5:  # RelaImp divides by AUC(base) - 0.5
+        raise UserError(f"{path}: the base run's test AUC is {value:.4f}; RelaImp (Eq. 20) needs a base above 0.5")
+    return value
 
 
 def train_run(cfg: RunConfig, data: Optional[CTRDataset] = None, log: Any = print, resume: bool = False) -> RunResult:
