@@ -228,3 +228,39 @@ def test_encode_file_with_saved_encoder_matches_prepared(tmp_path):
     parts = list(encode_file(tmp_path / "o2", csv))
     assert parts[0][1] is None and sum(len(p[0]) for p in parts) == 50
     assert parts[0][2][0] == 2  # line numbers: the header is line 1
+
+
+def test_spill_windows_round_trip_with_growing_chunks(tmp_path, monkeypatch):
+    """Pass 1's spill reuses one buffer for every window; chunks that grow past its capacity,
+    skipped bad rows and windows of every size come back exactly (tokens and indices)."""
+    from types import SimpleNamespace
+
+    import masknet.data.prepare as prep
+    from masknet.data.encoder import Tokens
+    from masknet.data.schema import builtin_spec
+
+    monkeypatch.setattr(prep, "WINDOW_ROWS", 300)
+    spec = builtin_spec("frappe")
+    nf = len(spec.fields)
+    rng = np.random.default_rng(3)
+    spill = prep._Spill(tmp_path / "spill", spec)
+    expected, written = [], []  # per kept row: the token of every field (None = missing)
+    for n in (40, 90, 700, 20, 1500, 5, 333):  # 700 and 1500 outgrow the buffer mid-window
+        vocab = [pa.array([f"f{j}-{v}" for v in rng.integers(0, 50, size=17)]) for j in range(nf)]
+        idx = [np.where(rng.random(n) < 0.1, -1, rng.integers(0, 17, size=n)).astype(np.int32) for _ in range(nf)]
+        good = rng.random(n) < 0.9
+        pc_ = SimpleNamespace(n=n, y=rng.integers(0, 2, size=n).astype(np.uint8), fields=[(i, Tokens(v)) for i, v in zip(idx, vocab)])
+        for r in np.nonzero(good)[0]:
+            expected.append([None if idx[j][r] < 0 else vocab[j][int(idx[j][r])].as_py() for j in range(nf)])
+        w = spill.add(pc_, good, np.zeros(int(good.sum()), np.uint8))
+        if w is not None:
+            written.append(w.ix.shape[1])
+    w = spill.flush()
+    written.append(w.ix.shape[1])
+    got = []
+    for ix, tokens, y, codes in spill.windows():
+        for r in range(ix.shape[1]):
+            got.append([None if ix[j, r] < 0 else tokens[j][int(ix[j, r])].as_py() for j in range(nf)])
+    spill.close()
+    assert len(written) == 3 and sum(written) == len(expected)
+    assert got == expected

@@ -87,10 +87,11 @@ class PreparedWriter:
         if x.ndim != 2 or x.shape[1] != len(self.fields) or len(y) != len(x):
             raise ValueError(f"chunk shape mismatch: x {x.shape}, y {y.shape}, fields {len(self.fields)}")
         files = self._files[split]
-        files[0].write(np.ascontiguousarray(x, dtype=X_DTYPE).tobytes())
-        files[1].write(np.ascontiguousarray(y, dtype=Y_DTYPE).tobytes())
+        # written through the buffer protocol: no bytes copy of the chunk
+        files[0].write(np.ascontiguousarray(x, dtype=X_DTYPE))
+        files[1].write(np.ascontiguousarray(y, dtype=Y_DTYPE))
         if self.with_prob:
-            files[2].write(np.ascontiguousarray(p, dtype=P_DTYPE).tobytes())
+            files[2].write(np.ascontiguousarray(p, dtype=P_DTYPE))
         self.rows[split] += len(x)
         self.positives[split] += int(np.count_nonzero(y))
 
