@@ -117,6 +117,13 @@ def test_encoder_fitted_on_train_only_and_reapplied_identically(tmp_path, criteo
     assert (train_x[:, 13:] >= 2).mean() > 0.5
     # a field's vocabulary entries all reach the min count in train
     assert all(f["min_count"] == 10 for f in stats["fields"])
+    # the stats' missing and OOV rates are the arrays' own
+    for s in ds.splits:
+        x = np.asarray(ds.splits[s].x)
+        for j, f in enumerate(stats["fields"]):
+            assert f["missing_rate"][s] == pytest.approx((x[:, j] == 0).mean(), abs=1e-12), (s, f["name"])
+            assert f["oov_rate"][s] == pytest.approx((x[:, j] == 1).mean(), abs=1e-12), (s, f["name"])
+    assert any(f["oov_rate"]["test"] > 0 for f in stats["fields"]) and any(f["missing_rate"]["train"] > 0 for f in stats["fields"])
 
 
 def test_unseen_categories_map_to_oov(tmp_path):

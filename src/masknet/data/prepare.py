@@ -44,7 +44,7 @@ import pyarrow.compute as pc
 
 from ..errors import DataError, UserError
 from .dataset import FORMAT_NAME, SPLITS, PreparedWriter
-from .encoder import Encoder, FieldEncoder, Tokens, TokenCounter, _np, _splitmix64, fit_field, parse_label, parse_time, transform
+from .encoder import MISSING, OOV, Encoder, FieldEncoder, Tokens, TokenCounter, _np, _splitmix64, fit_field, parse_label, parse_time, transform
 from .readers import DEFAULT_BLOCK_BYTES, BadLine, NeedSerial, RawChunk, check_columns, count_data_rows, iter_chunks
 from .schema import DatasetSpec
 
@@ -391,17 +391,17 @@ def _prepare(
 
             def one_field(j: int) -> None:
                 lut = np.concatenate([encoder.fields[j].codes(tokens[j]), np.zeros(1, np.int32)])  # last: missing
-                xt[j] = lut[ix[j]]  # index -1 -> the missing slot (0)
+                col = xt[j]
+                np.take(lut, ix[j], out=col)  # index -1 -> the missing slot (0)
+                missing[:, j] += np.bincount(codes[col == MISSING], minlength=3)  # per split
+                oov[:, j] += np.bincount(codes[col == OOV], minlength=3)
 
             list(_POOL.map(one_field, range(nf)))
             for s_code, s_name in enumerate(SPLITS):
                 m = codes == s_code
                 if m.any():
-                    xs = xt.T[m]  # [rows of the split, f], one gather into a new C-contiguous array
-                    writer.append(s_name, xs, y[m])
-                    missing[s_code] += (xs == 0).sum(axis=0)
-                    oov[s_code] += (xs == 1).sum(axis=0)
-            xs = m = None  # free before trimming
+                    writer.append(s_name, xt.T[m], y[m])  # [rows of the split, f]: one gather, C-contiguous
+            m = None  # free before trimming
             _release_memory()
         encoder.save(output / "encoder.json")
     finally:
