@@ -487,14 +487,16 @@ def _count_window(w: _Window, counters: list[TokenCounter], spec: DatasetSpec) -
     train = w.codes == TRAIN
     if not train.any():
         return
-    all_train = bool(train.all())
+    rows = None if train.all() else np.flatnonzero(train)  # the same rows for every field
 
     def one_field(j: int) -> None:
         if spec.fields[j].hash_buckets:
             return
-        sel = w.ix[j] if all_train else w.ix[j][train]
-        sel = sel[sel >= 0]
-        counters[j].add(w.tokens[j], np.bincount(sel, minlength=len(w.tokens[j])))
+        col = w.ix[j] + 1 if rows is None else np.take(w.ix[j], rows)
+        if rows is not None:
+            col += 1
+        # slot 0 collects the missing values (index -1), slot v + 1 token v
+        counters[j].add(w.tokens[j], np.bincount(col, minlength=len(w.tokens[j]) + 1)[1:])
 
     list(_POOL.map(one_field, range(len(spec.fields))))
 
