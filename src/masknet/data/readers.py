@@ -7,7 +7,10 @@ that every later check can name the file, line and field of a bad value. Memory 
 bounded by the block size, whatever the file size. gzip input (detected by its magic
 bytes, not its name) is decompressed on the fly.
 
-CSV parsing is Arrow's multi-threaded streaming reader. Rows with the wrong number of
+CSV parsing is Arrow's streaming reader, one block ahead in a background thread, giving plain
+byte columns; two worker threads dictionary-encode each block while the next one is parsed
+(Arrow's own dictionary conversion runs on its single parsing thread and was the bottleneck,
+docs/data.md "Benchmark"). Rows with the wrong number of
 columns are dropped by the parser and reported through its invalid-row handler; only the
 single-threaded parser knows their line numbers, so a file that has such rows is read
 again single-threaded (`NeedSerial`). Arrow also turns a fully empty line into a row of
