@@ -56,14 +56,21 @@ def test_reproduce_end_to_end_and_resume(tmp_path, capsys):
     assert len(doc["rq4"]["blocks"]) == 3 and doc["rq4"]["instances_analysed"] == 200
     assert {c["id"] for c in doc["claims"]} >= {"t2_sermasknet_beats_baselines", "t3_no_mask", "rq4_near_zero"}
 
-    # resume: drop one cell's result, rerun, only that cell trains again
+    # resume: drop one cell's result and mark another as trained on other data (an older
+    # generator); rerun: exactly those two cells train again
     victim = "paramasknet-emb30-s2021"
+    stale = out / "cells" / "fm-base-s2021" / "result.json"
     kept = out / "cells" / "dnn-base-s2021" / "result.json"
     kept_mtime = kept.stat().st_mtime_ns
     (out / "cells" / victim / "result.json").unlink()
+    old = json.loads(stale.read_text())
+    assert old["data_source"]["generator"].startswith("masknet.data.synthetic v")
+    old["data_source"]["generator"] = "masknet.data.synthetic v1"
+    stale.write_text(json.dumps(old))
     assert main(["reproduce", *TINY, "--output", str(out)]) == 0
     doc2 = json.loads((out / "results.json").read_text())
-    assert doc2["meta"]["cells_run"] == 1 and doc2["meta"]["cells_resumed"] == len(plan.cells) - 1
+    assert doc2["meta"]["cells_run"] == 2 and doc2["meta"]["cells_resumed"] == len(plan.cells) - 2
+    assert json.loads(stale.read_text())["data_source"]["generator"] != "masknet.data.synthetic v1"
     assert (out / "cells" / victim / "result.json").is_file()
     assert kept.stat().st_mtime_ns == kept_mtime
     assert doc2["cells"]["dnn-base-s2021"] == doc["cells"]["dnn-base-s2021"]

@@ -449,7 +449,9 @@ def _load_malloc_trim() -> Optional[Callable[[int], int]]:
     try:
         import ctypes
 
-        return ctypes.CDLL("libc.so.6").malloc_trim  # glibc only
+        trim = ctypes.CDLL("libc.so.6").malloc_trim  # glibc only
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+        return trim
     except (OSError, AttributeError):
         return None
 
@@ -588,6 +590,7 @@ class _Spill:
     def windows(self):
         """Yield (ix, tokens, y, codes) per window, in the order written. `ix` is a reused
         buffer: valid until the next window is read."""
+        self._buf = np.empty((self.nf, 0), dtype=np.int32)  # pass 1's buffer is no longer needed
         for fh in (self._ix, self._y, self._codes):
             fh.close()
         for w in self._tok_writers:

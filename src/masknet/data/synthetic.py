@@ -169,8 +169,12 @@ def _field_specs() -> list[dict]:
     return [{"name": n, "kind": k, "cardinality": c} for n, k, c in zip(field_names(), kinds, cardinalities())]
 
 
-def _source(rows: int, seed: int) -> dict:
-    return {"name": "synthetic", "rows": rows, "seed": seed, "generator": "masknet.data.synthetic v2"}
+GENERATOR = "masknet.data.synthetic v2"  # bump whenever the same (rows, seed) would give other data
+
+
+def source(rows: int, seed: int) -> dict:
+    """What a dataset of `rows` rows from seed `seed` is (its meta's "source")."""
+    return {"name": "synthetic", "rows": rows, "seed": seed, "generator": GENERATOR}
 
 
 def generate(rows: int, seed: int = 7) -> CTRDataset:
@@ -181,7 +185,7 @@ def generate(rows: int, seed: int = 7) -> CTRDataset:
     y = np.concatenate([p[1] for p in parts])
     p = np.concatenate([p[2] for p in parts])
     splits = {s: Split(x[a:b], y[a:b], p[a:b]) for s, (a, b) in split_bounds(rows).items()}
-    meta = {"fields": _field_specs(), "source": _source(rows, seed)}
+    meta = {"fields": _field_specs(), "source": source(rows, seed)}
     return CTRDataset(field_names(), cardinalities(), splits, meta)
 
 
@@ -198,5 +202,5 @@ def write_synthetic(path: str | Path, rows: int, seed: int = 7, progress: Option
                 writer.append(s, x[lo - a : hi - a], y[lo - a : hi - a], p[lo - a : hi - a])
         if progress is not None:
             progress(b - a)
-    writer.close(source=_source(rows, seed))
+    writer.close(source=source(rows, seed))
     return load_prepared(path)

@@ -16,7 +16,7 @@ from . import report
 from .analysis import analyse
 from .plan import PRESETS, RQ4_MAX_INSTANCES, format_value, make_plan
 from .rq4 import analyse as rq4_analyse
-from .runner import fmt_seconds, load_dataset, run_plan
+from .runner import fmt_seconds, load_dataset, read_result, run_plan
 from .stats import auc_standard_error
 
 
@@ -109,7 +109,8 @@ def reproduce(
     plan = make_plan(cfg, tables, seeds, fields)
     log(f"reproduce: tables {','.join(tables)}; {len(plan.cells)} cells ({seeds} seed{'s' if seeds > 1 else ''}); output {out}")
     data = load_dataset(cfg, fields)
-    before = {cid for cid in plan.cells if (out / "cells" / cid / "result.json").is_file()}
+    # cells finished earlier with the same settings and data (a stale result.json re-runs)
+    before = {cid for cid, cell in plan.cells.items() if read_result(out, cell, plan.cell_config(cell), plan.fields) is not None}
     results = run_plan(plan, out, data=data, quiet=quiet)
     resumed = len([c for c in plan.cells if c in before and results[c].get("seconds") is not None])
     rq4 = None

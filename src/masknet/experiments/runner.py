@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 from ..config import RunConfig
 from ..data.dataset import CTRDataset, load_prepared
 from ..data.synthetic import generate
+from ..data.synthetic import source as synthetic_source
 from ..errors import UserError
 from ..training.run import train_run
 from .plan import Cell, Plan
@@ -77,6 +78,18 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def data_identity(cfg: RunConfig) -> dict[str, Any]:
+    """What data a cell trains on, beyond its config: the generator version of the built-in data,
+    or a prepared folder's source (its input files and sizes). A finished cell is reused only if
+    this is unchanged, so a new generator or re-prepared data re-runs the cells."""
+    if cfg.data.path:
+        try:
+            return json.loads((Path(cfg.data.path) / "meta.json").read_text()).get("source", {})
+        except (OSError, json.JSONDecodeError):
+            return {"path": str(cfg.data.path)}
+    return synthetic_source(cfg.data.synthetic.rows, cfg.data.synthetic.seed)
+
+
 def read_result(out: Path, cell: Cell, cfg: RunConfig, fields: Optional[list[str]] = None) -> Optional[dict[str, Any]]:
     """The finished result of `cell`, or None if it has to (re-)run."""
     path = out / "cells" / cell.id / RESULT_FILE
@@ -89,6 +102,8 @@ def read_result(out: Path, cell: Cell, cfg: RunConfig, fields: Optional[list[str
     if not _same_settings(_comparable(result.get("config", {})), _comparable(cfg.to_dict())):
         return None
     if result.get("data_fields") != (list(fields) if fields else None):
+        return None
+    if result.get("data_source") != json.loads(json.dumps(data_identity(cfg))):
         return None
     return result
 
@@ -190,6 +205,7 @@ def run_plan(
                 "oracle_auc": m.get("oracle_auc"),
                 "config": cfg.to_dict(),
                 "data_fields": list(plan.fields) if plan.fields else None,
+                "data_source": data_identity(cfg),
             }
             _write_json_atomic(Path(cfg.output) / RESULT_FILE, result)
             results[cell.id] = result
