@@ -120,7 +120,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     from .config import SyntheticConfig  # torch-free
 
     p.add_argument("--rows", type=int, default=SyntheticConfig.rows, help=f"total rows, split 8:1:1 (default {SyntheticConfig.rows})")
-    p.add_argument("--seed", type=int, default=7, help="generator seed (default 7)")
+    p.add_argument("--seed", type=int, default=SyntheticConfig.seed, help=f"generator seed (default {SyntheticConfig.seed})")
     p.add_argument("--output", required=True, metavar="DIR", help="folder to write")
     p.set_defaults(func=_run_generate)
 

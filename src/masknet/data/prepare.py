@@ -494,11 +494,9 @@ def _count_window(w: _Window, counters: list[TokenCounter], spec: DatasetSpec) -
     def one_field(j: int) -> None:
         if spec.fields[j].hash_buckets:
             return
-        col = w.ix[j] + 1 if rows is None else np.take(w.ix[j], rows)
-        if rows is not None:
-            col += 1
+        col = w.ix[j] if rows is None else np.take(w.ix[j], rows)
         # slot 0 collects the missing values (index -1), slot v + 1 token v
-        counters[j].add(w.tokens[j], np.bincount(col, minlength=len(w.tokens[j]) + 1)[1:])
+        counters[j].add(w.tokens[j], np.bincount(col + 1, minlength=len(w.tokens[j]) + 1)[1:])
 
     list(_POOL.map(one_field, range(len(spec.fields))))
 

@@ -48,7 +48,6 @@ from ..errors import DataError
 from .schema import DatasetSpec
 
 DICT_STRING = pa.dictionary(pa.int32(), pa.string())
-DICT_BINARY = pa.dictionary(pa.int32(), pa.binary())
 DEFAULT_BLOCK_BYTES = 4 << 20  # CSV bytes parsed per block (about 16k Criteo lines)
 PARQUET_BATCH_ROWS = 1 << 16
 # Dictionary-encodes a block's columns while Arrow parses the next block: asking Arrow's streaming

@@ -16,7 +16,7 @@ from . import report
 from .analysis import analyse
 from .plan import PRESETS, RQ4_MAX_INSTANCES, format_value, make_plan
 from .rq4 import analyse as rq4_analyse
-from .runner import fmt_seconds, load_dataset, read_result, run_plan
+from .runner import fmt_seconds, load_dataset, run_plan
 from .stats import auc_standard_error
 
 
@@ -109,10 +109,8 @@ def reproduce(
     plan = make_plan(cfg, tables, seeds, fields)
     log(f"reproduce: tables {','.join(tables)}; {len(plan.cells)} cells ({seeds} seed{'s' if seeds > 1 else ''}); output {out}")
     data = load_dataset(cfg, fields)
-    # cells finished earlier with the same settings and data (a stale result.json re-runs)
-    before = {cid for cid, cell in plan.cells.items() if read_result(out, cell, plan.cell_config(cell), plan.fields) is not None}
-    results = run_plan(plan, out, data=data, quiet=quiet)
-    resumed = len([c for c in plan.cells if c in before and results[c].get("seconds") is not None])
+    trained: list[str] = []  # cells this invocation trains; run_plan reuses the others (same settings and data)
+    results = run_plan(plan, out, data=data, quiet=quiet, on_cell=lambda cell, _: trained.append(cell.id))
     rq4 = None
     rq4_cell = None
     if "rq4" in tables:
@@ -143,13 +141,12 @@ def reproduce(
             "attention_layers": m.attention_layers, "attention_heads": m.attention_heads, "attention_dim": m.attention_dim,
         },
         "base_config": cfg.to_dict(),
-        "cells_run": len(plan.cells) - len(before & set(plan.cells)),
-        "cells_resumed": len(before & set(plan.cells)),
+        "cells_run": len(trained),
+        "cells_resumed": len(plan.cells) - len(trained),
         "train_seconds_total": sum(r.get("seconds", 0.0) for r in results.values()),
         "rq4_cell": rq4_cell,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
-    del resumed
     plot_files = plots_mod.make_all(analysis, rq4, out, info["name"])
     meta["wall"] = fmt_seconds(time.perf_counter() - t0)
     report.write(out, meta, plan, results, analysis, rq4, plot_files)
