@@ -187,20 +187,27 @@ def test_patience_one_and_no_early_stop(monkeypatch):
     assert n_eval == 3 and result.best_epoch == 3
 
 
-@pytest.mark.parametrize("sparse, floor", [(False, 0.8), (True, 0.75)])
-def test_fit_really_learns(sparse, floor):
+@pytest.mark.parametrize("sparse", [False, True])
+def test_fit_really_learns(sparse):
     """Not scripted: a few epochs on learnable data raise the validation AUC well above chance
-    (best possible here: 0.9). Lazy sparse Adam reaches 0.79-0.90 depending on the seed."""
-    rng = np.random.default_rng(0)
-    ds = tiny_dataset(n_train=2000, n_valid=400)
-    for s in ds.splits.values():  # label depends on an interaction of fields a and b
-        s.y[:] = (((s.x[:, 0] + s.x[:, 1]) % 2 == 0) ^ (rng.random(len(s)) < 0.1)).astype(np.uint8)
-    model = tiny_model()
-    cfg = TrainConfig(epochs=8, patience=8, batch_size=128, lr=0.02, threads=1, progress=False, sparse_embeddings=sparse)
-    result = fit(model, ds, cfg)
-    assert result.best_valid["auc"] > floor
-    probs = predict(model, ds.splits["valid"])
-    assert auc(ds.splits["valid"].y, probs) == pytest.approx(result.best_valid["auc"], abs=1e-12)
+    (best possible here: 0.9). One initialisation's result moves with the CPU's float kernels:
+    seed 0 with lazy sparse Adam passed a single-run floor of 0.75 on the earlier AVX2 CI machine
+    and gives 0.73 on an AVX-512 one. So the floor is on the mean over three initialisations
+    (AVX-512: 0.871 dense, 0.840 sparse; seeds 1-5 alone give 0.79-0.91)."""
+    best = []
+    for seed in range(3):
+        rng = np.random.default_rng(0)
+        ds = tiny_dataset(n_train=2000, n_valid=400)
+        for s in ds.splits.values():  # label depends on an interaction of fields a and b
+            s.y[:] = (((s.x[:, 0] + s.x[:, 1]) % 2 == 0) ^ (rng.random(len(s)) < 0.1)).astype(np.uint8)
+        model = tiny_model(seed=seed)
+        cfg = TrainConfig(epochs=8, patience=8, batch_size=128, lr=0.02, threads=1, progress=False,
+                          sparse_embeddings=sparse, seed=2021 + seed)
+        result = fit(model, ds, cfg)
+        best.append(result.best_valid["auc"])
+        probs = predict(model, ds.splits["valid"])
+        assert auc(ds.splits["valid"].y, probs) == pytest.approx(result.best_valid["auc"], abs=1e-12)
+    assert np.mean(best) > 0.8, best
 
 
 # ---------------------------------------------------------------------------
