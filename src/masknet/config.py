@@ -27,6 +27,10 @@ from .errors import ConfigError
 MODEL_NAMES = ("sermasknet", "paramasknet", "lr", "fm", "dnn", "deepfm", "dcn", "dcnv2", "xdeepfm", "autoint")
 
 MASKNET_MODELS = ("sermasknet", "paramasknet")
+# backbones a multi-task model (models/multitask.py) can be built on; kept here, free of torch
+MULTITASK_BACKBONES = ("sermasknet", "paramasknet", "dnn", "dcnv2")
+MULTITASK_KINDS = ("none", "shared_bottom", "mmoe")
+CALIBRATIONS = ("none", "isotonic", "platt")
 
 
 @dataclass
@@ -56,6 +60,13 @@ class ModelConfig:
     attention_dim: int = 32  # per head
     attention_residual: bool = True
 
+    # --- multi-task (models/multitask.py, docs/multitask.md) ---
+    # none: one logit per row (every model); shared_bottom: the backbone feeds one tower per task;
+    # mmoe: num_experts backbones (sharing the embedding), a softmax gate per task (Ma et al. 2018)
+    multitask: str = "none"
+    num_experts: int = 3  # mmoe: OPEN (MMoE's paper uses 8 small experts; 3 full MaskNets cost 3x)
+    tower_hidden: list[int] = field(default_factory=lambda: [64])  # per-task tower, OPEN: one ReLU layer of 64
+
     def validate(self) -> None:
 
         if self.name not in MODEL_NAMES:
@@ -78,6 +89,15 @@ class ModelConfig:
         _positive("model.attention_layers", self.attention_layers)
         _positive("model.attention_heads", self.attention_heads)
         _positive("model.attention_dim", self.attention_dim)
+        if self.multitask not in MULTITASK_KINDS:
+            raise ConfigError(f"model.multitask: expected one of {', '.join(MULTITASK_KINDS)}, got {self.multitask!r}")
+        if self.multitask != "none" and self.name not in MULTITASK_BACKBONES:
+            raise ConfigError(
+                f"model.multitask: {self.multitask} is built on {', '.join(MULTITASK_BACKBONES)}; got model.name={self.name!r}"
+            )
+        _positive("model.num_experts", self.num_experts)
+        for width in self.tower_hidden:
+            _positive("model.tower_hidden", width)
 
 
 @dataclass
@@ -105,6 +125,15 @@ class TrainConfig:
     precision: str = "fp32"  # "bf16": autocast the forward to bfloat16 (weights, optimizer, loss stay fp32)
     on_nan: str = "stop"  # non-finite loss/gradient: "stop" (keep the last good checkpoint) or "skip-batch"
     device: str = "auto"  # "auto" (CUDA when present, else CPU), "cpu" or "cuda"; torchrun ranks use cuda:LOCAL_RANK
+    # --- several labels (docs/multitask.md) ---
+    tasks: list[str] = field(default_factory=list)  # the labels to train on; empty: every label of the data
+    task_weights: list[float] = field(default_factory=list)  # loss weight per task (in `tasks` order); empty: 1 each
+    early_stopping: str = "mean"  # "mean": loss-weighted mean of the tasks' validation AUCs; or one task's name
+    # --- calibration (training/calibration.py, docs/calibration.md) ---
+    calibration: str = "none"  # post-hoc, fitted on the validation split: none, isotonic or platt
+    calibration_bins: int = 10  # equal-mass bins of ECE and the reliability diagram (docs: why 10)
+    calibration_field: Optional[str] = None  # predicted/observed ratio per value of this field; None: the first field
+    negative_sampling_rate: float = 1.0  # keep this share of the training rows negative on the first task; scores corrected
 
     def validate(self) -> None:
         _positive("train.epochs", self.epochs)
@@ -128,6 +157,21 @@ class TrainConfig:
             raise ConfigError(f"train.threads: must be >= 0, got {self.threads}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train.device: must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.task_weights and len(self.task_weights) != len(self.tasks):
+            raise ConfigError(
+                f"train.task_weights: {len(self.task_weights)} weights need as many train.tasks (got {len(self.tasks)}); "
+                "name the tasks, e.g. --set train.tasks=click,purchase --set train.task_weights=1,2"
+            )
+        if any(not w > 0 for w in self.task_weights):
+            raise ConfigError(f"train.task_weights: every weight must be > 0, got {self.task_weights}")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError(f"train.tasks: a task is listed twice: {self.tasks}")
+        if self.calibration not in CALIBRATIONS:
+            raise ConfigError(f"train.calibration: expected one of {', '.join(CALIBRATIONS)}, got {self.calibration!r}")
+        if self.calibration_bins < 2:
+            raise ConfigError(f"train.calibration_bins: must be >= 2, got {self.calibration_bins}")
+        if not 0 < self.negative_sampling_rate <= 1:
+            raise ConfigError(f"train.negative_sampling_rate: must be in (0, 1], got {self.negative_sampling_rate}")
 
 
 @dataclass
@@ -136,6 +180,7 @@ class SyntheticConfig:
 
     rows: int = 120_000  # split 8:1:1 into train/valid/test
     seed: int = 7
+    multitask: bool = False  # labels click and purchase (purchase only after a click); off: the single-task data
 
     def validate(self) -> None:
         if self.rows < 100:

@@ -6,6 +6,9 @@ Layout of a prepared dataset folder (written by `PreparedWriter`, read by `load_
     <split>.x.bin       int32  [rows, f]  per-field category index, 0 <= x[:, i] < cardinality[i]
     <split>.y.bin       uint8  [rows]     label 0/1
     <split>.p.bin       float32 [rows]    true click probability (only for synthetic data: the oracle)
+    <split>.labels.bin  uint8  [rows, T]  every label, one column per task (only with several labels:
+                                          meta.json's "labels"); 255 = missing; column 0 equals y.bin
+    <split>.probs.bin   float32 [rows, T] every task's true probability (synthetic multi-task data only)
 
 Raw little-endian arrays (not .npy) so a writer can append chunk by chunk without
 knowing the final row count; the shapes live in meta.json.
@@ -31,18 +34,40 @@ FORMAT_VERSION = 1
 X_DTYPE = np.dtype("<i4")
 Y_DTYPE = np.dtype("u1")
 P_DTYPE = np.dtype("<f4")
+MISSING_LABEL = 255  # in labels.bin: this row's label of this task is unknown (masked out of loss and metrics)
+DEFAULT_LABEL = "click"  # the task's name when the data does not name its label (built-in data, older folders)
 
 
 @dataclass
 class Split:
-    """One split: x [n, f] int32, y [n] uint8, p [n] float32 or None. Arrays may be memory-mapped."""
+    """One split: x [n, f] int32, y [n] uint8, p [n] float32 or None. Arrays may be memory-mapped.
+
+    Multi-task data also has labels [n, T] uint8 (MISSING_LABEL = unknown; column 0 is y) and, for
+    synthetic data, probs [n, T] float32 (column 0 is p)."""
 
     x: np.ndarray
     y: np.ndarray
     p: Optional[np.ndarray] = None
+    labels: Optional[np.ndarray] = None
+    probs: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
+
+    def label_matrix(self) -> np.ndarray:
+        """Every task's labels [n, T] (T = 1 for single-label data)."""
+        return self.labels if self.labels is not None else np.asarray(self.y).reshape(-1, 1)
+
+    def prob_matrix(self) -> Optional[np.ndarray]:
+        """Every task's true probability [n, T], or None without an oracle."""
+        if self.probs is not None:
+            return self.probs
+        return None if self.p is None else np.asarray(self.p).reshape(-1, 1)
+
+    def take(self, rows: np.ndarray) -> "Split":
+        """The rows `rows` (sorted indices) as an in-memory split."""
+        pick = lambda a: None if a is None else np.asarray(a)[rows]  # noqa: E731
+        return Split(pick(self.x), pick(self.y), pick(self.p), pick(self.labels), pick(self.probs))
 
 
 @dataclass
@@ -59,6 +84,16 @@ class CTRDataset:
     def has_oracle(self) -> bool:
         return all(s.p is not None for s in self.splits.values())
 
+    @property
+    def task_names(self) -> list[str]:
+        """One name per label (task), in storage order: meta.json's "labels", else the one default."""
+        labels = self.meta.get("labels")
+        return [lab["name"] for lab in labels] if labels else [DEFAULT_LABEL]
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_names)
+
 
 # ---------------------------------------------------------------------------
 # Writing and reading
@@ -70,30 +105,49 @@ class PreparedWriter:
     Memory stays bounded by the chunk size, whatever the total number of rows.
     """
 
-    def __init__(self, path: str | Path, fields: list[dict[str, Any]], with_prob: bool = False):
+    def __init__(
+        self, path: str | Path, fields: list[dict[str, Any]], with_prob: bool = False,
+        labels: Optional[list[dict[str, Any]]] = None,
+    ):
+        """`labels`: one {"name", "optional"} per label column (saved in meta.json); with more than
+        one, `append` takes y [n, T] (and p [n, T]) and labels.bin (probs.bin) hold them all."""
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.fields = fields
         self.with_prob = with_prob
+        self.labels = labels
+        self.tasks = len(labels) if labels and len(labels) > 1 else 0  # 0: single-label, y is [n]
         self.rows = {s: 0 for s in SPLITS}
         self.positives = {s: 0 for s in SPLITS}
+        self.task_counts = {s: np.zeros((2, max(self.tasks, 1)), np.int64) for s in SPLITS}  # labelled, positive
         self._files = {}
         for s in SPLITS:
             self._files[s] = [open(self.path / f"{s}.x.bin", "wb"), open(self.path / f"{s}.y.bin", "wb")]
             if with_prob:
                 self._files[s].append(open(self.path / f"{s}.p.bin", "wb"))
+            if self.tasks:
+                self._files[s].append(open(self.path / f"{s}.labels.bin", "wb"))
+                if with_prob:
+                    self._files[s].append(open(self.path / f"{s}.probs.bin", "wb"))
 
     def append(self, split: str, x: np.ndarray, y: np.ndarray, p: Optional[np.ndarray] = None) -> None:
-        if x.ndim != 2 or x.shape[1] != len(self.fields) or len(y) != len(x):
-            raise ValueError(f"chunk shape mismatch: x {x.shape}, y {y.shape}, fields {len(self.fields)}")
+        if x.ndim != 2 or x.shape[1] != len(self.fields) or len(y) != len(x) or (y.ndim == 2) != bool(self.tasks):
+            raise ValueError(f"chunk shape mismatch: x {x.shape}, y {y.shape}, fields {len(self.fields)}, tasks {self.tasks}")
         files = self._files[split]
+        first = y[:, 0] if self.tasks else y
         # written through the buffer protocol: no bytes copy of the chunk
         files[0].write(np.ascontiguousarray(x, dtype=X_DTYPE))
-        files[1].write(np.ascontiguousarray(y, dtype=Y_DTYPE))
+        files[1].write(np.ascontiguousarray(first, dtype=Y_DTYPE))
         if self.with_prob:
-            files[2].write(np.ascontiguousarray(p, dtype=P_DTYPE))
+            files[2].write(np.ascontiguousarray(p[:, 0] if self.tasks else p, dtype=P_DTYPE))
+        if self.tasks:
+            files[2 + self.with_prob].write(np.ascontiguousarray(y, dtype=Y_DTYPE))
+            if self.with_prob:
+                files[4].write(np.ascontiguousarray(p, dtype=P_DTYPE))
+            known = y != MISSING_LABEL
+            self.task_counts[split] += [known.sum(axis=0), (known & (y == 1)).sum(axis=0)]
         self.rows[split] += len(x)
-        self.positives[split] += int(np.count_nonzero(y))
+        self.positives[split] += int(np.count_nonzero(first))
 
     def close(self, source: dict[str, Any] | None = None, stats: dict[str, Any] | None = None) -> Path:
         for files in self._files.values():
@@ -115,6 +169,15 @@ class PreparedWriter:
             "source": source or {},
             "stats": stats or {},
         }
+        if self.labels:
+            meta["labels"] = self.labels
+        if self.tasks:  # per task and split: rows with a known label, positives among them
+            for s in SPLITS:
+                known, pos = self.task_counts[s]
+                meta["splits"][s]["tasks"] = {
+                    lab["name"]: {"labelled": int(k), "positives": int(q), "positive_rate": float(q) / k if k else None}
+                    for lab, k, q in zip(self.labels, known, pos)
+                }
         (self.path / "meta.json").write_text(json.dumps(meta, indent=2))
         return self.path
 
@@ -126,9 +189,13 @@ def write_prepared(dataset: CTRDataset, path: str | Path, kinds: Optional[list[s
         {"name": n, "kind": k, "cardinality": c}
         for n, k, c in zip(dataset.field_names, kinds, dataset.cardinalities)
     ]
-    writer = PreparedWriter(path, fields, with_prob=dataset.has_oracle())
+    labels = dataset.meta.get("labels")
+    writer = PreparedWriter(path, fields, with_prob=dataset.has_oracle(), labels=labels)
     for name, split in dataset.splits.items():
-        writer.append(name, split.x, split.y, split.p)
+        if writer.tasks:
+            writer.append(name, split.x, split.labels, split.probs)
+        else:
+            writer.append(name, split.x, split.y, split.p)
     return writer.close(source=dataset.meta.get("source"), stats=dataset.meta.get("stats"))
 
 
@@ -154,7 +221,12 @@ def load_prepared(path: str | Path) -> CTRDataset:
         x = _map(path / f"{s}.x.bin", X_DTYPE, (rows, f))
         y = _map(path / f"{s}.y.bin", Y_DTYPE, (rows,))
         p = _map(path / f"{s}.p.bin", P_DTYPE, (rows,)) if meta.get("has_prob") else None
-        splits[s] = Split(x, y, p)
+        tasks = len(meta.get("labels") or [])
+        labels = probs = None
+        if tasks > 1:
+            labels = _map(path / f"{s}.labels.bin", Y_DTYPE, (rows, tasks))
+            probs = _map(path / f"{s}.probs.bin", P_DTYPE, (rows, tasks)) if meta.get("has_prob") else None
+        splits[s] = Split(x, y, p, labels, probs)
     return CTRDataset(
         field_names=[fd["name"] for fd in fields],
         cardinalities=[int(fd["cardinality"]) for fd in fields],
@@ -189,6 +261,7 @@ def iterate_batches(
     skip_batches: int = 0,
 ) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
     """Yield (x LongTensor [b, f], y FloatTensor [b]) batches by slicing rows [start, stop).
+    Multi-task splits yield y [b, T], one column per task, -1 where the label is missing.
 
     With `shuffle_seed` (e.g. (seed, epoch)) shuffling is block-wise: the order of blocks
     of `block_rows` contiguous rows is permuted, and rows are permuted within each block.
@@ -210,12 +283,20 @@ def iterate_batches(
             skip_batches -= n_batches
             continue
         xb = np.asarray(split.x[b0:b1])
-        yb = np.asarray(split.y[b0:b1])
+        yb = np.asarray((split.labels if split.labels is not None else split.y)[b0:b1])
         if shuffle_seed is not None:
             order = np.random.default_rng([*shuffle_seed, 1, int(b0)]).permutation(b1 - b0)
             xb, yb = xb[order], yb[order]
         x_t = torch.from_numpy(xb.astype(np.int64, copy=False))
-        y_t = torch.from_numpy(yb.astype(np.float32, copy=False))
+        y_t = torch.from_numpy(_label_floats(yb))
         for i in range(skip_batches * batch_size, b1 - b0, batch_size):
             yield x_t[i : i + batch_size], y_t[i : i + batch_size]
         skip_batches = 0
+
+
+def _label_floats(y: np.ndarray) -> np.ndarray:
+    """uint8 labels -> float32, MISSING_LABEL -> -1 (the trainer masks y < 0 out)."""
+    out = y.astype(np.float32, copy=False)
+    if y.ndim == 2:
+        out = np.where(y == MISSING_LABEL, np.float32(-1), out).astype(np.float32, copy=False)
+    return out

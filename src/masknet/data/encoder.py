@@ -144,7 +144,12 @@ def transform(fs: FieldSpec, values: pa.Array) -> Tokens:
 
 
 def parse_label(values: pa.Array, kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """Label 0/1 (uint8) per raw value and a bad mask. kind 01: 0/1; pm1: -1/1 (0 also negative)."""
+    """Label 0/1 (uint8) per raw value and a bad mask. kind 01: 0/1; pm1: -1/1 (0 also negative);
+    "=V": positive when the value, surrounding spaces stripped, is V, else negative (never bad)."""
+    if kind.startswith("="):
+        s = pc.utf8_trim_whitespace(_as_string(values))
+        hit = pc.fill_null(pc.equal(s, pa.scalar(kind[1:], pa.string())), False)
+        return _np(hit).astype(np.uint8), np.zeros(len(values), bool)
     if pa.types.is_boolean(values.type):
         return _np(values).astype(np.uint8), np.zeros(len(values), bool)
     f, bad = parse_numbers(values)

@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import DataError, UserError
-from .dataset import FORMAT_NAME, SPLITS, PreparedWriter
+from .dataset import FORMAT_NAME, MISSING_LABEL, SPLITS, PreparedWriter
 from .encoder import MISSING, OOV, Encoder, FieldEncoder, Tokens, TokenCounter, _np, _splitmix64, fit_field, parse_label, parse_time, transform
 from .readers import DEFAULT_BLOCK_BYTES, BadLine, NeedSerial, RawChunk, check_columns, count_data_rows, iter_chunks
 from .schema import DatasetSpec
@@ -62,7 +62,7 @@ class ParsedChunk:
     unit: str
     n: int
     good: np.ndarray  # bool [n]
-    y: np.ndarray  # uint8 [n] (meaningless on bad rows)
+    y: np.ndarray  # uint8 [n], or [n, tasks] with several labels (meaningless on bad rows)
     row_ids: np.ndarray
     lines: np.ndarray
     fields: list[tuple[np.ndarray, Tokens]]  # per field: raw-value index per row (-1 missing), tokens
@@ -116,18 +116,25 @@ def parse_chunk(spec: DatasetSpec, chunk: RawChunk, path: str) -> ParsedChunk:
             all_null &= ix < 0
         flag(all_null, None, "empty_line", "empty line")
 
-    y = np.zeros(n, np.uint8)
-    if spec.label:
-        lab_arr = chunk.columns[spec.label]
-        lab_idx = idx_of[spec.label]
-        lab_vals, lab_bad = parse_label(lab_arr.dictionary, spec.label_kind)
+    labels = spec.labels
+    y = np.zeros((n, len(labels)) if len(labels) > 1 else n, np.uint8)  # [n], or [n, tasks] with several labels
+    for t, lab in enumerate(labels):
+        lab_arr = chunk.columns[lab.column]
+        lab_idx = idx_of[lab.column]
+        lab_vals, lab_bad = parse_label(lab_arr.dictionary, lab.kind)
         safe = np.maximum(lab_idx, 0)
-        if len(lab_vals):
-            y = lab_vals[safe]
-        flag(lab_idx < 0, spec.label, "bad_label", "the label is missing")
+        col = lab_vals[safe] if len(lab_vals) else np.zeros(n, np.uint8)
+        if lab.optional:
+            col = np.where(lab_idx < 0, MISSING_LABEL, col).astype(np.uint8)
+        else:
+            flag(lab_idx < 0, lab.column, "bad_label", "the label is missing")
+        if y.ndim == 2:
+            y[:, t] = col
+        else:
+            y = col
         if lab_bad.any():
-            want = "-1 or 1" if spec.label_kind == "pm1" else "0 or 1"
-            flag((lab_idx >= 0) & lab_bad[safe], spec.label, "bad_label", f"the label must be {want}", lab_arr.dictionary, lab_idx)
+            want = "-1 or 1" if lab.kind == "pm1" else "0 or 1"
+            flag((lab_idx >= 0) & lab_bad[safe], lab.column, "bad_label", f"the label must be {want}", lab_arr.dictionary, lab_idx)
 
     fields = []
     toks = _POOL.map(lambda fs: transform(fs, chunk.columns[fs.column].dictionary), spec.fields)
@@ -382,7 +389,8 @@ def _prepare(
         t2 = time.perf_counter()
 
         # ---- pass 2: map the spilled indices through each window's token -> index table
-        writer = PreparedWriter(output, encoder.field_meta())
+        labels = [{"name": lab.column, "optional": lab.optional} for lab in spec.labels]
+        writer = PreparedWriter(output, encoder.field_meta(), labels=labels)
         missing = np.zeros((3, nf), dtype=np.int64)
         oov = np.zeros((3, nf), dtype=np.int64)
         xt_flat = np.empty(nf * max(spill.window_rows, default=0), dtype=np.int32)  # reused by every window
@@ -481,7 +489,7 @@ WINDOW_ROWS = 1 << 18  # rows per spilled window: one token lookup per field per
 class _Window:
     ix: np.ndarray  # int32 [f, rows]: per field, index into that field's window tokens, -1 = missing
     tokens: list[pa.Array]  # per field: the distinct raw tokens of the window's chunks, concatenated
-    y: np.ndarray  # uint8 [rows]
+    y: np.ndarray  # uint8 [rows], or [rows, tasks] with several labels
     codes: np.ndarray  # uint8 [rows]: 0/1/2 = train/valid/test
 
 
@@ -512,6 +520,7 @@ class _Spill:
         folder.mkdir(parents=True)
         self.nf = len(spec.fields)
         self.kinds = [fs.kind for fs in spec.fields]
+        self.tasks = len(spec.labels) if len(spec.labels) > 1 else 0  # 0: y is [rows]
         self._ix = open(folder / "ix.bin", "wb")
         self._y = open(folder / "y.bin", "wb")
         self._codes = open(folder / "codes.bin", "wb")
@@ -604,7 +613,9 @@ class _Spill:
                 if fix.readinto(ix) != ix.nbytes:
                     raise OSError(f"{self.folder / 'ix.bin'}: spill file is shorter than written")
                 ix = ix.reshape(self.nf, rows)
-                y = np.fromfile(fy, dtype=np.uint8, count=rows)
+                y = np.fromfile(fy, dtype=np.uint8, count=rows * max(self.tasks, 1))
+                if self.tasks:
+                    y = y.reshape(rows, self.tasks)
                 codes = np.fromfile(fc, dtype=np.uint8, count=rows)
                 tokens = [r.read_next_batch().column(0) for r in readers]
                 yield ix, tokens, y, codes
@@ -632,7 +643,7 @@ def encode_file(
     with_label: Optional[bool] = None,
 ) -> Iterator[tuple[np.ndarray, Optional[np.ndarray], np.ndarray]]:
     """Encode a raw file with a fitted encoder, chunk by chunk: yields (x int32 [n, f], y uint8 [n]
-    or None, line numbers [n]). Same reading, checks and indices as `prepare`; unseen categories
+    ([n, T] for multi-task data) or None, line numbers [n]). Same reading, checks and indices as `prepare`; unseen categories
     map to out-of-vocabulary. `with_label=None`: use the label column if the file has one.
     Bad lines raise a DataError (`bad_lines="error"`) or are dropped (`"skip"`)."""
     import copy
@@ -642,9 +653,10 @@ def encode_file(
     enc = encoder if isinstance(encoder, Encoder) else Encoder.load(encoder)
     spec = copy.deepcopy(enc.spec)
     if with_label is None:
-        with_label = spec.label in file_columns(spec, path) if spec.label else False
+        present = file_columns(spec, path)
+        with_label = bool(spec.labels) and all(lab.column in present for lab in spec.labels)
     if not with_label:
-        spec.label = None
+        spec.without_labels()
     log = BadLineLog(bad_lines)
 
     # single-threaded parse: rows with a wrong number of columns get their line numbers at once

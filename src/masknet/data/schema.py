@@ -30,7 +30,7 @@ from ..errors import DataError, UserError
 
 TRANSFORMS = ("category", "log_bucket", "hour_of_day", "weekday", "weekend", "libfm")
 NUMERIC_TRANSFORMS = ("log_bucket",)
-LABEL_KINDS = ("01", "pm1")  # 0/1, or libFM's -1/1 (0 also accepted as negative)
+LABEL_KINDS = ("01", "pm1")  # 0/1, or libFM's -1/1 (0 also accepted as negative); "=V": positive when the value is V
 TIME_KINDS = ("number", "iso", "avazu_hour")
 FILE_TYPES = ("csv", "libfm", "parquet", "auto")  # auto: parquet for *.parquet / *.pq, else csv
 
@@ -51,6 +51,19 @@ class FieldSpec:
 
 
 @dataclass
+class LabelSpec:
+    """A further label column (multi-task data): its name is the task's name.
+
+    kind: as DatasetSpec.label_kind ("01", "pm1", or "=V": positive when the value, surrounding
+    spaces stripped, is V). optional: a row may leave it missing; the row is then masked out of
+    this task's loss and metrics (e.g. a conversion only known after a click)."""
+
+    column: str
+    kind: str = "01"
+    optional: bool = False
+
+
+@dataclass
 class DatasetSpec:
     name: str
     file_type: str = "csv"
@@ -65,9 +78,23 @@ class DatasetSpec:
     time_kind: str = "number"
     missing_values: list[str] = field(default_factory=lambda: [""])
     schema_path: Optional[str] = None  # the schema file this spec came from (for messages)
+    more_labels: list[LabelSpec] = field(default_factory=list)  # tasks after `label` (multi-task data)
+
+    @property
+    def labels(self) -> list[LabelSpec]:
+        """Every label column, the first (`label`, never optional) first; empty without a label."""
+        if not self.label:
+            return []
+        return [LabelSpec(self.label, self.label_kind)] + list(self.more_labels)
+
+    def without_labels(self) -> "DatasetSpec":
+        """This spec reading no label column (rows to predict on); changes it in place."""
+        self.label = None
+        self.more_labels = []
+        return self
 
     def needed_columns(self) -> list[str]:
-        cols = ([self.label] if self.label else []) + [f.column for f in self.fields]
+        cols = [lab.column for lab in self.labels] + [f.column for f in self.fields]
         if self.time:
             cols.append(self.time)
         return list(dict.fromkeys(cols))
@@ -93,12 +120,16 @@ class DatasetSpec:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if not self.more_labels:  # a single-label spec is saved exactly as before multi-task data existed
+            del d["more_labels"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DatasetSpec":
         d = dict(d)
         d["fields"] = [FieldSpec(**f) for f in d.get("fields", [])]
+        d["more_labels"] = [LabelSpec(**lab) for lab in d.get("more_labels", [])]
         return cls(**d)
 
 
@@ -209,7 +240,9 @@ SCHEMA_KEYS = {
     "delimiter": "CSV field separator (default ',')",
     "header": "true if the first line names the columns (default true)",
     "columns": "every column name in order (required when header: false)",
-    "label": "the 0/1 label column (required)",
+    "label": "the 0/1 label column (this or 'labels' is required)",
+    "labels": "several label columns, one task each (multi-task data), the first being the main one: each a "
+    "name (a 0/1 column) or {name, positive, allow_missing} (docs/data.md)",
     "categorical": "list of categorical columns: a name, or {name, column, min_count, hash_buckets}",
     "numeric": "list of numeric columns (discretized floor(ln(x)^2)): a name or {name, column, min_count}",
     "time": "optional column that orders rows in time (for --split time)",
@@ -234,8 +267,11 @@ def load_schema_file(path: str | Path) -> DatasetSpec:
     unknown = sorted(set(raw) - set(SCHEMA_KEYS))
     if unknown:
         raise DataError(f"{path}: unknown schema key {unknown[0]!r}; known keys: {', '.join(SCHEMA_KEYS)}")
-    if "label" not in raw or not isinstance(raw["label"], str):
-        raise DataError(f"{path}: 'label' (the name of the 0/1 label column) is required")
+    if ("label" in raw) == ("labels" in raw):
+        raise DataError(f"{path}: give either 'label' (the 0/1 label column) or 'labels' (several label columns), not both or neither")
+    if "label" in raw and not isinstance(raw["label"], str):
+        raise DataError(f"{path}: label: expected the name of the 0/1 label column, got {raw['label']!r}")
+    labels = parse_labels(raw["labels"], str(path)) if "labels" in raw else [LabelSpec(raw["label"])]
 
     def get(key: str, tp: type, default: Any) -> Any:
         v = raw.get(key, default)
@@ -285,9 +321,9 @@ def load_schema_file(path: str | Path) -> DatasetSpec:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise DataError(f"{path}: field {dup[0]!r} is listed twice")
-    label = raw["label"]
-    if label in [f.column for f in fields]:
-        raise DataError(f"{path}: the label column {label!r} is also listed as a feature")
+    for lab in labels:
+        if lab.column in [f.column for f in fields]:
+            raise DataError(f"{path}: the label column {lab.column!r} is also listed as a feature")
     missing_values = get("missing_values", list, [""])
     spec = DatasetSpec(
         name=f"schema:{path}",
@@ -296,12 +332,14 @@ def load_schema_file(path: str | Path) -> DatasetSpec:
         header=header,
         columns=[str(c) for c in columns] if columns else None,
         quoting=get("quoting", bool, True),
-        label=label,
+        label=labels[0].column,
+        label_kind=labels[0].kind,
         fields=fields,
         time=get("time", str, None),
         time_kind=time_format,
         missing_values=[str(v) for v in missing_values],
         schema_path=str(path),
+        more_labels=labels[1:],
     )
     if len(spec.delimiter) != 1:
         raise DataError(f"{path}: delimiter: expected one character, got {spec.delimiter!r}")
@@ -311,6 +349,37 @@ def load_schema_file(path: str | Path) -> DatasetSpec:
             if col not in known:
                 raise DataError(f"{path}: column {col!r} is not among the schema's columns: {', '.join(spec.columns)}")
     return spec
+
+
+def parse_labels(entries: Any, path: str) -> list[LabelSpec]:
+    """A schema's `labels:` list: each entry a column name (0/1 values) or a mapping
+    {name, positive, allow_missing}; the first label may not be missing in a row."""
+    if not isinstance(entries, list) or not entries:
+        raise DataError(f"{path}: labels: expected a non-empty list of label columns")
+    out = []
+    for i, entry in enumerate(entries):
+        where = f"{path}: labels[{i}]"
+        if isinstance(entry, str):
+            entry = {"name": entry}
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise DataError(f"{where}: expected a column name or a mapping with 'name'")
+        extra = sorted(set(entry) - {"name", "positive", "allow_missing"})
+        if extra:
+            raise DataError(f"{where}: unknown key {extra[0]!r}; known: name, positive, allow_missing")
+        positive = entry.get("positive")
+        if positive is not None and (isinstance(positive, bool) or not isinstance(positive, (str, int, float))):
+            raise DataError(f"{where}: positive: expected the value (a string) that means positive, got {positive!r}")
+        optional = entry.get("allow_missing", False)
+        if not isinstance(optional, bool):
+            raise DataError(f"{where}: allow_missing: expected true or false, got {optional!r}")
+        if optional and i == 0:
+            raise DataError(f"{where}: allow_missing: the first label is the main task and must be known in every row")
+        out.append(LabelSpec(entry["name"], "01" if positive is None else f"={str(positive).strip()}", optional))
+    names = [lab.column for lab in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise DataError(f"{path}: labels: {dup[0]!r} is listed twice")
+    return out
 
 
 def spec_json(spec: DatasetSpec) -> str:

@@ -22,6 +22,16 @@ Every row keeps its true click probability p, so the oracle AUC (the best any mo
 reach on the sampled labels) is known. The interactions matter: a first-order-only model
 stays well below the oracle (tests check at least 0.03 AUC).
 
+Multi-task option (`multitask=True`, off by default; the default data is unchanged byte for
+byte): a second label, purchase, that can only happen after a click,
+
+    P(purchase | x) = P(click | x) · sigmoid(b_c + Σ_i v_i[x_i] + β · g(x) · s · Σ_P <u_i, u_j>)
+
+the conversion after a click sharing the click's gated interactions (β) and adding first-order
+effects of its own. Both tasks' true probabilities are stored, so each one's oracle AUC and true
+calibration are known. The conversion's parameters and draws come from their own random streams:
+the click labels, features and p are those of the single-task data of the same seed.
+
 Generation is chunked and deterministic: chunk i of a given seed is the same whatever the
 total size, so 10M+ rows can be written to disk without holding them in memory. Rows are
 i.i.d., so taking the first 80% as train, the next 10% as valid and the last 10% as test is
@@ -54,6 +64,9 @@ GATE_FIELDS = (1, 37)  # a[x_a], c[x_c]: I2 and C25
 LATENT_DIM = 2  # size of the latent factors u
 INTERACTION_SCALE = 0.7  # s
 NUM_PAIRS = 6  # field pairs with a planted interaction
+TASKS = ("click", "purchase")  # the labels of the multi-task option
+CONVERSION_BIAS = -6.0  # b_c: about 1 click in 10 converts (purchase rate 2.4%, click 25%, on seed 7)
+CONVERSION_SHARED = 0.5  # β: the share of the click's interaction term in the conversion logit
 
 
 def field_names() -> list[str]:
@@ -140,10 +153,14 @@ class PlantedModel:
         # float32 rounds p > 1 - 6e-8 to exactly 1 (logits reach about 20): keep p strictly inside (0, 1)
         return x, y, np.clip(p, 1e-7, 1 - 1e-7).astype(np.float32)
 
-    def logit(self, x: np.ndarray) -> np.ndarray:
+    def first_order_logit(self, x: np.ndarray) -> np.ndarray:
         out = np.full(len(x), self.bias)
         for i, w in enumerate(self.first_order):
             out += w[x[:, i]]
+        return out
+
+    def logit(self, x: np.ndarray) -> np.ndarray:
+        out = self.first_order_logit(x)
         inter = np.zeros(len(x))
         vecs = {i: u[x[:, i]] for i, u in self.latent.items()}
         for a, b in self.pairs:
@@ -151,6 +168,32 @@ class PlantedModel:
         inter *= INTERACTION_SCALE
         gate = 2.0 / (1.0 + np.exp(-(self.gate[0][x[:, GATE_FIELDS[0]]] + self.gate[1][x[:, GATE_FIELDS[1]]])))
         return out + gate * inter
+
+
+@dataclass
+class PlantedConversion:
+    """The conversion-after-click model of the multi-task option (its own random stream)."""
+
+    bias: float
+    first_order: list[np.ndarray]
+
+    @classmethod
+    def draw(cls, seed: int) -> "PlantedConversion":
+        rng = np.random.default_rng([seed, 0xC7, 1])
+        first = [rng.normal(0, 0.3 if c <= 5_000 else 0.0, size=c) for c in cardinalities()]
+        return cls(CONVERSION_BIAS, first)
+
+    def sample(self, click_model: PlantedModel, seed: int, chunk: int, x: np.ndarray, click: np.ndarray, p_click: np.ndarray):
+        """(purchase labels [n] uint8, true P(purchase | x) [n] float32) for a chunk's rows."""
+        logit = np.full(len(x), float(self.bias))
+        for i, w in enumerate(self.first_order):
+            logit += w[x[:, i]]
+        logit += CONVERSION_SHARED * (click_model.logit(x) - click_model.first_order_logit(x))
+        p_cvr = 1.0 / (1.0 + np.exp(-logit))
+        rng = np.random.default_rng([seed, chunk, 1])
+        purchase = (click == 1) & (rng.random(len(x)) < p_cvr)
+        p = np.clip(p_click.astype(np.float64) * p_cvr, 1e-7, 1 - 1e-7)
+        return purchase.astype(np.uint8), p.astype(np.float32)
 
 
 def _chunks(rows: int) -> Iterator[tuple[int, int, int]]:
@@ -172,35 +215,59 @@ def _field_specs() -> list[dict]:
 GENERATOR = "masknet.data.synthetic v2"  # bump whenever the same (rows, seed) would give other data
 
 
-def source(rows: int, seed: int) -> dict:
+def source(rows: int, seed: int, multitask: bool = False) -> dict:
     """What a dataset of `rows` rows from seed `seed` is (its meta's "source")."""
-    return {"name": "synthetic", "rows": rows, "seed": seed, "generator": GENERATOR}
+    out = {"name": "synthetic", "rows": rows, "seed": seed, "generator": GENERATOR}
+    if multitask:  # absent otherwise: the single-task data's source reads as before
+        out["tasks"] = list(TASKS)
+    return out
 
 
-def generate(rows: int, seed: int = 7) -> CTRDataset:
-    """Generate `rows` rows in memory, split 8:1:1."""
+def _task_meta() -> list[dict]:
+    return [{"name": t, "optional": False} for t in TASKS]
+
+
+def _sample(model: PlantedModel, conversion: Optional[PlantedConversion], seed: int, chunk: int, rows: int):
+    """A chunk's x, y, p; with the conversion model y and p are [rows, 2] (click, purchase)."""
+    x, y, p = model.sample_chunk(seed, chunk, rows)
+    if conversion is None:
+        return x, y, p
+    purchase, p_purchase = conversion.sample(model, seed, chunk, x, y, p)
+    return x, np.stack([y, purchase], axis=1), np.stack([p, p_purchase], axis=1)
+
+
+def generate(rows: int, seed: int = 7, multitask: bool = False) -> CTRDataset:
+    """Generate `rows` rows in memory, split 8:1:1 (with `multitask`: labels click and purchase)."""
     model = PlantedModel.draw(seed)
-    parts = [model.sample_chunk(seed, c, b - a) for c, a, b in _chunks(rows)]
+    conversion = PlantedConversion.draw(seed) if multitask else None
+    parts = [_sample(model, conversion, seed, c, b - a) for c, a, b in _chunks(rows)]
     x = np.concatenate([p[0] for p in parts])
     y = np.concatenate([p[1] for p in parts])
     p = np.concatenate([p[2] for p in parts])
-    splits = {s: Split(x[a:b], y[a:b], p[a:b]) for s, (a, b) in split_bounds(rows).items()}
-    meta = {"fields": _field_specs(), "source": source(rows, seed)}
+    meta = {"fields": _field_specs(), "source": source(rows, seed, multitask)}
+    if multitask:
+        splits = {s: Split(x[a:b], y[a:b, 0], p[a:b, 0], y[a:b], p[a:b]) for s, (a, b) in split_bounds(rows).items()}
+        meta["labels"] = _task_meta()
+    else:
+        splits = {s: Split(x[a:b], y[a:b], p[a:b]) for s, (a, b) in split_bounds(rows).items()}
     return CTRDataset(field_names(), cardinalities(), splits, meta)
 
 
-def write_synthetic(path: str | Path, rows: int, seed: int = 7, progress: Optional[callable] = None) -> CTRDataset:
+def write_synthetic(
+    path: str | Path, rows: int, seed: int = 7, progress: Optional[callable] = None, multitask: bool = False
+) -> CTRDataset:
     """Generate `rows` rows straight to a prepared folder, one chunk in memory at a time."""
     model = PlantedModel.draw(seed)
-    writer = PreparedWriter(path, _field_specs(), with_prob=True)
+    conversion = PlantedConversion.draw(seed) if multitask else None
+    writer = PreparedWriter(path, _field_specs(), with_prob=True, labels=_task_meta() if multitask else None)
     bounds = split_bounds(rows)
     for c, a, b in _chunks(rows):
-        x, y, p = model.sample_chunk(seed, c, b - a)
+        x, y, p = _sample(model, conversion, seed, c, b - a)
         for s in SPLITS:  # a chunk may straddle a split boundary
             lo, hi = max(a, bounds[s][0]), min(b, bounds[s][1])
             if lo < hi:
                 writer.append(s, x[lo - a : hi - a], y[lo - a : hi - a], p[lo - a : hi - a])
         if progress is not None:
             progress(b - a)
-    writer.close(source=source(rows, seed))
+    writer.close(source=source(rows, seed, multitask))
     return load_prepared(path)

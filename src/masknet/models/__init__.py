@@ -1,8 +1,9 @@
-"""Model zoo: every model maps LongTensor [B, f] -> logits [B] (see base.CTRModel)."""
+"""Model zoo: every model maps LongTensor [B, f] -> logits [B] (see base.CTRModel); a multi-task
+model (model.multitask, models/multitask.py) -> logits [B, T], one per task."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 from ..config import MODEL_NAMES, ModelConfig
 from .base import CTRModel
@@ -13,6 +14,7 @@ from .dnn import DNN
 from .fm import FM
 from .lr import LogisticRegression
 from .masknet import ParallelMaskNet, SerialMaskNet
+from .multitask import MultiTaskModel
 from .xdeepfm import XDeepFM
 
 REGISTRY: dict[str, type[CTRModel]] = {
@@ -33,12 +35,17 @@ if tuple(REGISTRY) != MODEL_NAMES:
     raise RuntimeError(f"config.MODEL_NAMES {MODEL_NAMES} must list the REGISTRY's models {tuple(REGISTRY)}")
 
 
-def build_model(cfg: ModelConfig, cardinalities: Sequence[int]) -> CTRModel:
-    """Instantiate `cfg.name` for fields with the given cardinalities."""
+def build_model(cfg: ModelConfig, cardinalities: Sequence[int], tasks: Optional[Sequence[str]] = None) -> CTRModel:
+    """Instantiate `cfg.name` for fields with the given cardinalities; with `cfg.multitask`, a
+    MultiTaskModel on that backbone with one output per task in `tasks`."""
+    if cfg.multitask != "none":
+        if not tasks:
+            raise ValueError("a multi-task model needs the names of its tasks")
+        return MultiTaskModel(cardinalities, cfg, tasks)
     return REGISTRY[cfg.name](cardinalities, cfg)
 
 
 __all__ = [
     "CTRModel", "REGISTRY", "MODEL_NAMES", "build_model", "SerialMaskNet", "ParallelMaskNet", "LogisticRegression",
-    "FM", "DNN", "DeepFM", "DCN", "DCNV2", "XDeepFM", "AutoInt",
+    "FM", "DNN", "DeepFM", "DCN", "DCNV2", "XDeepFM", "AutoInt", "MultiTaskModel",
 ]

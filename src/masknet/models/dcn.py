@@ -67,10 +67,15 @@ class _CrossAndDeep(CTRModel):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x0 = self.embedding(x).flatten(1)  # [B, m]
-        xl = x0
-        for layer in self.cross:
-            xl = layer(x0, xl)  # [B, m]
-        return self.output(torch.cat([xl, self.mlp(x0)], dim=1)).squeeze(-1)  # [B]
+        return self.output(cross_and_deep(self.cross, self.mlp, x0)).squeeze(-1)  # [B]
+
+
+def cross_and_deep(cross: nn.ModuleList, mlp: MLP, x0: torch.Tensor) -> torch.Tensor:
+    """x_0 [B, m] -> [x_L ; MLP(x_0)] [B, m + widths[-1]]: the cross network beside the DNN."""
+    xl = x0
+    for layer in cross:
+        xl = layer(x0, xl)  # [B, m]
+    return torch.cat([xl, mlp(x0)], dim=1)
 
 
 class DCN(_CrossAndDeep):

@@ -103,9 +103,6 @@ class _MaskNet(CTRModel):
         self.embedding = FieldEmbedding(self.cardinalities, cfg.embedding_dim)
         self.emb_width = self.num_fields * cfg.embedding_dim  # m
 
-    def _block(self, input_dim: int, on_embedding: bool) -> MaskBlock:
-        return MaskBlock(self.num_fields, self.cfg.embedding_dim, input_dim, self.cfg, on_embedding)
-
     def forward(self, x: torch.Tensor, return_masks: bool = False):
         """x: LongTensor [B, f] -> logits [B]; with return_masks, also the list of each
         block's V_mask ([B, z_i], in block order; empty when the mask is switched off)."""
@@ -116,24 +113,54 @@ class _MaskNet(CTRModel):
         return logits
 
 
+def serial_blocks(num_fields: int, cfg: ModelConfig) -> nn.ModuleList:
+    """SerMaskNet's blocks: the first on the embedding, each next one on the previous one's output."""
+    blocks, width = [], num_fields * cfg.embedding_dim
+    for i in range(cfg.num_blocks):
+        block = MaskBlock(num_fields, cfg.embedding_dim, width, cfg, on_embedding=(i == 0))
+        blocks.append(block)
+        width = block.output_dim
+    return nn.ModuleList(blocks)
+
+
+def serial_forward(blocks: nn.ModuleList, v_emb: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """V_emb [B, m] -> (the last block's output [B, q], each block's V_mask)."""
+    h, masks = v_emb, []
+    for block in blocks:
+        h, v_mask = block(v_emb, h)  # every block's mask reads the raw V_emb
+        masks.append(v_mask)
+    return h, masks
+
+
+def parallel_blocks(num_fields: int, cfg: ModelConfig) -> tuple[nn.ModuleList, MLP]:
+    """ParaMaskNet's blocks, all on the embedding, and the top MLP over their concatenation (Eq. 15-16)."""
+    width = num_fields * cfg.embedding_dim
+    blocks = nn.ModuleList(MaskBlock(num_fields, cfg.embedding_dim, width, cfg, on_embedding=True) for _ in range(cfg.num_blocks))
+    merge_width = sum(b.output_dim for b in blocks)  # u * q  (Eq. 15)
+    return blocks, MLP(merge_width, cfg.top_mlp, cfg.dropout)  # Eq. 16
+
+
+def parallel_forward(blocks: nn.ModuleList, top: MLP, v_emb: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """V_emb [B, m] -> (the top MLP's output, each block's V_mask)."""
+    outputs, masks = [], []
+    for block in blocks:
+        h, v_mask = block(v_emb, v_emb)
+        outputs.append(h)
+        masks.append(v_mask)
+    v_merge = torch.cat(outputs, dim=1)  # [B, u*q]
+    return top(v_merge), masks
+
+
 class SerialMaskNet(_MaskNet):
     """SerMaskNet: MaskBlock on feature embedding, then (num_blocks - 1) MaskBlocks on MaskBlock."""
 
     def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig):
         super().__init__(cardinalities, cfg)
-        blocks, width = [], self.emb_width
-        for i in range(cfg.num_blocks):
-            block = self._block(width, on_embedding=(i == 0))
-            blocks.append(block)
-            width = block.output_dim
-        self.blocks = nn.ModuleList(blocks)
-        self.prediction = nn.Linear(width, 1)  # Eq. 17
+        self.blocks = serial_blocks(self.num_fields, cfg)
+        self.prediction = nn.Linear(self.blocks[-1].output_dim, 1)  # Eq. 17
 
     def _forward_from_embedding(self, v_emb: torch.Tensor):
-        h, masks = v_emb, []
-        for block in self.blocks:
-            h, v_mask = block(v_emb, h)  # every block's mask reads the raw V_emb
-            masks.append(v_mask)
+        h, masks = serial_forward(self.blocks, v_emb)
         return self.prediction(h).squeeze(-1), masks
 
 
@@ -142,16 +169,9 @@ class ParallelMaskNet(_MaskNet):
 
     def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig):
         super().__init__(cardinalities, cfg)
-        self.blocks = nn.ModuleList(self._block(self.emb_width, on_embedding=True) for _ in range(cfg.num_blocks))
-        merge_width = sum(b.output_dim for b in self.blocks)  # u * q  (Eq. 15)
-        self.top = MLP(merge_width, cfg.top_mlp, cfg.dropout)  # Eq. 16
+        self.blocks, self.top = parallel_blocks(self.num_fields, cfg)
         self.prediction = nn.Linear(self.top.output_dim, 1)  # Eq. 17
 
     def _forward_from_embedding(self, v_emb: torch.Tensor):
-        outputs, masks = [], []
-        for block in self.blocks:
-            h, v_mask = block(v_emb, v_emb)
-            outputs.append(h)
-            masks.append(v_mask)
-        v_merge = torch.cat(outputs, dim=1)  # [B, u*q]
-        return self.prediction(self.top(v_merge)).squeeze(-1), masks
+        h, masks = parallel_forward(self.blocks, self.top, v_emb)
+        return self.prediction(h).squeeze(-1), masks

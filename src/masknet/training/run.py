@@ -6,8 +6,14 @@ A run folder holds:
     model.safetensors the best epoch's weights (no pickle anywhere)
     dataset.json     the dataset's meta (fields, split sizes, source; the encoder for prepared data)
     metrics.json     {"valid": {auc, logloss}, "test": {auc, logloss}, "oracle_auc", "train_seconds",
-                      "samples_per_second", "best_epoch", "model", ["relaimp", "base_run"]}
-    log.jsonl        one line per epoch
+                      "samples_per_second", "best_epoch", "model", ["relaimp", "base_run"],
+                      "tasks": {<label>: {"valid": {...}, "test": {...}}}, "calibration": {...}}
+                     (the top-level valid/test/oracle_auc describe the first label; "tasks" every
+                     label with calibration measures, training/evaluation.py)
+    log.jsonl        one line per epoch (multi-task: each task's validation AUC and log loss too)
+    reliability.png  reliability diagram of every task on the test split
+    calibration.json (with train.calibration or negative down-sampling) how logits become the served
+                     scores: models.scoring
     encoder.json     (prepared data only) the fitted encoder: turns raw rows into the model's inputs
     manifest.json    versions and the SHA-256 of every file above (masknet.serving.bundle)
 """
@@ -30,7 +36,10 @@ from ..data.dataset import CTRDataset, load_prepared
 from ..data.synthetic import generate
 from ..errors import UserError
 from ..models import CTRModel, build_model
+from ..models.scoring import CALIBRATION_FILE
+from .evaluation import reliability_png, report
 from .metrics import auc, relaimp
+from .tasks import select_tasks
 from .checkpoint import latest_checkpoint
 from .distributed import init_from_env
 from .trainer import evaluate, fit, seed_everything
@@ -46,7 +55,7 @@ class RunResult:
 def load_data(cfg: RunConfig) -> CTRDataset:
     if cfg.data.path:
         return load_prepared(cfg.data.path)
-    return generate(cfg.data.synthetic.rows, cfg.data.synthetic.seed)
+    return generate(cfg.data.synthetic.rows, cfg.data.synthetic.seed, multitask=cfg.data.synthetic.multitask)
 
 
 def default_output(cfg: RunConfig) -> Path:
@@ -77,6 +86,7 @@ def train_run(cfg: RunConfig, data: Optional[CTRDataset] = None, log: Any = prin
     cfg.validate()
     base_auc = read_base_auc(cfg.base_run) if cfg.base_run else None  # fail before training, not after
     data = data if data is not None else load_data(cfg)
+    data = select_tasks(data, cfg.train.tasks)
     ctx = init_from_env(cfg.train.device)  # rank 0 of 1 unless launched by torchrun
     if not ctx.is_main:
         log = _quiet
@@ -93,7 +103,7 @@ def train_run(cfg: RunConfig, data: Optional[CTRDataset] = None, log: Any = prin
         save_config(cfg, out / "config.yaml")
 
     seed_everything(cfg.train.seed)
-    model = build_model(cfg.model, data.cardinalities)  # identical on every rank
+    model = build_model(cfg.model, data.cardinalities, data.task_names)  # identical on every rank
     rank_seeds = [cfg.train.seed + 1_000_003 * r for r in range(ctx.world_size)]
     if ctx.enabled:
         seed_everything(rank_seeds[ctx.rank])  # dropout differs per rank, repeatably
@@ -117,14 +127,16 @@ def train_run(cfg: RunConfig, data: Optional[CTRDataset] = None, log: Any = prin
                 f"epoch {record['epoch']}: train logloss {record['train_logloss']:.4f}  "
                 f"valid AUC {record['valid_auc']:.4f}  logloss {record['valid_logloss']:.4f}  "
                 f"({record['samples_per_second']:,.0f} samples/s)"
+                + "".join(f"; {t} AUC {m['valid_auc']:.4f}" for t, m in record.get("tasks", {}).items())
             )
 
         result = fit(model, data, cfg.train, on_epoch, run_dir=out, resume_from=checkpoint, ctx=ctx)
 
-    test = evaluate(model, data.splits["test"], cfg.train.eval_batch_size, ctx)
+    tasks_report = report(model, data, cfg.train, ctx)
+    test = _first_task(evaluate(model, data.splits["test"], cfg.train.eval_batch_size, ctx, tasks_report.head.without_calibrators(), data.task_names))
     metrics: dict[str, Any] = {
         "model": cfg.model.name,
-        "valid": result.best_valid,
+        "valid": _first_task(result.best_valid),
         "test": test,
         "best_epoch": result.best_epoch,
         "train_seconds": result.train_seconds,
@@ -143,9 +155,14 @@ def train_run(cfg: RunConfig, data: Optional[CTRDataset] = None, log: Any = prin
             "sparse_embedding_gradients": ctx.sparse_allreduce and cfg.train.sparse_embeddings,
         }
     metrics["device"] = ctx.device
+    metrics["tasks"] = tasks_report.tasks
+    metrics["calibration"] = dict(tasks_report.summary, reliability_png="reliability.png")
     if not ctx.is_main:  # only rank 0 writes the run folder and the bundle
         return RunResult(out, metrics, model)
     save_model(out, model, cfg.model, data, data_path=cfg.data.path)
+    if tasks_report.spec is not None:
+        (out / CALIBRATION_FILE).write_text(json.dumps(tasks_report.spec, indent=2))
+    reliability_png(tasks_report.curves, out / "reliability.png", f"{cfg.model.name} on {_data_name(cfg, data)}: test split")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     from ..serving.bundle import write_manifest  # lazy: serving imports this module
 
@@ -153,7 +170,32 @@ def train_run(cfg: RunConfig, data: Optional[CTRDataset] = None, log: Any = prin
     oracle = f"  (oracle {metrics['oracle_auc']:.4f})" if "oracle_auc" in metrics else ""
     rel = f"  RelaImp {metrics['relaimp']:+.2%}" if "relaimp" in metrics else ""
     log(f"best epoch {result.best_epoch}: test AUC {test['auc']:.4f}  logloss {test['logloss']:.4f}{oracle}{rel}")
+    for line in _task_lines(metrics):
+        log(line)
     return RunResult(out, metrics, model)
+
+
+def _first_task(m: dict[str, Any]) -> dict[str, Any]:
+    """Validation/test metrics without the per-task breakdown (metrics.json has it under "tasks")."""
+    return {k: v for k, v in m.items() if k != "tasks"}
+
+
+def _data_name(cfg: RunConfig, data: CTRDataset) -> str:
+    return str(data.meta.get("source", {}).get("name", cfg.data.path))
+
+
+def _task_lines(metrics: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, m in metrics["tasks"].items():
+        t = m["test"]
+        line = f"  {name}: test AUC {t['auc']:.4f}  ECE {t['ece']:.4f}  predicted/observed {t['ratio']:.3f}"
+        if "oracle_auc" in t:
+            line += f"  (oracle AUC {t['oracle_auc']:.4f}, ECE vs true p {t['ece_true']:.4f})"
+        if "calibrated" in t:
+            c = t["calibrated"]
+            line += f"; {metrics['calibration']['method']}: ECE {c['ece']:.4f}  predicted/observed {c['ratio']:.3f}"
+        lines.append(line)
+    return lines
 
 
 def _quiet(*_: Any) -> None:
@@ -172,6 +214,7 @@ def save_model(
         "field_names": data.field_names,
         "cardinalities": data.cardinalities,
         "encoder": "encoder.json" if encoder is not None and encoder.is_file() else None,
+        "tasks": data.task_names if data.splits["valid"].labels is not None else data.task_names[:1],
     }
     if spec["encoder"]:
         shutil.copyfile(encoder, out / "encoder.json")
@@ -209,7 +252,7 @@ def load_model(run: str | Path, verify: bool = True) -> CTRModel:
             raise UserError(f"{p}: missing; is {run} a finished run folder?")
     spec = json.loads(spec_path.read_text())
     model_cfg = _from_dict(ModelConfig, spec["model_config"], prefix="model.")
-    model = build_model(model_cfg, spec["cardinalities"])
+    model = build_model(model_cfg, spec["cardinalities"], spec.get("tasks"))
     model.load_state_dict(load_file(str(weights)))
     model.eval()
     return model

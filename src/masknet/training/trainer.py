@@ -26,6 +26,9 @@ from ..models.base import CTRModel
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import DistContext, gather_concat, rng_states
 from .metrics import auc, logloss
+from .tasks import (
+    check_tasks, downsample_negatives, multitask_loss, optional_head_spec, selection_score, task_metrics, task_weights,
+)
 
 
 def loss_fn(
@@ -37,9 +40,15 @@ def loss_fn(
     looks up (Σ over fields of ||e_i||², averaged over the batch: only touched rows, as
     sparse CTR training does), and `l2_dense` on every dense weight matrix.
     `forward` is the module to call (the DistributedDataParallel wrapper in multi-process runs).
+    Multi-task labels y [B, T] (training.tasks): the log loss is Σ_t w_t · task t's mean over its
+    labelled rows, with w = `cfg.task_weights`.
     """
     logits = (forward if forward is not None else model)(x)
-    bce = F.binary_cross_entropy_with_logits(logits, y)  # -(y log σ + (1-y) log(1-σ)), mean
+    if y.ndim == 2:
+        weights = torch.tensor(task_weights(cfg, y.shape[1]), device=y.device)
+        bce = multitask_loss(logits, y, weights)[0]
+    else:
+        bce = F.binary_cross_entropy_with_logits(logits, y)  # -(y log σ + (1-y) log(1-σ)), mean
     total = bce
     if cfg.l2_embedding > 0:
         emb_sq = sum(table(x).pow(2).sum() for table in model.embeddings())
@@ -50,26 +59,48 @@ def loss_fn(
 
 
 @torch.no_grad()
-def predict(model: CTRModel, split: Split, batch_size: int = 8192, ctx: DistContext = DistContext()) -> np.ndarray:
-    """Click probabilities for every row of `split`, in order. [n] float64.
+def predict(
+    model: CTRModel, split: Split, batch_size: int = 8192, ctx: DistContext = DistContext(), head: Optional[Any] = None,
+    uncalibrated: bool = False,
+) -> np.ndarray:
+    """Click probabilities for every row of `split`, in order. [n] float64 ([n, T] for a multi-task
+    model). `head` (models.scoring.ScoreHead) turns logits into scores (its uncalibrated ones with
+    `uncalibrated`); without it a score is the logit's sigmoid.
 
     In a multi-process run each rank scores its own shard and the shards are gathered."""
     was_training = model.training
     model.eval()
     lo, hi = ctx.shard(len(split))
     dev = next(model.parameters()).device
+
+    def scores(logits: torch.Tensor) -> torch.Tensor:
+        if head is None:
+            return torch.sigmoid(logits)
+        return head.uncalibrated(logits) if uncalibrated else head(logits)[0]
+
     out = [
-        torch.sigmoid(model(x.to(dev, non_blocking=True))).double().cpu().numpy()
+        scores(model(x.to(dev, non_blocking=True))).double().cpu().numpy()
         for x, _ in iterate_batches(split, batch_size, start=lo, stop=hi)
     ]
     model.train(was_training)
-    return gather_concat(np.concatenate(out) if out else np.zeros(0), ctx)
+    local = np.concatenate(out) if out else np.zeros(0)
+    if local.ndim == 2:  # gathered one task at a time (gather_concat takes 1-D arrays)
+        return np.stack([gather_concat(local[:, t], ctx) for t in range(local.shape[1])], axis=1)
+    return gather_concat(local, ctx)
 
 
-def evaluate(model: CTRModel, split: Split, batch_size: int = 8192, ctx: DistContext = DistContext()) -> dict[str, float]:
-    probs = predict(model, split, batch_size, ctx)
-    labels = np.asarray(split.y)
-    return {"auc": auc(labels, probs), "logloss": logloss(labels, probs)}
+def evaluate(
+    model: CTRModel, split: Split, batch_size: int = 8192, ctx: DistContext = DistContext(), head: Optional[Any] = None,
+    tasks: Optional[list[str]] = None,
+) -> dict[str, Any]:
+    """{"auc", "logloss"} of the first task; with several tasks also "tasks": {name: {...}}."""
+    probs = predict(model, split, batch_size, ctx, head)
+    if probs.ndim == 1 and split.labels is None:
+        labels = np.asarray(split.y)
+        return {"auc": auc(labels, probs), "logloss": logloss(labels, probs)}
+    per_task = task_metrics(split.label_matrix(), probs.reshape(len(probs), -1), tasks or [f"task{t}" for t in range(probs.reshape(len(probs), -1).shape[1])])
+    first = next(iter(per_task.values()))
+    return {"auc": first["auc"], "logloss": first["logloss"], "tasks": per_task}
 
 
 class Optimizer:
@@ -119,6 +150,16 @@ class FitResult:
         return self.samples_seen / self.train_seconds if self.train_seconds > 0 else 0.0
 
 
+def _training_head(cfg: TrainConfig) -> Optional[Any]:
+    """The down-sampling correction applied to validation scores (None: plain sigmoids)."""
+    spec = optional_head_spec(cfg.negative_sampling_rate)
+    if spec is None:
+        return None
+    from ..models.scoring import ScoreHead
+
+    return ScoreHead(spec, 1)  # the correction has no per-task parameters
+
+
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % (2**32))
@@ -166,6 +207,11 @@ def fit(
         raise UserError("the valid split is empty: early stopping needs validation rows")
     if np.unique(np.asarray(valid.y)).size < 2:
         raise UserError("the valid split has only one class: validation AUC is undefined")
+    check_tasks(data, cfg, multitask_model=getattr(model, "tasks", None) is not None)
+    if cfg.negative_sampling_rate < 1:
+        train = downsample_negatives(train, cfg.negative_sampling_rate, cfg.seed)
+    head = _training_head(cfg)
+    tasks = data.task_names if valid.labels is not None else None
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     device = torch.device(ctx.device)
@@ -248,7 +294,7 @@ def fit(
         if ctx.enabled:  # the epoch's loss over all ranks' rows
             st.update(_summed_over_ranks(st, device))
         st["samples_seen"] += st["epoch_seen"]
-        valid_metrics = evaluate(model, valid, cfg.eval_batch_size, ctx)
+        valid_metrics = evaluate(model, valid, cfg.eval_batch_size, ctx, head, tasks)
         record = {
             "epoch": epoch,
             "train_logloss": st["epoch_loss_sum"] / max(st["epoch_seen"], 1),
@@ -259,7 +305,10 @@ def fit(
         }
         if st["skipped_batches"]:
             record["skipped_batches"] = st["skipped_batches"]
-        improved = valid_metrics["auc"] > st["best_valid"]["auc"]
+        if "tasks" in valid_metrics:
+            record["tasks"] = {t: {"valid_auc": m["auc"], "valid_logloss": m["logloss"]} for t, m in valid_metrics["tasks"].items()}
+            record["valid_score"] = selection_score(valid_metrics, cfg)
+        improved = selection_score(valid_metrics, cfg) > selection_score(st["best_valid"], cfg)
         if improved:
             st["best_epoch"], st["best_valid"] = epoch, valid_metrics
             best_state = copy.deepcopy(model.state_dict())

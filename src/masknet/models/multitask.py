@@ -1,0 +1,144 @@
+"""Multi-task models on the existing backbones: one logit per task and row.
+
+Shapes: B = batch, f = fields, k = embedding size, m = f*k, T = tasks, E = experts, d = a
+backbone's output width (the input of its prediction layer).
+
+    V_emb        = concat(e_1..e_f)                          one embedding, shared by every task   [B, m]
+    shared_bottom: h   = body(V_emb)                          the backbone without its prediction    [B, d]
+                   y_t = tower_t(h)                           per task: ReLU MLP (tower_hidden) + Linear(·, 1)
+    mmoe         : h_e = body_e(V_emb), e = 1..E              E experts, each a whole backbone       [B, E, d]
+                   g_t = softmax(W_t V_emb)                   a gate per task over the experts       [B, E]
+                   y_t = tower_t(Σ_e g_t,e h_e)               (Ma et al., KDD 2018, "MMoE")
+    output       : [y_1 .. y_T]                               logits [B, T]; sigmoids in loss/predict
+
+Backbones (`model.name`): sermasknet (the last MaskBlock's output, q wide), paramasknet (the
+top MLP's output), dnn (the last hidden layer) and dcnv2 ([x_L ; MLP(x_0)], as DCN-V2's own
+prediction layer reads). Their bodies are built from the same functions as the single-task
+models, so a body computes exactly what the single-task model feeds its prediction layer.
+Choices (docs/multitask.md): the experts share the embedding (as MMoE's paper and its
+open implementations do: the embedding is most of the parameters); the gates read the raw
+V_emb; towers are one ReLU layer of `tower_hidden` (OPEN).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .base import CTRModel
+from .dcn import CrossLayerV2, cross_and_deep
+from .layers import MLP, FieldEmbedding
+from .masknet import parallel_blocks, parallel_forward, serial_blocks, serial_forward
+
+
+class SerialMaskNetBody(nn.Module):
+    """SerMaskNet without its prediction layer: V_emb [B, m] -> the last block's output [B, q]."""
+
+    def __init__(self, num_fields: int, cfg: ModelConfig):
+        super().__init__()
+        self.blocks = serial_blocks(num_fields, cfg)
+        self.output_dim = self.blocks[-1].output_dim
+
+    def forward(self, v_emb: torch.Tensor) -> torch.Tensor:
+        return serial_forward(self.blocks, v_emb)[0]
+
+
+class ParallelMaskNetBody(nn.Module):
+    """ParaMaskNet without its prediction layer: V_emb [B, m] -> the top MLP's output."""
+
+    def __init__(self, num_fields: int, cfg: ModelConfig):
+        super().__init__()
+        self.blocks, self.top = parallel_blocks(num_fields, cfg)
+        self.output_dim = self.top.output_dim
+
+    def forward(self, v_emb: torch.Tensor) -> torch.Tensor:
+        return parallel_forward(self.blocks, self.top, v_emb)[0]
+
+
+class DNNBody(nn.Module):
+    """DNN without its output unit: V_emb [B, m] -> the last hidden layer."""
+
+    def __init__(self, num_fields: int, cfg: ModelConfig):
+        super().__init__()
+        self.mlp = MLP(num_fields * cfg.embedding_dim, cfg.dnn_hidden, cfg.dropout)
+        self.output_dim = self.mlp.output_dim
+
+    def forward(self, v_emb: torch.Tensor) -> torch.Tensor:
+        return self.mlp(v_emb)
+
+
+class DCNV2Body(nn.Module):
+    """DCN-V2 (parallel) without its output unit: V_emb [B, m] -> [x_L ; MLP(x_0)]."""
+
+    def __init__(self, num_fields: int, cfg: ModelConfig):
+        super().__init__()
+        m = num_fields * cfg.embedding_dim
+        self.cross = nn.ModuleList(CrossLayerV2(m) for _ in range(cfg.cross_layers))
+        self.mlp = MLP(m, cfg.dnn_hidden, cfg.dropout)
+        self.output_dim = m + self.mlp.output_dim
+
+    def forward(self, v_emb: torch.Tensor) -> torch.Tensor:
+        return cross_and_deep(self.cross, self.mlp, v_emb)
+
+
+BODIES: dict[str, type[nn.Module]] = {
+    "sermasknet": SerialMaskNetBody,
+    "paramasknet": ParallelMaskNetBody,
+    "dnn": DNNBody,
+    "dcnv2": DCNV2Body,
+}
+
+
+class Tower(nn.Sequential):
+    """One task's head: ReLU MLP (tower_hidden) + Linear(·, 1). [B, d] -> [B]."""
+
+    def __init__(self, input_dim: int, cfg: ModelConfig):
+        mlp = MLP(input_dim, cfg.tower_hidden, cfg.dropout)
+        super().__init__(mlp, nn.Linear(mlp.output_dim, 1))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return super().forward(h).squeeze(-1)
+
+
+class MultiTaskModel(CTRModel):
+    """Shared-bottom or MMoE over `cfg.name`'s body; forward(x [B, f]) -> logits [B, T].
+
+    `tasks` names the outputs in order (the labels they are trained on)."""
+
+    def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig, tasks: Sequence[str]):
+        super().__init__(cardinalities, cfg)
+        if cfg.multitask not in ("shared_bottom", "mmoe"):
+            raise ValueError(f"MultiTaskModel needs model.multitask shared_bottom or mmoe, got {cfg.multitask!r}")
+        self.tasks = list(tasks)
+        self.embedding = FieldEmbedding(self.cardinalities, cfg.embedding_dim)
+        body = BODIES[cfg.name]
+        n_experts = cfg.num_experts if cfg.multitask == "mmoe" else 1
+        self.experts = nn.ModuleList(body(self.num_fields, cfg) for _ in range(n_experts))
+        width = self.experts[0].output_dim
+        m = self.num_fields * cfg.embedding_dim
+        self.gates = nn.ModuleList(nn.Linear(m, n_experts) for _ in self.tasks) if cfg.multitask == "mmoe" else None
+        self.towers = nn.ModuleList(Tower(width, cfg) for _ in self.tasks)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v_emb = self.embedding(x).flatten(1)  # [B, m]
+        if self.gates is None:
+            h = self.experts[0](v_emb)  # [B, d], the same input for every tower
+            inputs = [h] * self.num_tasks
+        else:
+            h = torch.stack([e(v_emb) for e in self.experts], dim=1)  # [B, E, d]
+            inputs = [(torch.softmax(gate(v_emb), dim=-1).unsqueeze(-1) * h).sum(dim=1) for gate in self.gates]
+        return torch.stack([tower(i) for tower, i in zip(self.towers, inputs)], dim=1)  # [B, T]
+
+    def gate_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """MMoE's gate outputs [B, T, E] (which experts each task reads); for the analysis."""
+        if self.gates is None:
+            raise ValueError("a shared-bottom model has no gates")
+        v_emb = self.embedding(x).flatten(1)
+        return torch.stack([torch.softmax(g(v_emb), dim=-1) for g in self.gates], dim=1)

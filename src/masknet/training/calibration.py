@@ -1,0 +1,158 @@
+"""Calibration: how well predicted probabilities match observed rates, and post-hoc calibrators.
+
+Measures (every model, every task; docs/calibration.md):
+    ece            expected calibration error over `bins` equal-mass bins of the predicted
+                   probability: Σ_b (n_b / N) · |mean p̂_b − mean y_b|
+    ece_true       the same bins against the true probabilities (synthetic data): no label noise
+    mae_true       mean |p̂ − p_true| (synthetic data)
+    ratio          predicted / observed rate: mean p̂ / mean y (1 = unbiased on average)
+    per field value: rows, observed rate, mean p̂ and their ratio for a field's most frequent values
+
+Calibrators, fitted on the validation split's (down-sampling-corrected) probabilities:
+    isotonic       pool-adjacent-violators (PAV) on the sorted scores, weighted by ties; the fitted
+                   function keeps each pooled block's first and last score as knots and is linear
+                   between knots, as scikit-learn's IsotonicRegression (tests check they agree)
+    platt          sigmoid(a · logit(p) + b), a and b by Newton's method on the log loss
+Applied by models.scoring.ScoreHead (predict, serve, ONNX).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+
+from ..models.scoring import CALIBRATION_FORMAT, CALIBRATION_VERSION, EPS
+
+PER_FIELD_VALUES = 20  # the most frequent values of the chosen field reported one by one
+
+
+def equal_mass_bins(p: np.ndarray, bins: int) -> list[np.ndarray]:
+    """Row indices of `bins` bins of (nearly) equal size, by increasing predicted probability."""
+    order = np.argsort(p, kind="stable")
+    return [b for b in np.array_split(order, min(bins, max(len(p), 1))) if len(b)]
+
+
+def reliability(y: np.ndarray, p: np.ndarray, bins: int, p_true: Optional[np.ndarray] = None) -> list[dict[str, float]]:
+    """Per equal-mass bin: rows, mean prediction, observed rate (and mean true probability)."""
+    out = []
+    for b in equal_mass_bins(p, bins):
+        row = {"rows": int(len(b)), "predicted": float(p[b].mean()), "observed": float(y[b].mean())}
+        if p_true is not None:
+            row["true"] = float(p_true[b].mean())
+        out.append(row)
+    return out
+
+
+def ece(y: np.ndarray, p: np.ndarray, bins: int, against: Optional[np.ndarray] = None) -> float:
+    """Expected calibration error over equal-mass bins; `against` replaces the labels (e.g. the
+    true probabilities)."""
+    target = np.asarray(y, np.float64) if against is None else np.asarray(against, np.float64)
+    p = np.asarray(p, np.float64)
+    n = len(p)
+    if n == 0:
+        return float("nan")
+    return float(sum(len(b) / n * abs(p[b].mean() - target[b].mean()) for b in equal_mass_bins(p, bins)))
+
+
+def ratio(y: np.ndarray, p: np.ndarray) -> float:
+    """Mean prediction over the observed rate (NaN when no row is positive)."""
+    observed = float(np.mean(y)) if len(y) else 0.0
+    return float(np.mean(p)) / observed if observed > 0 else float("nan")
+
+
+def per_field_ratio(y: np.ndarray, p: np.ndarray, values: np.ndarray, top: int = PER_FIELD_VALUES) -> list[dict[str, Any]]:
+    """Rows, observed rate, mean prediction and ratio for the `top` most frequent field values."""
+    uniq, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    pos = np.bincount(inverse, weights=y.astype(np.float64), minlength=len(uniq))
+    pred = np.bincount(inverse, weights=p.astype(np.float64), minlength=len(uniq))
+    out = []
+    for k in np.argsort(-counts, kind="stable")[:top]:
+        obs, mean_p = pos[k] / counts[k], pred[k] / counts[k]
+        out.append({
+            "value": int(uniq[k]), "rows": int(counts[k]), "observed": float(obs), "predicted": float(mean_p),
+            "ratio": float(mean_p / obs) if obs > 0 else None,
+        })
+    return out
+
+
+def calibration_metrics(y: np.ndarray, p: np.ndarray, bins: int, p_true: Optional[np.ndarray] = None) -> dict[str, float]:
+    out = {"ece": ece(y, p, bins), "ratio": ratio(y, p)}
+    if p_true is not None:
+        out["ece_true"] = ece(y, p, bins, against=p_true)
+        out["mae_true"] = float(np.mean(np.abs(np.asarray(p, np.float64) - p_true)))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Fitting calibrators
+
+
+def fit_isotonic(p: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Increasing least-squares fit of y on p (PAV); returns the knots (x, y) of the fitted function."""
+    p = np.asarray(p, np.float64)
+    y = np.asarray(y, np.float64)
+    xs, first, counts = np.unique(p, return_index=True, return_counts=True)
+    inverse = np.searchsorted(xs, p)
+    sums = np.bincount(inverse, weights=y, minlength=len(xs))
+    # blocks as a stack: (sum of y, weight, first index, last index)
+    b_sum, b_w, b_lo, b_hi = [], [], [], []
+    for i in range(len(xs)):
+        s, w, lo = sums[i], float(counts[i]), i
+        while b_sum and b_sum[-1] / b_w[-1] >= s / w:  # violates (or ties) the order: pool
+            s += b_sum.pop()
+            w += b_w.pop()
+            lo = b_lo.pop()
+            b_hi.pop()
+        b_sum.append(s), b_w.append(w), b_lo.append(lo), b_hi.append(i)
+    knots_x, knots_y = [], []
+    for s, w, lo, hi in zip(b_sum, b_w, b_lo, b_hi):
+        value = s / w
+        knots_x.append(xs[lo]), knots_y.append(value)
+        if hi > lo:
+            knots_x.append(xs[hi]), knots_y.append(value)
+    return np.asarray(knots_x), np.asarray(knots_y)
+
+
+def fit_platt(p: np.ndarray, y: np.ndarray, iterations: int = 50) -> tuple[float, float]:
+    """(a, b) of sigmoid(a · logit(p) + b), maximum likelihood by Newton's method."""
+    pc = np.clip(np.asarray(p, np.float64), EPS, 1 - EPS)
+    z = np.log(pc) - np.log1p(-pc)
+    y = np.asarray(y, np.float64)
+    a, b = 1.0, 0.0
+    for _ in range(iterations):
+        q = 1.0 / (1.0 + np.exp(-(a * z + b)))
+        g = np.array([np.dot(q - y, z), np.sum(q - y)])
+        w = q * (1 - q)
+        h = np.array([[np.dot(w, z * z), np.dot(w, z)], [np.dot(w, z), np.sum(w)]]) + 1e-12 * np.eye(2)
+        step = np.linalg.solve(h, g)
+        a, b = a - step[0], b - step[1]
+        if np.max(np.abs(step)) < 1e-10:
+            break
+    return float(a), float(b)
+
+
+def fit_calibrator(method: str, p: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """One task's calibrator entry (models.scoring) fitted on probabilities p and labels y."""
+    if method == "isotonic":
+        x, v = fit_isotonic(p, y)
+        return {"method": "isotonic", "x": x.tolist(), "y": v.tolist()}
+    if method == "platt":
+        a, b = fit_platt(p, y)
+        return {"method": "platt", "a": a, "b": b}
+    return {"method": "none"}
+
+
+def calibration_spec(tasks: list[str], rate: float, method: str, calibrators: Optional[list[dict]] = None) -> dict[str, Any]:
+    """The calibration.json of a run (models.scoring.ScoreHead reads it)."""
+    entries = calibrators or [{"method": "none"} for _ in tasks]
+    return {
+        "format": CALIBRATION_FORMAT,
+        "version": CALIBRATION_VERSION,
+        "tasks": list(tasks),
+        "negative_sampling_rate": float(rate),
+        "sampling_task": tasks[0],
+        "method": method,
+        "fitted_on": "valid" if method != "none" else None,
+        "calibrators": [{"task": t, **e} for t, e in zip(tasks, entries)],
+    }
