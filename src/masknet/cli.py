@@ -122,6 +122,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rows", type=int, default=SyntheticConfig.rows, help=f"total rows, split 8:1:1 (default {SyntheticConfig.rows})")
     p.add_argument("--seed", type=int, default=SyntheticConfig.seed, help=f"generator seed (default {SyntheticConfig.seed})")
     p.add_argument("--output", required=True, metavar="DIR", help="folder to write")
+    p.add_argument(
+        "--multitask", action="store_true",
+        help="two labels, click and purchase (a purchase only after a click), each with its true probability",
+    )
     p.set_defaults(func=_run_generate)
 
 
@@ -133,7 +137,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     if args.rows < 100:
         raise UserError(f"--rows: must be >= 100, got {args.rows}")
     with tqdm(total=args.rows, unit="row", unit_scale=True, file=sys.stderr) as bar:
-        ds = write_synthetic(args.output, args.rows, args.seed, progress=bar.update)
+        ds = write_synthetic(args.output, args.rows, args.seed, progress=bar.update, multitask=args.multitask)
     print(f"wrote {args.output}: " + ", ".join(f"{s} {len(v):,}" for s, v in ds.splits.items()) + " rows")
     return 0
 
@@ -353,6 +357,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-candidates", type=int, default=1000, metavar="N", help="most candidates (or rows) per request (default 1000)")
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, metavar="N", help="largest request body (default 8 MiB)")
     p.add_argument("--threads", type=int, metavar="N", help="threads per forward pass (default: the runtime's)")
+    p.add_argument(
+        "--task-weights", metavar="TASK=W,...",
+        help="multi-task bundles: weights of the combined score /rank ranks by (default 1 per task), e.g. click=1,purchase=20",
+    )
     p.set_defaults(func=_run_serve)
 
 
@@ -362,8 +370,13 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     if args.max_candidates < 1 or args.max_body_bytes < 1:
         raise UserError("--max-candidates and --max-body-bytes must be >= 1")
+    from .serving.tasks import parse_weights
+
     bundle = verify_and_load(args.model, threads=args.threads)
-    serve(bundle, args.host, args.port, args.runtime, args.max_candidates, args.max_body_bytes, args.threads)
+    if args.task_weights and not bundle.multitask:
+        raise UserError(f"--task-weights: {args.model} is a single-task model (task {bundle.tasks[0]!r})")
+    weights = parse_weights(args.task_weights, bundle.tasks) if bundle.multitask else None
+    serve(bundle, args.host, args.port, args.runtime, args.max_candidates, args.max_body_bytes, args.threads, task_weights=weights)
     return 0
 
 

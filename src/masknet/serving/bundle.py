@@ -4,6 +4,7 @@
       model.safetensors   weights (safetensors: no pickle, no code)
       model.json          model name, model config, field names, cardinalities
       encoder.json        the fitted encoder (prepared data only): raw rows -> model inputs
+      calibration.json    (optional) down-sampling correction and calibrators: logits -> scores
       config.yaml, dataset.json, metrics.json, log.jsonl
       manifest.json       bundle format, versions, SHA-256 and size of every file above
 
@@ -146,6 +147,27 @@ class Bundle:
     spec: dict[str, Any]  # model.json
     manifest: dict[str, Any]
     metrics: dict[str, Any] = field(default_factory=dict)
+    head: Any = None  # models.scoring.ScoreHead: logits -> (score, uncalibrated score)
+    calibration: Optional[dict[str, Any]] = None  # calibration.json, when the bundle has one
+
+    @property
+    def tasks(self) -> list[str]:
+        """The model's outputs: one task (the first label) unless it is a multi-task model."""
+        return list(getattr(self.model, "tasks", None) or self.spec.get("tasks", ["click"])[:1])
+
+    @property
+    def multitask(self) -> bool:
+        return getattr(self.model, "tasks", None) is not None
+
+    @property
+    def head_method(self) -> str:
+        """The post-hoc calibration method of the bundle (none without one)."""
+        return self.calibration.get("method", "none") if self.calibration else "none"
+
+    @property
+    def calibrated(self) -> bool:
+        """True when served scores differ from the logits' sigmoids (calibrators or down-sampling)."""
+        return self.head is not None and not self.head.identity
 
     @property
     def field_names(self) -> list[str]:
@@ -187,7 +209,7 @@ def verify_and_load(run: str | Path, threads: Optional[int] = None) -> Bundle:
     spec = _read_json(run / "model.json")
     try:
         model_cfg = _from_dict(ModelConfig, spec["model_config"], prefix="model.")
-        model = build_model(model_cfg, spec["cardinalities"])
+        model = build_model(model_cfg, spec["cardinalities"], spec.get("tasks"))
     except KeyError as exc:
         raise UserError(f"{run / 'model.json'}: lacks {exc}") from None
     try:
@@ -205,7 +227,29 @@ def verify_and_load(run: str | Path, threads: Optional[int] = None) -> Bundle:
             raise UserError(f"{run / spec['encoder']}: its fields do not match model.json's fields and cardinalities")
     metrics_path = run / "metrics.json"
     metrics = _read_json(metrics_path) if metrics_path.is_file() else {}
-    return Bundle(run, model, encoder, spec, manifest, metrics)
+    bundle = Bundle(run, model, encoder, spec, manifest, metrics)
+    bundle.head, bundle.calibration = _score_head(run, bundle)
+    return bundle
+
+
+def _score_head(run: Path, bundle: Bundle) -> Any:
+    """The bundle's ScoreHead from calibration.json (plain sigmoids without one)."""
+    from ..models.scoring import CALIBRATION_FILE, CALIBRATION_FORMAT, ScoreHead
+
+    path = run / CALIBRATION_FILE
+    if not path.is_file():
+        return ScoreHead(None, len(bundle.tasks)), None
+    if CALIBRATION_FILE not in bundle.manifest.get("files", {}):
+        raise UserError(f"{path}: not listed in the manifest; the bundle was tampered with")
+    spec = _read_json(path)
+    if not isinstance(spec, dict) or spec.get("format") != CALIBRATION_FORMAT:
+        raise UserError(f"{path}: not a masknet calibration file")
+    if spec.get("tasks") != bundle.tasks:
+        raise UserError(f"{path}: its tasks {spec.get('tasks')} are not the model's {bundle.tasks}")
+    try:
+        return ScoreHead(spec, len(bundle.tasks)), spec
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{path}: malformed ({exc})") from None
 
 
 def main(argv: Optional[list[str]] = None) -> int:

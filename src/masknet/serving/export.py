@@ -2,6 +2,10 @@
 
 The exported graph takes `x`: int64 [batch, fields] (the encoded indices, batch size dynamic)
 and returns `score` (click probability, float32 [batch]) and `logit` (float32 [batch]).
+A multi-task model returns them as [batch, tasks] (the task names in the metadata,
+`masknet.tasks`). With calibration.json in the bundle (post-hoc calibration or negative
+down-sampling), `score` is the served, calibrated probability, computed inside the graph
+(models.scoring), and `score_uncalibrated` is added.
 Preprocessing stays outside the graph: encode raw rows with the bundle's encoder.json (or
 use `masknet serve --runtime onnx`, which does both). The model's name, field names,
 cardinalities and the bundle hash are stored in the ONNX metadata.
@@ -26,19 +30,28 @@ from .bundle import Bundle
 OPSET = 17
 
 
-def _scorer(model: Any):
+def _scorer(model: Any, head: Any = None):
     import torch
 
     class Scorer(torch.nn.Module):
-        def __init__(self, inner: torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module, head: Any):
             super().__init__()
             self.inner = inner
+            self.head = head
 
         def forward(self, x: torch.Tensor):
             logit = self.inner(x)
-            return torch.sigmoid(logit), logit
+            if self.head is None:
+                return torch.sigmoid(logit), logit
+            score, uncalibrated = self.head(logit)
+            return score, uncalibrated, logit
 
-    return Scorer(model).eval()
+    return Scorer(model, head).eval()
+
+
+def output_names(bundle: Bundle) -> list[str]:
+    """The graph's outputs: score and logit, with score_uncalibrated between them when calibrated."""
+    return ["score", "score_uncalibrated", "logit"] if bundle.calibrated else ["score", "logit"]
 
 
 def export_onnx_bytes(bundle: Bundle, opset: int = OPSET) -> bytes:
@@ -52,15 +65,16 @@ def export_onnx_bytes(bundle: Bundle, opset: int = OPSET) -> bytes:
     f = len(bundle.field_names)
     example = torch.zeros((2, f), dtype=torch.long)
     buf = io.BytesIO()
+    outputs = output_names(bundle)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
         torch.onnx.export(
-            _scorer(model),
+            _scorer(model, bundle.head if bundle.calibrated else None),
             (example,),
             buf,
             input_names=["x"],
-            output_names=["score", "logit"],
-            dynamic_axes={"x": {0: "batch"}, "score": {0: "batch"}, "logit": {0: "batch"}},
+            output_names=outputs,
+            dynamic_axes={"x": {0: "batch"}, **{o: {0: "batch"} for o in outputs}},
             opset_version=opset,
             dynamo=False,
         )
@@ -71,7 +85,11 @@ def export_onnx_bytes(bundle: Bundle, opset: int = OPSET) -> bytes:
         "masknet.cardinalities": json.dumps(bundle.cardinalities),
         "masknet.bundle_sha256": bundle.bundle_hash,
         "masknet.inputs": "x: int64 [batch, fields], indices from the bundle's encoder.json",
+        "masknet.tasks": json.dumps(bundle.tasks),
+        "masknet.outputs": ", ".join(outputs) + (" [batch, tasks]" if bundle.multitask else " [batch]"),
     }
+    if bundle.calibrated:
+        meta["masknet.calibration"] = json.dumps({"method": bundle.head_method, "negative_sampling_rate": bundle.head.rate})
     for k, v in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
@@ -104,14 +122,25 @@ def onnx_session(model_bytes: bytes, threads: Optional[int] = None):
 
 
 def parity(bundle: Bundle, model_bytes: bytes, x: Optional[np.ndarray] = None, rows: int = 257, seed: int = 0) -> float:
-    """Max |score_onnx - score_torch| on `x` (default: random in-range indices, incl. 0 and 1)."""
+    """Max |onnx - torch| over every output (score, score_uncalibrated, logit) on `x` (default:
+    random in-range indices, incl. 0 and 1)."""
+    return max(parity_by_output(bundle, model_bytes, x, rows, seed).values())
+
+
+def parity_by_output(
+    bundle: Bundle, model_bytes: bytes, x: Optional[np.ndarray] = None, rows: int = 257, seed: int = 0
+) -> dict[str, float]:
+    """{output name: max |onnx - torch|} (every task's column of a multi-task output included)."""
     import torch
 
     if x is None:
         rng = np.random.default_rng(seed)
         x = np.stack([rng.integers(0, c, rows) for c in bundle.cardinalities], axis=1).astype(np.int64)
+    names = output_names(bundle)
     sess = onnx_session(model_bytes)
-    got = sess.run(["score"], {"x": x})[0]
+    got = dict(zip(names, sess.run(names, {"x": x})))
     with torch.inference_mode():
-        want = torch.sigmoid(bundle.model(torch.from_numpy(x))).numpy()
-    return float(np.max(np.abs(got - want))) if len(x) else 0.0
+        logit = bundle.model(torch.from_numpy(x))
+        score, uncalibrated = bundle.head(logit) if bundle.calibrated else (torch.sigmoid(logit),) * 2
+    want = {"score": score.numpy(), "score_uncalibrated": uncalibrated.numpy(), "logit": logit.numpy()}
+    return {n: float(np.max(np.abs(got[n] - want[n]))) if len(x) else 0.0 for n in names}

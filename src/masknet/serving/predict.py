@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import DataError, UserError
+from ..data.dataset import MISSING_LABEL
 from .bundle import Bundle
 
 ID_COLUMNS = {"avazu": "id", "malware": "MachineIdentifier"}  # per built-in format: the row id column
@@ -104,13 +105,14 @@ def encode_raw(
     short = _has_label(spec, input) if input.is_file() else None
     if short is not None:
         spec.columns = short
-        spec.label = None
+        spec.without_labels()
     present = file_columns(spec, input)
     if with_label:
         if not spec.label or spec.label not in present:
             raise UserError(f"{input}: no label column {spec.label!r}; evaluation needs labelled rows")
+        _keep_model_labels(spec, bundle, present, input)
     elif spec.label:
-        spec.label = None  # a label column, when present, is ignored (and not checked)
+        spec.without_labels()  # a label column, when present, is ignored (and not checked)
     if id_column is None and fmt is None:
         id_column = ID_COLUMNS.get(spec.name)
     elif id_column is None:
@@ -146,6 +148,20 @@ def encode_raw(
         stats["skipped"] = log.total
 
 
+def _keep_model_labels(spec: Any, bundle: Bundle, present: list[str], input: Path) -> None:
+    """Read the model's tasks as labels, in its order (a single-task model: its one label)."""
+    from ..data.schema import LabelSpec
+
+    by_name = {lab.column: lab for lab in spec.labels}
+    wanted = bundle.tasks if bundle.multitask or len(by_name) > 1 else [spec.label]
+    for t in wanted:
+        if t not in by_name or t not in present:
+            raise UserError(f"{input}: no label column {t!r} for the model's task {t!r}; evaluation needs labelled rows")
+    first = by_name[wanted[0]]
+    spec.label, spec.label_kind = first.column, first.kind
+    spec.more_labels = [LabelSpec(by_name[t].column, by_name[t].kind, by_name[t].optional) for t in wanted[1:]]
+
+
 def _hinted(chunks: Iterator, hint: str) -> Iterator:
     try:
         yield from chunks
@@ -153,15 +169,42 @@ def _hinted(chunks: Iterator, hint: str) -> Iterator:
         raise DataError(f"{exc}{hint}") from None
 
 
-def score(model: Any, x: np.ndarray, batch_size: int = 8192) -> np.ndarray:
-    """Click probabilities (float32) for encoded rows, in sub-batches."""
+def score(model: Any, x: np.ndarray, batch_size: int = 8192, head: Any = None) -> np.ndarray:
+    """Click probabilities (float32) for encoded rows, in sub-batches: [n], or [n, T] for a
+    multi-task model. `head` (the bundle's models.scoring.ScoreHead) gives the served scores."""
+    return score_both(model, x, batch_size, head)[0]
+
+
+def score_both(model: Any, x: np.ndarray, batch_size: int = 8192, head: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """(served scores, uncalibrated scores), float32, [n] or [n, T] (see models.scoring)."""
     import torch
 
-    out = []
+    served, raw = [], []
     with torch.inference_mode():
         for i in range(0, len(x), batch_size):
-            out.append(torch.sigmoid(model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size])))).numpy())
-    return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
+            logits = model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size])))
+            s, u = head(logits) if head is not None else (torch.sigmoid(logits),) * 2
+            served.append(s.numpy())
+            raw.append(u.numpy())
+    if not served:
+        shape = (0, len(model.tasks)) if getattr(model, "tasks", None) is not None else (0,)
+        return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    return np.concatenate(served).astype(np.float32), np.concatenate(raw).astype(np.float32)
+
+
+def score_columns(bundle: Bundle, x: np.ndarray, batch_size: int = 8192) -> dict[str, np.ndarray]:
+    """The output columns of `masknet predict`: `score` (single task) or `score_<task>` per task,
+    and with calibration `score_uncalibrated` (or `score_uncalibrated_<task>`)."""
+    served, raw = score_both(bundle.model, x, batch_size, bundle.head)
+    if not bundle.multitask:
+        cols = {"score": served}
+        if bundle.calibrated:
+            cols["score_uncalibrated"] = raw
+        return cols
+    cols = {f"score_{t}": served[:, i] for i, t in enumerate(bundle.tasks)}
+    if bundle.calibrated:
+        cols.update({f"score_uncalibrated_{t}": raw[:, i] for i, t in enumerate(bundle.tasks)})
+    return cols
 
 
 def predict_file(
@@ -198,7 +241,8 @@ def predict_file(
                 cols["id"] = ids
             if bad_lines == "skip":
                 cols["line"] = pa.array(lines, pa.int64())
-            cols["score"] = pa.array(score(bundle.model, x, batch_size), pa.float32())
+            for name, values in score_columns(bundle, x, batch_size).items():
+                cols[name] = pa.array(values, pa.float32())
             table = pa.table(cols)
             if writer is None:
                 writer = pq.ParquetWriter(str(tmp), table.schema) if suffix != ".csv" else pacsv.CSVWriter(str(tmp), table.schema)
@@ -219,16 +263,26 @@ def predict_file(
 
 
 def evaluate_file(bundle: Bundle, input: str | Path, fmt: Optional[str] = None, batch_size: int = 8192) -> dict[str, Any]:
-    """AUC and logloss on a labelled raw file."""
+    """AUC and logloss (of the served scores) on a labelled raw file; "tasks" with several labels."""
     from ..training.metrics import auc, logloss
+    from ..training.tasks import task_metrics
 
     ys, ps = [], []
     for x, y, _, _ in encode_raw(bundle, input, fmt, with_label=True):
         if len(x):
             ys.append(y)
-            ps.append(score(bundle.model, x, batch_size).astype(np.float64))
+            ps.append(score(bundle.model, x, batch_size, bundle.head).astype(np.float64))
+    if not ys:
+        raise UserError(f"{input}: no data rows")
     y, p = np.concatenate(ys), np.concatenate(ps)
-    return {"auc": auc(y, p), "logloss": logloss(y, p), "rows": int(len(y)), "positives": int(y.sum())}
+    if y.ndim == 1 and p.ndim == 1 and not (y == MISSING_LABEL).any():
+        return {"auc": auc(y, p), "logloss": logloss(y, p), "rows": int(len(y)), "positives": int(y.sum())}
+    return _task_summary(task_metrics(y.reshape(len(y), -1), p.reshape(len(p), -1), bundle.tasks), len(y))
+
+
+def _task_summary(per_task: dict[str, dict], rows: int) -> dict[str, Any]:
+    first = next(iter(per_task.values()))
+    return {"auc": first["auc"], "logloss": first["logloss"], "rows": rows, "positives": first["positives"], "tasks": per_task}
 
 
 def evaluate_prepared(bundle: Bundle, data: str | Path, split: str = "test", batch_size: int = 8192) -> dict[str, Any]:
@@ -254,5 +308,24 @@ def evaluate_prepared(bundle: Bundle, data: str | Path, split: str = "test", bat
     s = ds.splits[split]
     if len(s) == 0:
         raise UserError(f"{data}: split {split!r} has no rows")
-    m = evaluate(bundle.model, s, batch_size)
-    return {"split": split, "auc": m["auc"], "logloss": m["logloss"], "rows": len(s), "positives": int(np.asarray(s.y).sum())}
+    ds = _model_tasks(bundle, ds, data)
+    s = ds.splits[split]
+    m = evaluate(bundle.model, s, batch_size, head=bundle.head, tasks=bundle.tasks)
+    out = {"split": split, "auc": m["auc"], "logloss": m["logloss"], "rows": len(s), "positives": int(np.asarray(s.y).sum())}
+    if "tasks" in m:
+        out["tasks"] = m["tasks"]
+    return out
+
+
+def _model_tasks(bundle: Bundle, ds: Any, data: Any) -> Any:
+    """Multi-label data restricted to the model's tasks, in its order (single-label data as it is)."""
+    from ..training.tasks import select_tasks
+
+    if ds.splits["valid"].labels is None and len(ds.task_names) == 1:
+        if bundle.multitask and len(bundle.tasks) > 1:
+            raise UserError(f"{data}: has one label; the model predicts {len(bundle.tasks)} tasks ({', '.join(bundle.tasks)})")
+        return ds
+    missing = [t for t in bundle.tasks if t not in ds.task_names]
+    if missing:
+        raise UserError(f"{data}: no label {missing[0]!r} (its labels: {', '.join(ds.task_names)}); the model's tasks are {', '.join(bundle.tasks)}")
+    return select_tasks(ds, bundle.tasks)

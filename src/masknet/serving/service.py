@@ -1,7 +1,9 @@
 """HTTP ranking service (FastAPI): `create_app(bundle, ...)`; `masknet serve` runs it on uvicorn.
 
     POST /rank      {"context": {...}, "candidates": [{"id": ..., "features": {...}}, ...]}
-                    -> each candidate's score (request order) and the candidates sorted by score
+                    -> each candidate's score (request order) and the candidates sorted by score;
+                    a multi-task bundle also returns every task's probability per candidate, and
+                    its score is their weighted sum (serving/tasks.py; "weights" per request)
     POST /predict   {"rows": [{...}, ...]} -> one score per row
     GET  /health    liveness
     GET  /metadata  model, fields, training metrics, bundle hash, limits
@@ -29,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from .bundle import Bundle
 from .features import FeatureEncoder, RequestError
+from .tasks import combine, default_weights, request_weights
 
 DEFAULT_MAX_CANDIDATES = 1000
 DEFAULT_MAX_BODY_BYTES = 8 << 20
@@ -46,28 +49,45 @@ class RankRequest(BaseModel):
         default_factory=dict, description="features shared by every candidate (user, page, time, ...)"
     )
     candidates: list[Candidate] = Field(..., description="the items to score; each gives the remaining features")
+    weights: Optional[dict[str, Any]] = Field(
+        None, description="multi-task bundles: task -> weight of the combined score (replaces the start-up weight)"
+    )
+    uncalibrated: bool = Field(False, description="also return the scores before post-hoc calibration")
 
 
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     rows: list[dict[str, Any]] = Field(..., description="raw rows: every model column by name")
+    weights: Optional[dict[str, Any]] = Field(None, description="multi-task bundles: task -> weight of the combined score")
+    uncalibrated: bool = Field(False, description="also return the scores before post-hoc calibration")
 
 
 class Ranked(BaseModel):
     id: Union[StrictStr, StrictInt]
     index: int
     score: float
+    task_scores: Optional[dict[str, float]] = Field(None, description="multi-task bundles: each task's probability")
 
 
 class RankResponse(BaseModel):
     model: str
-    scores: list[float] = Field(..., description="click probability per candidate, in request order")
+    scores: list[float] = Field(
+        ..., description="click probability per candidate, in request order (multi-task: the weighted sum of task_scores)"
+    )
     ranking: list[Ranked] = Field(..., description="candidates sorted by score, highest first")
+    tasks: Optional[list[str]] = Field(None, description="multi-task bundles: the tasks")
+    weights: Optional[dict[str, float]] = Field(None, description="multi-task bundles: the weights of the combined score")
+    task_scores: Optional[dict[str, list[float]]] = Field(None, description="multi-task bundles: each task's probabilities")
+    uncalibrated: Optional[dict[str, list[float]]] = Field(None, description="with uncalibrated=true: scores before calibration, per task")
 
 
 class PredictResponse(BaseModel):
     model: str
     scores: list[float]
+    tasks: Optional[list[str]] = None
+    weights: Optional[dict[str, float]] = None
+    task_scores: Optional[dict[str, list[float]]] = None
+    uncalibrated: Optional[dict[str, list[float]]] = None
 
 
 class ErrorResponse(BaseModel):
@@ -76,11 +96,14 @@ class ErrorResponse(BaseModel):
 
 
 class Scorer:
-    """Scores encoded rows with the bundle's model in PyTorch or onnxruntime."""
+    """Scores encoded rows with the bundle's model in PyTorch or onnxruntime: served probabilities
+    [n] ([n, T] for a multi-task bundle); `both` also returns the uncalibrated ones."""
 
     def __init__(self, bundle: Bundle, runtime: str = "torch", threads: Optional[int] = None):
         self.runtime = runtime
         self.model = bundle.model
+        self.head = bundle.head if bundle.calibrated else None
+        self.shape = (0, len(bundle.tasks)) if bundle.multitask else (0,)
         if runtime == "onnx":
             from .export import export_onnx_bytes, onnx_session
 
@@ -89,14 +112,26 @@ class Scorer:
             raise ValueError(f"runtime: expected torch or onnx, got {runtime!r}")
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.both(x)[0]
+
+    def both(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if len(x) == 0:
-            return np.zeros(0, np.float32)
+            return np.zeros(self.shape, np.float32), np.zeros(self.shape, np.float32)
         if self.runtime == "onnx":
-            return self.session.run(["score"], {"x": x})[0]
+            if self.head is None:
+                s = self.session.run(["score"], {"x": x})[0]
+                return s, s
+            s, u = self.session.run(["score", "score_uncalibrated"], {"x": x})
+            return s, u
         import torch
 
         with torch.inference_mode():
-            return torch.sigmoid(self.model(torch.from_numpy(x))).numpy()
+            logits = self.model(torch.from_numpy(x))
+            if self.head is None:
+                s = torch.sigmoid(logits).numpy()
+                return s, s
+            s, u = self.head(logits)
+            return s.numpy(), u.numpy()
 
 
 def _json(payload: Any, status: int = 200):
@@ -170,8 +205,10 @@ def create_app(
     max_candidates: int = DEFAULT_MAX_CANDIDATES,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     threads: Optional[int] = None,
+    task_weights: Optional[dict[str, float]] = None,
 ):
-    """The FastAPI app for one loaded bundle."""
+    """The FastAPI app for one loaded bundle. `task_weights`: a multi-task bundle's start-up weights
+    of the combined score (serving/tasks.py; default 1 per task)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -181,6 +218,8 @@ def create_app(
     features = FeatureEncoder(bundle.encoder, bundle.field_names, bundle.cardinalities)
     scorer = Scorer(bundle, runtime, threads)
     model_name = bundle.spec["model"]
+    tasks = bundle.tasks
+    base_weights = dict(default_weights(tasks), **(task_weights or {})) if bundle.multitask else None
     started = time.time()
     counters = {"requests": 0, "errors": 0}
     lock = threading.Lock()
@@ -199,6 +238,10 @@ def create_app(
         },
         "fields": features.describe(),
         "training_metrics": bundle.metrics,
+        "tasks": tasks,
+        "multitask": bundle.multitask,
+        "task_weights": base_weights,
+        "calibration": {"method": bundle.head_method, "negative_sampling_rate": bundle.head.rate},
         "limits": {"max_candidates": max_candidates, "max_rows": max_candidates, "max_body_bytes": max_body_bytes},
         "masknet": __version__,
     }
@@ -259,7 +302,7 @@ def create_app(
             count(True)
             raise RequestError(f"too many candidates: {n:,} (the limit is {max_candidates:,})")
         if n == 0:
-            return _json({"model": model_name, "scores": [], "ranking": []})
+            return _json({"model": model_name, "scores": [], "ranking": [], **_task_fields(req, base_weights, tasks, None, None)})
         try:
             feats = [c.features for c in req.candidates]
             features.check_keys([req.context], lambda i: "context")
@@ -273,13 +316,22 @@ def create_app(
         except RequestError:
             count(True)
             raise
-        scores = scorer(x)
+        served, uncal = scorer.both(x)
+        try:
+            extra = _task_fields(req, base_weights, tasks, served, uncal)
+        except RequestError:
+            count(True)
+            raise
+        scores = np.asarray(extra.pop("_combined")) if "_combined" in extra else served
         order = np.argsort(-scores, kind="stable")
         s = scores.tolist()
         ids = [c.id if c.id is not None else i for i, c in enumerate(req.candidates)]
         ranking = [{"id": ids[i], "index": i, "score": s[i]} for i in order.tolist()]
+        if "task_scores" in extra:
+            for r in ranking:
+                r["task_scores"] = {t: v[r["index"]] for t, v in extra["task_scores"].items()}
         count(False)
-        return _json({"model": model_name, "scores": s, "ranking": ranking})
+        return _json({"model": model_name, "scores": s, "ranking": ranking, **extra})
 
     @app.post("/predict", response_model=PredictResponse, responses=err)
     def predict(req: PredictRequest = _body_example({"rows": [example]})):
@@ -294,13 +346,42 @@ def create_app(
         except RequestError:
             count(True)
             raise
+        served, uncal = scorer.both(x)
+        try:
+            extra = _task_fields(req, base_weights, tasks, served, uncal)
+        except RequestError:
+            count(True)
+            raise
+        scores = extra.pop("_combined") if "_combined" in extra else served.tolist()
         count(False)
-        return _json({"model": model_name, "scores": scorer(x).tolist()})
+        return _json({"model": model_name, "scores": scores, **extra})
 
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.state.bundle = bundle
     app.state.features = features
     return app
+
+
+def _task_fields(req: Any, base_weights: Optional[dict], tasks: list[str], served: Any, uncal: Any) -> dict[str, Any]:
+    """The multi-task and uncalibrated parts of a /rank or /predict response (empty for a plain
+    single-task request); "_combined" carries the weighted sums the caller ranks by."""
+    out: dict[str, Any] = {}
+    if base_weights is None:
+        if req.weights:
+            raise RequestError("weights: this model has one task; weights are for multi-task models")
+        if req.uncalibrated and uncal is not None:
+            out["uncalibrated"] = {tasks[0]: uncal.tolist()}
+        return out
+    weights = request_weights(req.weights, base_weights, RequestError)
+    out.update(tasks=tasks, weights=weights)
+    if served is None:
+        out["task_scores"] = {t: [] for t in tasks}
+        return out
+    out["task_scores"] = {t: served[:, i].tolist() for i, t in enumerate(tasks)}
+    out["_combined"] = combine(served, tasks, weights).tolist()
+    if req.uncalibrated:
+        out["uncalibrated"] = {t: uncal[:, i].tolist() for i, t in enumerate(tasks)}
+    return out
 
 
 def _body_example(example: dict):
@@ -318,8 +399,9 @@ def serve(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     threads: Optional[int] = None,
     log_level: str = "info",
+    task_weights: Optional[dict[str, float]] = None,
 ) -> None:
     import uvicorn
 
-    app = create_app(bundle, runtime, max_candidates, max_body_bytes, threads)
+    app = create_app(bundle, runtime, max_candidates, max_body_bytes, threads, task_weights)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)

@@ -114,14 +114,17 @@ def fit_isotonic(p: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(knots_x), np.asarray(knots_y)
 
 
-def fit_platt(p: np.ndarray, y: np.ndarray, iterations: int = 50) -> tuple[float, float]:
-    """(a, b) of sigmoid(a · logit(p) + b), maximum likelihood by Newton's method."""
+def fit_platt(p: np.ndarray, y: np.ndarray, iterations: int = 100) -> tuple[float, float]:
+    """(a, b) of sigmoid(a · logit(p) + b), maximum likelihood by Newton's method, with a >= 0:
+    a calibrator never reverses the model's order (where the likelihood wants a < 0, e.g. on a
+    tiny validation split, a = 0 and b = logit of the observed rate)."""
     pc = np.clip(np.asarray(p, np.float64), EPS, 1 - EPS)
     z = np.log(pc) - np.log1p(-pc)
     y = np.asarray(y, np.float64)
     a, b = 1.0, 0.0
     for _ in range(iterations):
-        q = 1.0 / (1.0 + np.exp(-(a * z + b)))
+        t = np.clip(a * z + b, -500, 500)
+        q = 1.0 / (1.0 + np.exp(-t))
         g = np.array([np.dot(q - y, z), np.sum(q - y)])
         w = q * (1 - q)
         h = np.array([[np.dot(w, z * z), np.dot(w, z)], [np.dot(w, z), np.sum(w)]]) + 1e-12 * np.eye(2)
@@ -129,6 +132,9 @@ def fit_platt(p: np.ndarray, y: np.ndarray, iterations: int = 50) -> tuple[float
         a, b = a - step[0], b - step[1]
         if np.max(np.abs(step)) < 1e-10:
             break
+    if not (np.isfinite(a) and np.isfinite(b)) or a < 0:
+        rate = np.clip(y.mean(), EPS, 1 - EPS)
+        a, b = 0.0, float(np.log(rate) - np.log1p(-rate))
     return float(a), float(b)
 
 
