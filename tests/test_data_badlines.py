@@ -170,9 +170,9 @@ def test_unknown_column_in_schema(tmp_path, capsys):
 
 def test_unknown_schema_key(tmp_path, capsys):
     schema = tmp_path / "schema.yaml"
-    schema.write_text("label: y\ncategorical: [a]\nlabels: [x]\n")
+    schema.write_text("label: y\ncategorical: [a]\nlables: [x]\n")
     code, _, err = _prepare(capsys, "--format", f"schema:{schema}", "--input", str(schema), "--output", str(tmp_path / "o"))
-    assert code == 2 and "unknown schema key 'labels'" in err
+    assert code == 2 and "unknown schema key 'lables'" in err
 
 
 def test_avazu_bad_hour_and_frappe_bad_feature(tmp_path, capsys):

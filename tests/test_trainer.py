@@ -139,7 +139,7 @@ def scripted_fit(monkeypatch, aucs, patience, epochs):
     script = iter(aucs)
     calls = []
 
-    def fake_evaluate(model, split, batch_size=8192, ctx=None):
+    def fake_evaluate(model, split, batch_size=8192, ctx=None, head=None, tasks=None):
         calls.append(1)
         return {"auc": next(script), "logloss": 0.5}
 
