@@ -1,0 +1,118 @@
+"""Multi-task against single-task training on the built-in multi-task data (click, purchase).
+
+For each seed, trains (every cell on the same data, data seed 7):
+    mt-<kind>        a multi-task model (shared_bottom / mmoe) on click and purchase
+    st-<kind>-<task> the same architecture (one tower) trained on that task alone
+    plain-<task>     the single-task model (no tower), optional (--plain)
+and writes every run's per-task test AUC, log loss, ECE and the oracle AUC to a JSON file, plus
+the per-seed differences mt - st. Runs are kept under --runs (rerunning skips finished cells).
+
+    python benchmarks/multitask_auc.py --seeds 1,2,3 --output docs/bench-results/multitask.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+from masknet.config import RunConfig, apply_override
+from masknet.training.run import train_run
+
+
+def cell_config(kind: str, tasks: list[str], seed: int, out: Path, rows: int, sets: list[str], multitask: bool) -> RunConfig:
+    cfg = RunConfig()
+    cfg.data.synthetic.rows = rows
+    cfg.data.synthetic.multitask = True
+    cfg.train.seed = seed
+    cfg.train.threads = 1
+    cfg.train.progress = False
+    cfg.train.checkpoints = False
+    cfg.train.tasks = tasks
+    cfg.model.multitask = kind if multitask else "none"
+    cfg.output = str(out)
+    for s in sets:
+        apply_override(cfg, s)
+    return cfg
+
+
+def run_cell(name: str, cfg: RunConfig) -> dict:
+    path = Path(cfg.output) / "metrics.json"
+    if not path.is_file():
+        t0 = time.perf_counter()
+        train_run(cfg, log=lambda *_: None)
+        print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    m = json.loads(path.read_text())
+    return {
+        "run": cfg.output,
+        "best_epoch": m["best_epoch"],
+        "train_seconds": m["train_seconds"],
+        "tasks": {
+            t: {k: v["test"][k] for k in ("auc", "logloss", "ece", "ratio", "oracle_auc", "ece_true")}
+            | {"valid_auc": v["valid"]["auc"]}
+            for t, v in m["tasks"].items()
+        },
+    }
+
+
+def summary(values: list[float]) -> dict:
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", default="1,2,3")
+    p.add_argument("--kinds", default="shared_bottom", help="comma-separated: shared_bottom, mmoe")
+    p.add_argument("--rows", type=int, default=120_000)
+    p.add_argument("--plain", action="store_true", help="also the plain single-task model per task")
+    p.add_argument("--set", action="append", default=[], help="config override for every cell")
+    p.add_argument("--runs", default="runs/multitask-bench")
+    p.add_argument("--output", default="multitask.json")
+    args = p.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    tasks = ["click", "purchase"]
+    runs = Path(args.runs)
+    cells: dict[str, dict[int, dict]] = {}
+    for seed in seeds:
+        for kind in args.kinds.split(","):
+            cells.setdefault(f"mt-{kind}", {})[seed] = run_cell(
+                f"mt-{kind} seed {seed}", cell_config(kind, tasks, seed, runs / f"mt-{kind}-s{seed}", args.rows, args.set, True))
+            for t in tasks:
+                cells.setdefault(f"st-{kind}-{t}", {})[seed] = run_cell(
+                    f"st-{kind}-{t} seed {seed}", cell_config(kind, [t], seed, runs / f"st-{kind}-{t}-s{seed}", args.rows, args.set, True))
+        if args.plain:
+            for t in tasks:
+                cells.setdefault(f"plain-{t}", {})[seed] = run_cell(
+                    f"plain-{t} seed {seed}", cell_config("none", [t], seed, runs / f"plain-{t}-s{seed}", args.rows, args.set, False))
+    comparisons = {}
+    for kind in args.kinds.split(","):
+        for t in tasks:
+            for base in [f"st-{kind}-{t}"] + ([f"plain-{t}"] if args.plain else []):
+                diffs = [cells[f"mt-{kind}"][s]["tasks"][t]["auc"] - cells[base][s]["tasks"][t]["auc"] for s in seeds]
+                comparisons[f"mt-{kind} - {base} ({t})"] = summary(diffs)
+    table = {
+        name: {t: summary([r["tasks"][t]["auc"] for r in per_seed.values()]) for t in next(iter(per_seed.values()))["tasks"]}
+        for name, per_seed in cells.items()
+    }
+    oracle = {t: next(iter(cells[f"mt-{args.kinds.split(',')[0]}"].values()))["tasks"][t]["oracle_auc"] for t in tasks}
+    out = {
+        "command": "python benchmarks/multitask_auc.py " + " ".join(
+            [f"--seeds {args.seeds}", f"--kinds {args.kinds}", f"--rows {args.rows}"] + (["--plain"] if args.plain else [])
+            + [f"--set {s}" for s in args.set]),
+        "machine": platform.processor() or platform.machine(),
+        "data": {"generator": "masknet.data.synthetic v2, multitask", "rows": args.rows, "seed": 7},
+        "oracle_auc": oracle,
+        "test_auc": table,
+        "mt_minus_baseline": comparisons,
+        "cells": cells,
+    }
+    Path(args.output).write_text(json.dumps(out, indent=2))
+    for k, v in comparisons.items():
+        print(f"{k}: {v['mean']:+.4f} ± {v['std']:.4f}  {['%+.4f' % d for d in v['values']]}")
+
+
+if __name__ == "__main__":
+    main()
