@@ -44,6 +44,8 @@ def loss_fn(
     labelled rows, with w = `cfg.task_weights`.
     """
     logits = (forward if forward is not None else model)(x)
+    if logits.ndim == 2 and y.ndim == 1:  # a multi-task model of one task on single-label data
+        y = y.unsqueeze(1)
     if y.ndim == 2:
         weights = torch.tensor(task_weights(cfg, y.shape[1]), device=y.device)
         bce = multitask_loss(logits, y, weights)[0]
@@ -211,7 +213,7 @@ def fit(
     if cfg.negative_sampling_rate < 1:
         train = downsample_negatives(train, cfg.negative_sampling_rate, cfg.seed)
     head = _training_head(cfg)
-    tasks = data.task_names if valid.labels is not None else None
+    tasks = data.task_names
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     device = torch.device(ctx.device)

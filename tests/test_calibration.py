@@ -1,0 +1,220 @@
+"""Calibration: the measures, PAV isotonic and Platt against scikit-learn, the score head
+(down-sampling correction, calibrators) and its use by predict, serve and ONNX."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.isotonic import IsotonicRegression
+from sklearn.linear_model import LogisticRegression
+
+from masknet.cli import main
+from masknet.models.scoring import Isotonic, Platt, ScoreHead
+from masknet.training.calibration import (
+    ece, equal_mass_bins, fit_calibrator, fit_isotonic, fit_platt, per_field_ratio, ratio, reliability,
+)
+
+TINY = ["--set", "model.block_dim=16", "--set", "model.num_blocks=2", "--set", "model.top_mlp=16",
+        "--set", "train.threads=1", "--quiet"]
+
+
+# ---------------------------------------------------------------------------
+# Measures
+
+
+def test_ece_by_hand():
+    p = np.array([0.1, 0.1, 0.2, 0.2, 0.6, 0.6, 0.9, 0.9])
+    y = np.array([0, 0, 0, 1, 1, 0, 1, 1])
+    bins = equal_mass_bins(p, 4)
+    assert [sorted(p[b].tolist()) for b in bins] == [[0.1, 0.1], [0.2, 0.2], [0.6, 0.6], [0.9, 0.9]]
+    want = 0.25 * (abs(0.1 - 0) + abs(0.2 - 0.5) + abs(0.6 - 0.5) + abs(0.9 - 1.0))
+    assert ece(y, p, 4) == pytest.approx(want)
+    assert ece(y, p, 4, against=p) == 0.0  # against the truth itself
+    assert ratio(y, p) == pytest.approx(p.mean() / y.mean())
+    rel = reliability(y, p, 4, p_true=p)
+    assert [r["rows"] for r in rel] == [2, 2, 2, 2] and rel[1]["observed"] == 0.5 and rel[3]["true"] == pytest.approx(0.9)
+
+
+def test_ece_of_calibrated_and_shifted_predictions():
+    rng = np.random.default_rng(0)
+    p = rng.beta(1, 6, 200_000)
+    y = (rng.random(len(p)) < p).astype(np.uint8)
+    assert ece(y, p, 10) < 0.003  # calibrated: label noise only
+    assert ece(y, p + 0.02, 10) == pytest.approx(0.02, abs=0.003)
+    assert ece(y, p + 0.02, 10, against=p) == pytest.approx(0.02, abs=1e-9)
+
+
+def test_per_field_ratio():
+    values = np.array([3, 3, 3, 5, 5, 7])
+    y = np.array([1, 0, 0, 1, 1, 0])
+    p = np.array([0.5, 0.5, 0.5, 0.25, 0.75, 0.1])
+    out = per_field_ratio(y, p, values, top=2)
+    assert [(r["value"], r["rows"]) for r in out] == [(3, 3), (5, 2)]
+    assert out[0]["observed"] == pytest.approx(1 / 3) and out[0]["ratio"] == pytest.approx(1.5)
+    assert out[1]["ratio"] == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------------------
+# Calibrators
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_isotonic_is_sklearns(seed):
+    rng = np.random.default_rng(seed)
+    p = np.round(rng.random(3000), 2 if seed == 1 else 6)  # seed 1: many ties
+    y = (rng.random(3000) < p ** 2).astype(float)
+    x_knots, y_knots = fit_isotonic(p, y)
+    ref = IsotonicRegression(out_of_bounds="clip").fit(p, y)
+    assert np.all(np.diff(x_knots) >= 0) and np.all(np.diff(y_knots) >= -1e-12)
+    grid = np.concatenate([rng.random(5000), [-1.0, 0.0, 1.0, 2.0], p])
+    np.testing.assert_allclose(np.interp(grid, x_knots, y_knots), ref.predict(grid), atol=1e-12)
+    np.testing.assert_allclose(x_knots, ref.X_thresholds_, atol=0)
+    # the torch module (predict, serve, ONNX) gives the same function in float32
+    got = Isotonic(x_knots.tolist(), y_knots.tolist())(torch.tensor(grid, dtype=torch.float32)).double().numpy()
+    np.testing.assert_allclose(got, np.interp(grid.astype(np.float32), x_knots.astype(np.float32), y_knots.astype(np.float32)), atol=2e-6)
+
+
+def test_isotonic_single_knot():
+    iso = Isotonic([0.3], [0.2])
+    assert torch.allclose(iso(torch.tensor([0.0, 0.3, 0.9])), torch.tensor([0.2, 0.2, 0.2]))
+
+
+def test_platt_is_logistic_regression_on_the_logit():
+    rng = np.random.default_rng(0)
+    p = rng.beta(2, 5, 5000)
+    y = (rng.random(5000) < 1 / (1 + np.exp(-(1.7 * np.log(p / (1 - p)) + 0.4)))).astype(int)
+    a, b = fit_platt(p, y)
+    z = np.log(p / (1 - p)).reshape(-1, 1)
+    ref = LogisticRegression(C=1e10, tol=1e-12, max_iter=10_000).fit(z, y)
+    assert a == pytest.approx(ref.coef_[0, 0], rel=1e-4) and b == pytest.approx(ref.intercept_[0], abs=1e-4)
+    out = Platt(a, b)(torch.tensor(p, dtype=torch.float32)).double().numpy()
+    np.testing.assert_allclose(out, ref.predict_proba(z)[:, 1], atol=1e-5)
+
+
+def test_platt_never_reverses_the_order():
+    p = np.array([0.1, 0.2, 0.8, 0.9])
+    y = np.array([1, 1, 0, 0])  # anti-correlated: the unconstrained fit has a < 0
+    a, b = fit_platt(p, y)
+    assert a == 0.0 and b == pytest.approx(0.0, abs=1e-9)  # the observed rate, 0.5
+
+
+# ---------------------------------------------------------------------------
+# The score head
+
+
+def test_downsampling_correction_is_the_standard_formula():
+    r = 0.1
+    head = ScoreHead({"negative_sampling_rate": r}, 2)
+    logits = torch.tensor([[-2.0, -4.0], [0.5, -1.0], [3.0, 1.0]], dtype=torch.float64)
+    q = torch.sigmoid(logits)
+    score, u = head(logits)
+    assert torch.allclose(score, u)
+    assert torch.allclose(u[:, 0], q[:, 0] / (q[:, 0] + (1 - q[:, 0]) / r))  # He et al. 2014
+    assert torch.allclose(u[:, 1], q[:, 1] * r / (1 - q[:, 0] + r * q[:, 0]))
+    assert torch.allclose(ScoreHead(None, 1)(logits[:, 0])[0], q[:, 0])
+
+
+def test_downsampling_correction_is_exact_for_a_nested_task():
+    """Keep a share r of the rows negative on task 0: the corrected scores of the sampled data's
+    true probabilities are the full data's, for task 0 and for a task positive only with it."""
+    r = 0.2
+    p0 = np.array([0.05, 0.3, 0.7])
+    p1 = p0 * np.array([0.5, 0.1, 0.4])  # P(task 1) = P(task 0) * P(task 1 | task 0)
+    kept = p0 + r * (1 - p0)  # P(row kept | x)
+    q = np.stack([p0 / kept, p1 / kept], axis=1)  # what a model of the sampled rows learns
+    _, u = ScoreHead({"negative_sampling_rate": r}, 2)(torch.logit(torch.tensor(q)))
+    np.testing.assert_allclose(u.numpy(), np.stack([p0, p1], axis=1), rtol=1e-9)
+
+
+def test_head_applies_each_tasks_calibrator():
+    spec = {"calibrators": [fit_calibrator("none", None, None), {"method": "platt", "a": 2.0, "b": -1.0}]}
+    head = ScoreHead(spec, 2)
+    logits = torch.tensor([[0.0, 0.0], [1.0, -1.0]])
+    score, u = head(logits)
+    assert torch.allclose(score[:, 0], u[:, 0]) and torch.allclose(score[:, 1], torch.sigmoid(2 * logits[:, 1] - 1))
+    assert head.without_calibrators()(logits)[0].equal(u)
+
+
+# ---------------------------------------------------------------------------
+# In runs
+
+
+def _train(tmp_path, name, *args):
+    out = tmp_path / name
+    assert main(["train", "--output", str(out), "--epochs", "2", *TINY, *args]) == 0
+    return out, json.loads((out / "metrics.json").read_text())
+
+
+def test_every_run_reports_calibration(tmp_path):
+    out, m = _train(tmp_path, "plain", "--set", "data.synthetic.rows=5000", "--set", "train.calibration_field=C3")
+    t = m["tasks"]["click"]["test"]
+    assert m["calibration"]["method"] == "none" and m["calibration"]["field"] == "C3"
+    assert 0 <= t["ece"] < 1 and t["ratio"] > 0 and 0 <= t["ece_true"] < 1 and t["oracle_ece"] < t["ece"]
+    assert sum(b["rows"] for b in t["reliability"]) == t["rows"] and len(t["reliability"]) == 10
+    assert len(t["per_field"]) <= 20 and t["per_field"][0]["rows"] >= t["per_field"][-1]["rows"]
+    assert not (out / "calibration.json").exists()  # scores are plain sigmoids
+    assert (out / "reliability.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("method", ["isotonic", "platt"])
+def test_posthoc_calibration_in_the_bundle(tmp_path, method):
+    from masknet.serving.bundle import verify_and_load
+    from masknet.serving.predict import score_both
+
+    out, m = _train(tmp_path, method, "--set", "data.synthetic.rows=8000", "--set", f"train.calibration={method}")
+    spec = json.loads((out / "calibration.json").read_text())
+    assert spec["method"] == method and spec["fitted_on"] == "valid" and spec["calibrators"][0]["method"] == method
+    cal = m["tasks"]["click"]["test"]["calibrated"]
+    assert {"auc", "logloss", "ece", "ratio", "ece_true", "per_field"} <= set(cal)
+    b = verify_and_load(out)
+    assert b.calibrated and b.head_method == method
+    from masknet.data.synthetic import generate
+
+    test = generate(8000, 7).splits["test"]
+    served, raw = score_both(b.model, np.asarray(test.x, np.int64), head=b.head)
+    with torch.no_grad():
+        plain = torch.sigmoid(b.model(torch.from_numpy(np.asarray(test.x, np.int64)))).numpy()
+    np.testing.assert_array_equal(raw, plain)  # uncalibrated: the model's own probabilities
+    assert not np.allclose(served, raw)
+    from masknet.training.calibration import ece as ece_
+
+    assert ece_(test.y, served.astype(np.float64), 10) == pytest.approx(cal["ece"], abs=1e-6)
+
+
+def test_negative_downsampling_keeps_served_probabilities_unbiased(tmp_path):
+    from masknet.data.synthetic import generate
+    from masknet.serving.bundle import verify_and_load
+    from masknet.training.tasks import downsample_negatives
+
+    out, m = _train(tmp_path, "ds", "--set", "data.synthetic.rows=20000", "--set", "train.negative_sampling_rate=0.1",
+                    "--set", "train.batch_size=256", "--set", "train.lr=0.01", "--epochs", "3")
+    spec = json.loads((out / "calibration.json").read_text())
+    assert spec["negative_sampling_rate"] == 0.1 and spec["method"] == "none"
+    data = generate(20000, 7)
+    kept = len(downsample_negatives(data.splits["train"], 0.1, 2021))
+    assert 0.3 * 16000 < kept < 0.36 * 16000  # every click and a tenth of the rest
+    epochs = len((out / "log.jsonl").read_text().splitlines())
+    assert round(m["samples_per_second"] * m["train_seconds"]) == epochs * kept
+    t = m["tasks"]["click"]["test"]
+    b = verify_and_load(out)
+    x = torch.from_numpy(np.asarray(data.splits["test"].x, np.int64))
+    with torch.no_grad():
+        raw = torch.sigmoid(b.model(x)).mean().item()
+        served = b.head(b.model(x))[0].mean().item()
+    observed = t["positives"] / t["rows"]
+    assert served / observed == pytest.approx(t["ratio"], rel=1e-5)
+    assert raw / observed > 2.0 and abs(served / observed - 1) < 0.08  # corrected (measured: 1.004)
+
+
+def test_downsampling_refuses_a_task_it_would_bias(tmp_path, capsys):
+    path = tmp_path / "d.csv"
+    rng = np.random.default_rng(0)
+    path.write_text("a,b,f\n" + "".join(f"{int(rng.random() < .3)},{int(rng.random() < .3)},v{rng.integers(5)}\n" for _ in range(600)))
+    (tmp_path / "s.yaml").write_text("labels: [a, b]\ncategorical: [f]\n")
+    assert main(["prepare", "--format", f"schema:{tmp_path / 's.yaml'}", "--input", str(path), "--output", str(tmp_path / "p")]) == 0
+    code = main(["train", "--data", str(tmp_path / "p"), "--output", str(tmp_path / "r"), "--epochs", "1", *TINY,
+                 "--set", "model.multitask=shared_bottom", "--set", "train.negative_sampling_rate=0.5"])
+    assert code == 2 and "task 'b' has positives on rows negative on 'a'" in capsys.readouterr().err
