@@ -219,17 +219,21 @@ def recover(output: Path) -> list[str]:
                 os.unlink(mark)
             finally:
                 os.close(fd)
-    olds = sorted(parent.glob(f"{OLD_PREFIX}{_stem(output.name)}-*"))
+    olds = _siblings(parent, f"{OLD_PREFIX}{_stem(output.name)}-")
     if olds and not output.exists():  # killed between steps 1 and 2
         if len(olds) > 1:
             raise UserError(f"{output}: missing, and several earlier versions exist ({', '.join(o.name for o in olds)}); rename one to {output.name}")
         os.rename(olds[0], output)
         done.append(f"restored {output.name} from {olds[0].name} (a run was killed while replacing it)")
-    for tmp in sorted(parent.glob(f"{TMP_PREFIX}*")):
+    for tmp in _siblings(parent, TMP_PREFIX):
         if tmp.is_dir() and _stale_build(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
             done.append(f"deleted {tmp.name}, left by a killed run")
     return done
+
+
+def _siblings(parent: Path, prefix: str) -> list[Path]:
+    return sorted(parent / n for n in os.listdir(parent) if n.startswith(prefix))  # not glob: names may hold [ or *
 
 
 def _stale_build(folder: Path) -> bool:

@@ -20,6 +20,10 @@ Splits
              last 10% test. File order counts bad lines; time ranks count valid rows only.
     explicit train/valid/test files; the encoder is fitted on the train file only.
 
+Output: built in a temporary sibling folder of `output` and swapped in only when complete, so a
+failed or killed run never damages the dataset already there; replacing one takes `overwrite`
+(output.py).
+
 Bad lines (wrong number of columns, empty line, label not 0/1, unparsable number, bad
 value, bad time): with bad_lines="error" the first one stops the run with a DataError
 naming file, line and field; with "skip" they are dropped, counted per kind and file,
