@@ -225,7 +225,9 @@ def _half_swapped(tmp_path: Path, capsys, raw, step: int) -> tuple[Path, dict, d
 def test_a_kill_between_the_two_renames_restores_the_old_dataset(tmp_path, capsys, raw):
     out, a, _ = _half_swapped(tmp_path, capsys, raw, step=1)
     assert not out.exists()
-    assert run_prepare(capsys, "--input", str(raw["b"]), "--output", str(out))[0] == 2  # restored, then refused
+    rc, err = run_prepare(capsys, "--input", str(raw["b"]), "--output", str(out))
+    assert rc == 2 and "--overwrite" in err  # restored, then refused as an existing dataset
+    assert f"masknet prepare: restored data from {outmod.OLD_PREFIX}data-999-deadbeef" in err
     assert snapshot(out) == a
     assert leftovers(tmp_path) == []
 

@@ -40,7 +40,7 @@ import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from ..errors import UserError
 from .dataset import FORMAT_NAME
@@ -69,16 +69,19 @@ class Build:
 
 
 @contextlib.contextmanager
-def build_folder(output: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def build_folder(output: str | Path, overwrite: bool = False, log: Optional[Callable[[str], None]] = None) -> Iterator[Path]:
     """Yield an empty folder to write a dataset into; on a clean exit it becomes `output`.
 
     The output is checked first: a folder that holds anything but a prepared dataset is refused,
     and a prepared dataset is replaced only with `overwrite`. On any exception (a UserError, a full
-    disk, Ctrl-C) the build folder is deleted and `output` is left as it was.
+    disk, Ctrl-C) the build folder is deleted and `output` is left as it was. What `recover` did
+    about earlier, killed runs is told to `log`.
     """
     output = resolve_output(output)
     with _parent_lock(output.parent):
-        recover(output)
+        for action in recover(output):
+            if log is not None:
+                log(action)
         check_output(output, overwrite)
         build = _new_build(output)
     try:

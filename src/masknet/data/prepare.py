@@ -274,7 +274,7 @@ def prepare(
         raise UserError(f"--bad-lines: expected error or skip, got {bad_lines!r}")
     kwargs = dict(input=input, train=train, valid=valid, test=test, split=split, seed=seed, bad_lines=bad_lines, block_bytes=block_bytes, log=log)
     try:
-        with build_folder(output, overwrite) as build:
+        with build_folder(output, overwrite, log) as build:
             try:
                 return _prepare(spec, build, serial=False, **kwargs)
             except NeedSerial:  # rows with a wrong number of columns: re-read single-threaded to locate them
