@@ -311,3 +311,16 @@ def test_multitask_model_trains_with_missing_labels(tmp_path):
     assert m["tasks"]["buy"]["test"]["rows"] == known_buy < len(test)  # only the rows with a known label
     assert m["tasks"]["click"]["test"]["rows"] == len(test)
     assert all(np.isfinite(m["tasks"][t]["test"]["auc"]) for t in ("click", "buy", "grade"))
+
+
+def test_labels_file_is_checked_and_recorded(tmp_path):
+    data, schema, _ = _multi_csv(tmp_path)
+    prepare(load_schema_file(schema), tmp_path / "p", input=data)
+    meta = json.loads((tmp_path / "p" / "meta.json").read_text())
+    assert {"train.labels.bin", "valid.labels.bin", "test.labels.bin"} <= set(meta["files"])
+    path = tmp_path / "p" / "valid.labels.bin"
+    raw = bytearray(path.read_bytes())
+    raw[4] = 7  # row 1, task 1
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"valid.labels.bin: row 1, task 1: label 7 is not 0, 1 or missing"):
+        load_prepared(tmp_path / "p")
