@@ -14,7 +14,8 @@ from sklearn.linear_model import LogisticRegression
 from masknet.cli import main
 from masknet.models.scoring import Isotonic, Platt, ScoreHead
 from masknet.training.calibration import (
-    ece, equal_mass_bins, fit_calibrator, fit_isotonic, fit_platt, per_field_ratio, ratio, reliability,
+    ece, equal_mass_bins, fit_calibrator, fit_centered_isotonic, fit_isotonic, fit_platt, per_field_ratio, ratio,
+    reliability,
 )
 
 TINY = ["--set", "model.block_dim=16", "--set", "model.num_blocks=2", "--set", "model.top_mlp=16",
@@ -75,6 +76,23 @@ def test_isotonic_is_sklearns(seed):
     # the torch module (predict, serve, ONNX) gives the same function in float32
     got = Isotonic(x_knots.tolist(), y_knots.tolist())(torch.tensor(grid, dtype=torch.float32)).double().numpy()
     np.testing.assert_allclose(got, np.interp(grid.astype(np.float32), x_knots.astype(np.float32), y_knots.astype(np.float32)), atol=2e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_centered_isotonic_keeps_pavs_values_at_block_centres(seed):
+    rng = np.random.default_rng(seed)
+    p = rng.random(4000)
+    y = (rng.random(4000) < p).astype(float)
+    centers, values = fit_centered_isotonic(p, y)
+    ref = IsotonicRegression(out_of_bounds="clip").fit(p, y)
+    assert np.all(np.diff(centers) > 0) and np.all(np.diff(values) > 0)  # one knot per PAV block
+    np.testing.assert_allclose(ref.predict(centers), values, atol=1e-12)
+    assert len(centers) == len(np.unique(ref.y_thresholds_))
+    # far gentler than PAV's jumps between blocks: the served calibrator does not amplify rounding
+    pav_x, pav_y = fit_isotonic(p, y)
+    steepest = lambda x, v: np.max(np.diff(v) / np.maximum(np.diff(x), 1e-300))  # noqa: E731
+    assert steepest(centers, values) < steepest(pav_x, pav_y) / 10
+    assert fit_calibrator("isotonic", p, y)["x"] == centers.tolist()
 
 
 def test_isotonic_single_knot():

@@ -9,9 +9,10 @@ Measures (every model, every task; docs/calibration.md):
     per field value: rows, observed rate, mean p̂ and their ratio for a field's most frequent values
 
 Calibrators, fitted on the validation split's (down-sampling-corrected) probabilities:
-    isotonic       pool-adjacent-violators (PAV) on the sorted scores, weighted by ties; the fitted
-                   function keeps each pooled block's first and last score as knots and is linear
-                   between knots, as scikit-learn's IsotonicRegression (tests check they agree)
+    isotonic       pool-adjacent-violators (PAV) on the sorted scores, weighted by ties (the same
+                   blocks and values as scikit-learn's IsotonicRegression: tests check), served as
+                   centred isotonic regression: one knot per block at its mean score, linear between
+                   (fit_centered_isotonic says why)
     platt          sigmoid(a · logit(p) + b), a and b by Newton's method on the log loss
 Applied by models.scoring.ScoreHead (predict, serve, ONNX).
 """
@@ -88,15 +89,14 @@ def calibration_metrics(y: np.ndarray, p: np.ndarray, bins: int, p_true: Optiona
 # Fitting calibrators
 
 
-def fit_isotonic(p: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Increasing least-squares fit of y on p (PAV); returns the knots (x, y) of the fitted function."""
+def _pav_blocks(p: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, float]]]:
+    """Pool-adjacent-violators over the distinct scores: (distinct scores, their row counts,
+    blocks as (first, last) distinct-score indices and the block's mean label)."""
     p = np.asarray(p, np.float64)
     y = np.asarray(y, np.float64)
-    xs, first, counts = np.unique(p, return_index=True, return_counts=True)
-    inverse = np.searchsorted(xs, p)
-    sums = np.bincount(inverse, weights=y, minlength=len(xs))
-    # blocks as a stack: (sum of y, weight, first index, last index)
-    b_sum, b_w, b_lo, b_hi = [], [], [], []
+    xs, counts = np.unique(p, return_counts=True)
+    sums = np.bincount(np.searchsorted(xs, p), weights=y, minlength=len(xs))
+    b_sum, b_w, b_lo, b_hi = [], [], [], []  # the blocks so far, as a stack
     for i in range(len(xs)):
         s, w, lo = sums[i], float(counts[i]), i
         while b_sum and b_sum[-1] / b_w[-1] >= s / w:  # violates (or ties) the order: pool
@@ -105,13 +105,31 @@ def fit_isotonic(p: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             lo = b_lo.pop()
             b_hi.pop()
         b_sum.append(s), b_w.append(w), b_lo.append(lo), b_hi.append(i)
+    return xs, counts, [(lo, hi, s / w) for s, w, lo, hi in zip(b_sum, b_w, b_lo, b_hi)]
+
+
+def fit_isotonic(p: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Increasing least-squares fit of y on p (PAV), as scikit-learn's IsotonicRegression: the knots
+    (x, y) are each block's first and last score, the function is linear between knots."""
+    xs, _, blocks = _pav_blocks(p, y)
     knots_x, knots_y = [], []
-    for s, w, lo, hi in zip(b_sum, b_w, b_lo, b_hi):
-        value = s / w
+    for lo, hi, value in blocks:
         knots_x.append(xs[lo]), knots_y.append(value)
         if hi > lo:
             knots_x.append(xs[hi]), knots_y.append(value)
     return np.asarray(knots_x), np.asarray(knots_y)
+
+
+def fit_centered_isotonic(p: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Centred isotonic regression (Oron & Flournoy 2017): PAV's blocks and values, one knot per
+    block at its mean score, linear between knots. The served calibrator (train.calibration=
+    isotonic): PAV's function jumps between a block's last score and the next block's first, so
+    a score moved by one float32 rounding (PyTorch vs onnxruntime) could move the calibrated
+    probability by 1e-4 and more; between block centres the slopes are far smaller, and ties
+    inside a block are not created, so ranking (AUC) is kept."""
+    xs, counts, blocks = _pav_blocks(p, y)
+    centers = [float(np.dot(xs[lo : hi + 1], counts[lo : hi + 1]) / counts[lo : hi + 1].sum()) for lo, hi, _ in blocks]
+    return np.asarray(centers), np.asarray([v for _, _, v in blocks])
 
 
 def fit_platt(p: np.ndarray, y: np.ndarray, iterations: int = 100) -> tuple[float, float]:
@@ -141,7 +159,7 @@ def fit_platt(p: np.ndarray, y: np.ndarray, iterations: int = 100) -> tuple[floa
 def fit_calibrator(method: str, p: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     """One task's calibrator entry (models.scoring) fitted on probabilities p and labels y."""
     if method == "isotonic":
-        x, v = fit_isotonic(p, y)
+        x, v = fit_centered_isotonic(p, y)
         return {"method": "isotonic", "x": x.tolist(), "y": v.tolist()}
     if method == "platt":
         a, b = fit_platt(p, y)
