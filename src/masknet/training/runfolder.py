@@ -82,7 +82,8 @@ def claim_run_folder(out: Path, overwrite: bool, log: Callable[[str], None] = pr
             "choose another --output (--overwrite only replaces an earlier run)"
         )
     if not overwrite:
-        resume = f", or continue it with `masknet train --resume {_q(out)}`" if latest_checkpoint(out) else ""
+        unfinished = latest_checkpoint(out) and not (out / "metrics.json").exists()
+        resume = f", or continue it with `masknet train --resume {_q(out)}`" if unfinished else ""
         raise UserError(f"{out}: already holds a run; pass --overwrite to replace it (its checkpoints, metrics and weights are deleted first){resume}")
     for p in entries:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
