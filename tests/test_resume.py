@@ -7,7 +7,6 @@ or halfway through writing a chosen checkpoint file), drawn from a seeded RNG.
 from __future__ import annotations
 
 import errno
-import importlib
 import json
 import os
 import random
@@ -447,10 +446,10 @@ def test_stale_temporary_checkpoint_folders_are_removed_on_resume(reference, tmp
 
 
 def test_disk_full_while_writing_the_bundle_fails_cleanly_and_resume_finishes(reference, tmp_path, monkeypatch, capsys):
+    import masknet.integrity as integrity
     import masknet.training.run as run_mod
     from masknet.serving.bundle import verify_manifest
 
-    integrity = importlib.import_module("masknet.integrity")
     real = integrity._write_synced
 
     def full(path, data):
