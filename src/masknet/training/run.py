@@ -86,6 +86,7 @@ def train_run(
     checkpoint (see training/runfolder.py for both rules)."""
     cfg.validate()
     base_auc = read_base_auc(cfg.base_run) if cfg.base_run else None  # fail before training, not after
+    data = data if data is not None else load_data(cfg)  # a bad data path fails before the run folder is touched
     ctx = init_from_env(cfg.train.device)  # rank 0 of 1 unless launched by torchrun
     if not ctx.is_main:
         log = _quiet
@@ -107,7 +108,6 @@ def train_run(
         runfolder.claim_run_folder(out, overwrite, log)
         out.mkdir(parents=True, exist_ok=True)
         runfolder.write_config(cfg, out / runfolder.CONFIG_FILE, [])
-    data = data if data is not None else load_data(cfg)
 
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model, data.cardinalities)  # identical on every rank
