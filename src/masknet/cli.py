@@ -140,6 +140,12 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
         raise UserError(f"--nproc: must be >= 1, got {args.nproc}")
     if not args.output and not args.resume:
         raise UserError("--nproc needs --output (every process must write to the same run folder)")
+    if not args.resume:  # refuse here in one line rather than in every process torchrun starts
+        from pathlib import Path
+
+        from .training.runfolder import check_new_run_folder
+
+        check_new_run_folder(Path(args.output), args.overwrite)
     argv, rest, skip = [], list(args.argv), False
     for i, a in enumerate(rest):
         if skip:

@@ -35,7 +35,7 @@ from ..integrity import write_atomic
 from ..models import CTRModel, build_model
 from . import runfolder
 from .checkpoint import find_resumable, latest_checkpoint, remove_stale_temp
-from .distributed import init_from_env
+from .distributed import barrier, init_from_env
 from .metrics import auc, relaimp
 from .trainer import TrainingDiverged, evaluate, fit, seed_everything
 
@@ -93,19 +93,23 @@ def train_run(
     if ctx.enabled and not cfg.output:
         raise UserError("a multi-process run needs --output (every rank must agree on the run folder)")
     out = Path(cfg.output) if cfg.output else default_output(cfg)
-    found, resumes = None, []
+    # every rank checks (and refuses) alike, then rank 0 alone changes the folder
+    found, resumes, earlier = None, [], []
     if resume:
         found = find_resumable(out, warn=log)  # every rank reads the same checkpoint
         if found is None:
             raise UserError(f"{out}: no complete checkpoint to resume from")
         resumes = runfolder.check_resume(cfg, found, out, log)
-        if ctx.is_main:
-            for p in remove_stale_temp(out) + runfolder.remove_stale_bundle_temp(out):
-                log(f"removed {p}, left by a write that was killed")
-            if resumes != found.meta.get("resumes", []):
-                runfolder.write_config(cfg, out / runfolder.CONFIG_FILE, resumes)
+    else:
+        earlier = runfolder.check_new_run_folder(out, overwrite)
+    barrier(ctx)
+    if ctx.is_main and resume:
+        for p in remove_stale_temp(out) + runfolder.remove_stale_bundle_temp(out):
+            log(f"removed {p}, left by a write that was killed")
+        if resumes != found.meta.get("resumes", []):
+            runfolder.write_config(cfg, out / runfolder.CONFIG_FILE, resumes)
     elif ctx.is_main:
-        runfolder.claim_run_folder(out, overwrite, log)
+        runfolder.clear_earlier_run(out, earlier, log)
         out.mkdir(parents=True, exist_ok=True)
         runfolder.write_config(cfg, out / runfolder.CONFIG_FILE, [])
 

@@ -66,15 +66,16 @@ def is_run_folder(path: Path) -> bool:
     return (path / CONFIG_FILE).is_file() and any((path / name).exists() for name in RUN_FILES if name != CONFIG_FILE)
 
 
-def claim_run_folder(out: Path, overwrite: bool, log: Callable[[str], None] = print) -> None:
-    """Make `out` ready for a new run, or refuse (UserError) without touching it."""
+def check_new_run_folder(out: Path, overwrite: bool) -> list[Path]:
+    """What a new run in `out` must delete first (an earlier run, with `overwrite`); refuses
+    (UserError) a folder that holds another run without `overwrite`, or anything else. Reads only."""
     if not out.exists():
-        return
+        return []
     if not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder; choose another --output")
     entries = sorted(out.iterdir())
     if not entries:
-        return
+        return []
     foreign = next(_foreign_entries(out), None)
     if foreign is not None:
         raise UserError(
@@ -85,9 +86,15 @@ def claim_run_folder(out: Path, overwrite: bool, log: Callable[[str], None] = pr
         unfinished = latest_checkpoint(out) and not (out / "metrics.json").exists()
         resume = f", or continue it with `masknet train --resume {_q(out)}`" if unfinished else ""
         raise UserError(f"{out}: already holds a run; pass --overwrite to replace it (its checkpoints, metrics and weights are deleted first){resume}")
+    return entries
+
+
+def clear_earlier_run(out: Path, entries: list[Path], log: Callable[[str], None] = print) -> None:
+    """Delete what check_new_run_folder found (--overwrite)."""
     for p in entries:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
-    log(f"--overwrite: deleted the earlier run in {out} ({', '.join(p.name for p in entries)})")
+    if entries:
+        log(f"--overwrite: deleted the earlier run in {out} ({', '.join(p.name for p in entries)})")
 
 
 def remove_stale_bundle_temp(out: Path) -> list[Path]:
