@@ -232,7 +232,7 @@ def resume_run(run: str | Path, log: Any = print, overrides: Sequence[str] = ())
     cfg = load_config(run / runfolder.CONFIG_FILE)
     for assignment in overrides:
         key = assignment.split("=", 1)[0].strip()
-        if key not in runfolder.RESUMABLE:
+        if "=" in assignment and key not in runfolder.RESUMABLE:
             raise ConfigError(
                 f"--set {key}: cannot change when resuming (the checkpoint belongs to the run's config); a resume "
                 f"may set {', '.join(runfolder.RESUMABLE)}; to change anything else start a new run"
