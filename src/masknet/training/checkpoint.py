@@ -123,23 +123,26 @@ def save_checkpoint(
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     optim_tensors, optim_meta = _flatten_optimizers(optimizers)
     optim_tensors.update(rng if rng is not None else {"rng.torch.rank0": torch.get_rng_state()})
-    contents = {
-        "model.safetensors": save(_state_tensors(model.state_dict())),
-        "best.safetensors": save(_state_tensors(best_state)),
-        "optim.safetensors": save(optim_tensors),
-        STATE_FILE: json.dumps({**state, "optimizers": optim_meta}).encode(),
+    # serialised one at a time (a large model's files are never all in memory at once)
+    contents: dict[str, Callable[[], bytes]] = {
+        "model.safetensors": lambda: save(_state_tensors(model.state_dict())),
+        "best.safetensors": lambda: save(_state_tensors(best_state)),
+        "optim.safetensors": lambda: save(optim_tensors),
+        STATE_FILE: lambda: json.dumps({**state, "optimizers": optim_meta}).encode(),
     }
     manifest = {
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "seq": _next_seq(run_dir),
-        "global_step": state["global_step"], **(meta or {}),
-        "files": {name: entry_of(data) for name, data in contents.items()},
+        "global_step": state["global_step"], **(meta or {}), "files": {},
     }
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        for name, data in contents.items():
+        for name, serialise in contents.items():
+            data = serialise()
+            manifest["files"][name] = entry_of(data)  # hashed from memory: no second read
             _write_file(tmp / name, data)
+            del data
         _write_file(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())  # last: the folder is complete
         _fsync_dir(tmp)
         if final.exists():  # same step written twice (e.g. an epoch end that is also a step mark)
