@@ -104,8 +104,11 @@ def report(model: CTRModel, data: CTRDataset, cfg: TrainConfig, ctx: DistContext
     return TaskReport(tasks, summary, spec, head, curves)
 
 
-def reliability_png(curves: dict[str, dict[str, list]], path: Any, title: str) -> None:
-    """One panel per task: observed rate (and true probability) against the mean prediction per bin."""
+def reliability_png(curves: dict[str, dict[str, list]], title: str) -> bytes:
+    """The reliability diagram as PNG bytes: one panel per task, the observed rate (and the mean
+    true probability) against the mean prediction in each bin."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -131,5 +134,7 @@ def reliability_png(curves: dict[str, dict[str, list]], path: Any, title: str) -
         ax.legend(fontsize=7, loc="upper left")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
+    return buf.getvalue()

@@ -1,0 +1,119 @@
+"""Calibration on the built-in data, where every row's true probability is known.
+
+Trains (single-threaded, default SerMaskNet unless --set says otherwise):
+    isotonic      train.calibration=isotonic: test ECE against the labels and the true p, before/after
+    downsampled   train.negative_sampling_rate=RATE: the served mean probability (the bundle's
+                  scores on the test split, as `masknet predict` / `serve` compute them) against
+                  the observed rate, and the raw sigmoid's mean beside it
+and for each bundle the ONNX export's max |difference| from PyTorch per output. Writes JSON.
+
+    python benchmarks/calibration_check.py --rows 1000000 --output docs/bench-results/calibration.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from masknet.config import RunConfig, apply_override
+from masknet.data.synthetic import generate
+from masknet.serving.bundle import verify_and_load
+from masknet.serving.export import export_onnx_bytes, parity_by_output
+from masknet.serving.predict import score_both
+from masknet.training.run import train_run
+
+
+def config(out: Path, rows: int, sets: list[str]) -> RunConfig:
+    cfg = RunConfig()
+    cfg.data.synthetic.rows = rows
+    cfg.train.threads = 1
+    cfg.train.progress = False
+    cfg.train.checkpoints = False
+    cfg.output = str(out)
+    for s in sets:
+        apply_override(cfg, s)
+    return cfg
+
+
+def run(out: Path, rows: int, sets: list[str]) -> dict:
+    if not (out / "metrics.json").is_file():
+        t0 = time.perf_counter()
+        train_run(config(out, rows, sets), log=lambda *_: None)
+        print(f"{out.name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return json.loads((out / "metrics.json").read_text())
+
+
+def served_means(run_dir: Path, rows: int, multitask: bool) -> dict:
+    """Mean served and raw probability per task on the test split, through the bundle."""
+    b = verify_and_load(run_dir)
+    test = generate(rows, 7, multitask=multitask).splits["test"]
+    x = np.asarray(test.x, np.int64)
+    served, _ = score_both(b.model, x, 8192, b.head)
+    with torch.inference_mode():
+        raw = np.concatenate([torch.sigmoid(b.model(torch.from_numpy(x[i : i + 8192]))).numpy() for i in range(0, len(x), 8192)])
+    served, raw = served.reshape(len(x), -1), raw.reshape(len(x), -1)
+    labels = test.label_matrix()
+    out = {}
+    for t, name in enumerate(b.tasks):
+        observed = float(labels[:, t].mean())
+        out[name] = {"observed_rate": observed, "served_mean": float(served[:, t].mean()), "raw_sigmoid_mean": float(raw[:, t].mean()),
+                     "served_over_observed": float(served[:, t].mean()) / observed, "raw_over_observed": float(raw[:, t].mean()) / observed}
+    return out
+
+
+def parity(run_dir: Path) -> dict:
+    b = verify_and_load(run_dir)
+    return parity_by_output(b, export_onnx_bytes(b), rows=4096)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument("--rate", type=float, default=0.1)
+    p.add_argument("--multitask", action="store_true", help="the multi-task data and a shared-bottom model")
+    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--runs", default="runs/calibration-check")
+    p.add_argument("--output", default="calibration.json")
+    args = p.parse_args()
+    runs = Path(args.runs)
+    sets = list(args.set)
+    if args.multitask:
+        sets += ["data.synthetic.multitask=true", "model.multitask=shared_bottom"]
+    cells = {
+        "isotonic": run(runs / "isotonic", args.rows, sets + ["train.calibration=isotonic"]),
+        "downsampled": run(runs / "downsampled", args.rows, sets + [f"train.negative_sampling_rate={args.rate}"]),
+    }
+    out = {
+        "command": "python benchmarks/calibration_check.py " + " ".join(
+            [f"--rows {args.rows}", f"--rate {args.rate}"] + (["--multitask"] if args.multitask else []) + [f"--set {s}" for s in args.set]),
+        "rows": args.rows,
+        "bins": cells["isotonic"]["calibration"]["bins"],
+        "isotonic": {
+            t: {
+                "uncalibrated": {k: m["test"][k] for k in ("auc", "logloss", "ece", "ece_true", "mae_true", "ratio")},
+                "isotonic": {k: m["test"]["calibrated"][k] for k in ("auc", "logloss", "ece", "ece_true", "mae_true", "ratio")},
+                "oracle": {"auc": m["test"]["oracle_auc"], "ece": m["test"]["oracle_ece"]},
+                "rows": m["test"]["rows"],
+            }
+            for t, m in cells["isotonic"]["tasks"].items()
+        },
+        "downsampled": {
+            "rate": args.rate,
+            "served": served_means(runs / "downsampled", args.rows, args.multitask),
+            "test_metrics": {t: {k: m["test"][k] for k in ("auc", "ece", "ece_true", "ratio")} for t, m in cells["downsampled"]["tasks"].items()},
+            "train_seconds": cells["downsampled"]["train_seconds"],
+        },
+        "full_data_train_seconds": cells["isotonic"]["train_seconds"],
+        "onnx_max_abs_diff": {name: parity(runs / name) for name in cells},
+    }
+    Path(args.output).write_text(json.dumps(out, indent=2))
+    print(json.dumps({k: out[k] for k in ("isotonic", "downsampled", "onnx_max_abs_diff")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
