@@ -188,3 +188,23 @@ def test_builtin_multitask_onnx_parity_with_downsampling(tmp_path):
     assert b.head.rate == 0.3 and b.head_method == "platt"
     diffs = parity_by_output(b, export_onnx_bytes(b), rows=1000)
     assert max(diffs.values()) < 1e-5, diffs
+
+
+def test_single_task_service_answers_as_before():
+    from fastapi.testclient import TestClient
+
+    from masknet.serving.bundle import verify_and_load
+    from masknet.serving.service import create_app
+    from serving_helpers import trained
+
+    b = verify_and_load(trained("synthetic"))
+    assert not b.multitask and b.tasks == ["click"] and not b.calibrated
+    client = TestClient(create_app(b))
+    row = {name: 1 for name in b.field_names}
+    r = client.post("/rank", json={"candidates": [{"features": row}, {"features": dict(row, C1=2)}]}).json()
+    assert set(r) == {"model", "scores", "ranking"} and set(r["ranking"][0]) == {"id", "index", "score"}
+    assert set(client.post("/predict", json={"rows": [row]}).json()) == {"model", "scores"}
+    bad = client.post("/rank", json={"candidates": [{"features": row}], "weights": {"click": 2}})
+    assert bad.status_code == 422 and "weights are for multi-task models" in bad.json()["error"]
+    meta = client.get("/metadata").json()
+    assert meta["tasks"] == ["click"] and meta["multitask"] is False and meta["calibration"]["method"] == "none"
