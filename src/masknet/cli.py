@@ -353,6 +353,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-candidates", type=int, default=1000, metavar="N", help="most candidates (or rows) per request (default 1000)")
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, metavar="N", help="largest request body (default 8 MiB)")
     p.add_argument("--threads", type=int, metavar="N", help="threads per forward pass (default: the runtime's)")
+    p.add_argument("--max-value-chars", type=int, default=1024, metavar="N",
+                   help="longest string value one feature may send (default 1024 characters)")
     p.set_defaults(func=_run_serve)
 
 
@@ -360,10 +362,11 @@ def _run_serve(args: argparse.Namespace) -> int:
     from .serving.bundle import verify_and_load
     from .serving.service import serve
 
-    if args.max_candidates < 1 or args.max_body_bytes < 1:
-        raise UserError("--max-candidates and --max-body-bytes must be >= 1")
+    if args.max_candidates < 1 or args.max_body_bytes < 1 or args.max_value_chars < 1:
+        raise UserError("--max-candidates, --max-body-bytes and --max-value-chars must be >= 1")
     bundle = verify_and_load(args.model, threads=args.threads)
-    serve(bundle, args.host, args.port, args.runtime, args.max_candidates, args.max_body_bytes, args.threads)
+    serve(bundle, args.host, args.port, args.runtime, args.max_candidates, args.max_body_bytes, args.threads,
+          max_value_chars=args.max_value_chars)
     return 0
 
 

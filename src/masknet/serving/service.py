@@ -28,7 +28,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from .bundle import Bundle
-from .features import FeatureEncoder, RequestError
+from .features import DEFAULT_MAX_VALUE_CHARS, FeatureEncoder, RequestError
 
 DEFAULT_MAX_CANDIDATES = 1000
 DEFAULT_MAX_BODY_BYTES = 8 << 20
@@ -105,7 +105,12 @@ def _json(payload: Any, status: int = 200):
     return Response(json.dumps(payload, separators=(",", ":")), status_code=status, media_type="application/json")
 
 
+MAX_MESSAGE_CHARS = 500  # an error message never echoes a whole (say 1 MB) bad key or value back
+
+
 def _error(message: str, status: int):
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = f"{message[:MAX_MESSAGE_CHARS]}... ({len(message):,} characters)"
     return _json({"error": message, "status": status}, status)
 
 
@@ -170,6 +175,7 @@ def create_app(
     max_candidates: int = DEFAULT_MAX_CANDIDATES,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     threads: Optional[int] = None,
+    max_value_chars: int = DEFAULT_MAX_VALUE_CHARS,
 ):
     """The FastAPI app for one loaded bundle."""
     from fastapi import FastAPI, Request
@@ -178,7 +184,7 @@ def create_app(
 
     from .. import __version__
 
-    features = FeatureEncoder(bundle.encoder, bundle.field_names, bundle.cardinalities)
+    features = FeatureEncoder(bundle.encoder, bundle.field_names, bundle.cardinalities, max_value_chars)
     scorer = Scorer(bundle, runtime, threads)
     model_name = bundle.spec["model"]
     started = time.time()
@@ -199,7 +205,8 @@ def create_app(
         },
         "fields": features.describe(),
         "training_metrics": bundle.metrics,
-        "limits": {"max_candidates": max_candidates, "max_rows": max_candidates, "max_body_bytes": max_body_bytes},
+        "limits": {"max_candidates": max_candidates, "max_rows": max_candidates, "max_body_bytes": max_body_bytes,
+                   "max_value_chars": max_value_chars},
         "masknet": __version__,
     }
 
@@ -259,6 +266,12 @@ def create_app(
             count(True)
             raise RequestError(f"too many candidates: {n:,} (the limit is {max_candidates:,})")
         if n == 0:
+            try:  # nothing to score, but a bad context is still a bad request
+                features.check_context(req.context, lambda col: f"context.{col}")
+            except RequestError:
+                count(True)
+                raise
+            count(False)
             return _json({"model": model_name, "scores": [], "ranking": []})
         try:
             feats = [c.features for c in req.candidates]
@@ -309,6 +322,25 @@ def _body_example(example: dict):
     return Body(..., examples=[example])
 
 
+def exposure_warning(host: str) -> Optional[str]:
+    """A warning for a bind address reachable from other machines (anything but loopback):
+    the API has no authentication, TLS or rate limit of its own."""
+    import ipaddress
+
+    if host == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(host.strip("[]")).is_loopback:
+            return None
+    except ValueError:
+        pass  # a host name: it may resolve to any interface
+    return (
+        f"warning: serving on {host}, which other machines can reach; this API has no authentication, TLS or "
+        f"rate limit: anyone who can connect can query the model. Put it behind a proxy that has them, or bind "
+        f"127.0.0.1 (the default)"
+    )
+
+
 def serve(
     bundle: Bundle,
     host: str = "127.0.0.1",
@@ -318,8 +350,14 @@ def serve(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     threads: Optional[int] = None,
     log_level: str = "info",
+    max_value_chars: int = DEFAULT_MAX_VALUE_CHARS,
 ) -> None:
+    import sys
+
     import uvicorn
 
-    app = create_app(bundle, runtime, max_candidates, max_body_bytes, threads)
+    app = create_app(bundle, runtime, max_candidates, max_body_bytes, threads, max_value_chars)
+    warning = exposure_warning(host)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
