@@ -102,13 +102,18 @@ class FeatureEncoder:
         self.field_names = list(field_names)
         self.cardinalities = [int(c) for c in cardinalities]
         if encoder is None:
-            self.columns = list(self.field_names)
+            self.field_columns = list(self.field_names)
             self.lookups: list[Optional[_Lookup]] = []
+            self.text_columns: frozenset[str] = frozenset()
         else:
-            self.columns = list(dict.fromkeys(fe.spec.column for fe in encoder.fields))
+            self.field_columns = [fe.spec.column for fe in encoder.fields]
             self.lookups = [None if fe.spec.hash_buckets else _Lookup(fe) for fe in encoder.fields]
             self.missing = pa.array(list(encoder.spec.missing_values), pa.string())
             self._init_group()
+            # columns whose only field is a dict-looked-up category: the request decoder may require
+            # a string or null there (a number takes the slower path, which converts it)
+            self.text_columns = frozenset(self.group_columns)
+        self.columns = list(dict.fromkeys(self.field_columns))
         self.column_set = frozenset(self.columns)
 
     def _init_group(self) -> None:
@@ -144,34 +149,44 @@ class FeatureEncoder:
         order = np.argsort(nk, kind="stable")
         self.num_keys, self.num_codes = nk[order], nc[order]
 
-    def _encode_group(self, cols: dict[str, Sequence], n: int, x: np.ndarray, where: Callable[[int, str], str]) -> bool:
-        """Fill x's group columns; False (nothing done) when some value is not a string or null."""
-        if not self.group or n == 0:
-            return False
-        try:
-            arr = pa.array(list(chain.from_iterable(cols[c] for c in self.group_columns)), pa.string())
-        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError, ValueError):
-            return False  # numbers or bad values: the per-field path converts them or names the bad one
-        check_strings(arr, lambda p: where(p % n, self.group_columns[p // n]), self.max_value_chars)
-        for g, (j, c) in enumerate(zip(self.group, self.group_columns)):
+    def _encode_group(
+        self, cols: dict[str, Sequence], n: int, x: np.ndarray, where: Callable[[int, str], str], checked: bool
+    ) -> set[int]:
+        """Fill x's dict-looked-up category fields whose columns `cols` has; returns the fields done
+        (none when some value is not a string or null: the per-field path converts numbers and names
+        a bad value)."""
+        members = [(g, j, c) for g, (j, c) in enumerate(zip(self.group, self.group_columns)) if c in cols]
+        if not members or n == 0:
+            return set()
+        if not checked:
+            try:
+                arr = pa.array(list(chain.from_iterable(cols[c] for _, _, c in members)), pa.string())
+            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError, ValueError):
+                return set()
+            check_strings(arr, lambda p: where(p % n, members[p // n][2]), self.max_value_chars)
+        for g, j, c in members:
             x[:, j] = lookup(self.group_index[g], cols[c])
-        return True
+        return {j for _, j, _ in members}
 
-    def _encode_numeric(self, cols: dict[str, Sequence], n: int, x: np.ndarray, where: Callable[[int, str], str]) -> bool:
-        """Fill x's numeric group columns; False (nothing done) when the values are of mixed types."""
-        if not self.num_group or n == 0:
-            return False
+    def _encode_numeric(self, cols: dict[str, Sequence], n: int, x: np.ndarray, where: Callable[[int, str], str]) -> set[int]:
+        """Fill x's numeric (log_bucket) fields whose columns `cols` has, in one parse and one search;
+        returns the fields done (none when the values are of mixed types)."""
+        members = [(g, j, c) for g, (j, c) in enumerate(zip(self.num_group, self.num_columns)) if c in cols]
+        if not members or n == 0:
+            return set()
+        fields = [j for _, j, _ in members]
+        names = [c for _, _, c in members]
         try:
-            arr = pa.array(list(chain.from_iterable(cols[c] for c in self.num_columns)))
+            arr = pa.array(list(chain.from_iterable(cols[c] for c in names)))
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError, ValueError):
-            return False
+            return set()
         t = arr.type
-        check_strings(arr, lambda p: where(p % n, self.num_columns[p // n]), self.max_value_chars)
+        check_strings(arr, lambda p: where(p % n, names[p // n]), self.max_value_chars)
         if pa.types.is_null(t):
-            x[:, self.num_group] = 0
-            return True
+            x[:, fields] = 0
+            return set(fields)
         if not (pa.types.is_string(t) or pa.types.is_integer(t) or pa.types.is_floating(t)):
-            return False  # booleans, lists, ...: the per-field path names the bad value
+            return set()  # booleans, lists, ...: the per-field path names the bad value
         null = ~arr.is_valid().to_numpy(zero_copy_only=False)
         if pa.types.is_string(t) and len(self.missing):
             null |= pc.is_in(arr, value_set=self.missing).to_numpy(zero_copy_only=False)
@@ -181,17 +196,18 @@ class FeatureEncoder:
         bad &= ~null
         if bad.any():
             p = int(np.argmax(bad))
-            raise RequestError(f"{where(p % n, self.num_columns[p // n])}: not a number: {show(arr[p].as_py())}")
+            raise RequestError(f"{where(p % n, names[p // n])}: not a number: {show(arr[p].as_py())}")
         tok = log_bucket(np.where(null, 0.0, f))
-        key = np.repeat(np.arange(len(self.num_group), dtype=np.int64), n) * _FIELD_STRIDE + np.clip(tok, -_TOKEN_LIMIT, _TOKEN_LIMIT)
+        g = np.asarray([g for g, _, _ in members], dtype=np.int64)
+        key = np.repeat(g, n) * _FIELD_STRIDE + np.clip(tok, -_TOKEN_LIMIT, _TOKEN_LIMIT)
         codes = np.full(len(key), OOV, np.int64)
         if len(self.num_keys):
             pos = np.minimum(np.searchsorted(self.num_keys, key), len(self.num_keys) - 1)
             hit = (self.num_keys[pos] == key) & (np.abs(tok) < _TOKEN_LIMIT)
             codes = np.where(hit, self.num_codes[pos], OOV)
         codes[null] = 0
-        x[:, self.num_group] = codes.reshape(len(self.num_group), n).T
-        return True
+        x[:, fields] = codes.reshape(len(members), n).T
+        return set(fields)
 
     def _indices(self, darr: pa.DictionaryArray) -> np.ndarray:
         """Per row: index into darr.dictionary, or -1 for null and for the format's missing values ("")."""
@@ -270,60 +286,82 @@ class FeatureEncoder:
 
     def check_context(self, context: dict, where: Callable[[str], str]) -> None:
         """Check a partial row's values (the /rank context of a request without candidates) by
-        encoding it as one row in which the columns it lacks are missing (index 0 for a bundle
-        without an encoder)."""
+        encoding the columns it gives as one row."""
         self.check_keys([context], lambda i: "context")
-        filler = 0 if self.encoder is None else None
-        self.encode({c: [context.get(c, filler)] for c in self.columns}, 1, lambda i, c: where(c))
+        x = np.empty((1, len(self.field_names)), dtype=np.int64)
+        self.encode_into(x, {c: [v] for c, v in context.items()}, 1, lambda i, c: where(c))
 
     # -- encoding ----------------------------------------------------------------------------
 
-    def encode(self, cols: dict[str, list], n: int, where: Callable[[int, str], str]) -> np.ndarray:
-        """x int64 [n, fields] from the gathered columns. `where(row, column)` names a value."""
+    def encode(self, cols: dict[str, Sequence], n: int, where: Callable[[int, str], str], checked: bool = False) -> np.ndarray:
+        """x int64 [n, fields] from the gathered columns (every column). `where(row, column)` names a value."""
         x = np.empty((n, len(self.field_names)), dtype=np.int64)
+        self.encode_into(x, cols, n, where, checked)
+        return x
+
+    def fields_of(self, columns: Sequence[str]) -> list[int]:
+        """The field numbers fed by these columns (Avazu's `hour` feeds three)."""
+        wanted = set(columns)
+        return [j for j, c in enumerate(self.field_columns) if c in wanted]
+
+    def encode_into(
+        self, x: np.ndarray, cols: dict[str, Sequence], n: int, where: Callable[[int, str], str], checked: bool = False
+    ) -> None:
+        """Fill the fields of x [n, fields] that the columns in `cols` feed; other fields are left alone.
+        `checked`: the request decoder has already checked the values (every value of a text column
+        is a valid string of at most max_value_chars characters or null; the others are strings,
+        numbers or null), so the dict-looked-up categories skip their Arrow check."""
         if self.encoder is None:
-            for j, (name, card) in enumerate(zip(self.field_names, self.cardinalities)):
-                arr = _to_arrow(cols[name], lambda i, name=name: where(i, name), max_chars=self.max_value_chars)
-                if not pa.types.is_integer(arr.type) or arr.null_count:
-                    i = _first(cols[name], lambda v: isinstance(v, bool) or not isinstance(v, int))
-                    raise RequestError(f"{where(i, name)}: expected an integer index (this model was trained on "
-                                       f"already-encoded data), got {show(cols[name][i])}")
-                v = arr.to_numpy()
-                bad = (v < 0) | (v >= card)
-                if bad.any():
-                    i = int(np.argmax(bad))
-                    raise RequestError(f"{where(i, name)}: index {int(v[i])} out of range [0, {card})")
-                x[:, j] = v
-            return x
-        done = set(self.group) if self._encode_group(cols, n, x, where) else set()
-        if self._encode_numeric(cols, n, x, where):
-            done |= set(self.num_group)
+            self._encode_indices(x, cols, where)
+            return
+        done = self._encode_group(cols, n, x, where, checked)
+        done |= self._encode_numeric(cols, n, x, where)
         dicts: dict[str, pa.DictionaryArray] = {}
         for j, fe in enumerate(self.encoder.fields):
-            if j in done:
-                continue
             col = fe.spec.column
+            if j in done or col not in cols:
+                continue
             if col not in dicts:
                 hint = None if fe.spec.kind == "numeric" else pa.string()  # (a float64 hint would take true as 1.0)
                 arr = _to_arrow(cols[col], lambda i, col=col: where(i, col), hint, self.max_value_chars)
                 dicts[col] = arr.dictionary_encode() if len(arr) else pa.array([], pa.string()).dictionary_encode()
-            darr = dicts[col]
-            values = darr.dictionary
-            if fe.spec.transform == "libfm":  # JSON convenience: 123 or "123" means the libFM feature "123:1"
-                s = values if pa.types.is_string(values.type) else values.cast(pa.string())
-                plain = pc.match_substring_regex(s, r"^[0-9]+$")
-                values = pc.if_else(plain, pc.binary_join_element_wise(s, pa.scalar(":1"), pa.scalar("")), s)
-            tok = transform(fe.spec, values)
-            ix = self._indices(darr)
-            if tok.bad is not None:
-                bad_rows = (ix >= 0) & tok.bad[np.maximum(ix, 0)]
-                if bad_rows.any():
-                    i = int(np.argmax(bad_rows))
-                    raise RequestError(f"{where(i, col)}: {tok.message}: {show(darr.dictionary[int(ix[i])].as_py())}")
-            lookup = self.lookups[j]
-            codes = fe.codes(tok.tokens).astype(np.int64) if lookup is None else lookup.codes(tok.tokens)
-            x[:, j] = np.concatenate([codes, np.zeros(1, np.int64)])[ix]  # -1 (null) -> missing (0)
-        return x
+            x[:, j] = self._encode_field(j, fe, dicts[col], lambda i, col=col: where(i, col))
+
+    def _encode_field(self, j: int, fe: FieldEncoder, darr: pa.DictionaryArray, where: Callable[[int], str]) -> np.ndarray:
+        """One field's codes from its column, dictionary-encoded: the encoder's own transform on the
+        distinct values, then the vocabulary (or hashing)."""
+        values = darr.dictionary
+        if fe.spec.transform == "libfm":  # JSON convenience: 123 or "123" means the libFM feature "123:1"
+            s = values if pa.types.is_string(values.type) else values.cast(pa.string())
+            plain = pc.match_substring_regex(s, r"^[0-9]+$")
+            values = pc.if_else(plain, pc.binary_join_element_wise(s, pa.scalar(":1"), pa.scalar("")), s)
+        tok = transform(fe.spec, values)
+        ix = self._indices(darr)
+        if tok.bad is not None:
+            bad_rows = (ix >= 0) & tok.bad[np.maximum(ix, 0)]
+            if bad_rows.any():
+                i = int(np.argmax(bad_rows))
+                raise RequestError(f"{where(i)}: {tok.message}: {show(darr.dictionary[int(ix[i])].as_py())}")
+        lookup_ = self.lookups[j]
+        codes = fe.codes(tok.tokens).astype(np.int64) if lookup_ is None else lookup_.codes(tok.tokens)
+        return np.concatenate([codes, np.zeros(1, np.int64)])[ix]  # -1 (null) -> missing (0)
+
+    def _encode_indices(self, x: np.ndarray, cols: dict[str, Sequence], where: Callable[[int, str], str]) -> None:
+        """A bundle without an encoder (built-in synthetic data): each value is the field's index."""
+        for j, (name, card) in enumerate(zip(self.field_names, self.cardinalities)):
+            if name not in cols:
+                continue
+            arr = _to_arrow(cols[name], lambda i, name=name: where(i, name), max_chars=self.max_value_chars)
+            if not pa.types.is_integer(arr.type) or arr.null_count:
+                i = _first(cols[name], lambda v: isinstance(v, bool) or not isinstance(v, int))
+                raise RequestError(f"{where(i, name)}: expected an integer index (this model was trained on "
+                                   f"already-encoded data), got {show(cols[name][i])}")
+            v = arr.to_numpy()
+            bad = (v < 0) | (v >= card)
+            if bad.any():
+                i = int(np.argmax(bad))
+                raise RequestError(f"{where(i, name)}: index {int(v[i])} out of range [0, {card})")
+            x[:, j] = v
 
 
 def _first(values: Sequence, pred: Callable[[Any], bool]) -> int:
