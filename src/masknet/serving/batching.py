@@ -1,8 +1,8 @@
 """Dynamic batching: concurrent requests merged into one forward pass, on one inference thread.
 
     batcher = Batcher(scorer, max_batch_rows=4096, max_wait_ms=2, max_queue_rows=8192)
-    future = batcher.submit(x)          # concurrent.futures.Future of x's scores; Overloaded if full
-    scores = await asyncio.wrap_future(future)
+    future = batcher.submit(x)          # concurrent.futures.Future of (x's scores, Timing); Overloaded if full
+    scores, timing = await asyncio.wrap_future(future)
 
 One thread runs every forward pass, so passes never fight over the cores (each uses all of
 them through the runtime's intra-op threads) and the event loop never waits on one. The thread
@@ -23,10 +23,21 @@ import math
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from concurrent.futures import Future
 from typing import Callable, Iterator
 
 import numpy as np
+
+
+@dataclass
+class Timing:
+    """Where one request's time with the batcher went (seconds), and the pass it shared."""
+
+    queued_s: float  # from submit to the start of its forward pass
+    forward_s: float  # the forward pass (of the whole batch)
+    batch_rows: int
+    batch_requests: int
 
 
 class Overloaded(Exception):
@@ -43,7 +54,7 @@ class Batcher:
         self.max_batch_rows = max_batch_rows
         self.max_wait_s = max_wait_ms / 1000
         self.max_queue_rows = max_queue_rows
-        self._queue: deque[tuple[np.ndarray, Future]] = deque()
+        self._queue: deque[tuple[np.ndarray, Future, float]] = deque()  # (x, future, submitted at)
         self._queued_rows = 0
         self._arriving = 0
         self._cond = threading.Condition()
@@ -70,7 +81,7 @@ class Batcher:
                 self.stats["rejected"] += 1
                 rate = self._rows_per_s or 1_000.0
                 raise Overloaded(self._queued_rows, max(1, math.ceil(self._queued_rows / rate)))
-            self._queue.append((x, fut))
+            self._queue.append((x, fut, time.perf_counter()))
             self._queued_rows += len(x)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="masknet-inference", daemon=True)
@@ -78,7 +89,7 @@ class Batcher:
             self._cond.notify()
         return fut
 
-    def _next_batch(self) -> list[tuple[np.ndarray, Future]]:
+    def _next_batch(self) -> list[tuple[np.ndarray, Future, float]]:
         with self._cond:
             while not self._queue:
                 self._cond.wait()
@@ -102,12 +113,12 @@ class Batcher:
     def _run(self) -> None:
         while True:
             batch = self._next_batch()
-            xs = [x for x, _ in batch]
+            xs = [x for x, _, _ in batch]
             t0 = time.perf_counter()
             try:
                 scores = self.score(xs[0] if len(xs) == 1 else np.concatenate(xs))
             except BaseException as exc:  # a bug in the model: each waiting request gets the error
-                for _, fut in batch:
+                for _, fut, _ in batch:
                     fut.set_exception(exc)
                 continue
             dt = time.perf_counter() - t0
@@ -117,6 +128,6 @@ class Batcher:
             self.stats["rows_scored"] += rows
             self.stats["requests_scored"] += len(batch)
             start = 0
-            for x, fut in batch:
-                fut.set_result(scores[start : start + len(x)])
+            for x, fut, submitted in batch:
+                fut.set_result((scores[start : start + len(x)], Timing(t0 - submitted, dt, rows, len(batch))))
                 start += len(x)

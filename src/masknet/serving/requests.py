@@ -71,6 +71,17 @@ class RequestDecoder:
             "Rank", [("candidates", list[Candidate]), ("context", Partial, msgspec.field(default_factory=Partial))],
             forbid_unknown_fields=True,
         )
+        # the common shape, every candidate giving every column, decodes into required fields: then no
+        # value can be UNSET and no column needs checking for one (a decode that fails at the first
+        # candidate without some column costs little and falls back to Rank)
+        FullCandidate = msgspec.defstruct(
+            "FullCandidate", [("features", Row), ("id", Union[text, int, None], None)], forbid_unknown_fields=True,
+        )
+        RankFull = msgspec.defstruct(
+            "RankFull", [("candidates", list[FullCandidate]), ("context", Partial, msgspec.field(default_factory=Partial))],
+            forbid_unknown_fields=True,
+        )
+        self._rank_full = msgspec.json.Decoder(RankFull)
         Predict = msgspec.defstruct("Predict", [("rows", list[Row])], forbid_unknown_fields=True)
         self._rank = msgspec.json.Decoder(Rank)
         self._predict = msgspec.json.Decoder(Predict)
@@ -80,14 +91,21 @@ class RequestDecoder:
     # -- entry points ---------------------------------------------------------------------------
 
     def rank(self, body: bytes, max_candidates: int) -> Encoded:
+        full = True
         try:
-            req = self._rank.decode(body)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+            req = self._rank_full.decode(body)
+        except msgspec.ValidationError:
+            full = False
+            try:
+                req = self._rank.decode(body)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                return self._rank_careful(body, max_candidates)
+        except msgspec.DecodeError:
             return self._rank_careful(body, max_candidates)
         n = len(req.candidates)
         _check_count(n, max_candidates, "candidates")
         try:
-            return Encoded(self._encode_rank(req), [c.id if c.id is not None else i for i, c in enumerate(req.candidates)])
+            return Encoded(self._encode_rank(req, full), [c.id if c.id is not None else i for i, c in enumerate(req.candidates)])
         except (_SlowPath, RequestError):
             return self._rank_careful(body, max_candidates)
 
@@ -112,14 +130,21 @@ class RequestDecoder:
             return {c: () for c in self.features.columns}
         return dict(zip(self.features.columns, zip(*values)))
 
-    def _encode_rank(self, req: Any) -> np.ndarray:
+    def _encode_rank(self, req: Any, full: bool) -> np.ndarray:
         """Candidates' own columns encoded together; context-only columns encoded once and broadcast;
-        a column that some candidates give and the context fills for the others, value by value."""
+        a column that some candidates give and the context fills for the others, value by value.
+        `full`: every candidate gives every column (the context is only checked)."""
         fe = self.features
         n = len(req.candidates)
         context = self._get(req.context)
         own = self._columns([self._get(c.features) for c in req.candidates], n)
         x = np.empty((n, len(fe.field_names)), dtype=np.int64)
+        if full and n:
+            given = {c: [v] for c, v in zip(fe.columns, context) if v is not UNSET}
+            if given:  # overridden by every candidate, but a bad context is still a bad request
+                fe.encode_into(np.empty((1, x.shape[1]), np.int64), given, 1, lambda i, c: f"context.{c}", checked=True)
+            fe.encode_into(x, own, n, lambda i, c: f"candidates[{i}].features.{c}", checked=True)
+            return x
         shared: dict[str, list] = {}
         for col, ctx in zip(fe.columns, context):
             vals = own[col]
@@ -161,11 +186,10 @@ class RequestDecoder:
         n = len(req.candidates)
         _check_count(n, max_candidates, "candidates")
         self._check_ids([c.id for c in req.candidates])
+        fe.check_context(req.context, lambda col: f"context.{col}")  # even where every candidate overrides it
         if n == 0:
-            fe.check_context(req.context, lambda col: f"context.{col}")
             return Encoded(np.empty((0, len(fe.field_names)), np.int64), [])
         feats = [c.features for c in req.candidates]
-        fe.check_keys([req.context], lambda i: "context")
         fe.check_keys(feats, lambda i: f"candidates[{i}].features")
         cols = fe.gather(feats, lambda i: f"candidates[{i}].features", context=req.context)
 

@@ -165,6 +165,16 @@ def _replay(messages: list, then: Any = None):
     return receive
 
 
+def _server_timing(decode_s: float, timing: Any) -> dict[str, str]:
+    """A Server-Timing header (milliseconds): decode + validate + encode, wait for the model, the
+    forward pass, and the rows and requests of the pass this request shared."""
+    parts = [f"decode;dur={decode_s * 1000:.2f}"]
+    if timing is not None:
+        parts += [f"queue;dur={timing.queued_s * 1000:.2f}", f"forward;dur={timing.forward_s * 1000:.2f}",
+                  f'batch;desc="{timing.batch_rows} rows, {timing.batch_requests} requests"']
+    return {"Server-Timing": ", ".join(parts)}
+
+
 def _validate(kind: str, obj: Any) -> Any:
     """The careful path's shape check: the pydantic model of the request, or a RequestError."""
     model = RankRequest if kind == "rank" else PredictRequest
@@ -234,8 +244,12 @@ def create_app(
     if check_accuracy is None:
         check_accuracy = (runtime, precision) != ("torch", "fp32")
     check = accuracy_check(bundle, scorer) if check_accuracy else {"measured": False, "why": "the reference (PyTorch fp32)"}
-    if log is not None and check_accuracy:
-        log(describe_check(scorer, check))
+    if log is not None:
+        chosen = "given" if not scorer.thread_timings_ms else (
+            "fastest of " + ", ".join(f"{t}: {ms} ms" for t, ms in scorer.thread_timings_ms.items()) + " per 1,000 rows")
+        log(f"runtime {scorer.name}: one inference thread, {scorer.threads} intra-op threads ({chosen})")
+        if check_accuracy:
+            log(describe_check(scorer, check))
     batcher = Batcher(scorer, max_batch_rows, max_wait_ms, max_queue_rows)
     model_name = bundle.spec["model"]
     started = time.time()
@@ -251,6 +265,7 @@ def create_app(
         "runtime": runtime,
         "precision": precision,
         "threads": scorer.threads,
+        "thread_timings_ms": scorer.thread_timings_ms,
         "accuracy_vs_fp32": check,
         "input": {
             "format": bundle.encoder.spec.name if bundle.encoder is not None else None,
@@ -288,9 +303,14 @@ def create_app(
         """Decode + encode on the loop, then await the batcher's scores: (encoded, scores) or an error Response."""
         body = await request.body()
         try:
+            t0 = time.perf_counter()
             with batcher.arriving():
                 enc = decode(body)
-            scores = await asyncio.wrap_future(batcher.submit(enc.x)) if len(enc.x) else np.zeros(0, np.float32)
+            decode_s = time.perf_counter() - t0
+            if len(enc.x):
+                scores, timing = await asyncio.wrap_future(batcher.submit(enc.x))
+            else:
+                scores, timing = np.zeros(0, np.float32), None
         except RequestError as exc:
             count(True)
             return _error(str(exc), exc.status)
@@ -298,7 +318,7 @@ def create_app(
             count(True)
             return _json({"error": str(exc), "status": 503}, 503, {"Retry-After": str(exc.retry_after)})
         count(False)
-        return enc, scores
+        return enc, scores, _server_timing(decode_s, timing)
 
     @app.get("/health")
     def health() -> dict:
@@ -316,11 +336,12 @@ def create_app(
         out = await scored(request, lambda body: decoder.rank(body, max_candidates))
         if not isinstance(out, tuple):
             return out
-        enc, scores = out
+        enc, scores, timing = out
         order = np.argsort(-scores, kind="stable").tolist()
         s = scores.tolist()
         ids = enc.ids
-        return _json({"model": model_name, "scores": s, "ranking": [{"id": ids[i], "index": i, "score": s[i]} for i in order]})
+        ranking = [{"id": ids[i], "index": i, "score": s[i]} for i in order]
+        return _json({"model": model_name, "scores": s, "ranking": ranking}, headers=timing)
 
     @app.post("/predict", response_model=PredictResponse, responses=err,
               openapi_extra=_openapi_body(PredictRequest, {"rows": [example]}))
@@ -328,7 +349,7 @@ def create_app(
         out = await scored(request, lambda body: decoder.predict(body, max_candidates))
         if not isinstance(out, tuple):
             return out
-        return _json({"model": model_name, "scores": out[1].tolist()})
+        return _json({"model": model_name, "scores": out[1].tolist()}, headers=out[2])
 
     _with_schemas(app, [RankRequest, PredictRequest])
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
