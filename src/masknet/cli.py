@@ -358,8 +358,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, metavar="N", help="largest request body (default 8 MiB)")
     p.add_argument("--max-value-chars", type=int, default=1024, metavar="N",
                    help="longest string value one feature may send (default 1024 characters)")
-    p.add_argument("--max-batch-rows", type=int, default=4096, metavar="N",
-                   help="dynamic batching: most rows in one forward pass (default 4096)")
+    p.add_argument("--max-batch-rows", type=int, default=2048, metavar="N",
+                   help="dynamic batching: most rows in one forward pass (default 2048)")
     p.add_argument("--max-wait-ms", type=float, default=2.0, metavar="MS",
                    help="dynamic batching: longest wait for more requests while others are arriving (default 2)")
     p.add_argument("--max-queue-rows", type=int, default=8192, metavar="N",

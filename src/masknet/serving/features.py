@@ -169,8 +169,10 @@ class FeatureEncoder:
         return {j for _, j, _ in members}
 
     def _encode_numeric(self, cols: dict[str, Sequence], n: int, x: np.ndarray, where: Callable[[int, str], str]) -> set[int]:
-        """Fill x's numeric (log_bucket) fields whose columns `cols` has, in one parse and one search;
-        returns the fields done (none when the values are of mixed types)."""
+        """Fill x's numeric (log_bucket) fields whose columns `cols` has, all in one Arrow column:
+        dictionary-encoded, so each distinct value is parsed and bucketed once (13,000 values of a
+        1,000-candidate Criteo request have about 600 distinct), then one search over int64 keys.
+        Returns the fields done (none when the values are of mixed types)."""
         members = [(g, j, c) for g, (j, c) in enumerate(zip(self.num_group, self.num_columns)) if c in cols]
         if not members or n == 0:
             return set()
@@ -181,25 +183,26 @@ class FeatureEncoder:
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError, ValueError):
             return set()
         t = arr.type
-        check_strings(arr, lambda p: where(p % n, names[p // n]), self.max_value_chars)
         if pa.types.is_null(t):
             x[:, fields] = 0
             return set(fields)
         if not (pa.types.is_string(t) or pa.types.is_integer(t) or pa.types.is_floating(t)):
             return set()  # booleans, lists, ...: the per-field path names the bad value
-        null = ~arr.is_valid().to_numpy(zero_copy_only=False)
-        if pa.types.is_string(t) and len(self.missing):
-            null |= pc.is_in(arr, value_set=self.missing).to_numpy(zero_copy_only=False)
-        if null.any():  # parse_numbers takes no nulls: a placeholder, masked out below
-            arr = pc.if_else(pa.array(null), pa.scalar("0" if pa.types.is_string(t) else 0, t), arr)
-        f, bad = parse_numbers(arr)
-        bad &= ~null
-        if bad.any():
-            p = int(np.argmax(bad))
-            raise RequestError(f"{where(p % n, names[p // n])}: not a number: {show(arr[p].as_py())}")
-        tok = log_bucket(np.where(null, 0.0, f))
+        darr = arr.dictionary_encode()
+        ix = self._indices(darr)  # -1: null or a missing-value string
+        distinct = darr.dictionary
+        first = lambda d: int(np.argmax(ix == d))  # noqa: E731 (the first value equal to distinct value d)
+        check_strings(distinct, lambda d: where(first(d) % n, names[first(d) // n]), self.max_value_chars)
+        f, bad = parse_numbers(distinct) if len(distinct) else (np.zeros(0), np.zeros(0, bool))
+        null = ix < 0
+        bad_rows = ~null & bad[np.maximum(ix, 0)] if len(distinct) else np.zeros(len(ix), bool)
+        if bad_rows.any():
+            p = int(np.argmax(bad_rows))
+            raise RequestError(f"{where(p % n, names[p // n])}: not a number: {show(distinct[int(ix[p])].as_py())}")
+        tok_d = np.clip(log_bucket(np.where(bad, 0.0, f)), -_TOKEN_LIMIT, _TOKEN_LIMIT)
+        tok = tok_d[np.maximum(ix, 0)] if len(distinct) else np.zeros(len(ix), np.int64)
         g = np.asarray([g for g, _, _ in members], dtype=np.int64)
-        key = np.repeat(g, n) * _FIELD_STRIDE + np.clip(tok, -_TOKEN_LIMIT, _TOKEN_LIMIT)
+        key = np.repeat(g, n) * _FIELD_STRIDE + tok
         codes = np.full(len(key), OOV, np.int64)
         if len(self.num_keys):
             pos = np.minimum(np.searchsorted(self.num_keys, key), len(self.num_keys) - 1)

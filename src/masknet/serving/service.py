@@ -45,9 +45,9 @@ from .runtime import Scorer, accuracy_check, describe_check
 
 DEFAULT_MAX_CANDIDATES = 1000
 DEFAULT_MAX_BODY_BYTES = 8 << 20
-DEFAULT_MAX_BATCH_ROWS = 4096
+DEFAULT_MAX_BATCH_ROWS = 2048  # forward rows/CPU-s flat from 1,000 rows up (docs/serving.md)
 DEFAULT_MAX_WAIT_MS = 2.0
-DEFAULT_MAX_QUEUE_ROWS = 8192
+DEFAULT_MAX_QUEUE_ROWS = 8192  # four full passes waiting, at most
 
 
 class Candidate(BaseModel):
