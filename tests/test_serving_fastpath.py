@@ -217,12 +217,13 @@ def test_full_queue_answers_503_with_retry_after(bundle, rows):
 
 def test_event_loop_answers_while_a_forward_pass_runs(bundle, rows):
     """/health answers while a /rank request is inside a (held) forward pass: the pass runs on the
-    inference thread, not on the event loop."""
+    inference thread, not on the event loop; and a request beyond --max-pending (1 here) is
+    refused at once with 503 + Retry-After instead of waiting."""
     import http.client
 
     import uvicorn
 
-    app = create_app(bundle, max_candidates=50, threads=1)
+    app = create_app(bundle, max_candidates=50, threads=1, max_pending=1)
     score = SlowScore()
     real = app.state.batcher.score
     app.state.batcher.score = lambda x: (score(x), real(x))[1]
@@ -251,8 +252,15 @@ def test_event_loop_answers_while_a_forward_pass_runs(bundle, rows):
         c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         t0 = time.perf_counter()
         c.request("GET", "/health")
-        assert c.getresponse().status == 200 and time.perf_counter() - t0 < 2
+        health = c.getresponse()
+        assert health.status == 200 and time.perf_counter() - t0 < 2
+        health.read()
         assert t.is_alive()  # the /rank request is still waiting for its scores
+        c.request("POST", "/predict", body=json.dumps({"rows": rows[:2]}), headers={"content-type": "application/json"})
+        resp = c.getresponse()
+        refused = resp.read()
+        assert resp.status == 503 and resp.getheader("Retry-After") == "1", refused
+        assert "1 requests in progress" in json.loads(refused)["error"]
         score.hold.set()
         t.join(30)
         assert out["status"] == 200 and "forward;dur=" in out["timing"] and "decode;dur=" in out["timing"]

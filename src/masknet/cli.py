@@ -364,6 +364,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="dynamic batching: longest wait for more requests while others are arriving (default 2)")
     p.add_argument("--max-queue-rows", type=int, default=8192, metavar="N",
                    help="rows that may wait for the model; a request beyond gets 503 + Retry-After (default 8192)")
+    p.add_argument("--max-pending", type=int, default=16, metavar="N",
+                   help="requests in the server at once (reading, decoding, waiting, scored); beyond: 503 + Retry-After (default 16)")
     p.set_defaults(func=_run_serve)
 
 
@@ -371,7 +373,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     from .serving.bundle import verify_and_load
     from .serving.service import serve
 
-    for name in ("max_candidates", "max_body_bytes", "max_value_chars", "max_batch_rows", "max_queue_rows"):
+    for name in ("max_candidates", "max_body_bytes", "max_value_chars", "max_batch_rows", "max_queue_rows", "max_pending"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_wait_ms < 0 or (args.threads is not None and args.threads < 1):
@@ -379,7 +381,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     bundle = verify_and_load(args.model, threads=args.threads)
     serve(bundle, args.host, args.port, runtime=args.runtime, precision=args.precision, threads=args.threads,
           max_candidates=args.max_candidates, max_body_bytes=args.max_body_bytes, max_value_chars=args.max_value_chars,
-          max_batch_rows=args.max_batch_rows, max_wait_ms=args.max_wait_ms, max_queue_rows=args.max_queue_rows)
+          max_batch_rows=args.max_batch_rows, max_wait_ms=args.max_wait_ms, max_queue_rows=args.max_queue_rows,
+          max_pending=args.max_pending)
     return 0
 
 

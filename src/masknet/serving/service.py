@@ -48,6 +48,7 @@ DEFAULT_MAX_BODY_BYTES = 8 << 20
 DEFAULT_MAX_BATCH_ROWS = 2048  # forward rows/CPU-s flat from 1,000 rows up (docs/serving.md)
 DEFAULT_MAX_WAIT_MS = 2.0
 DEFAULT_MAX_QUEUE_ROWS = 8192  # four full passes waiting, at most
+DEFAULT_MAX_PENDING = 16  # requests inside the server (read, decoded, waiting or scored) at once
 
 
 class Candidate(BaseModel):
@@ -227,6 +228,7 @@ def create_app(
     max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
     max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
     max_queue_rows: int = DEFAULT_MAX_QUEUE_ROWS,
+    max_pending: int = DEFAULT_MAX_PENDING,
     check_accuracy: Optional[bool] = None,
     log: Any = None,
 ):
@@ -253,7 +255,7 @@ def create_app(
     batcher = Batcher(scorer, max_batch_rows, max_wait_ms, max_queue_rows)
     model_name = bundle.spec["model"]
     started = time.time()
-    counters = {"requests": 0, "errors": 0}
+    counters = {"requests": 0, "errors": 0, "pending": 0, "rejected_pending": 0}
     lock = threading.Lock()
     example = {c: None for c in features.columns}
     metadata = {
@@ -276,7 +278,8 @@ def create_app(
         "training_metrics": bundle.metrics,
         "limits": {"max_candidates": max_candidates, "max_rows": max_candidates, "max_body_bytes": max_body_bytes,
                    "max_value_chars": max_value_chars},
-        "batching": {"max_batch_rows": max_batch_rows, "max_wait_ms": max_wait_ms, "max_queue_rows": max_queue_rows},
+        "batching": {"max_batch_rows": max_batch_rows, "max_wait_ms": max_wait_ms, "max_queue_rows": max_queue_rows,
+                     "max_pending": max_pending},
         "masknet": __version__,
     }
 
@@ -299,8 +302,33 @@ def create_app(
             counters["requests"] += 1
             counters["errors"] += int(error)
 
+    def admit() -> bool:
+        with lock:
+            if counters["pending"] >= max_pending:
+                counters["rejected_pending"] += 1
+                return False
+            counters["pending"] += 1
+            return True
+
+    def leave() -> None:
+        with lock:
+            counters["pending"] -= 1
+
     async def scored(request: Request, decode) -> Any:
-        """Decode + encode on the loop, then await the batcher's scores: (encoded, scores) or an error Response."""
+        """Admission, then decode + encode on the loop, then the batcher's scores: (encoded, scores,
+        timing headers) or an error Response. Beyond max_pending requests in the server, a request
+        is refused before its body is even read: under overload the work waiting on the event loop
+        (not only on the model) stays bounded, and so does p99."""
+        if not admit():
+            count(True)
+            return _json({"error": f"the server is overloaded ({max_pending} requests in progress); retry in 1 s",
+                          "status": 503}, 503, {"Retry-After": "1"})
+        try:
+            return await _scored(request, decode)
+        finally:
+            leave()
+
+    async def _scored(request: Request, decode) -> Any:
         body = await request.body()
         try:
             t0 = time.perf_counter()
