@@ -167,7 +167,18 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train", metavar="FILE", help="explicit train file (with --valid and --test)")
     p.add_argument("--valid", metavar="FILE", help="explicit validation file")
     p.add_argument("--test", metavar="FILE", help="explicit test file")
-    p.add_argument("--output", required=True, metavar="DIR", help="prepared dataset folder to write")
+    p.add_argument(
+        "--output",
+        required=True,
+        metavar="DIR",
+        help="prepared dataset folder to write: new, empty, or (with --overwrite) a prepared dataset",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the prepared dataset already in --output (it is kept until the new one is complete; "
+        "a folder holding anything else is never replaced)",
+    )
     p.add_argument(
         "--min-count",
         type=int,
@@ -219,6 +230,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
         seed=args.seed,
         bad_lines=args.bad_lines,
         log=log,
+        overwrite=args.overwrite,
     )
     rows = stats["rows"]
     rate = stats["positive_rate"]

@@ -45,7 +45,7 @@ class RunResult:
 
 def load_data(cfg: RunConfig) -> CTRDataset:
     if cfg.data.path:
-        return load_prepared(cfg.data.path)
+        return load_prepared(cfg.data.path, verify=True)  # SHA-256 of every array once per run: docs/data.md
     return generate(cfg.data.synthetic.rows, cfg.data.synthetic.seed)
 
 
