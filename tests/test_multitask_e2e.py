@@ -142,6 +142,12 @@ def test_ali_ccp_rank_by_weighted_tasks(ali):
                                              "uncalibrated": True}).json()
     assert per_request["scores"] == pytest.approx(ts["click"]) and per_request["weights"] == {"click": 1.0, "purchase": 0.0}
     assert set(per_request["uncalibrated"]) == {"click", "purchase"}
+    onnx = TestClient(create_app(verify_and_load(run), runtime="onnx", threads=1, task_weights={"click": 1.0, "purchase": 10.0}))
+    r_onnx = onnx.post("/rank", json={"candidates": [{"id": f"c{i}", "features": row} for i, row in enumerate(rows)]}).json()
+    assert r_onnx["scores"] == pytest.approx(r["scores"], abs=1e-5)
+    assert r_onnx["task_scores"]["purchase"] == pytest.approx(ts["purchase"], abs=1e-5)
+    pred = client.post("/predict", json={"rows": rows[:2], "uncalibrated": True}).json()
+    assert pred["scores"] == pytest.approx(combined[:2]) and len(pred["uncalibrated"]["click"]) == 2
     bad = client.post("/rank", json={"candidates": [{"features": rows[0]}], "weights": {"like": 1}})
     assert bad.status_code == 422 and "weights.like: no such task" in bad.json()["error"]
     bad = client.post("/rank", json={"candidates": [{"features": rows[0]}], "weights": {"click": -1}})
