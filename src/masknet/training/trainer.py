@@ -100,7 +100,9 @@ def evaluate(
     if probs.ndim == 1 and split.labels is None:
         labels = np.asarray(split.y)
         return {"auc": auc(labels, probs), "logloss": logloss(labels, probs)}
-    per_task = task_metrics(split.label_matrix(), probs.reshape(len(probs), -1), tasks or [f"task{t}" for t in range(probs.reshape(len(probs), -1).shape[1])])
+    probs = probs.reshape(len(probs), -1)  # [n, T]
+    names = tasks or [f"task{t}" for t in range(probs.shape[1])]
+    per_task = task_metrics(split.label_matrix(), probs, names)
     first = next(iter(per_task.values()))
     return {"auc": first["auc"], "logloss": first["logloss"], "tasks": per_task}
 
