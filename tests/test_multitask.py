@@ -324,3 +324,27 @@ def test_labels_file_is_checked_and_recorded(tmp_path):
     path.write_bytes(bytes(raw))
     with pytest.raises(DataError, match=r"valid.labels.bin: row 1, task 1: label 7 is not 0, 1 or missing"):
         load_prepared(tmp_path / "p")
+
+
+def test_task_weights_parsing():
+    from masknet.serving.tasks import combine, parse_weights, request_weights
+    from masknet.serving.features import RequestError
+
+    tasks = ["click", "purchase"]
+    assert parse_weights(None, tasks) == {"click": 1.0, "purchase": 1.0}
+    assert parse_weights("purchase=20", tasks) == {"click": 1.0, "purchase": 20.0}
+    for bad, msg in [("like=1", "no task 'like'"), ("click", "expected TASK=WEIGHT"), ("click=-1", "number >= 0"),
+                     ("click=nan", "number >= 0"), ("click=x", "number >= 0")]:
+        with pytest.raises(UserError, match=msg):
+            parse_weights(bad, tasks)
+    base = parse_weights("purchase=20", tasks)
+    assert request_weights({"click": 0}, base, RequestError) == {"click": 0.0, "purchase": 20.0}
+    with pytest.raises(RequestError, match="weights.click: must be a number >= 0"):
+        request_weights({"click": True}, base, RequestError)
+    np.testing.assert_allclose(combine(np.array([[0.1, 0.01], [0.2, 0.0]]), tasks, base), [0.3, 0.2])
+
+
+def test_serve_refuses_task_weights_for_a_single_task_model(tmp_path, capsys):
+    out = _train(tmp_path, "one", "--set", "data.synthetic.rows=2000", "--epochs", "1")
+    assert main(["serve", "--model", str(out), "--task-weights", "click=2"]) == 2
+    assert "is a single-task model" in capsys.readouterr().err
