@@ -52,6 +52,17 @@ ESTIMATOR_FILE = "estimator.json"  # the estimator's own part of a bundle: class
 ESTIMATOR_FORMAT = "masknet-estimator"
 DEFAULT_SEED = 2021  # random_state=None: the trainer's default seed (runs stay reproducible)
 
+# scikit-learn checks (sklearn.utils.estimator_checks) these estimators fail on purpose, and why;
+# tests/test_estimator.py runs every other one. Skipped by the checks themselves through the tags:
+# multiclass checks (multi_class=False: CTR is binary) and the accuracy bar (poor_score, see
+# __sklearn_tags__); sample-weight checks (fit takes no sample_weight).
+SKLEARN_EXPECTED_FAILED_CHECKS = {
+    "check_methods_sample_order_invariance": (
+        "float32 GEMM: a row's logit can move by one float32 rounding step (~1e-7 relative) with its "
+        "position in the batch; the check asks for rtol 1e-7"
+    ),
+}
+
 
 class EstimatorInputError(UserError, ValueError):
     """Bad input to an estimator: a ValueError for scikit-learn, a UserError for masknet."""
@@ -76,7 +87,7 @@ def as_table(X: Any) -> tuple[pa.Table, bool]:
     elif type(X).__module__.split(".")[0] == "polars" and hasattr(X, "to_arrow"):
         table, named = X.to_arrow(), True
     elif type(X).__module__.split(".")[0] == "pandas" and hasattr(X, "columns"):
-        table = pa.Table.from_pandas(X, preserve_index=False)  # NaN -> null
+        table = _from_pandas(X)
         named = all(isinstance(c, str) for c in X.columns)
         if not named:
             table = table.rename_columns(_positional_names(table.num_columns))
@@ -100,6 +111,22 @@ def as_table(X: Any) -> tuple[pa.Table, bool]:
     if dup:
         raise EstimatorInputError(f"X: column {dup[0]!r} appears twice")
     return table.rename_columns(names), named
+
+
+def _from_pandas(df: Any) -> pa.Table:
+    """NaN -> null; an object column of mixed types (e.g. numbers and a stray string) becomes
+    text, so that the encoder names the bad value and its row instead of Arrow failing on the column."""
+    try:
+        return pa.Table.from_pandas(df, preserve_index=False)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        cols = {}
+        for name in df.columns:
+            col = df[name]
+            try:
+                cols[str(name)] = pa.array(col, from_pandas=True)
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                cols[str(name)] = pa.array([None if v is None or v != v else str(v) for v in col], pa.string())
+        return pa.table(cols)
 
 
 def _nan_to_null(table: pa.Table) -> pa.Table:
@@ -263,7 +290,9 @@ class CTRClassifier(ClassifierMixin, BaseEstimator):
         if len(classes) < 2:
             raise EstimatorInputError(f"y has only one class ({classes[0]!r}); a classifier needs both classes")
         if len(classes) > 2:
-            raise EstimatorInputError(f"y has {len(classes)} classes; CTR models are binary (click / no click)")
+            raise EstimatorInputError(
+                f"y has {len(classes)} classes. Only binary classification is supported (click / no click)."
+            )
         self.classes_ = classes
         return (y == classes[1]).astype(np.uint8)
 
@@ -515,7 +544,8 @@ class CTRClassifier(ClassifierMixin, BaseEstimator):
         return np.column_stack([1.0 - p, p])
 
     def predict(self, X: Any) -> np.ndarray:
-        return self.classes_[(self.decision_function(X) > 0).astype(int)]
+        logits = self.decision_function(X)  # first: it checks that the estimator is fitted
+        return self.classes_[(logits > 0).astype(int)]
 
     def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
         """ROC AUC of the click probability (not accuracy: the usual CTR metric), as masknet
