@@ -56,6 +56,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="train with N processes (DistributedDataParallel; gloo on CPU, NCCL on CUDA): launches torchrun for you; "
         "needs --output. Equivalent to `torchrun --nproc_per_node=N -m masknet train ...`",
     )
+    p.add_argument(
+        "--log",
+        action="append",
+        default=[],
+        choices=("tensorboard", "mlflow"),
+        help="also log loss, AUC, learning rate and samples/s per evaluation to TensorBoard (RUN/tensorboard; "
+        "pip install tensorboard) or MLflow (MLFLOW_TRACKING_URI; pip install mlflow); repeatable. "
+        "Same as --set train.tensorboard=true / train.mlflow=true",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_train)
 
@@ -84,6 +93,8 @@ def _run_train(args: argparse.Namespace) -> int:
         cfg.base_run = args.base_run
     if args.quiet:
         cfg.train.progress = False
+    for tracker in args.log:
+        setattr(cfg.train, tracker, True)
     for assignment in args.set:
         apply_override(cfg, assignment)
     train_run(cfg)

@@ -33,6 +33,7 @@ from ..models import CTRModel, build_model
 from .metrics import auc, relaimp
 from .checkpoint import latest_checkpoint
 from .distributed import init_from_env
+from .tracking import check_available as check_trackers, open_trackers
 from .trainer import evaluate, fit, seed_everything
 
 
@@ -75,6 +76,7 @@ def read_base_auc(base_run: str) -> float:
 def train_run(cfg: RunConfig, data: Optional[CTRDataset] = None, log: Any = print, resume: bool = False) -> RunResult:
     """Train `cfg.model` on `cfg.data` and write the run folder. Returns its metrics."""
     cfg.validate()
+    check_trackers(cfg)  # a tracker that is not installed: one line, before the run folder exists
     base_auc = read_base_auc(cfg.base_run) if cfg.base_run else None  # fail before training, not after
     data = data if data is not None else load_data(cfg)
     ctx = init_from_env(cfg.train.device)  # rank 0 of 1 unless launched by torchrun
@@ -105,7 +107,7 @@ def train_run(cfg: RunConfig, data: Optional[CTRDataset] = None, log: Any = prin
     )
     if checkpoint is not None:
         log(f"resuming from {checkpoint}")
-    with open(out / "log.jsonl", "w") if ctx.is_main else open(os.devnull, "w") as log_file:
+    with open_trackers(cfg, out, ctx.is_main) as trackers, open(out / "log.jsonl", "w") if ctx.is_main else open(os.devnull, "w") as log_file:
         if checkpoint is not None:  # the log is rewritten from the checkpoint's own history
             history = json.loads((checkpoint / "state.json").read_text())["history"]
             log_file.writelines(json.dumps(r) + "\n" for r in history)
@@ -118,6 +120,7 @@ def train_run(cfg: RunConfig, data: Optional[CTRDataset] = None, log: Any = prin
                 f"valid AUC {record['valid_auc']:.4f}  logloss {record['valid_logloss']:.4f}  "
                 f"({record['samples_per_second']:,.0f} samples/s)"
             )
+            trackers.log(record)  # TensorBoard / MLflow, when the config asks (training/tracking.py)
 
         result = fit(model, data, cfg.train, on_epoch, run_dir=out, resume_from=checkpoint, ctx=ctx)
 
