@@ -222,8 +222,8 @@ def mask_heatmaps(rq: dict, out: Path, ctx: dict[str, Any]) -> str:
                 extra = f": mean |Δ| {d['rel_mean_abs_diff']:.0%} of mean |v|, corr {d['corr']:.3f}" if d else ""
             ax.set_title(f"{label}\nblock {j + 1}: {kind}{extra}", fontsize=8)
     cell = f" (cell {ctx['rq4_cell']})" if ctx.get("rq4_cell") else ""
-    _title(fig, f"RQ4: instance-guided masks of two test instances and their difference{cell}; red > 0, blue < 0 flips the "
-           "sign, white ≈ 0 suppresses; the A − B row has its own scale", ctx)
+    _title(fig, f"RQ4: instance-guided masks of two test instances and their difference{cell}\n"
+           "masks: red > 0, blue < 0 flips the sign, white ≈ 0 suppresses; A − B: green > 0, pink < 0, on its own scale", ctx)
     return _save(fig, out / "rq4_mask_heatmaps.png")
 
 
