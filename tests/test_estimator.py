@@ -232,3 +232,24 @@ def test_cross_val_score_pipeline_and_grid_search():
         warnings.simplefilter("ignore")
         grid = GridSearchCV(tiny(), {"learning_rate": [0.003, 0.01]}, cv=2).fit(X, y)
     assert grid.best_params_["learning_rate"] in (0.003, 0.01)
+
+
+def test_load_a_synthetic_data_bundle_takes_integer_indices(tmp_path):
+    import torch
+
+    from masknet.cli import main
+    from masknet.data.synthetic import generate
+    from masknet.training.run import load_model
+
+    assert main(["train", "--epochs", "1", "--quiet", "--output", str(tmp_path / "run"), "--set", "data.synthetic.rows=1000",
+                 "--set", "model.block_dim=8", "--set", "model.num_blocks=1", "--set", "train.threads=1"]) == 0
+    clf = masknet.load(tmp_path / "run")
+    x = generate(1000, seed=7).splits["test"].x[:50].astype(np.int64)
+    frame = pd.DataFrame(x, columns=list(clf.feature_names_in_))
+    with torch.inference_mode():
+        expected = torch.sigmoid(load_model(tmp_path / "run")(torch.from_numpy(x))).double().numpy()
+    np.testing.assert_allclose(clf.predict_proba(frame)[:, 1], expected, rtol=1e-6)
+    bad = frame.copy()
+    bad.iloc[0, 0] = 10**6
+    with pytest.raises(EstimatorInputError, match="indices must lie in"):
+        clf.predict(bad)
