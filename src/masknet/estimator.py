@@ -566,29 +566,8 @@ class CTRClassifier(ClassifierMixin, BaseEstimator):
 
 
 class MaskNetClassifier(CTRClassifier):
-    """CTRClassifier for the two MaskNets: model="sermasknet" (default) or "paramasknet"."""
-
-    def __init__(
-        self,
-        model: str = "sermasknet",
-        *,
-        categorical: Optional[list[str]] = None,
-        numeric: Optional[list[str]] = None,
-        min_count: int = 1,
-        epochs: Optional[int] = None,
-        batch_size: Optional[int] = None,
-        learning_rate: Optional[float] = None,
-        validation_fraction: float = 0.1,
-        random_state: Optional[int] = None,
-        config: Optional[dict] = None,
-        work_dir: Optional[str] = None,
-        verbose: int = 0,
-    ):
-        super().__init__(
-            model, categorical=categorical, numeric=numeric, min_count=min_count, epochs=epochs,
-            batch_size=batch_size, learning_rate=learning_rate, validation_fraction=validation_fraction,
-            random_state=random_state, config=config, work_dir=work_dir, verbose=verbose,
-        )
+    """CTRClassifier for the two MaskNets: model="sermasknet" (default) or "paramasknet".
+    (Its parameters are CTRClassifier's: scikit-learn reads them from the inherited __init__.)"""
 
     def _run_config(self, work: Path):
         if self.model not in MASKNET_MODELS:
