@@ -18,6 +18,7 @@ import polars as pl
 import pyarrow as pa
 import pytest
 from sklearn.compose import ColumnTransformer
+from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import GridSearchCV, cross_val_score
 from sklearn.pipeline import Pipeline
 from sklearn.utils.estimator_checks import check_classifiers_train, parametrize_with_checks
@@ -140,8 +141,13 @@ def test_bad_input_is_one_clear_error():
     bad.loc[37, "price"] = "cheap"
     with pytest.raises(EstimatorInputError, match=r"X row \d+: field 'price': not a number: 'cheap'"):
         tiny(numeric=["price"], validation_fraction=0.5).fit(bad, y, eval_set=(X, y))
+    clf = tiny(numeric=["price"]).fit(X, y)
     with pytest.raises(EstimatorInputError, match=r"X row 37: field 'price': not a number"):
-        tiny(numeric=["price"]).fit(X, y).predict_proba(bad)
+        clf.predict_proba(bad)
+    with pytest.raises(EstimatorInputError):
+        clf.fit(bad, y)
+    with pytest.raises(NotFittedError):  # a failed fit leaves no half-fitted (or stale) model behind
+        clf.predict(X)
     with pytest.raises(EstimatorInputError, match="multi-valued"):
         tiny().fit(pl.from_pandas(X).with_columns(tags=pl.lit(["a", "b"])), y)
     with pytest.raises(EstimatorInputError, match="lacks column 'city'"):

@@ -303,6 +303,14 @@ class CTRClassifier(ClassifierMixin, BaseEstimator):
 
         eval_set: (X_val, y_val), or a list with one such pair: the rows early stopping and the
         best-epoch choice use. None: `validation_fraction` of X is held out for that."""
+        try:
+            return self._fit(X, y, eval_set)
+        except BaseException:  # a failed fit leaves no half-fitted estimator behind
+            for name in [k for k in self.__dict__ if k.endswith("_") and not k.startswith("__")] + ["_bundle_files"]:
+                self.__dict__.pop(name, None)
+            raise
+
+    def _fit(self, X: Any, y: Any, eval_set: Any) -> "CTRClassifier":
         table, named = as_table(X)
         table = _nan_to_null(table)
         y01 = self._labels(y, table.num_rows)
