@@ -101,3 +101,15 @@ def test_docs_quickstart_script(tmp_path):
     assert 0.55 < auc < 1 and len(folds) == 3 and all(0.5 < float(f) < 1 for f in folds)
     assert "reloaded gives the same scores: True" in r.stdout
     assert (tmp_path / "runs" / "quickstart-clf" / "manifest.json").is_file()
+
+
+def test_gitignore_hides_no_source(tmp_path):
+    """The README's output patterns are anchored: none of them hides a new file in src/, tests/ or docs/."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(ROOT / ".gitignore", repo / ".gitignore")
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    new = [str(p.relative_to(ROOT).parent / "new_file.py") for p in ROOT.glob("src/masknet/**/__init__.py")]
+    new += ["tests/new_file.py", "docs/new_file.md", "docs/examples/new_file.py"]
+    r = subprocess.run(["git", "check-ignore", *new], cwd=repo, capture_output=True, text=True)
+    assert r.stdout == "", f"ignored by .gitignore: {r.stdout.split()}"
