@@ -74,7 +74,7 @@ def read_base_auc(base_run: str) -> float:
 
 
 def train_run(cfg: RunConfig, data: Optional[CTRDataset] = None, log: Any = print, resume: bool = False) -> RunResult:
-    """Train `cfg.model` on `cfg.data` and write the run folder. Returns its metrics."""
+    """Train `cfg.model` on `cfg.data` and write the run folder. Returns a RunResult(path, metrics, model)."""
     cfg.validate()
     check_trackers(cfg)  # a tracker that is not installed: one line, before the run folder exists
     base_auc = read_base_auc(cfg.base_run) if cfg.base_run else None  # fail before training, not after
