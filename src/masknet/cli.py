@@ -57,12 +57,26 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="override any config key, e.g. --set model.block_dim=200 --set train.lr=1e-4 (repeatable)",
     )
-    p.add_argument("--output", metavar="DIR", help="run folder (default: runs/<model>-<timestamp>)")
+    p.add_argument(
+        "--output",
+        metavar="DIR",
+        help="run folder (default: runs/<model>-<timestamp>; a saved run's config.yaml given to --config never "
+        "sends the re-run back into that run's folder)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run in --output (its checkpoints, metrics and weights are deleted first); without it "
+        "a folder holding a run is refused. A folder holding anything else is never touched",
+    )
     p.add_argument("--base-run", metavar="DIR", help="a finished run: report RelaImp (Eq. 20) against its test AUC")
     p.add_argument(
         "--resume",
         metavar="RUN",
-        help="continue an interrupted run from its latest checkpoint, with its saved config (other options are ignored)",
+        help="continue an interrupted run from its latest intact checkpoint, with its saved config; only --epochs, "
+        "--quiet, --nproc and --set of train.lr, train.epochs, train.patience, train.on_nan, train.threads, "
+        "train.progress, train.checkpoint_every_steps, train.keep_checkpoints may be given (recorded in log.jsonl "
+        "and config.yaml)",
     )
     p.add_argument(
         "--nproc",
@@ -85,15 +99,21 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .config import RunConfig, apply_override, load_config
-    from .training.run import resume_run, train_run
+    from .training.run import default_output, train_run
+    from .training.runfolder import is_run_folder
 
     if args.nproc is not None and "WORLD_SIZE" not in os.environ:
         return _launch_torchrun(args)
     if args.resume:
-        resume_run(args.resume)
-        return 0
+        return _run_resume(args)
     cfg = load_config(args.config) if args.config else RunConfig()
+    # re-running a saved run must not write back into it: its config's `output` is not reused
+    saved_run = args.config is not None and Path(args.config).name == "config.yaml" and is_run_folder(Path(args.config).parent)
+    if saved_run:
+        cfg.output = None
     if args.model:
         cfg.model.name = args.model
     if args.data:
@@ -112,7 +132,31 @@ def _run_train(args: argparse.Namespace) -> int:
         setattr(cfg.train, tracker, True)
     for assignment in args.set:
         apply_override(cfg, assignment)
-    train_run(cfg)
+    if saved_run and cfg.output is None and os.environ.get("WORLD_SIZE", "1") == "1":
+        cfg.output = str(default_output(cfg))
+        print(
+            f"masknet train: {args.config} is a saved run's config; its folder is left alone and this run goes to "
+            f"{cfg.output} (--output chooses another)", file=sys.stderr,
+        )
+    train_run(cfg, overwrite=args.overwrite)
+    return 0
+
+
+def _run_resume(args: argparse.Namespace) -> int:
+    """--resume continues a run as it was configured: options that would change what it trains are refused."""
+    from .training.run import resume_run
+
+    given = {"--model": args.model, "--data": args.data, "--seed": args.seed, "--config": args.config,
+             "--output": args.output, "--base-run": args.base_run, "--overwrite": args.overwrite or None}
+    refused = [opt for opt, value in given.items() if value is not None]
+    if refused:
+        raise UserError(
+            f"{refused[0]} cannot be combined with --resume (a resume continues the run with its saved config; "
+            "--set of the keys `masknet train --help` lists under --resume may change)"
+        )
+    overrides = [f"train.epochs={args.epochs}"] if args.epochs is not None else []
+    overrides += ["train.progress=false"] if args.quiet else []
+    resume_run(args.resume, overrides=overrides + list(args.set))
     return 0
 
 
@@ -122,6 +166,12 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
         raise UserError(f"--nproc: must be >= 1, got {args.nproc}")
     if not args.output and not args.resume:
         raise UserError("--nproc needs --output (every process must write to the same run folder)")
+    if not args.resume:  # refuse here in one line rather than in every process torchrun starts
+        from pathlib import Path
+
+        from .training.runfolder import check_new_run_folder
+
+        check_new_run_folder(Path(args.output), args.overwrite)
     argv, rest, skip = [], list(args.argv), False
     for i, a in enumerate(rest):
         if skip:
@@ -193,7 +243,18 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train", metavar="FILE", help="explicit train file (with --valid and --test)")
     p.add_argument("--valid", metavar="FILE", help="explicit validation file")
     p.add_argument("--test", metavar="FILE", help="explicit test file")
-    p.add_argument("--output", required=True, metavar="DIR", help="prepared dataset folder to write")
+    p.add_argument(
+        "--output",
+        required=True,
+        metavar="DIR",
+        help="prepared dataset folder to write: new, empty, or (with --overwrite) a prepared dataset",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the prepared dataset already in --output (it is kept until the new one is complete; "
+        "a folder holding anything else is never replaced)",
+    )
     p.add_argument(
         "--min-count",
         type=int,
@@ -245,6 +306,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
         seed=args.seed,
         bad_lines=args.bad_lines,
         log=log,
+        overwrite=args.overwrite,
     )
     rows = stats["rows"]
     rate = stats["positive_rate"]

@@ -29,19 +29,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import UserError
+from ..integrity import sha256_file as _sha256
+from ..integrity import write_atomic
 
 MANIFEST = "manifest.json"
 BUNDLE_FORMAT = "masknet-bundle"
 BUNDLE_VERSION = 1
 REQUIRED = ("model.json", "model.safetensors")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _versions() -> dict[str, str]:
@@ -89,7 +83,7 @@ def write_manifest(run: str | Path) -> dict[str, Any]:
         "files": files,
         "bundle_sha256": _bundle_hash(files),
     }
-    (run / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    write_atomic(run / MANIFEST, json.dumps(manifest, indent=2).encode())  # last: seals the folder
     return manifest
 
 
