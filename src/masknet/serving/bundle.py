@@ -73,7 +73,9 @@ def write_manifest(run: str | Path) -> dict[str, Any]:
         for p in sorted(run.iterdir())
         if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
     }
-    spec = json.loads((run / "model.json").read_text())
+    spec = _read_json(run / "model.json")
+    if not isinstance(spec, dict):
+        raise UserError(f"{run / 'model.json'}: not a JSON object")
     manifest = {
         "format": BUNDLE_FORMAT,
         "version": BUNDLE_VERSION,
