@@ -36,7 +36,7 @@ def test_base_commands_import_no_extra():
     out: scikit-learn itself imports it when it is installed)."""
     code = (
         "import sys, masknet.cli, masknet.training.run, masknet.serving.predict, masknet.data.prepare, masknet.estimator\n"
-        "print(sorted(m for m in ('matplotlib', 'onnx', 'onnxruntime', 'fastapi', 'uvicorn', 'optuna', 'polars') if m in sys.modules))"
+        "print(sorted(m for m in ('matplotlib', 'onnx', 'onnxruntime', 'fastapi', 'uvicorn', 'msgspec', 'optuna', 'polars') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"

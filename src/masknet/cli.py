@@ -15,7 +15,7 @@ SubcommandSetup = Callable[[argparse._SubParsersAction], None]
 # What each optional part of masknet needs (pyproject.toml's extras): checked before the
 # command starts, so a base install says in one line what to install.
 EXTRAS = {
-    "serve": ("onnx", "onnxruntime", "fastapi", "uvicorn"),
+    "serve": ("onnx", "onnxruntime", "fastapi", "uvicorn", "msgspec"),
     "plots": ("matplotlib",),
 }
 
