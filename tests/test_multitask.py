@@ -282,6 +282,7 @@ def test_one_task_of_multitask_data_is_the_single_task_run(tmp_path):
 def test_refusals(tmp_path, capsys):
     def fails(*args):
         assert main(["train", "--output", str(tmp_path / "x"), "--epochs", "1", *TINY, *MT_DATA, *args]) == 2
+        assert not (tmp_path / "x").exists()  # refused before the run folder is made
         return capsys.readouterr().err
 
     assert "train a multi-task model" in fails()

@@ -125,6 +125,8 @@ class TrainConfig:
     precision: str = "fp32"  # "bf16": autocast the forward to bfloat16 (weights, optimizer, loss stay fp32)
     on_nan: str = "stop"  # non-finite loss/gradient: "stop" (keep the last good checkpoint) or "skip-batch"
     device: str = "auto"  # "auto" (CUDA when present, else CPU), "cpu" or "cuda"; torchrun ranks use cuda:LOCAL_RANK
+    tensorboard: bool = False  # log every evaluation to RUN/tensorboard (needs `pip install tensorboard`)
+    mlflow: bool = False  # log every evaluation to an MLflow run (needs `pip install mlflow`; MLFLOW_TRACKING_URI)
     # --- several labels (docs/multitask.md) ---
     tasks: list[str] = field(default_factory=list)  # the labels to train on; empty: every label of the data
     task_weights: list[float] = field(default_factory=list)  # loss weight per task (in `tasks` order); empty: 1 each
