@@ -59,11 +59,16 @@ def served_means(run_dir: Path, rows: int, multitask: bool) -> dict:
         raw = np.concatenate([torch.sigmoid(b.model(torch.from_numpy(x[i : i + 8192]))).numpy() for i in range(0, len(x), 8192)])
     served, raw = served.reshape(len(x), -1), raw.reshape(len(x), -1)
     labels = test.label_matrix()
+    # the rows as training saw them: a negative (on the first task) counts `rate`, so the raw model,
+    # if calibrated on its own training distribution, has kept_mean == kept_rate
+    kept = np.where(labels[:, 0] == 1, 1.0, b.head.rate)
     out = {}
     for t, name in enumerate(b.tasks):
         observed = float(labels[:, t].mean())
+        kept_rate, kept_mean = float(np.average(labels[:, t], weights=kept)), float(np.average(raw[:, t], weights=kept))
         out[name] = {"observed_rate": observed, "served_mean": float(served[:, t].mean()), "raw_sigmoid_mean": float(raw[:, t].mean()),
-                     "served_over_observed": float(served[:, t].mean()) / observed, "raw_over_observed": float(raw[:, t].mean()) / observed}
+                     "served_over_observed": float(served[:, t].mean()) / observed, "raw_over_observed": float(raw[:, t].mean()) / observed,
+                     "kept_rate": kept_rate, "raw_kept_mean": kept_mean, "raw_over_kept_rate": kept_mean / kept_rate}
     return out
 
 

@@ -413,7 +413,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         help="export a trained model to ONNX",
         description=(
             "Export the run folder's model to ONNX: input x int64 [batch, fields] (encoded indices; dynamic batch), "
-            "outputs score and logit [batch]. The export is run in onnxruntime and compared with PyTorch."
+            "outputs score and logit [batch] ([batch, tasks] for a multi-task model; score_uncalibrated beside score "
+            "when the bundle is calibrated). The export is run in onnxruntime and compared with PyTorch."
         ),
     )
     p.add_argument("--model", required=True, metavar="RUN", help="a trained run folder (model bundle)")
