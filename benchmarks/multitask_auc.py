@@ -2,6 +2,8 @@
 
 For each seed, trains (every cell on the same data, data seed 7):
     mt-<kind>        a multi-task model (shared_bottom / mmoe) on click and purchase
+                     (--mt-set: overrides for these cells only, e.g. train.early_stopping=click;
+                     their runs and names get the --mt-tag suffix)
     st-<kind>-<task> the same architecture (one tower) trained on that task alone
     plain-<task>     the single-task model (no tower), optional (--plain)
 and writes every run's per-task test AUC, log loss, ECE and the oracle AUC to a JSON file, plus
@@ -69,17 +71,22 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=120_000)
     p.add_argument("--plain", action="store_true", help="also the plain single-task model per task")
     p.add_argument("--set", action="append", default=[], help="config override for every cell")
+    p.add_argument("--mt-set", action="append", default=[], help="config override for the multi-task cells only")
+    p.add_argument("--mt-tag", default="", help="suffix of the multi-task cells' names and run folders (with --mt-set)")
     p.add_argument("--runs", default="runs/multitask-bench")
     p.add_argument("--output", default="multitask.json")
     args = p.parse_args()
+    if args.mt_set and not args.mt_tag:
+        p.error("--mt-set needs --mt-tag (the multi-task runs differ from the untagged ones)")
+    tag = f"-{args.mt_tag}" if args.mt_tag else ""
     seeds = [int(s) for s in args.seeds.split(",")]
     tasks = ["click", "purchase"]
     runs = Path(args.runs)
     cells: dict[str, dict[int, dict]] = {}
     for seed in seeds:
         for kind in args.kinds.split(","):
-            cells.setdefault(f"mt-{kind}", {})[seed] = run_cell(
-                f"mt-{kind} seed {seed}", cell_config(kind, tasks, seed, runs / f"mt-{kind}-s{seed}", args.rows, args.set, True))
+            cells.setdefault(f"mt-{kind}{tag}", {})[seed] = run_cell(f"mt-{kind}{tag} seed {seed}", cell_config(
+                kind, tasks, seed, runs / f"mt-{kind}{tag}-s{seed}", args.rows, args.set + args.mt_set, True))
             for t in tasks:
                 cells.setdefault(f"st-{kind}-{t}", {})[seed] = run_cell(
                     f"st-{kind}-{t} seed {seed}", cell_config(kind, [t], seed, runs / f"st-{kind}-{t}-s{seed}", args.rows, args.set, True))
@@ -91,17 +98,17 @@ def main() -> None:
     for kind in args.kinds.split(","):
         for t in tasks:
             for base in [f"st-{kind}-{t}"] + ([f"plain-{t}"] if args.plain else []):
-                diffs = [cells[f"mt-{kind}"][s]["tasks"][t]["auc"] - cells[base][s]["tasks"][t]["auc"] for s in seeds]
-                comparisons[f"mt-{kind} - {base} ({t})"] = summary(diffs)
+                diffs = [cells[f"mt-{kind}{tag}"][s]["tasks"][t]["auc"] - cells[base][s]["tasks"][t]["auc"] for s in seeds]
+                comparisons[f"mt-{kind}{tag} - {base} ({t})"] = summary(diffs)
     table = {
         name: {t: summary([r["tasks"][t]["auc"] for r in per_seed.values()]) for t in next(iter(per_seed.values()))["tasks"]}
         for name, per_seed in cells.items()
     }
-    oracle = {t: next(iter(cells[f"mt-{args.kinds.split(',')[0]}"].values()))["tasks"][t]["oracle_auc"] for t in tasks}
+    oracle = {t: next(iter(cells[f"mt-{args.kinds.split(',')[0]}{tag}"].values()))["tasks"][t]["oracle_auc"] for t in tasks}
     out = {
         "command": "python benchmarks/multitask_auc.py " + " ".join(
             [f"--seeds {args.seeds}", f"--kinds {args.kinds}", f"--rows {args.rows}"] + (["--plain"] if args.plain else [])
-            + [f"--set {s}" for s in args.set]),
+            + [f"--set {s}" for s in args.set] + [f"--mt-set {s}" for s in args.mt_set] + ([f"--mt-tag {args.mt_tag}"] if tag else [])),
         "machine": platform.processor() or platform.machine(),
         "data": {"generator": "masknet.data.synthetic v2, multitask", "rows": args.rows, "seed": 7},
         "oracle_auc": oracle,

@@ -14,7 +14,7 @@ from sklearn.linear_model import LogisticRegression
 from masknet.cli import main
 from masknet.models.scoring import Isotonic, Platt, ScoreHead
 from masknet.training.calibration import (
-    ece, equal_mass_bins, fit_calibrator, fit_centered_isotonic, fit_isotonic, fit_platt, per_field_ratio, ratio,
+    ece, equal_mass_bins, fit_calibrator, fit_centered_isotonic, fit_isotonic, fit_platt, pool_steep, per_field_ratio, ratio,
     reliability,
 )
 
@@ -93,6 +93,29 @@ def test_centered_isotonic_keeps_pavs_values_at_block_centres(seed):
     steepest = lambda x, v: np.max(np.diff(v) / np.maximum(np.diff(x), 1e-300))  # noqa: E731
     assert steepest(centers, values) < steepest(pav_x, pav_y) / 10
     assert fit_calibrator("isotonic", p, y)["x"] == centers.tolist()
+
+
+def test_pool_steep_pools_the_steepest_blocks_by_their_rows():
+    x, y = pool_steep(np.array([0.0, 1.0, 1.001, 2.0]), np.array([0.0, 0.1, 0.9, 1.0]), np.array([1.0, 3.0, 1.0, 1.0]), 10)
+    np.testing.assert_allclose(x, [0.0, (3 * 1.0 + 1.001) / 4, 2.0])  # the pooled rows' mean score
+    np.testing.assert_allclose(y, [0.0, (3 * 0.1 + 0.9) / 4, 1.0])  # and mean label
+    x, y = pool_steep(np.array([0.0, 1.0]), np.array([0.0, 0.5]), np.array([1.0, 1.0]), 10)
+    assert x.tolist() == [0.0, 1.0]  # gentle already: unchanged
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_isotonic_slope_cap(seed):
+    """On a small validation split, neighbouring blocks' centres can lie close: slopes of 20 and
+    more (here), which multiply float32 rounding between runtimes. The cap pools them."""
+    rng = np.random.default_rng(seed)
+    p = (1 / (1 + np.exp(-rng.normal(-1, 1.5, 3000)))).astype(np.float32).astype(np.float64)  # model-like scores
+    y = (rng.random(3000) < p).astype(float)
+    steepest = lambda x, v: np.max(np.diff(v) / np.diff(x))  # noqa: E731
+    assert steepest(*fit_centered_isotonic(p, y)) > 20
+    x, v = fit_centered_isotonic(p, y, max_slope=10)
+    assert steepest(x, v) <= 10 and np.all(np.diff(x) > 0) and np.all(np.diff(v) > 0)
+    assert x[0] >= p.min() and x[-1] <= p.max() and v[0] >= 0 and v[-1] <= 1
+    assert fit_calibrator("isotonic", p, y, 10)["x"] == x.tolist()
 
 
 def test_isotonic_single_knot():

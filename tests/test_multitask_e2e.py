@@ -214,3 +214,14 @@ def test_single_task_service_answers_as_before():
     assert bad.status_code == 422 and "weights are for multi-task models" in bad.json()["error"]
     meta = client.get("/metadata").json()
     assert meta["tasks"] == ["click"] and meta["multitask"] is False and meta["calibration"]["method"] == "none"
+
+
+def test_trained_isotonic_calibrators_respect_the_slope_cap(ali):
+    """train.calibration_max_slope (default 10) bounds every served isotonic segment, so float32
+    rounding between runtimes is amplified at most tenfold."""
+    _, run, _ = ali
+    spec = json.loads((run / "calibration.json").read_text())
+    for entry in spec["calibrators"]:
+        x, y = np.asarray(entry["x"]), np.asarray(entry["y"])
+        if len(x) > 1:
+            assert np.max(np.diff(y) / np.diff(x)) <= 10, entry["task"]

@@ -134,6 +134,7 @@ class TrainConfig:
     # --- calibration (training/calibration.py, docs/calibration.md) ---
     calibration: str = "none"  # post-hoc, fitted on the validation split: none, isotonic or platt
     calibration_bins: int = 10  # equal-mass bins of ECE and the reliability diagram (docs: why 10)
+    calibration_max_slope: float = 10.0  # isotonic: steeper segments are pooled, OPEN (docs/calibration.md: why 10)
     calibration_field: Optional[str] = None  # predicted/observed ratio per value of this field; None: the first field
     negative_sampling_rate: float = 1.0  # keep this share of the training rows negative on the first task; scores corrected
 
@@ -170,6 +171,8 @@ class TrainConfig:
             raise ConfigError(f"train.tasks: a task is listed twice: {self.tasks}")
         if self.calibration not in CALIBRATIONS:
             raise ConfigError(f"train.calibration: expected one of {', '.join(CALIBRATIONS)}, got {self.calibration!r}")
+        if not self.calibration_max_slope > 0:
+            raise ConfigError(f"train.calibration_max_slope: must be > 0, got {self.calibration_max_slope}")
         if self.calibration_bins < 2:
             raise ConfigError(f"train.calibration_bins: must be >= 2, got {self.calibration_bins}")
         if not 0 < self.negative_sampling_rate <= 1:

@@ -120,16 +120,37 @@ def fit_isotonic(p: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(knots_x), np.asarray(knots_y)
 
 
-def fit_centered_isotonic(p: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def fit_centered_isotonic(p: np.ndarray, y: np.ndarray, max_slope: float = np.inf) -> tuple[np.ndarray, np.ndarray]:
     """Centred isotonic regression (Oron & Flournoy 2017): PAV's blocks and values, one knot per
     block at its mean score, linear between knots. The served calibrator (train.calibration=
     isotonic): PAV's function jumps between a block's last score and the next block's first, so
     a score moved by one float32 rounding (PyTorch vs onnxruntime) could move the calibrated
     probability by 1e-4 and more; between block centres the slopes are far smaller, and ties
-    inside a block are not created, so ranking (AUC) is kept."""
+    inside a block are not created, so ranking (AUC) is kept. Segments steeper than `max_slope`
+    are pooled (pool_steep)."""
     xs, counts, blocks = _pav_blocks(p, y)
     centers = [float(np.dot(xs[lo : hi + 1], counts[lo : hi + 1]) / counts[lo : hi + 1].sum()) for lo, hi, _ in blocks]
-    return np.asarray(centers), np.asarray([v for _, _, v in blocks])
+    rows = [float(counts[lo : hi + 1].sum()) for lo, hi, _ in blocks]
+    return pool_steep(np.asarray(centers), np.asarray([v for _, _, v in blocks]), np.asarray(rows), max_slope)
+
+
+def pool_steep(x: np.ndarray, y: np.ndarray, rows: np.ndarray, max_slope: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pool the two blocks of the steepest segment (their rows' mean score and mean label) until no
+    segment rises faster than `max_slope`. Served scores differ between runtimes by float32
+    rounding (PyTorch vs onnxruntime, ~1e-6), and a segment of slope s multiplies that by s: two
+    one-row blocks 1e-6 apart gave slopes of 10^4 on a 12,000-row validation split. Pooling blocks
+    keeps the fit monotone and is what PAV itself does to violators."""
+    x, y, rows = list(x), list(y), list(rows)
+    while len(x) > 1:
+        slopes = np.diff(y) / np.maximum(np.diff(x), 1e-300)
+        i = int(np.argmax(slopes))
+        if slopes[i] <= max_slope:
+            break
+        w = rows[i] + rows[i + 1]
+        x[i : i + 2] = [(x[i] * rows[i] + x[i + 1] * rows[i + 1]) / w]
+        y[i : i + 2] = [(y[i] * rows[i] + y[i + 1] * rows[i + 1]) / w]
+        rows[i : i + 2] = [w]
+    return np.asarray(x), np.asarray(y)
 
 
 def fit_platt(p: np.ndarray, y: np.ndarray, iterations: int = 100) -> tuple[float, float]:
@@ -156,10 +177,10 @@ def fit_platt(p: np.ndarray, y: np.ndarray, iterations: int = 100) -> tuple[floa
     return float(a), float(b)
 
 
-def fit_calibrator(method: str, p: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+def fit_calibrator(method: str, p: np.ndarray, y: np.ndarray, max_slope: float = np.inf) -> dict[str, Any]:
     """One task's calibrator entry (models.scoring) fitted on probabilities p and labels y."""
     if method == "isotonic":
-        x, v = fit_centered_isotonic(p, y)
+        x, v = fit_centered_isotonic(p, y, max_slope)
         return {"method": "isotonic", "x": x.tolist(), "y": v.tolist()}
     if method == "platt":
         a, b = fit_platt(p, y)

@@ -65,7 +65,7 @@ def report(model: CTRModel, data: CTRDataset, cfg: TrainConfig, ctx: DistContext
         calibrators = []
         for t in range(len(names)):
             k = _known(valid, t)
-            calibrators.append(fit_calibrator(cfg.calibration, u_valid[k, t], valid.label_matrix()[k, t]))
+            calibrators.append(fit_calibrator(cfg.calibration, u_valid[k, t], valid.label_matrix()[k, t], cfg.calibration_max_slope))
     spec = None
     if cfg.calibration != "none" or cfg.negative_sampling_rate < 1:
         spec = calibration_spec(names, cfg.negative_sampling_rate, cfg.calibration, calibrators)
