@@ -15,11 +15,12 @@ Every request that can carry a body (anything but GET, HEAD and OPTIONS) passes 
 4. the whole body must arrive within `body_timeout_s` of the request's admission, or the answer
    is 408: a client that sends a body slowly, or stops, cannot hold a slot or memory for long.
 
-Every refusal closes the connection (`Connection: close`), so that neither uvicorn nor the client
-goes on with a body nobody reads. uvicorn has no limit of its own on the time a body takes
+A 408 or 413 closes the connection (`Connection: close`). After a 503 uvicorn reads the rest of
+the body and drops it as it comes (it holds none of it), and the client reads the answer on a
+connection it can reuse. uvicorn has no limit of its own on the time a body takes
 (`--timeout-keep-alive` applies between requests only; measured in docs/serving.md), and while
-the app does not read, it pauses reading the socket after 64 kB: so a refused or waiting body
-costs at most that much of the server's memory.
+the app does not read, it pauses reading the socket after 64 kB: so a body waiting for
+admission costs at most that much of the server's memory.
 
 The gate runs on the event loop only; its counters are read by /health.
 """
@@ -123,9 +124,9 @@ class Gate:
 
     async def _refuse(self, scope, receive, send, message: str, status: int) -> None:
         self.admission.count(True)
-        headers = {"Connection": "close"}
-        if status == 503:
-            headers["Retry-After"] = "1"
+        # a 503 leaves the connection open: uvicorn drops the unread rest of the body as it comes
+        # (holding none of it) and the client reads the answer; 408 and 413 close it
+        headers = {"Retry-After": "1"} if status == 503 else {"Connection": "close"}
         await self.error(message, status, headers)(scope, receive, send)
 
     def _too_big(self) -> str:
