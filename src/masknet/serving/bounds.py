@@ -70,6 +70,8 @@ class BodyBounds:
             _unknown_key(str(exc), self.columns)
         except msgspec.DecodeError:
             pass
+        except RecursionError:
+            raise _too_deep() from None
         self.containers(body, "candidates" if kind == "rank" else "rows")
 
     def count(self, body: bytes, kind: str) -> None:
@@ -81,6 +83,8 @@ class BodyBounds:
                 raise RequestError(f"too many {what}: more than {self.limit:,} (the limit is {self.limit:,})") from None
         except msgspec.DecodeError:
             pass
+        except RecursionError:  # msgspec's skipping of a Raw value recurses
+            raise _too_deep() from None
 
     def containers(self, body: bytes, what: str) -> None:
         n = body.count(b"[") + body.count(b"{")
@@ -89,12 +93,18 @@ class BodyBounds:
                 msgspec.json.decode(body, type=msgspec.Raw)
             except msgspec.DecodeError:
                 return
+            except RecursionError:
+                raise _too_deep() from None
             n = _outside_strings(body)
         if n > self.max_containers:
             raise RequestError(
                 f"the request holds {n:,} JSON arrays and objects; {self.limit:,} {what} of {len(self.columns)} "
                 f"columns need at most {self.max_containers:,} (a feature value is a string, a number or null)"
             )
+
+
+def _too_deep() -> RequestError:
+    return RequestError("malformed JSON: nested too deeply", 400)  # the careful path's words (json.loads)
 
 
 def _outside_strings(body: bytes) -> int:
