@@ -104,7 +104,9 @@ def test_edited_manifest_is_refused(run):
     (bad / MANIFEST).write_text(json.dumps(m))
     with pytest.raises(UserError, match="bundle_sha256 does not match"):
         verify_manifest(bad)
-    write_manifest(bad)  # an explicit reseal is accepted (and changes the bundle hash)
+    with pytest.raises(UserError, match="already sealed, and no longer matches its manifest"):
+        write_manifest(bad)  # sealing again would bless the change
+    write_manifest(bad, reseal=True)  # an explicit reseal is accepted (and changes the bundle hash)
     assert verify_manifest(bad)["bundle_sha256"] != json.loads((run / MANIFEST).read_text())["bundle_sha256"]
 
 
@@ -124,6 +126,6 @@ def test_weights_that_do_not_fit_are_a_user_error(run):
     spec = json.loads((bad / "model.json").read_text())
     spec["model_config"]["block_dim"] = 24
     (bad / "model.json").write_text(json.dumps(spec))
-    write_manifest(bad)
+    write_manifest(bad, reseal=True)
     with pytest.raises(UserError, match="weights do not fit model.json"):
         verify_and_load(bad)
