@@ -223,9 +223,10 @@ def _get(m: dict[str, Any], key: str) -> Any:
     return value.get(rest) if rest and isinstance(value, dict) else value
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    """The error's message on one line (torch's load errors span several), cut at `limit` characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _seq(path: Path) -> Optional[int]:
