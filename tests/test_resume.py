@@ -794,3 +794,18 @@ def test_rerunning_a_saved_config_from_inside_its_folder_leaves_it_alone(referen
     assert main(["train", "--config", "config.yaml", "--output", "sub"]) == 2
     assert f"is inside the run folder {saved}" in one_line_error(capsys)
     assert snapshot(saved) == before
+
+
+def test_a_model_too_large_for_memory_is_one_line(tmp_path, capsys, monkeypatch):
+    """Cardinalities within meta.json's bounds can still ask for more memory than there is (the
+    review's 10^12 rows gave an allocator traceback)."""
+    import masknet.training.run as run_mod
+
+    def too_large(cfg, cardinalities):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 85899346280 bytes.\nError code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(run_mod, "build_model", too_large)
+    assert main(ARGS[:3] + ["1"] + ARGS[4:] + ["--output", str(tmp_path / "run")]) == 2
+    err = one_line_error(capsys)
+    assert "the model does not fit in memory" in err and "embedding rows" in err and "can't allocate memory" in err
