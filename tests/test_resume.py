@@ -809,3 +809,19 @@ def test_a_model_too_large_for_memory_is_one_line(tmp_path, capsys, monkeypatch)
     assert main(ARGS[:3] + ["1"] + ARGS[4:] + ["--output", str(tmp_path / "run")]) == 2
     err = one_line_error(capsys)
     assert "the model does not fit in memory" in err and "embedding rows" in err and "can't allocate memory" in err
+
+
+def test_overwrite_replaces_a_run_that_logged_to_tensorboard(tmp_path, capsys):
+    """The tensorboard/ folder `--log tensorboard` writes is part of a run (was: "tensorboard is
+    nothing masknet train writes"); a file of the user's in it is not."""
+    pytest.importorskip("tensorboard")
+    tiny = ARGS[:3] + ["1"] + ARGS[4:] + ["--set", "data.synthetic.rows=1000"]
+    out = tmp_path / "run"
+    assert main(tiny + ["--log", "tensorboard", "--output", str(out)]) == 0
+    assert any((out / "tensorboard").iterdir())
+    assert main(tiny + ["--output", str(out), "--overwrite"]) == 0
+    assert not (out / "tensorboard").exists()
+    assert main(tiny + ["--log", "tensorboard", "--output", str(out), "--overwrite"]) == 0
+    (out / "tensorboard" / "notes.txt").write_text("mine")
+    assert main(tiny + ["--output", str(out), "--overwrite"]) == 2
+    assert "tensorboard/notes.txt is nothing masknet train writes" in one_line_error(capsys)

@@ -39,6 +39,7 @@ from . import runfolder
 from .checkpoint import check_loadable, find_resumable, latest_checkpoint, remove_stale_temp
 from .distributed import DistContext, barrier, init_from_env
 from .metrics import auc, relaimp
+from .tracking import check_available as check_trackers, open_trackers
 from .trainer import TrainingDiverged, evaluate, fit, seed_everything
 
 
@@ -88,13 +89,14 @@ def read_base_auc(base_run: str) -> float:
 def train_run(
     cfg: RunConfig, data: Optional[CTRDataset] = None, log: Any = print, resume: bool = False, overwrite: bool = False
 ) -> RunResult:
-    """Train `cfg.model` on `cfg.data` and write the run folder. Returns its metrics.
+    """Train `cfg.model` on `cfg.data` and write the run folder. Returns a RunResult(path, metrics, model).
 
     A new run refuses an output folder that holds an earlier run unless `overwrite` (then that run's
     files are deleted first); `resume` continues the run in `cfg.output` from its newest intact
     checkpoint; either holds the folder's lock until it returns (see training/runfolder.py for the
     rules). A relative `cfg.data.path` is resolved here (the run folder records the absolute one)."""
     cfg.validate()
+    check_trackers(cfg)  # a tracker that is not installed: one line, before the run folder exists
     base_auc = read_base_auc(cfg.base_run) if cfg.base_run else None  # fail before training, not after
     data = data if data is not None else load_data(cfg)  # a bad data path fails before the run folder is touched
     given = cfg.data.path
@@ -179,7 +181,7 @@ def _train_locked(
         changed = resumes[-1]["changed"] if resumes != found.meta.get("resumes", []) else {}
         changes = "".join(f"; {k}: {c['from']!r} -> {c['to']!r}" for k, c in changed.items())
         log(f"resuming from {found.path}{changes}")
-    with log_file:
+    with log_file, open_trackers(cfg, out, ctx.is_main) as trackers:
         if found is not None:  # the log is rewritten from the checkpoint's own history
             with runfolder.folder_errors(out):
                 log_file.writelines(json.dumps(r) + "\n" for r in runfolder.log_records(found.state["history"], resumes))
@@ -194,6 +196,7 @@ def _train_locked(
                 f"valid AUC {record['valid_auc']:.4f}  logloss {record['valid_logloss']:.4f}  "
                 f"({record['samples_per_second']:,.0f} samples/s)"
             )
+            trackers.log(record)  # TensorBoard / MLflow, when the config asks (training/tracking.py)
 
         try:
             result = fit(

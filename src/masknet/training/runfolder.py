@@ -47,9 +47,10 @@ from .checkpoint import CHECKPOINT_DIR, STEP_NAME, TEMP_NAME, CheckpointError, R
 CONFIG_FILE = "config.yaml"
 LOCK_FILE = ".masknet-lock"  # a dot file: never part of the bundle's manifest
 # Everything a run writes at the top of its folder: `overwrite` deletes these and nothing else.
+TENSORBOARD_DIR = "tensorboard"  # train.tensorboard's event files (training/tracking.py)
 RUN_FILES = (
     CONFIG_FILE, "log.jsonl", "model.json", "model.safetensors", "dataset.json", "metrics.json",
-    "encoder.json", "manifest.json", CHECKPOINT_DIR,
+    "encoder.json", "manifest.json", CHECKPOINT_DIR, TENSORBOARD_DIR,
 )
 # Keys a resume may change: how long and how fast the run goes on, not what it trains.
 RESUMABLE = (
@@ -135,6 +136,10 @@ def _foreign_entries(out: Path) -> Iterator[str]:
             for c in sorted(p.iterdir()):
                 if c.is_symlink() or not c.is_dir() or not (STEP_NAME.match(c.name) or TEMP_NAME.match(c.name)):
                     yield f"{CHECKPOINT_DIR}/{c.name}"
+        elif p.name == TENSORBOARD_DIR and p.is_dir():
+            for c in sorted(p.iterdir()):  # only SummaryWriter's event files
+                if c.is_symlink() or not c.is_file() or not c.name.startswith("events.out.tfevents."):
+                    yield f"{TENSORBOARD_DIR}/{c.name}"
         elif not p.is_file() or (p.name not in RUN_FILES and temp_target(p.name) not in RUN_FILES):
             yield p.name
 
