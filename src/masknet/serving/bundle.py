@@ -76,6 +76,7 @@ def write_manifest(run: str | Path, reseal: bool = False) -> dict[str, Any]:
     for name in REQUIRED:
         if not (run / name).is_file():
             raise UserError(f"{run / name}: missing; is {run} a finished run folder?")
+    spec = read_model_spec(run / "model.json")  # first: the most precise message for a garbled one
     path = run / MANIFEST
     if path.exists() or path.is_symlink():
         if not path.is_file() or path.is_symlink():
@@ -88,7 +89,6 @@ def write_manifest(run: str | Path, reseal: bool = False) -> dict[str, Any]:
                     f"{run}: already sealed, and no longer matches its manifest ({exc}); refusing to seal it again, "
                     f"which would bless the change. If you changed it on purpose: python -m masknet.serving.bundle --reseal {run}"
                 ) from None
-    spec = read_model_spec(run / "model.json")
     try:
         files = {
             p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}

@@ -150,11 +150,18 @@ def is_run_folder(path: Path) -> bool:
     return (path / CONFIG_FILE).is_file() and any((path / name).exists() for name in RUN_FILES if name != CONFIG_FILE)
 
 
+def _surely_a_run(path: Path) -> bool:
+    """A run folder by more than two names (a project folder may hold a config.yaml and a
+    checkpoints/ of its own): config.yaml, log.jsonl, and checkpoints/ or manifest.json."""
+    return (path / CONFIG_FILE).is_file() and (path / "log.jsonl").is_file() and (
+        (path / CHECKPOINT_DIR).is_dir() or (path / "manifest.json").is_file())
+
+
 def check_new_run_folder(out: Path, overwrite: bool) -> list[Path]:
     """What a new run in `out` must delete first (an earlier run, with `overwrite`); refuses
     (UserError) a folder that holds another run without `overwrite`, or anything else, or that lies
     inside another run's folder. Reads only."""
-    inside = next((p for p in Path(os.path.abspath(out)).parents if is_run_folder(p)), None)
+    inside = next((p for p in Path(os.path.abspath(out)).parents if _surely_a_run(p)), None)
     if inside is not None:
         raise UserError(f"{out}: is inside the run folder {inside}; choose an --output outside it")
     if not out.exists():
@@ -229,7 +236,7 @@ def fingerprint(record: dict[str, Any]) -> str:
 def data_identity(cfg: RunConfig, data: prepared.CTRDataset, given: Optional[str]) -> dict[str, Any]:
     """What the run trains on (stored in every checkpoint). `cfg.data.path` is already resolved;
     `given` is the path as the user wrote it."""
-    if cfg.data.path:
+    if cfg.data.path and isinstance(data.meta.get("fields"), list) and data.meta.get("format") == prepared.FORMAT_NAME:
         return {"path": cfg.data.path, "given": given, **prepared.identity(cfg.data.path, data.meta)}
     source = data.meta.get("source") or {}
     if source.get("name") == "synthetic" and "generator" in source:
