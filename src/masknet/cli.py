@@ -133,7 +133,7 @@ def _run_train(args: argparse.Namespace) -> int:
     for assignment in args.set:
         apply_override(cfg, assignment)
     if saved_run and cfg.output is None and os.environ.get("WORLD_SIZE", "1") == "1":
-        cfg.output = str(default_output(cfg))
+        cfg.output = str(default_output(cfg, saved_run=Path(args.config).parent))
         print(
             f"masknet train: {args.config} is a saved run's config; its folder is left alone and this run goes to "
             f"{cfg.output} (--output chooses another)", file=sys.stderr,
