@@ -349,3 +349,21 @@ def test_serve_refuses_task_weights_for_a_single_task_model(tmp_path, capsys):
     out = _train(tmp_path, "one", "--set", "data.synthetic.rows=2000", "--epochs", "1")
     assert main(["serve", "--model", str(out), "--task-weights", "click=2"]) == 2
     assert "is a single-task model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tasks,why", [(None, "the task names of a multi-task model"), ([], "a non-empty list"),
+                                       (["click", "click"], "distinct"), (["click", 3], "a non-empty list")])
+def test_model_json_tasks_are_checked(tmp_path, tasks, why):
+    from masknet.training.run import read_model_spec
+
+    spec = {"model": "sermasknet", "model_config": {"name": "sermasknet", "multitask": "shared_bottom"},
+            "field_names": ["a", "b"], "cardinalities": [3, 4], "encoder": None}
+    if tasks is not None:
+        spec["tasks"] = tasks
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(spec))
+    with pytest.raises(UserError, match=f"model.json: tasks: expected .*{why}"):
+        read_model_spec(path)
+    spec["tasks"] = ["click", "purchase"]
+    path.write_text(json.dumps(spec))
+    assert read_model_spec(path)["tasks"] == ["click", "purchase"]
