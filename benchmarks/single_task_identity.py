@@ -49,7 +49,11 @@ def comparable(run: Path) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ref", default="main")
+    p.add_argument("--cells", default=",".join(CELLS), help=f"comma-separated, of: {', '.join(CELLS)}")
     args = p.parse_args()
+    unknown = set(args.cells.split(",")) - set(CELLS)
+    if unknown:
+        p.error(f"--cells: unknown {', '.join(sorted(unknown))}")
     differs = 0
     with tempfile.TemporaryDirectory(prefix="identity-") as tmp:
         tmp = Path(tmp)
@@ -57,7 +61,8 @@ def main() -> int:
         (tmp / "ref.tar").write_bytes(archive)
         with tarfile.open(tmp / "ref.tar") as tar:
             tar.extractall(tmp / "ref", filter="data")
-        for name, cell in CELLS.items():
+        for name in args.cells.split(","):
+            cell = CELLS[name]
             runs = {}
             for side, src in (("ref", tmp / "ref" / "src"), ("here", ROOT / "src")):
                 runs[side] = tmp / f"{name}-{side}"
