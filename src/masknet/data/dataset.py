@@ -6,6 +6,9 @@ Layout of a prepared dataset folder (written by `PreparedWriter`, read by `load_
     <split>.x.bin       int32  [rows, f]  per-field category index, 0 <= x[:, i] < cardinality[i]
     <split>.y.bin       uint8  [rows]     label 0/1
     <split>.p.bin       float32 [rows]    true click probability (only for synthetic data: the oracle)
+    <split>.seq.bin     int32  [rows, ΣL] multi-valued fields' padded ids (only with multi-valued fields;
+                                          meta.json's "multi_valued" gives each field's max_len columns)
+    <split>.seqw.bin    float32 [rows, ΣL] their per-value weights (only when a field is weighted)
 
 Raw little-endian arrays (not .npy) so a writer can append chunk by chunk without
 knowing the final row count; the shapes live in meta.json.
@@ -21,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 import numpy as np
 
 from ..errors import DataError
+from .batch import Batch, EncodedRows, MultiValuedField, seq_width
 
 if TYPE_CHECKING:  # torch is imported lazily: `masknet prepare` never needs it
     import torch
@@ -28,6 +32,7 @@ if TYPE_CHECKING:  # torch is imported lazily: `masknet prepare` never needs it
 SPLITS = ("train", "valid", "test")
 FORMAT_NAME = "masknet-prepared"
 FORMAT_VERSION = 1
+MULTI_VALUED_VERSION = 2  # written only with multi-valued fields (older masknets refuse such folders)
 X_DTYPE = np.dtype("<i4")
 Y_DTYPE = np.dtype("u1")
 P_DTYPE = np.dtype("<f4")
@@ -35,11 +40,19 @@ P_DTYPE = np.dtype("<f4")
 
 @dataclass
 class Split:
-    """One split: x [n, f] int32, y [n] uint8, p [n] float32 or None. Arrays may be memory-mapped."""
+    """One split: x [n, f] int32, y [n] uint8, p [n] float32 or None; with multi-valued fields
+    seq [n, ΣL] int32 (and seq_weights [n, ΣL] float32). Arrays may be memory-mapped."""
 
     x: np.ndarray
     y: np.ndarray
     p: Optional[np.ndarray] = None
+    seq: Optional[np.ndarray] = None
+    seq_weights: Optional[np.ndarray] = None
+
+    def rows(self, start: int, stop: int) -> "EncodedRows":
+        """Rows [start, stop) as EncodedRows (read from the memory map)."""
+        part = lambda a: None if a is None else np.asarray(a[start:stop])  # noqa: E731
+        return EncodedRows(np.asarray(self.x[start:stop]), part(self.seq), part(self.seq_weights))
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -51,10 +64,12 @@ class CTRDataset:
     cardinalities: list[int]
     splits: dict[str, Split]
     meta: dict[str, Any] = field(default_factory=dict)
+    multi_valued: list[MultiValuedField] = field(default_factory=list)  # after the single-valued fields
 
     @property
     def num_fields(self) -> int:
-        return len(self.field_names)
+        """Single- and multi-valued fields (each one field embedding in the model)."""
+        return len(self.field_names) + len(self.multi_valued)
 
     def has_oracle(self) -> bool:
         return all(s.p is not None for s in self.splits.values())
@@ -70,20 +85,33 @@ class PreparedWriter:
     Memory stays bounded by the chunk size, whatever the total number of rows.
     """
 
-    def __init__(self, path: str | Path, fields: list[dict[str, Any]], with_prob: bool = False):
+    def __init__(
+        self, path: str | Path, fields: list[dict[str, Any]], with_prob: bool = False, multi_valued: Optional[list[dict[str, Any]]] = None
+    ):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.fields = fields
         self.with_prob = with_prob
+        self.multi_valued = list(multi_valued or [])  # meta entries (MultiValuedField.to_dict() + kind)
+        self.seq_width = sum(int(m["max_len"]) for m in self.multi_valued)
+        self.weighted = any(m.get("weighted") for m in self.multi_valued)
         self.rows = {s: 0 for s in SPLITS}
         self.positives = {s: 0 for s in SPLITS}
         self._files = {}
+        self._seq_files = {}
         for s in SPLITS:
             self._files[s] = [open(self.path / f"{s}.x.bin", "wb"), open(self.path / f"{s}.y.bin", "wb")]
             if with_prob:
                 self._files[s].append(open(self.path / f"{s}.p.bin", "wb"))
+            if self.multi_valued:
+                self._seq_files[s] = [open(self.path / f"{s}.seq.bin", "wb")]
+                if self.weighted:
+                    self._seq_files[s].append(open(self.path / f"{s}.seqw.bin", "wb"))
 
-    def append(self, split: str, x: np.ndarray, y: np.ndarray, p: Optional[np.ndarray] = None) -> None:
+    def append(
+        self, split: str, x: np.ndarray, y: np.ndarray, p: Optional[np.ndarray] = None,
+        seq: Optional[np.ndarray] = None, seq_weights: Optional[np.ndarray] = None,
+    ) -> None:
         if x.ndim != 2 or x.shape[1] != len(self.fields) or len(y) != len(x):
             raise ValueError(f"chunk shape mismatch: x {x.shape}, y {y.shape}, fields {len(self.fields)}")
         files = self._files[split]
@@ -92,16 +120,22 @@ class PreparedWriter:
         files[1].write(np.ascontiguousarray(y, dtype=Y_DTYPE))
         if self.with_prob:
             files[2].write(np.ascontiguousarray(p, dtype=P_DTYPE))
+        if self.multi_valued:
+            if seq is None or seq.shape != (len(x), self.seq_width) or (self.weighted and seq_weights is None):
+                raise ValueError(f"chunk shape mismatch: seq {None if seq is None else seq.shape}, expected {(len(x), self.seq_width)}")
+            self._seq_files[split][0].write(np.ascontiguousarray(seq, dtype=X_DTYPE))
+            if self.weighted:
+                self._seq_files[split][1].write(np.ascontiguousarray(seq_weights, dtype=P_DTYPE))
         self.rows[split] += len(x)
         self.positives[split] += int(np.count_nonzero(y))
 
     def close(self, source: dict[str, Any] | None = None, stats: dict[str, Any] | None = None) -> Path:
-        for files in self._files.values():
+        for files in list(self._files.values()) + list(self._seq_files.values()):
             for fh in files:
                 fh.close()
         meta = {
             "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
+            "version": FORMAT_VERSION if not self.multi_valued else MULTI_VALUED_VERSION,
             "fields": self.fields,
             "splits": {
                 s: {
@@ -115,6 +149,8 @@ class PreparedWriter:
             "source": source or {},
             "stats": stats or {},
         }
+        if self.multi_valued:  # absent otherwise: meta.json reads as before multi-valued fields existed
+            meta["multi_valued"] = self.multi_valued
         (self.path / "meta.json").write_text(json.dumps(meta, indent=2))
         return self.path
 
@@ -126,9 +162,10 @@ def write_prepared(dataset: CTRDataset, path: str | Path, kinds: Optional[list[s
         {"name": n, "kind": k, "cardinality": c}
         for n, k, c in zip(dataset.field_names, kinds, dataset.cardinalities)
     ]
-    writer = PreparedWriter(path, fields, with_prob=dataset.has_oracle())
+    multi = [{"kind": "multi_valued", **m.to_dict()} for m in dataset.multi_valued]
+    writer = PreparedWriter(path, fields, with_prob=dataset.has_oracle(), multi_valued=multi)
     for name, split in dataset.splits.items():
-        writer.append(name, split.x, split.y, split.p)
+        writer.append(name, split.x, split.y, split.p, split.seq, split.seq_weights)
     return writer.close(source=dataset.meta.get("source"), stats=dataset.meta.get("stats"))
 
 
@@ -144,22 +181,28 @@ def load_prepared(path: str | Path) -> CTRDataset:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:
         raise DataError(f"{meta_path}: not valid JSON ({exc})") from None
-    if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
-        raise DataError(f"{meta_path}: not a masknet prepared dataset of version {FORMAT_VERSION}")
+    if meta.get("format") != FORMAT_NAME or meta.get("version") not in (FORMAT_VERSION, MULTI_VALUED_VERSION):
+        raise DataError(f"{meta_path}: not a masknet prepared dataset of version {FORMAT_VERSION} or {MULTI_VALUED_VERSION}")
     fields = meta["fields"]
     f = len(fields)
+    multi = [MultiValuedField.from_dict(m) for m in meta.get("multi_valued", [])]
+    width = seq_width(multi)
+    weighted = any(m.weighted for m in multi)
     splits = {}
     for s in SPLITS:
         rows = int(meta["splits"][s]["rows"])
         x = _map(path / f"{s}.x.bin", X_DTYPE, (rows, f))
         y = _map(path / f"{s}.y.bin", Y_DTYPE, (rows,))
         p = _map(path / f"{s}.p.bin", P_DTYPE, (rows,)) if meta.get("has_prob") else None
-        splits[s] = Split(x, y, p)
+        seq = _map(path / f"{s}.seq.bin", X_DTYPE, (rows, width)) if multi else None
+        seq_w = _map(path / f"{s}.seqw.bin", P_DTYPE, (rows, width)) if weighted else None
+        splits[s] = Split(x, y, p, seq, seq_w)
     return CTRDataset(
         field_names=[fd["name"] for fd in fields],
         cardinalities=[int(fd["cardinality"]) for fd in fields],
         splits=splits,
         meta=meta,
+        multi_valued=multi,
     )
 
 
@@ -187,8 +230,9 @@ def iterate_batches(
     start: int = 0,
     stop: Optional[int] = None,
     skip_batches: int = 0,
-) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
-    """Yield (x LongTensor [b, f], y FloatTensor [b]) batches by slicing rows [start, stop).
+) -> Iterator[tuple[Batch, "torch.Tensor"]]:
+    """Yield (Batch, y FloatTensor [b]) batches by slicing rows [start, stop); the Batch holds
+    x LongTensor [b, f] and, with multi-valued fields, their padded ids (data.batch).
 
     With `shuffle_seed` (e.g. (seed, epoch)) shuffling is block-wise: the order of blocks
     of `block_rows` contiguous rows is permuted, and rows are permuted within each block.
@@ -209,13 +253,13 @@ def iterate_batches(
         if skip_batches >= n_batches:
             skip_batches -= n_batches
             continue
-        xb = np.asarray(split.x[b0:b1])
+        rows = split.rows(b0, b1)
         yb = np.asarray(split.y[b0:b1])
         if shuffle_seed is not None:
             order = np.random.default_rng([*shuffle_seed, 1, int(b0)]).permutation(b1 - b0)
-            xb, yb = xb[order], yb[order]
-        x_t = torch.from_numpy(xb.astype(np.int64, copy=False))
+            rows, yb = rows[order], yb[order]
+        block = rows.to_batch()
         y_t = torch.from_numpy(yb.astype(np.float32, copy=False))
         for i in range(skip_batches * batch_size, b1 - b0, batch_size):
-            yield x_t[i : i + batch_size], y_t[i : i + batch_size]
+            yield block[i : i + batch_size], y_t[i : i + batch_size]
         skip_batches = 0

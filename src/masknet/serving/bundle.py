@@ -156,6 +156,13 @@ class Bundle:
         return [int(c) for c in self.spec["cardinalities"]]
 
     @property
+    def multi_valued(self) -> list:
+        """data.batch.MultiValuedField per multi-valued field (empty for most models)."""
+        from ..training.run import multi_valued_fields
+
+        return multi_valued_fields(self.spec)
+
+    @property
     def bundle_hash(self) -> str:
         return self.manifest["bundle_sha256"]
 
@@ -179,6 +186,7 @@ def verify_and_load(run: str | Path, threads: Optional[int] = None) -> Bundle:
     from ..config import ModelConfig, _from_dict
     from ..data.encoder import Encoder
     from ..models import build_model
+    from ..training.run import multi_valued_fields
 
     run = Path(run)
     manifest = verify_manifest(run)
@@ -187,7 +195,7 @@ def verify_and_load(run: str | Path, threads: Optional[int] = None) -> Bundle:
     spec = _read_json(run / "model.json")
     try:
         model_cfg = _from_dict(ModelConfig, spec["model_config"], prefix="model.")
-        model = build_model(model_cfg, spec["cardinalities"])
+        model = build_model(model_cfg, spec["cardinalities"], multi_valued_fields(spec))
     except KeyError as exc:
         raise UserError(f"{run / 'model.json'}: lacks {exc}") from None
     try:
@@ -203,6 +211,8 @@ def verify_and_load(run: str | Path, threads: Optional[int] = None) -> Bundle:
         names = [f.spec.name for f in encoder.fields]
         if names != list(spec["field_names"]) or encoder.cardinalities != [int(c) for c in spec["cardinalities"]]:
             raise UserError(f"{run / spec['encoder']}: its fields do not match model.json's fields and cardinalities")
+        if encoder.multi_valued_fields() != multi_valued_fields(spec):
+            raise UserError(f"{run / spec['encoder']}: its multi-valued fields do not match model.json's")
     metrics_path = run / "metrics.json"
     metrics = _read_json(metrics_path) if metrics_path.is_file() else {}
     return Bundle(run, model, encoder, spec, manifest, metrics)

@@ -2,7 +2,8 @@
 
 A run folder holds:
     config.yaml      the resolved RunConfig (re-run with `masknet train --config RUN/config.yaml`)
-    model.json       model name, model config, field names and cardinalities (rebuilds the model)
+    model.json       model name, model config, field names and cardinalities (rebuilds the model),
+                     and the multi-valued fields when the data has them
     model.safetensors the best epoch's weights (no pickle anywhere)
     dataset.json     the dataset's meta (fields, split sizes, source; the encoder for prepared data)
     metrics.json     {"valid": {auc, logloss}, "test": {auc, logloss}, "oracle_auc", "train_seconds",
@@ -26,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import ModelConfig, RunConfig, _from_dict, save_config
+from ..data.batch import MultiValuedField
 from ..data.dataset import CTRDataset, load_prepared
 from ..data.synthetic import generate
 from ..errors import UserError
@@ -93,7 +95,7 @@ def train_run(cfg: RunConfig, data: Optional[CTRDataset] = None, log: Any = prin
         save_config(cfg, out / "config.yaml")
 
     seed_everything(cfg.train.seed)
-    model = build_model(cfg.model, data.cardinalities)  # identical on every rank
+    model = build_model(cfg.model, data.cardinalities, data.multi_valued)  # identical on every rank
     rank_seeds = [cfg.train.seed + 1_000_003 * r for r in range(ctx.world_size)]
     if ctx.enabled:
         seed_everything(rank_seeds[ctx.rank])  # dropout differs per rank, repeatably
@@ -173,12 +175,19 @@ def save_model(
         "cardinalities": data.cardinalities,
         "encoder": "encoder.json" if encoder is not None and encoder.is_file() else None,
     }
+    if data.multi_valued:  # pooled fields after the single-valued ones (data.batch.MultiValuedField)
+        spec["multi_valued"] = [m.to_dict() for m in data.multi_valued]
     if spec["encoder"]:
         shutil.copyfile(encoder, out / "encoder.json")
     (out / "model.json").write_text(json.dumps(spec, indent=2))
     (out / "dataset.json").write_text(json.dumps(data.meta, indent=2, default=str))
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"))
+
+
+def multi_valued_fields(spec: dict[str, Any]) -> list[MultiValuedField]:
+    """model.json's multi-valued fields (none for a model without them)."""
+    return [MultiValuedField.from_dict(m) for m in spec.get("multi_valued", [])]
 
 
 def resume_run(run: str | Path, log: Any = print) -> RunResult:
@@ -209,7 +218,7 @@ def load_model(run: str | Path, verify: bool = True) -> CTRModel:
             raise UserError(f"{p}: missing; is {run} a finished run folder?")
     spec = json.loads(spec_path.read_text())
     model_cfg = _from_dict(ModelConfig, spec["model_config"], prefix="model.")
-    model = build_model(model_cfg, spec["cardinalities"])
+    model = build_model(model_cfg, spec["cardinalities"], multi_valued_fields(spec))
     model.load_state_dict(load_file(str(weights)))
     model.eval()
     return model
