@@ -91,33 +91,33 @@ class MultiValuedSpec:
 # Schema entries
 
 
-def _entry_lines(text: str) -> list[tuple[int, dict[str, int]]]:
-    """Per `multi_valued` entry: its line in the schema file, and the line of each of its keys."""
+def _entry_lines(text: str) -> tuple[Optional[int], list[tuple[int, dict[str, int]]]]:
+    """The line of the schema's `multi_valued` key, and per entry its line and the line of each of its keys."""
     try:
         root = yaml.compose(text)
     except yaml.YAMLError:
-        return []
+        return None, []
     if not isinstance(root, yaml.MappingNode):
-        return []
+        return None, []
     for key, value in root.value:
-        if getattr(key, "value", None) == "multi_valued" and isinstance(value, yaml.SequenceNode):
+        if getattr(key, "value", None) == "multi_valued":
             out = []
-            for item in value.value:
+            for item in value.value if isinstance(value, yaml.SequenceNode) else []:
                 keys = {}
                 if isinstance(item, yaml.MappingNode):
                     keys = {k.value: k.start_mark.line + 1 for k, _ in item.value if isinstance(k, yaml.ScalarNode)}
                 out.append((item.start_mark.line + 1, keys))
-            return out
-    return []
+            return key.start_mark.line + 1, out
+    return None, []
 
 
 def parse_schema_entries(
     entries: Any, path: str, text: str, delimiter: str, min_count: int, quoting: bool = True
 ) -> list[MultiValuedSpec]:
     """The schema's `multi_valued:` list -> specs. Errors name the schema file, its line, the entry and the field."""
-    lines = _entry_lines(text)
+    key_line, lines = _entry_lines(text)
     if not isinstance(entries, list):
-        line = f"line {lines[0][0] - 1}: " if lines else ""
+        line = f"line {key_line}: " if key_line else ""
         raise DataError(f"{path}: {line}multi_valued: expected a list of mappings like {{name: genres, separator: '|', max_len: 8}}")
     specs = []
     for i, entry in enumerate(entries):
@@ -627,3 +627,21 @@ def _merge_tokens(ids: np.ndarray, parts: list[pa.Array], chunk_rows: list[int])
     remap = np.append(_np(enc.indices).astype(np.int32), np.int32(-1))  # -1 (padding) -> the last slot
     ids[:] = remap[ids]
     return enc.dictionary
+
+
+def encode_indices(field: MultiValuedField, values: Sequence) -> np.ndarray:
+    """Already-encoded ids (models trained on the built-in data): per row a JSON list of integers in
+    [1, cardinality) or null -> int64 [n, max_len], the first max_len kept (0 = padding)."""
+    out = np.zeros((len(values), field.max_len), np.int64)
+    for i, v in enumerate(values):
+        if v is None:
+            continue
+        if not isinstance(v, list):
+            raise ListValueError(i, f"expected a list (JSON array) of integer ids, got {_kind(v)}: {v!r}")
+        for item in v:
+            if isinstance(item, bool) or not isinstance(item, int) or not 1 <= item < field.cardinality:
+                raise ListValueError(i, f"expected integer ids in [1, {field.cardinality}) (this model was trained on "
+                                        f"already-encoded data), got {item!r}")
+        kept = v[: field.max_len]
+        out[i, : len(kept)] = kept
+    return out

@@ -76,15 +76,17 @@ class _Lookup:
 class FeatureEncoder:
     """Encode JSON rows for one bundle. `columns`: the raw column names a row must give."""
 
-    def __init__(self, encoder: Any, field_names: Sequence[str], cardinalities: Sequence[int]):
+    def __init__(self, encoder: Any, field_names: Sequence[str], cardinalities: Sequence[int], multi_valued: Sequence = ()):
         self.encoder = encoder
         self.field_names = list(field_names)
         self.cardinalities = [int(c) for c in cardinalities]
+        self.multi_valued = list(multi_valued)  # data.batch.MultiValuedField (the model's)
         if encoder is None:
-            self.columns = list(self.field_names)
+            self.columns = list(self.field_names) + [m.name for m in self.multi_valued]
             self.lookups: list[Optional[_Lookup]] = []
         else:
-            self.columns = list(dict.fromkeys(fe.spec.column for fe in encoder.fields))
+            multi_columns = [c for m in encoder.multi_valued for c in m.spec.columns()]
+            self.columns = list(dict.fromkeys([fe.spec.column for fe in encoder.fields] + multi_columns))
             self.lookups = [None if fe.spec.hash_buckets else _Lookup(fe) for fe in encoder.fields]
             self.missing = pa.array(list(encoder.spec.missing_values), pa.string())
             self._init_group()
@@ -203,11 +205,16 @@ class FeatureEncoder:
 
     def describe(self) -> list[dict[str, Any]]:
         """Per field: name, raw column, kind, transform, cardinality (for /metadata)."""
+        multi = [
+            {"name": m.name, "column": e.spec.column if e else m.name, "kind": "multi_valued", "max_len": m.max_len,
+             "pooling": m.pooling, "separator": e.spec.separator if e else None, "cardinality": m.cardinality}
+            for m, e in zip(self.multi_valued, self.encoder.multi_valued if self.encoder is not None else [None] * len(self.multi_valued))
+        ]
         if self.encoder is None:
             return [
                 {"name": n, "column": n, "kind": "index", "transform": "none (already-encoded index)", "cardinality": c}
                 for n, c in zip(self.field_names, self.cardinalities)
-            ]
+            ] + multi
         return [
             {
                 "name": fe.spec.name,
@@ -218,7 +225,7 @@ class FeatureEncoder:
                 "cardinality": fe.cardinality,
             }
             for fe in self.encoder.fields
-        ]
+        ] + multi
 
     # -- gathering columns from rows --------------------------------------------------------
 
@@ -313,6 +320,32 @@ class FeatureEncoder:
             codes = fe.codes(tok.tokens).astype(np.int64) if lookup is None else lookup.codes(tok.tokens)
             x[:, j] = np.concatenate([codes, np.zeros(1, np.int64)])[ix]  # -1 (null) -> missing (0)
         return x
+
+
+    def with_multi_valued(self, x: np.ndarray, cols: dict[str, list], n: int, where: Callable[[int, str], str]) -> Any:
+        """x with the multi-valued fields' padded ids (a data.batch.EncodedRows), or x itself when the
+        model has none. A value is a JSON array, a string with the field's separator, or null (empty)."""
+        if not self.multi_valued:
+            return x
+        from ..data.batch import EncodedRows
+        from ..data.multivalued import ListValueError, encode_indices, encode_values
+
+        seqs, weights = [], []
+        for j, m in enumerate(self.multi_valued):
+            enc = self.encoder.multi_valued[j] if self.encoder is not None else None
+            column = enc.spec.column if enc is not None else m.name
+            try:
+                if enc is None:
+                    ids, w = encode_indices(m, cols[column]), None
+                else:
+                    wcol = enc.spec.weight_column
+                    ids, w = encode_values(enc, cols[column], cols[wcol] if wcol else None)
+            except ListValueError as exc:
+                raise RequestError(f"{where(exc.row, column)}: {exc}") from None
+            seqs.append(ids)
+            weights.append(w if w is not None else np.where(ids != 0, np.float32(1), np.float32(0)))
+        w = np.concatenate(weights, axis=1) if any(m.weighted for m in self.multi_valued) else None
+        return EncodedRows(x, np.concatenate(seqs, axis=1), w)
 
 
 def _first(values: Sequence, pred: Callable[[Any], bool]) -> int:

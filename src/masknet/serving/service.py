@@ -8,7 +8,8 @@
     GET  /docs, /openapi.json
 
 Features are raw values by column name, exactly as in the training data (Criteo `I1`..`C26`,
-Avazu `hour`, `site_id`, ...; strings, numbers or null for missing); the bundle's encoder does
+Avazu `hour`, `site_id`, ...; strings, numbers or null for missing; a multi-valued field takes a
+JSON array or a string with the schema's separator, e.g. ["Action", "Comedy"] or "Action|Comedy"); the bundle's encoder does
 all preprocessing (features.py), unseen categories are out-of-vocabulary. In /rank a candidate's
 features override the shared context's.
 
@@ -27,6 +28,7 @@ from typing import Any, Optional, Union
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
+from ..data.batch import EncodedRows, to_batch
 from .bundle import Bundle
 from .features import FeatureEncoder, RequestError
 
@@ -81,6 +83,7 @@ class Scorer:
     def __init__(self, bundle: Bundle, runtime: str = "torch", threads: Optional[int] = None):
         self.runtime = runtime
         self.model = bundle.model
+        self.bundle = bundle
         if runtime == "onnx":
             from .export import export_onnx_bytes, onnx_session
 
@@ -88,15 +91,18 @@ class Scorer:
         elif runtime != "torch":
             raise ValueError(f"runtime: expected torch or onnx, got {runtime!r}")
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray | EncodedRows) -> np.ndarray:
+        """Scores for encoded rows: x int64 [n, f], or EncodedRows with the multi-valued ids."""
         if len(x) == 0:
             return np.zeros(0, np.float32)
         if self.runtime == "onnx":
-            return self.session.run(["score"], {"x": x})[0]
+            from .export import feeds
+
+            return self.session.run(["score"], feeds(self.bundle, x))[0]
         import torch
 
         with torch.inference_mode():
-            return torch.sigmoid(self.model(torch.from_numpy(x))).numpy()
+            return torch.sigmoid(self.model(to_batch(x))).numpy()
 
 
 def _json(payload: Any, status: int = 200):
@@ -178,7 +184,7 @@ def create_app(
 
     from .. import __version__
 
-    features = FeatureEncoder(bundle.encoder, bundle.field_names, bundle.cardinalities)
+    features = FeatureEncoder(bundle.encoder, bundle.field_names, bundle.cardinalities, bundle.multi_valued)
     scorer = Scorer(bundle, runtime, threads)
     model_name = bundle.spec["model"]
     started = time.time()
@@ -269,7 +275,7 @@ def create_app(
             def where(i: int, col: str) -> str:
                 return f"candidates[{i}].features.{col}" if col in feats[i] else f"context.{col}"
 
-            x = features.encode(cols, n, where)
+            x = features.with_multi_valued(features.encode(cols, n, where), cols, n, where)
         except RequestError:
             count(True)
             raise
@@ -290,7 +296,7 @@ def create_app(
         try:
             features.check_keys(req.rows, lambda i: f"rows[{i}]")
             cols = features.gather(req.rows, lambda i: f"rows[{i}]")
-            x = features.encode(cols, n, lambda i, c: f"rows[{i}].{c}")
+            x = features.with_multi_valued(features.encode(cols, n, lambda i, c: f"rows[{i}].{c}"), cols, n, lambda i, c: f"rows[{i}].{c}")
         except RequestError:
             count(True)
             raise

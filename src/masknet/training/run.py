@@ -48,7 +48,7 @@ class RunResult:
 def load_data(cfg: RunConfig) -> CTRDataset:
     if cfg.data.path:
         return load_prepared(cfg.data.path)
-    return generate(cfg.data.synthetic.rows, cfg.data.synthetic.seed)
+    return generate(cfg.data.synthetic.rows, cfg.data.synthetic.seed, cfg.data.synthetic.multi_valued)
 
 
 def default_output(cfg: RunConfig) -> Path:
