@@ -225,8 +225,18 @@ def _run_prepare(args: argparse.Namespace) -> int:
     print(
         f"wrote {args.output}: "
         + ", ".join(f"{s} {rows[s]:,} rows ({rate[s]:.1%} positive)" if rows[s] else f"{s} 0 rows" for s in rows)
-        + f"; {len(stats['fields'])} fields in {stats['seconds']['total']:.1f} s"
+        + f"; {len(stats['fields'])} fields" + (f" + {len(stats['multi_valued'])} multi-valued" if stats.get("multi_valued") else "")
+        + f" in {stats['seconds']['total']:.1f} s"
     )
+    for mv in stats.get("multi_valued", []):
+        train = mv["lengths"]["train"] or {}
+        print(
+            f"  {mv['name']}: {mv['cardinality']:,} ids, lengths in train p50 {train.get('length_percentiles', {}).get('p50')} "
+            f"p99 {train.get('length_percentiles', {}).get('p99')} max {train.get('length_percentiles', {}).get('max')}; "
+            f"{train.get('truncated_rows', 0):,} train rows longer than max_len {mv['max_len']} (truncated)"
+        )
+        if mv["rows_with_several_values"] == 0:
+            print(f"  note: no row of {mv['name']!r} has more than one value: is its separator right?")
     bad = stats["bad_lines"]
     if bad["total"]:
         kinds = ", ".join(f"{k} {v:,}" for k, v in sorted(bad["by_kind"].items()))

@@ -145,10 +145,13 @@ def transform(fs: FieldSpec, values: pa.Array) -> Tokens:
 
 
 def parse_label(values: pa.Array, kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """Label 0/1 (uint8) per raw value and a bad mask. kind 01: 0/1; pm1: -1/1 (0 also negative)."""
+    """Label 0/1 (uint8) per raw value and a bad mask. kind 01: 0/1; pm1: -1/1 (0 also negative);
+    ">=T": any number, positive when >= T (a rating made a click-like label)."""
     if pa.types.is_boolean(values.type):
         return _np(values).astype(np.uint8), np.zeros(len(values), bool)
     f, bad = parse_numbers(values)
+    if kind.startswith(">="):
+        return (~bad & (f >= float(kind[2:]))).astype(np.uint8), bad
     allowed = (f == 0) | (f == 1) | ((f == -1) if kind == "pm1" else False)
     bad |= ~allowed
     return (f == 1).astype(np.uint8), bad

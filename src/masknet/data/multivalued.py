@@ -443,7 +443,7 @@ class ListValueError(ValueError):
 
 
 def _kind(v: Any) -> str:
-    return {dict: "an object", bool: "a boolean", float: "a number", int: "a number"}.get(type(v), type(v).__name__)
+    return {dict: "an object", list: "a list", bool: "a boolean", float: "a number", int: "a number"}.get(type(v), "null" if v is None else type(v).__name__)
 
 
 def _as_piece(v: Any) -> Optional[str]:
@@ -468,7 +468,7 @@ def _py_lists(values: Sequence, sep: str, what: str) -> list[list[str]]:
             for item in v:
                 p = _as_piece(item)
                 if p is None:
-                    raise ListValueError(i, f"a {what} list holds strings or numbers, got {_kind(item) if item is not None else 'null'}: {item!r}")
+                    raise ListValueError(i, f"a list of {what}s holds strings or numbers, got {_kind(item)}: {item!r}")
                 if p:
                     row.append(p)
             out.append(row)

@@ -135,7 +135,7 @@ def parse_chunk(spec: DatasetSpec, chunk: RawChunk, path: str) -> ParsedChunk:
             y = lab_vals[safe]
         flag(lab_idx < 0, spec.label, "bad_label", "the label is missing")
         if lab_bad.any():
-            want = "-1 or 1" if spec.label_kind == "pm1" else "0 or 1"
+            want = {"pm1": "-1 or 1", "01": "0 or 1"}.get(spec.label_kind, "a number")
             flag((lab_idx >= 0) & lab_bad[safe], spec.label, "bad_label", f"the label must be {want}", lab_arr.dictionary, lab_idx)
 
     fields = []

@@ -30,7 +30,7 @@ from ..errors import DataError, UserError
 
 TRANSFORMS = ("category", "log_bucket", "hour_of_day", "weekday", "weekend", "libfm")
 NUMERIC_TRANSFORMS = ("log_bucket",)
-LABEL_KINDS = ("01", "pm1")  # 0/1, or libFM's -1/1 (0 also accepted as negative)
+LABEL_KINDS = ("01", "pm1")  # 0/1, or libFM's -1/1 (0 also accepted as negative); ">=T": a number, positive if >= T
 TIME_KINDS = ("number", "iso", "avazu_hour")
 FILE_TYPES = ("csv", "libfm", "parquet", "auto")  # auto: parquet for *.parquet / *.pq, else csv
 
@@ -224,6 +224,7 @@ SCHEMA_KEYS = {
     "header": "true if the first line names the columns (default true)",
     "columns": "every column name in order (required when header: false)",
     "label": "the 0/1 label column (required)",
+    "label_threshold": "optional: the label column is a number (e.g. a rating) and a row is positive when it is >= this",
     "categorical": "list of categorical columns: a name, or {name, column, min_count, hash_buckets}",
     "numeric": "list of numeric columns (discretized floor(ln(x)^2)): a name or {name, column, min_count}",
     "multi_valued": "list of columns holding several values: {name, max_len, separator, pooling, keep, min_count, "
@@ -270,6 +271,9 @@ def load_schema_file(path: str | Path) -> DatasetSpec:
     columns = get("columns", list, None)
     if not header and not columns:
         raise DataError(f"{path}: columns: required when header is false")
+    threshold = raw.get("label_threshold")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
+        raise DataError(f"{path}: label_threshold: expected a number, got {threshold!r}")
     time_format = get("time_format", str, "number")
     if time_format not in ("number", "iso"):
         raise DataError(f"{path}: time_format: expected number or iso, got {time_format!r}")
@@ -321,6 +325,7 @@ def load_schema_file(path: str | Path) -> DatasetSpec:
         columns=[str(c) for c in columns] if columns else None,
         quoting=get("quoting", bool, True),
         label=label,
+        label_kind="01" if threshold is None else f">={threshold:g}",
         fields=fields,
         time=get("time", str, None),
         time_kind=time_format,
