@@ -237,7 +237,7 @@ def test_serving_a_model_trained_on_the_planted_list(tmp_path):
     r = client.post("/predict", json={"rows": [{**row, "T1": [3, 4, 5]}, {**row, "T1": []}]})
     assert r.status_code == 200 and r.json()["scores"][0] != r.json()["scores"][1]
     r = client.post("/predict", json={"rows": [{**row, "T1": [5000]}]})
-    assert r.status_code == 422 and "rows[0].T1: expected integer ids in [1, 1001)" in r.json()["error"]
+    assert r.status_code == 422 and "rows[0].T1: expected integer ids in [1, 201)" in r.json()["error"]
 
 
 def test_bench_quick_with_a_multi_valued_field(tmp_path, capsys):

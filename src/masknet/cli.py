@@ -458,6 +458,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vocab", default="100000,10000000", metavar="SMALL,LARGE", help="vocabulary sizes for the scaling test, or none")
     p.add_argument("--output", default="bench.json", metavar="FILE", help="JSON output (default bench.json)")
     p.add_argument("--quick", action="store_true", help="tiny models and data (CI smoke test)")
+    p.add_argument("--multi-valued", action="store_true",
+                   help="also train each model on the same rows plus one multi-valued field (T1: mean length 10, max 20) "
+                   "and print the training samples/s ratio with / without it")
     p.set_defaults(func=_run_bench)
 
 
@@ -486,8 +489,17 @@ def _run_bench(args: argparse.Namespace) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     report = run_bench(models, precisions, rows, steps, Path(args.output), quick=args.quick, threads=args.threads,
                        data=args.data, vocab=vocab, auc_rows=args.auc_rows, auc_data=args.auc_data, log=log,
-                       job_options=dict(latency_reps=args.latency_reps, predict_rows=args.predict_rows))
+                       job_options=dict(latency_reps=args.latency_reps, predict_rows=args.predict_rows),
+                       multi_valued=args.multi_valued)
     print(format_table(report["results"]))
+    mv = report.get("multi_valued")
+    if mv:
+        print(f"with the multi-valued field {mv['field']}:")
+        print(format_table(mv["results"]))
+        for key, ratio in mv["ratios"].items():
+            shown = f"{ratio:.3f}" if ratio is not None else "n/a (a job failed)"
+            print(f"multi-valued field {mv['field']} (mean length {mv['mean_length']}, max {mv['max_len']}): "
+                  f"training samples/s ratio with / without, {key}: {shown}")
     vs = report.get("vocab_scaling")
     if vs and vs["ratio_large_over_small"] is not None:
         print(f"vocabulary {vocab[0]:,} -> {vocab[1]:,} rows: training samples/s ratio {vs['ratio_large_over_small']:.3f} "
