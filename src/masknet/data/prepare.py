@@ -413,7 +413,7 @@ def _prepare(
         missing = np.zeros((3, nf), dtype=np.int64)
         oov = np.zeros((3, nf), dtype=np.int64)
         xt_flat = np.empty(nf * max(spill.window_rows, default=0), dtype=np.int32)  # reused by every window
-        for ix, tokens, y, codes, multi in spill.windows():
+        for (ix, tokens, y, codes), multi in zip(spill.windows(), spill.multi_windows()):
             xt = xt_flat[: ix.size].reshape(ix.shape)  # [f, rows]
 
             def one_field(j: int) -> None:
@@ -660,9 +660,16 @@ class _Spill:
         self._reset()
         return w
 
+    def multi_windows(self):
+        """Per window, in step with `windows()`: the multi-valued fields' MultiWindows (reused
+        buffers, valid until the next window is read); [] per window without such fields."""
+        if self.multi is None:
+            return iter(lambda: [], None)
+        return self.multi.windows(self.window_rows)
+
     def windows(self):
-        """Yield (ix, tokens, y, codes, multi) per window, in the order written. `ix` (and
-        multi's arrays) are reused buffers: valid until the next window is read."""
+        """Yield (ix, tokens, y, codes) per window, in the order written. `ix` is a reused
+        buffer: valid until the next window is read."""
         self._buf = np.empty((self.nf, 0), dtype=np.int32)  # pass 1's buffer is no longer needed
         for fh in (self._ix, self._y, self._codes):
             fh.close()
@@ -673,7 +680,6 @@ class _Spill:
         # read stays resident (130 MB of file-backed RSS by the end of 10M Criteo rows).
         readers = [pa.ipc.open_stream(pa.OSFile(str(self.folder / f"tok.{j}.arrow"))) for j in range(self.nf)] if self.window_rows else []
         flat = np.empty(self.nf * max(self.window_rows, default=0), dtype=np.int32)  # reused by every window
-        multi = self.multi.windows(self.window_rows) if self.multi is not None else None
         with open(self.folder / "ix.bin", "rb") as fix, open(self.folder / "y.bin", "rb") as fy, open(self.folder / "codes.bin", "rb") as fc:
             for rows in self.window_rows:
                 ix = flat[: rows * self.nf]
@@ -683,7 +689,7 @@ class _Spill:
                 y = np.fromfile(fy, dtype=np.uint8, count=rows)
                 codes = np.fromfile(fc, dtype=np.uint8, count=rows)
                 tokens = [r.read_next_batch().column(0) for r in readers]
-                yield ix, tokens, y, codes, (next(multi) if multi is not None else [])
+                yield ix, tokens, y, codes
 
     def close(self) -> None:
         for fh in (self._ix, self._y, self._codes):
