@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from masknet.config import ModelConfig
+from masknet.config import ModelConfig, TrainConfig
 from masknet.data import prepare as prepare_mod
 from masknet.data.batch import Batch, MultiValuedField
 from masknet.data.dataset import load_prepared
@@ -298,7 +297,7 @@ def test_pooling_math_and_empty_lists():
 def test_sparse_updates_touch_only_looked_up_rows_and_never_the_padding_row():
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="dnn", embedding_dim=4, dnn_hidden=[8]), [3], FIELDS[:1])
-    opt = Optimizer(model, __import__("masknet.config", fromlist=["TrainConfig"]).TrainConfig(lr=0.1))
+    opt = Optimizer(model, TrainConfig(lr=0.1))
     before = model.embedding.weight.detach().clone()
     batch = Batch(torch.tensor([[1], [2]]), torch.tensor([[2, 3, 0, 0], [0, 0, 0, 0]]))
     for _ in range(3):
@@ -327,6 +326,6 @@ def test_every_model_reads_the_multi_valued_fields(name):
         out = model(Batch(x, seq, w))
     assert out.shape == (2,) and torch.isfinite(out).all()
     assert abs(float(out[0] - out[1])) > 1e-6  # same single-valued ids, other lists: another score
-    out.sum()  # and the single-valued path is the same model without the seq
+    # without multi-valued fields, a Batch and the bare LongTensor are the same input
     plain = build_model(cfg, [3, 4])
     torch.testing.assert_close(plain(x), plain(Batch(x)))

@@ -15,7 +15,7 @@ import torch
 
 from masknet.cli import main
 from masknet.config import ModelConfig
-from masknet.data.batch import EncodedRows, MultiValuedField
+from masknet.data.batch import MultiValuedField
 from masknet.data.dataset import load_prepared
 from masknet.data.prepare import encode_file, random_split
 from masknet.models import REGISTRY, build_model

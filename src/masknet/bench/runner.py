@@ -382,7 +382,10 @@ def run_bench(
                     mv_results.append(_run_child(Job(model=name, precision=precision, **dict(base, data=mv_data)), log))
                     a, b = results[-1].get("train_samples_per_s"), mv_results[-1].get("train_samples_per_s")
                     ratios[f"{name}/{precision}"] = b / a if a and b else None
-                output.write_text(json.dumps({**report, "results": results, "partial": True}, indent=2, default=float))
+                partial = {**report, "results": results, "partial": True}
+                if mv_data is not None:
+                    partial["multi_valued"] = {"results": mv_results, "ratios": ratios}
+                output.write_text(json.dumps(partial, indent=2, default=float))
         report["results"] = results
         if mv_data is not None:
             report["multi_valued"] = {"field": "T1", "mean_length": 10, "max_len": 20, "results": mv_results, "ratios": ratios}
