@@ -232,14 +232,15 @@ def test_windows_and_chunks_do_not_change_the_result(tmp_path, monkeypatch):
 
 
 # Hashes of the arrays and encoders written by `prepare` and the synthetic generator before
-# multi-valued fields existed (commit fb2f53a): a dataset without them must stay byte-identical.
+# multi-valued fields existed (commit fb2f53a; syn/meta.json as of main 3f8dbd4, which added the
+# integrity keys): a dataset without multi-valued fields must stay byte-identical.
 GOLDEN = {
     "gen/test": "05a8e5c656a84970", "gen/train": "3b10cf13f127674d", "gen/valid": "635c01945b61f7b2",
     "pa/encoder.json": "8edf086c758030a0", "pa/test.x.bin": "a8c10a29bd3abb2f", "pa/test.y.bin": "a283d09c09a0263e",
     "pa/train.x.bin": "5bbbc3a5f9a83ceb", "pa/train.y.bin": "6a285a3ee6867a3c", "pa/valid.x.bin": "2ad7c29d0d75ebc9",
     "pa/valid.y.bin": "290c1b8c011a74ce", "pc/encoder.json": "57dc93aa043748f2", "pc/test.x.bin": "5f99d87d905f714b",
     "pc/test.y.bin": "4e83314f5b993b66", "pc/train.x.bin": "c5a702b847c3d1cd", "pc/train.y.bin": "a5698c37277d553e",
-    "pc/valid.x.bin": "503166d6846c5703", "pc/valid.y.bin": "8111be0b5e01fa89", "syn/meta.json": "5ae27f5a79b09757",
+    "pc/valid.x.bin": "503166d6846c5703", "pc/valid.y.bin": "8111be0b5e01fa89", "syn/meta.json": "2b49d3f57bc047dc",
     "syn/test.p.bin": "e9372a0dc1450e66", "syn/test.x.bin": "5d613d1df5b0207a", "syn/test.y.bin": "89df8ac82361aa85",
     "syn/train.p.bin": "c278279ea185b1aa", "syn/train.x.bin": "eaf1e6877f2426de", "syn/train.y.bin": "a936c1b598d38af3",
     "syn/valid.p.bin": "656b7a11b834522e", "syn/valid.x.bin": "4594117def9cf548", "syn/valid.y.bin": "211286af67af39bc",

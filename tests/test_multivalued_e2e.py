@@ -181,6 +181,17 @@ def test_rank_empty_long_and_bad_lists(clients):
         assert r.status_code == 422 and message in r.json()["error"], r.text
     r = cl["torch"].post("/rank", json={"context": {k: v for k, v in base.items()}, "candidates": [{"features": {}}]})
     assert r.status_code == 422 and "missing field 'genres'" in r.json()["error"]
+    # a list in the context is every candidate's unless it gives its own (fast and careful paths alike)
+    genres = ["Comedy", "Drama"]
+    shared = cl["torch"].post("/rank", json={"context": {**base, "genres": genres}, "candidates": [{"features": {}}, {"features": {"genres": []}}]})
+    assert shared.status_code == 200, shared.text
+    assert shared.json()["scores"] == [rank([genres]).json()["scores"][0], s[0]]
+    r = cl["torch"].post("/rank", json={"context": {**base, "genres": 7}, "candidates": []})
+    assert r.status_code == 422 and r.json()["error"].startswith("context.genres: expected a list"), r.text
+    r = cl["torch"].post("/rank", json={"context": {**base, "genres": [1.5, None]}, "candidates": [{"features": {}}]})
+    assert r.status_code == 422 and "context.genres: a list of values holds strings or numbers, got null" in r.json()["error"], r.text
+    r = rank(["x" * 2000])
+    assert r.status_code == 422 and "a value of 2,000 characters; the longest allowed is 1,024" in r.json()["error"], r.text
     meta = cl["torch"].get("/metadata").json()
     assert {"name": "genres", "kind": "multi_valued", "max_len": 4}.items() <= meta["fields"][-1].items()
     assert "genres" in meta["input"]["columns"]

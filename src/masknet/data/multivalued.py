@@ -435,11 +435,12 @@ class LengthStats:
 
 
 class ListValueError(ValueError):
-    """A request value that is not a list of values; `row` is the offending row."""
+    """A request value that is not a list of values; `row` is the offending row, `column` the
+    column when it is not the field's own (its weight column)."""
 
-    def __init__(self, row: int, message: str):
+    def __init__(self, row: int, message: str, column: Optional[str] = None):
         super().__init__(message)
-        self.row = row
+        self.row, self.column = row, column
 
 
 def _kind(v: Any) -> str:
@@ -456,12 +457,18 @@ def _as_piece(v: Any) -> Optional[str]:
     return str(v) if isinstance(v, int) else repr(v)
 
 
-def _py_lists(values: Sequence, sep: str, what: str) -> list[list[str]]:
+def _too_long(i: int, v: str, max_chars: Optional[int]) -> None:
+    if max_chars is not None and len(v) > max_chars:
+        raise ListValueError(i, f"a value of {len(v):,} characters; the longest allowed is {max_chars:,} (masknet serve --max-value-chars)")
+
+
+def _py_lists(values: Sequence, sep: str, what: str, max_chars: Optional[int] = None) -> list[list[str]]:
     out = []
     for i, v in enumerate(values):
         if v is None:
             out.append([])
         elif isinstance(v, str):
+            _too_long(i, v, max_chars)
             out.append([p for p in v.split(sep) if p])
         elif isinstance(v, list):
             row = []
@@ -469,6 +476,7 @@ def _py_lists(values: Sequence, sep: str, what: str) -> list[list[str]]:
                 p = _as_piece(item)
                 if p is None:
                     raise ListValueError(i, f"a list of {what}s holds strings or numbers, got {_kind(item)}: {item!r}")
+                _too_long(i, p, max_chars)
                 if p:
                     row.append(p)
             out.append(row)
@@ -478,12 +486,13 @@ def _py_lists(values: Sequence, sep: str, what: str) -> list[list[str]]:
 
 
 def encode_values(
-    enc: MultiValuedEncoder, values: Sequence, weight_values: Optional[Sequence] = None
+    enc: MultiValuedEncoder, values: Sequence, weight_values: Optional[Sequence] = None, max_chars: Optional[int] = None
 ) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """Request values (per row: a JSON list, a separator string or null) -> (ids int64 [n, max_len],
-    weights float32 [n, max_len] or None), exactly as `prepare` encodes the same raw values."""
+    weights float32 [n, max_len] or None), exactly as `prepare` encodes the same raw values.
+    A string (or list item) longer than `max_chars` is refused."""
     mv = enc.spec
-    rows = _py_lists(values, mv.separator, "value")
+    rows = _py_lists(values, mv.separator, "value", max_chars)
     lengths = np.fromiter((len(r) for r in rows), np.int64, len(rows))
     flat = pa.array([p for r in rows for p in r], pa.string())
     w = None
@@ -493,13 +502,16 @@ def encode_values(
             raise ListValueError(int(np.repeat(np.arange(len(rows)), lengths)[np.argmax(bad)]), message)
         w = wf
     elif mv.weight_column is not None:
-        wrows = _py_lists(weight_values if weight_values is not None else [None] * len(rows), mv.separator, "weight")
+        try:
+            wrows = _py_lists(weight_values if weight_values is not None else [None] * len(rows), mv.separator, "weight", max_chars)
+        except ListValueError as exc:
+            raise ListValueError(exc.row, str(exc), mv.weight_column) from None
         for i, (r, wr) in enumerate(zip(rows, wrows)):
             if len(wr) != len(r):
-                raise ListValueError(i, f"{mv.weight_column!r} needs one weight per value of {mv.column!r} ({len(r)}), got {len(wr)}")
+                raise ListValueError(i, f"needs one weight per value of {mv.column!r} ({len(r)}), got {len(wr)}", mv.weight_column)
         wv, bad = parse_numbers(pa.array([p for r in wrows for p in r], pa.string()))
         if bad.any():
-            raise ListValueError(int(np.repeat(np.arange(len(rows)), lengths)[np.argmax(bad)]), f"{mv.weight_column!r}: not a number")
+            raise ListValueError(int(np.repeat(np.arange(len(rows)), lengths)[np.argmax(bad)]), "not a number", mv.weight_column)
         w = wv.astype(np.float32)
     codes = enc.codes(flat).astype(np.int64) if len(flat) else np.zeros(0, np.int64)
     ids = _pad(codes, lengths, mv.max_len, mv.keep, MISSING, np.int64)[:-1]

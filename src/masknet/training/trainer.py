@@ -127,7 +127,12 @@ def seed_everything(seed: int) -> None:
 
 
 class TrainingDiverged(UserError):
-    """The loss or a gradient became NaN or infinite."""
+    """The loss or a gradient became NaN or infinite. `where`: the step and the last good
+    checkpoint; train_run replaces the generic advice by a command for its run folder."""
+
+    def __init__(self, where: str, advice: str = "lower train.lr, or set train.on_nan=skip-batch to skip such batches"):
+        super().__init__(f"{where}; {advice}")
+        self.where = where
 
 
 def _finite_step(loss: torch.Tensor, model: CTRModel) -> bool:
@@ -152,6 +157,7 @@ def fit(
     run_dir: Optional[Path] = None,
     resume_from: Optional[Path] = None,
     ctx: DistContext = DistContext(),
+    checkpoint_meta: Optional[dict[str, Any]] = None,
 ) -> FitResult:
     """Train on data.splits['train'], early-stop on validation AUC, restore the best epoch.
 
@@ -159,7 +165,8 @@ def fit(
     `cfg.checkpoint_every_steps` steps; `resume_from` (a checkpoint folder) continues a run
     exactly where it stopped: same batches, same RNG, same optimizer moments.
     In a multi-process run (`ctx`), each rank trains on its slice of every global batch
-    through DistributedDataParallel, and only rank 0 writes checkpoints.
+    through DistributedDataParallel, and only rank 0 writes checkpoints. `checkpoint_meta` is
+    stored in every checkpoint's manifest (train_run: the run's config and fingerprint).
     """
     train, valid = data.splits["train"], data.splits["valid"]
     if len(train) == 0:
@@ -199,7 +206,9 @@ def fit(
             if ctx.enabled:  # mid-epoch: the running loss over all ranks (rank 0 restores it)
                 saved = dict(st, **_summed_over_ranks(st, device))
             if writing:
-                return save_checkpoint(run_dir, model, optimizer.optimizers, best_state, saved, cfg.keep_checkpoints, rng)
+                return save_checkpoint(
+                    run_dir, model, optimizer.optimizers, best_state, saved, cfg.keep_checkpoints, rng, checkpoint_meta
+                )
         return None
 
     while not st["done"] and st["epoch"] <= cfg.epochs:
@@ -230,12 +239,10 @@ def fit(
                 st["skipped_batches"] += 1
             else:
                 last = latest_checkpoint(run_dir) if writing else None
-                where = f"the last good checkpoint is {last}; " if last else ""
+                where = f"; the last good checkpoint is {last}" if last else ""
                 raise TrainingDiverged(
                     f"non-finite loss or gradient at epoch {epoch}, step {st['step']} (global step "
-                    f"{st['global_step']}, loss {loss.item()}); {where}resume with a lower learning rate: "
-                    f"masknet train --resume {run_dir or 'RUN'} --set train.lr={cfg.lr / 10:g} "
-                    f"(or --set train.on_nan=skip-batch to skip such batches)"
+                    f"{st['global_step']}, loss {loss.item()}){where}"
                 )
             bar.update(1)
             if st["step"] % 20 == 0:
