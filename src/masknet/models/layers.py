@@ -69,15 +69,25 @@ class FieldEmbedding(nn.Embedding):
 
     def forward(self, x: torch.Tensor | Batch) -> torch.Tensor:
         batch = Batch.of(x)
-        e = F.embedding(batch.x + self.offsets, self.weight, sparse=self.sparse)  # [B, f_s, k]
+        ids = batch.x + self.offsets  # [B, f_s]
         if not self.multi_valued:
-            return e
+            return F.embedding(ids, self.weight, sparse=self.sparse)  # [B, f_s, k]
         if batch.seq is None:
             raise ValueError(f"this model has multi-valued fields ({', '.join(m.name for m in self.multi_valued)}): pass a Batch with seq")
-        return torch.cat([e, self.pool_multi_valued(batch.seq, batch.seq_weights)], dim=1)  # [B, f_s + f_m, k]
+        valid = (batch.seq != 0) | self.seq_first  # an empty list keeps its first position: id 0, the missing row
+        rows = torch.where(valid, batch.seq + self.seq_offsets, self.pad_row)  # [B, ΣL]
+        # One gather for both kinds, so one sparse gradient: two lookups of the table cost a
+        # sparse-gradient sum more, ~8% of an LR/FM step (measured, docs/multivalued.md).
+        emb = F.embedding(torch.cat([ids, rows], dim=1), self.weight, padding_idx=self.pad_row, sparse=self.sparse)
+        fs = ids.shape[1]
+        pooled = self.pool_multi_valued(emb[:, fs:], batch.seq, valid, batch.seq_weights)
+        return torch.cat([emb[:, :fs], pooled], dim=1)  # [B, f_s + f_m, k]
 
-    def pool_multi_valued(self, seq: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """One embedding per multi-valued field: seq [B, ΣL] (0 = padding) -> [B, f_m, k].
+    def pool_multi_valued(
+        self, emb: torch.Tensor, seq: torch.Tensor, valid: torch.Tensor, weights: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """One embedding per multi-valued field: the looked-up rows emb [B, ΣL, k] of seq [B, ΣL]
+        (0 = padding; `valid` marks the positions that count) -> [B, f_m, k].
 
         Pooling over the field's values j (masked: padding never counts):
             mean  Σ_j w_j e_j / n        sum  Σ_j w_j e_j        max  max_j w_j e_j (per dimension)
@@ -87,9 +97,6 @@ class FieldEmbedding(nn.Embedding):
         Padding positions look up the shared all-zero row with padding_idx, so their gradient is
         dropped from the sparse gradient and SparseAdam never touches that row.
         """
-        valid = (seq != 0) | self.seq_first  # an empty list keeps its first position: id 0, the missing row
-        rows = torch.where(valid, seq + self.seq_offsets, self.pad_row)
-        emb = F.embedding(rows, self.weight, padding_idx=self.pad_row, sparse=self.sparse)  # [B, ΣL, k]
         pooled, start = [], 0
         for m in self.multi_valued:
             sl = slice(start, start + m.max_len)
