@@ -18,7 +18,7 @@ from masknet.data.batch import Batch, MultiValuedField
 from masknet.data.dataset import load_prepared
 from masknet.data.prepare import encode_file, prepare
 from masknet.data.schema import load_schema_file
-from masknet.errors import DataError
+from masknet.errors import DataError, UserError
 from masknet.models import REGISTRY, build_model
 from masknet.models.layers import FieldEmbedding
 from masknet.training.trainer import Optimizer
@@ -123,6 +123,44 @@ def test_prepare_pads_truncates_and_counts(tmp_path):
     assert lengths["length_percentiles"]["max"] == 4 and lengths["mean_length"] == pytest.approx(7 / 4)
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
     assert meta["version"] == 2 and meta["multi_valued"][0]["max_len"] == 3
+
+
+def test_prepare_overwrite_replaces_a_multi_valued_dataset(tmp_path):
+    """--overwrite replaces only what the old meta.json says prepare wrote: its seq (and seqw)
+    files are among them, so a multi-valued dataset can be prepared again in place."""
+    weighted = SCHEMA.replace("max_len: 3}", "max_len: 3, weight_separator: ':'}")
+    rows = csv_rows([("a", "Action:0.5|Comedy:2", 1), ("b", "Drama:1", 0)])
+    ds, _ = prepared(tmp_path, weighted, rows)
+    assert (tmp_path / "out" / "train.seqw.bin").is_file()
+    ds, _ = prepared(tmp_path, SCHEMA, csv_rows([("a", "Action|Comedy", 1), ("b", "Drama", 0)]), overwrite=True)
+    assert ds.multi_valued[0].weighted is False and not (tmp_path / "out" / "train.seqw.bin").exists()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="notes.txt"):  # a file prepare did not write is still never replaced
+        prepared(tmp_path, SCHEMA, csv_rows([("a", "Action", 1)]), overwrite=True)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(multi_valued={"name": "genres"}), "multi_valued: expected a list"),
+    (lambda m: m["multi_valued"][0].update(max_len=0), r"multi_valued\[0\]\.max_len: expected an integer in 1\.\."),
+    (lambda m: m["multi_valued"][0].update(cardinality=2**40), r"multi_valued\[0\]\.cardinality: expected an integer"),
+    (lambda m: m["multi_valued"][0].update(pooling="avg"), r"multi_valued\[0\]\.pooling: expected mean or sum or max"),
+    (lambda m: m["multi_valued"][0].pop("name"), r"multi_valued\[0\]\.name: expected a non-empty string, missing"),
+])
+def test_a_garbled_multi_valued_entry_in_meta_or_model_json_is_one_line(tmp_path, edit, message):
+    from masknet.training.run import read_model_spec
+
+    prepared(tmp_path, SCHEMA, csv_rows([("a", "Action|Comedy", 1), ("b", "Drama", 0)]))
+    meta_path = tmp_path / "out" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    edit(meta)
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=f"meta.json: malformed: {message}"):
+        load_prepared(tmp_path / "out")
+    spec = {"model": "sermasknet", "model_config": {}, "field_names": ["user"], "cardinalities": [4],
+            "encoder": None, "multi_valued": meta["multi_valued"]}
+    (tmp_path / "model.json").write_text(json.dumps(spec))
+    with pytest.raises(UserError, match=f"model.json: {message}"):
+        read_model_spec(tmp_path / "model.json")
 
 
 def test_keep_last_min_count_and_oov(tmp_path):

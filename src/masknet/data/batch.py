@@ -18,6 +18,7 @@ with static shapes, and costs ΣL int32 per row (80 bytes for one field of max_l
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -45,6 +46,37 @@ class MultiValuedField:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MultiValuedField":
         return cls(str(d["name"]), int(d["cardinality"]), int(d["max_len"]), str(d.get("pooling", "mean")), bool(d.get("weighted", False)))
+
+
+MAX_ID = 2**31 - 1  # ids are int32 on disk
+
+
+def check_multi_valued(entries: Any) -> list[MultiValuedField]:
+    """A stored `multi_valued` list (meta.json, model.json) checked entry by entry: a ValueError
+    naming the entry and key ("[0].max_len: expected ...") for anything prepare and training never
+    write, so a garbled file is refused before it sizes a table or a `seq` block."""
+    if not isinstance(entries, list):
+        raise ValueError(f": expected a list, got {json.dumps(entries)[:60]}")
+    out = []
+    for i, d in enumerate(entries):
+        def bad(key: str, want: str) -> ValueError:
+            got = f"got {json.dumps(d.get(key))[:60]}" if key in d else "missing"
+            return ValueError(f"[{i}].{key}: expected {want}, {got}")
+
+        if not isinstance(d, dict):
+            raise ValueError(f"[{i}]: expected an object, got {json.dumps(d)[:60]}")
+        if not isinstance(d.get("name"), str) or not d["name"]:
+            raise bad("name", "a non-empty string")
+        for key in ("cardinality", "max_len"):
+            v = d.get(key)
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_ID:
+                raise bad(key, f"an integer in 1..{MAX_ID:,}")
+        if d.get("pooling", "mean") not in POOLINGS:
+            raise bad("pooling", " or ".join(POOLINGS))
+        if not isinstance(d.get("weighted", False), bool):
+            raise bad("weighted", "true or false")
+        out.append(MultiValuedField.from_dict(d))
+    return out
 
 
 def seq_width(fields) -> int:
