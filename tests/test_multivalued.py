@@ -139,6 +139,19 @@ def test_prepare_overwrite_replaces_a_multi_valued_dataset(tmp_path):
         prepared(tmp_path, SCHEMA, csv_rows([("a", "Action", 1)]), overwrite=True)
 
 
+def test_data_identity_covers_the_multi_valued_files(tmp_path):
+    """A run's data fingerprint (training/runfolder.py) changes when only a list column does."""
+    from masknet.data.dataset import identity
+
+    ids = []
+    for name, genres in (("a", "Action|Comedy"), ("b", "Comedy|Action")):
+        (tmp_path / name).mkdir()
+        ds, _ = prepared(tmp_path / name, SCHEMA, csv_rows([("u", genres, 1), ("v", "Drama", 0)]))
+        ids.append(identity(tmp_path / name / "out", ds.meta))
+    assert "train.seq.bin" in ids[0]["files"]
+    assert ids[0]["fingerprint"] != ids[1]["fingerprint"]
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda m: m.update(multi_valued={"name": "genres"}), "multi_valued: expected a list"),
     (lambda m: m["multi_valued"][0].update(max_len=0), r"multi_valued\[0\]\.max_len: expected an integer in 1\.\."),
