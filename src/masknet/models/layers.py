@@ -77,7 +77,7 @@ class FieldEmbedding(nn.Embedding):
         valid = (batch.seq != 0) | self.seq_first  # an empty list keeps its first position: id 0, the missing row
         rows = torch.where(valid, batch.seq + self.seq_offsets, self.pad_row)  # [B, ΣL]
         # One gather for both kinds, so one sparse gradient: two lookups of the table cost a
-        # sparse-gradient sum more, ~8% of an LR/FM step (measured, docs/multivalued.md).
+        # sparse-gradient sum more, 8-14% of an FM/LR step (measured, docs/multivalued.md).
         emb = F.embedding(torch.cat([ids, rows], dim=1), self.weight, padding_idx=self.pad_row, sparse=self.sparse)
         fs = ids.shape[1]
         pooled = self.pool_multi_valued(emb[:, fs:], batch.seq, valid, batch.seq_weights)

@@ -245,7 +245,7 @@ def _build(cfg: RunConfig, data: CTRDataset) -> CTRModel:
     except RuntimeError as exc:  # the allocator: tables larger than this machine's memory
         if "alloc" not in str(exc).lower():
             raise
-        rows = sum(data.cardinalities)
+        rows = sum(data.cardinalities) + sum(m.cardinality for m in data.multi_valued)
         raise UserError(
             f"the model does not fit in memory: {rows:,} embedding rows (the sum of the fields' cardinalities) x "
             f"model.embedding_dim={cfg.model.embedding_dim} ({str(exc).strip().splitlines()[0]})"
