@@ -156,7 +156,7 @@ def _cfg(name, kind, **over):
 @pytest.mark.parametrize("kind", ["shared_bottom", "mmoe"])
 def test_multitask_models_output_one_logit_per_task(name, kind):
     torch.manual_seed(0)
-    model = build_model(_cfg(name, kind), CARDS, ["click", "buy", "like"])
+    model = build_model(_cfg(name, kind), CARDS, tasks=["click", "buy", "like"])
     x = torch.stack([torch.randint(0, c, (11,)) for c in CARDS], dim=1)
     out = model(x)
     assert out.shape == (11, 3) and torch.isfinite(out).all()
@@ -183,12 +183,12 @@ def test_body_is_the_single_task_model_without_its_prediction_layer(name):
 
 
 def test_mmoe_gates_are_distributions():
-    model = build_model(_cfg("sermasknet", "mmoe"), CARDS, ["a", "b"])
+    model = build_model(_cfg("sermasknet", "mmoe"), CARDS, tasks=["a", "b"])
     x = torch.stack([torch.randint(0, c, (7,)) for c in CARDS], dim=1)
     g = model.gate_weights(x)
     assert g.shape == (7, 2, 3) and torch.allclose(g.sum(-1), torch.ones(7, 2)) and (g > 0).all()
     with pytest.raises(ValueError, match="no gates"):
-        build_model(_cfg("sermasknet", "shared_bottom"), CARDS, ["a"]).gate_weights(x)
+        build_model(_cfg("sermasknet", "shared_bottom"), CARDS, tasks=["a"]).gate_weights(x)
 
 
 def test_config_refuses_multitask_on_other_backbones():

@@ -1,11 +1,12 @@
-"""Model zoo: every model maps LongTensor [B, f] -> logits [B] (see base.CTRModel); a multi-task
-model (model.multitask, models/multitask.py) -> logits [B, T], one per task."""
+"""Model zoo: every model maps LongTensor [B, f] (or a data.batch.Batch) -> logits [B] (see base.CTRModel);
+a multi-task model (model.multitask, models/multitask.py) -> logits [B, T], one per task."""
 
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
 from ..config import MODEL_NAMES, ModelConfig
+from ..data.batch import MultiValuedField
 from .base import CTRModel
 from .autoint import AutoInt
 from .dcn import DCN, DCNV2
@@ -35,14 +36,16 @@ if tuple(REGISTRY) != MODEL_NAMES:
     raise RuntimeError(f"config.MODEL_NAMES {MODEL_NAMES} must list the REGISTRY's models {tuple(REGISTRY)}")
 
 
-def build_model(cfg: ModelConfig, cardinalities: Sequence[int], tasks: Optional[Sequence[str]] = None) -> CTRModel:
-    """Instantiate `cfg.name` for fields with the given cardinalities; with `cfg.multitask`, a
-    MultiTaskModel on that backbone with one output per task in `tasks`."""
+def build_model(
+    cfg: ModelConfig, cardinalities: Sequence[int], multi_valued: Sequence[MultiValuedField] = (), tasks: Optional[Sequence[str]] = None
+) -> CTRModel:
+    """Instantiate `cfg.name` for single-valued fields with the given cardinalities (and multi-valued
+    fields); with `cfg.multitask`, a MultiTaskModel on that backbone with one output per task in `tasks`."""
     if cfg.multitask != "none":
         if not tasks:
             raise ValueError("a multi-task model needs the names of its tasks")
-        return MultiTaskModel(cardinalities, cfg, tasks)
-    return REGISTRY[cfg.name](cardinalities, cfg)
+        return MultiTaskModel(cardinalities, cfg, tasks, tuple(multi_valued))
+    return REGISTRY[cfg.name](cardinalities, cfg, tuple(multi_valued))
 
 
 __all__ = [

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..data.batch import MultiValuedField
 from .base import CTRModel
 from .dcn import CrossLayerV2, cross_and_deep
 from .layers import MLP, FieldEmbedding
@@ -104,16 +105,19 @@ class Tower(nn.Sequential):
 
 
 class MultiTaskModel(CTRModel):
-    """Shared-bottom or MMoE over `cfg.name`'s body; forward(x [B, f]) -> logits [B, T].
+    """Shared-bottom or MMoE over `cfg.name`'s body; forward(x [B, f] or a data.batch.Batch) -> logits [B, T].
 
-    `tasks` names the outputs in order (the labels they are trained on)."""
+    `tasks` names the outputs in order (the labels they are trained on); `multi_valued` fields are
+    pooled into their one field embedding each, as in every single-task model."""
 
-    def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig, tasks: Sequence[str]):
-        super().__init__(cardinalities, cfg)
+    def __init__(
+        self, cardinalities: Sequence[int], cfg: ModelConfig, tasks: Sequence[str], multi_valued: Sequence[MultiValuedField] = ()
+    ):
+        super().__init__(cardinalities, cfg, multi_valued)
         if cfg.multitask not in ("shared_bottom", "mmoe"):
             raise ValueError(f"MultiTaskModel needs model.multitask shared_bottom or mmoe, got {cfg.multitask!r}")
         self.tasks = list(tasks)
-        self.embedding = FieldEmbedding(self.cardinalities, cfg.embedding_dim)
+        self.embedding = FieldEmbedding(self.cardinalities, cfg.embedding_dim, multi_valued=self.multi_valued)
         body = BODIES[cfg.name]
         n_experts = cfg.num_experts if cfg.multitask == "mmoe" else 1
         self.experts = nn.ModuleList(body(self.num_fields, cfg) for _ in range(n_experts))

@@ -3,7 +3,8 @@
 A run folder holds:
     config.yaml      the resolved RunConfig (re-run with `masknet train --config RUN/config.yaml`; a resume
                      that changes settings appends them as comments)
-    model.json       model name, model config, field names and cardinalities (rebuilds the model)
+    model.json       model name, model config, field names and cardinalities (rebuilds the model),
+                     and the multi-valued fields when the data has them
     model.safetensors the best epoch's weights (no pickle anywhere)
     dataset.json     the dataset's meta (fields, split sizes, source; the encoder for prepared data)
     metrics.json     {"valid": {auc, logloss}, "test": {auc, logloss}, "oracle_auc", "train_seconds",
@@ -37,6 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from ..config import MODEL_NAMES, ModelConfig, RunConfig, _from_dict, apply_override, load_config
+from ..data.batch import MultiValuedField, check_multi_valued
 from ..data.dataset import MAX_CARDINALITY, CTRDataset, load_prepared
 from ..data.synthetic import generate
 from ..errors import ConfigError, UserError
@@ -63,7 +65,8 @@ class RunResult:
 def load_data(cfg: RunConfig) -> CTRDataset:
     if cfg.data.path:
         return load_prepared(cfg.data.path, verify=True)  # SHA-256 of every array once per run: docs/data.md
-    return generate(cfg.data.synthetic.rows, cfg.data.synthetic.seed, multitask=cfg.data.synthetic.multitask)
+    syn = cfg.data.synthetic
+    return generate(syn.rows, syn.seed, syn.multi_valued, multitask=syn.multitask)
 
 
 def default_output(cfg: RunConfig, saved_run: Optional[Path] = None) -> Path:
@@ -257,11 +260,11 @@ def _train_locked(
 
 def _build(cfg: RunConfig, data: CTRDataset) -> CTRModel:
     try:
-        return build_model(cfg.model, data.cardinalities, data.task_names)
+        return build_model(cfg.model, data.cardinalities, data.multi_valued, tasks=data.task_names)
     except RuntimeError as exc:  # the allocator: tables larger than this machine's memory
         if "alloc" not in str(exc).lower():
             raise
-        rows = sum(data.cardinalities)
+        rows = sum(data.cardinalities) + sum(m.cardinality for m in data.multi_valued)
         raise UserError(
             f"the model does not fit in memory: {rows:,} embedding rows (the sum of the fields' cardinalities) x "
             f"model.embedding_dim={cfg.model.embedding_dim} ({str(exc).strip().splitlines()[0]})"
@@ -332,12 +335,19 @@ def save_model(
         "encoder": "encoder.json" if encoder is not None and encoder.is_file() else None,
         "tasks": data.task_names if data.splits["valid"].labels is not None else data.task_names[:1],
     }
+    if data.multi_valued:  # pooled fields after the single-valued ones (data.batch.MultiValuedField)
+        spec["multi_valued"] = [m.to_dict() for m in data.multi_valued]
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     write_atomic(out / "model.safetensors", save(state))
     if spec["encoder"]:
         write_atomic(out / "encoder.json", encoder.read_bytes())
     write_atomic(out / "model.json", json.dumps(spec, indent=2).encode())
     write_atomic(out / "dataset.json", json.dumps(data.meta, indent=2, default=str).encode())
+
+
+def multi_valued_fields(spec: dict[str, Any]) -> list[MultiValuedField]:
+    """model.json's multi-valued fields (none for a model without them)."""
+    return [MultiValuedField.from_dict(m) for m in spec.get("multi_valued", [])]
 
 
 def resume_run(run: str | Path, log: Any = print, overrides: Sequence[str] = ()) -> RunResult:
@@ -374,7 +384,7 @@ def load_model(run: str | Path, verify: bool = True) -> CTRModel:
         if not p.is_file():
             raise UserError(f"{p}: missing; is {run} a finished run folder?")
     spec = read_model_spec(spec_path)
-    model = build_model(model_config_of(spec_path, spec), spec["cardinalities"], spec.get("tasks"))
+    model = build_model(model_config_of(spec_path, spec), spec["cardinalities"], multi_valued_fields(spec), tasks=spec.get("tasks"))
     try:
         model.load_state_dict(load_file(str(weights)))
     except (SafetensorError, RuntimeError, OSError) as exc:
@@ -417,6 +427,11 @@ def read_model_spec(path: Path) -> dict[str, Any]:
     if encoder is not None and not (isinstance(encoder, str) and encoder and "/" not in encoder and "\\" not in encoder
                                     and encoder not in (".", "..")):
         raise bad("encoder", "null or a file name in the bundle")
+    if "multi_valued" in spec:
+        try:
+            check_multi_valued(spec["multi_valued"])
+        except ValueError as exc:
+            raise UserError(f"{path}: multi_valued{exc}") from None
     tasks = spec.get("tasks")
     if tasks is not None and not (isinstance(tasks, list) and tasks and all(isinstance(t, str) and t for t in tasks)
                                   and len(set(tasks)) == len(tasks)):

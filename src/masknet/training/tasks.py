@@ -43,10 +43,11 @@ def select_tasks(data: CTRDataset, tasks: list[str]) -> CTRDataset:
         probs = split.prob_matrix()
         probs = None if probs is None else probs[:, cols]
         if len(cols) == 1 and not (lab == MISSING_LABEL).any():
-            splits[s] = Split(split.x, np.ascontiguousarray(lab[:, 0]), None if probs is None else np.ascontiguousarray(probs[:, 0]))
+            first_p = None if probs is None else np.ascontiguousarray(probs[:, 0])
+            splits[s] = Split(split.x, np.ascontiguousarray(lab[:, 0]), first_p, split.seq, split.seq_weights)
         else:
             first_p = None if probs is None else probs[:, 0]
-            splits[s] = Split(split.x, lab[:, 0], first_p, lab, probs)
+            splits[s] = Split(split.x, lab[:, 0], first_p, split.seq, split.seq_weights, lab, probs)
     if all(sp.labels is None for sp in splits.values()):
         meta["labels"] = meta["labels"][:1]
     return dataclasses.replace(data, splits=splits, meta=meta)
