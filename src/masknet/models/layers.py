@@ -14,6 +14,9 @@ from torch import nn
 from ..data.batch import Batch, MultiValuedField
 
 
+LOOKUPS = ("compact", "gather")
+
+
 class FieldEmbedding(nn.Embedding):
     """One embedding table of size k per field (Eq. 4), stored as one concatenated table.
 
@@ -32,7 +35,14 @@ class FieldEmbedding(nn.Embedding):
     With `sparse = True` the backward pass yields a sparse gradient holding only the rows
     the batch looked up (the trainer sets it and pairs it with a sparse optimizer). It is
     an `nn.Embedding` so that DistributedDataParallel knows to expect sparse gradients.
+
+    `lookup` picks how multi-valued fields are looked up: "compact" (the default: only the
+    values that count, pooled by index_add; dynamic shapes) or "gather" (every padded
+    position, static shapes: what ONNX export selects, and what tracing always uses). Both
+    give the same outputs and gradients up to float rounding (tests/test_pooled_lookup.py).
     """
+
+    lookup = "compact"
 
     def __init__(
         self, cardinalities: Sequence[int], dim: int, init_std: float = 1e-4, multi_valued: Sequence[MultiValuedField] = ()
@@ -60,12 +70,17 @@ class FieldEmbedding(nn.Embedding):
         with torch.no_grad():
             self.weight[self.pad_row].zero_()
         starts = torch.tensor([0] + [m.cardinality for m in self.multi_valued[:-1]], dtype=torch.long).cumsum(0) + single_rows
-        widths = [m.max_len for m in self.multi_valued]
-        # per seq column: its field's first table row, and whether it is the field's first column
-        self.register_buffer("seq_offsets", torch.repeat_interleave(starts, torch.tensor(widths)), persistent=False)
-        first = torch.zeros(sum(widths), dtype=torch.bool)
-        first[torch.tensor([0] + widths[:-1]).cumsum(0)] = True
+        widths = torch.tensor([m.max_len for m in self.multi_valued])
+        # per seq column: its field's first table row, its field, whether it is the field's first column
+        self.register_buffer("seq_offsets", torch.repeat_interleave(starts, widths), persistent=False)
+        self.register_buffer("seq_field", torch.repeat_interleave(torch.arange(len(widths)), widths), persistent=False)
+        first = torch.zeros(int(widths.sum()), dtype=torch.bool)
+        first[torch.cat([torch.zeros(1, dtype=torch.long), widths[:-1].cumsum(0)])] = True
         self.register_buffer("seq_first", first, persistent=False)
+        self.register_buffer("seq_weighted", torch.repeat_interleave(torch.tensor([m.weighted for m in self.multi_valued]), widths), persistent=False)
+        # per field: what pooling divides by (mean: the count), and which fields take the max
+        self.register_buffer("field_mean", torch.tensor([m.pooling == "mean" for m in self.multi_valued]), persistent=False)
+        self.register_buffer("field_max", torch.tensor([m.pooling == "max" for m in self.multi_valued]), persistent=False)
 
     def forward(self, x: torch.Tensor | Batch) -> torch.Tensor:
         batch = Batch.of(x)
@@ -74,7 +89,19 @@ class FieldEmbedding(nn.Embedding):
             return F.embedding(ids, self.weight, sparse=self.sparse)  # [B, f_s, k]
         if batch.seq is None:
             raise ValueError(f"this model has multi-valued fields ({', '.join(m.name for m in self.multi_valued)}): pass a Batch with seq")
+        if any(m.weighted for m in self.multi_valued) and batch.seq_weights is None:
+            name = next(m.name for m in self.multi_valued if m.weighted)
+            raise ValueError(f"multi-valued field {name!r} is weighted: pass a Batch with seq_weights")
         valid = (batch.seq != 0) | self.seq_first  # an empty list keeps its first position: id 0, the missing row
+        if self.lookup == "gather" or torch.jit.is_tracing():
+            return self._gather_lookup(ids, batch, valid)
+        if self.lookup != "compact":
+            raise ValueError(f"lookup: expected {' or '.join(LOOKUPS)}, got {self.lookup!r}")
+        return self._compact_lookup(ids, batch, valid)
+
+    def _gather_lookup(self, ids: torch.Tensor, batch: Batch, valid: torch.Tensor) -> torch.Tensor:
+        """Static shapes (ONNX, tracing): one gather over [B, f_s + ΣL], padding included, then
+        a masked reduction per field (`pool_multi_valued`)."""
         rows = torch.where(valid, batch.seq + self.seq_offsets, self.pad_row)  # [B, ΣL]
         # One gather for both kinds, so one sparse gradient: two lookups of the table cost a
         # sparse-gradient sum more, 8-14% of an FM/LR step (measured, docs/multivalued.md).
@@ -82,6 +109,49 @@ class FieldEmbedding(nn.Embedding):
         fs = ids.shape[1]
         pooled = self.pool_multi_valued(emb[:, fs:], batch.seq, valid, batch.seq_weights)
         return torch.cat([emb[:, :fs], pooled], dim=1)  # [B, f_s + f_m, k]
+
+    def _compact_lookup(self, ids: torch.Tensor, batch: Batch, valid: torch.Tensor) -> torch.Tensor:
+        """Training and PyTorch scoring: only the positions that count are looked up.
+
+        The padded gather looks up every padding position and its sparse gradient then drops
+        them by a boolean mask (index + nonzero over [B·(f_s + ΣL), k]), and the optimizer
+        coalesces what remains: for FM and LR, whose step is almost only that, 20 padded
+        positions per row cost a third of the step. Here the valid positions are picked first
+        (one nonzero over [B, ΣL]), looked up with the single ids in one gather, and pooled by
+        index_add (scatter_reduce for max) into one bag per row and field: the same sums as
+        `pool_multi_valued`, up to float rounding (benchmarks/bench_pooled_lookup.py).
+        """
+        (b, fs), width, fm = ids.shape, batch.seq.shape[1], len(self.multi_valued)
+        pos = valid.reshape(-1).nonzero().squeeze(1)  # [N] flat positions in [B, ΣL]
+        col = pos % width
+        values = (batch.seq + self.seq_offsets).reshape(-1)[pos]
+        emb = F.embedding(torch.cat([ids.reshape(-1), values]), self.weight, sparse=self.sparse)
+        e = emb[b * fs :]  # [N, k]
+        if any(m.weighted for m in self.multi_valued):
+            w = batch.seq_weights.reshape(-1)[pos].to(e.dtype)
+            scaled = self.seq_weighted[col] & (values != self.seq_offsets[col])  # an empty list (id 0) weighs 1
+            e = e * torch.where(scaled, w, torch.ones_like(w)).unsqueeze(1)
+        bag = (pos // width) * fm + self.seq_field[col]  # row-major [B, f_m] bags
+        pooled = self._pool_bags(e, bag, b * fm)
+        return torch.cat([emb[: b * fs].view(b, fs, -1), pooled.view(b, fm, -1)], dim=1)  # [B, f_s + f_m, k]
+
+    def _pool_bags(self, e: torch.Tensor, bag: torch.Tensor, bags: int) -> torch.Tensor:
+        """Pool the looked-up values e [N, k] into their bags [bags, k] (every bag has >= 1 value)."""
+        fm = len(self.multi_valued)
+        field_of_bag = torch.arange(bags, device=e.device) % fm
+        pooled = None
+        if not bool(self.field_max.all()):
+            total = e.new_zeros(bags, e.shape[1]).index_add(0, bag, e)
+            counts = torch.bincount(bag, minlength=bags).to(e.dtype)
+            divisor = torch.where(self.field_mean[field_of_bag], counts, torch.ones_like(counts))
+            pooled = total / divisor.unsqueeze(1)
+        if bool(self.field_max.any()):
+            idx = bag.unsqueeze(1).expand(-1, e.shape[1])
+            # -inf, not zeros: amax's backward splits a tie's gradient over every element equal
+            # to the max, the start value included even with include_self=False (torch 2.13)
+            top = e.new_full((bags, e.shape[1]), float("-inf")).scatter_reduce(0, idx, e, "amax", include_self=False)
+            pooled = top if pooled is None else torch.where(self.field_max[field_of_bag].unsqueeze(1), top, pooled)
+        return pooled
 
     def pool_multi_valued(
         self, emb: torch.Tensor, seq: torch.Tensor, valid: torch.Tensor, weights: Optional[torch.Tensor] = None
