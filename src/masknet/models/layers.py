@@ -117,7 +117,8 @@ class FieldEmbedding(nn.Embedding):
         them by a boolean mask (index + nonzero over [B·(f_s + ΣL), k]), and the optimizer
         coalesces what remains: for FM and LR, whose step is almost only that, 20 padded
         positions per row cost a third of the step. Here the valid positions are picked first
-        (one nonzero over [B, ΣL]), looked up with the single ids in one gather, and pooled by
+        (one nonzero over [B, ΣL]), each distinct value looked up once together with the single
+        ids in one gather, and pooled by
         index_add (scatter_reduce for max) into one bag per row and field: the same sums as
         `pool_multi_valued`, up to float rounding (benchmarks/bench_pooled_lookup.py).
         """
@@ -125,8 +126,9 @@ class FieldEmbedding(nn.Embedding):
         pos = valid.reshape(-1).nonzero().squeeze(1)  # [N] flat positions in [B, ΣL]
         col = pos % width
         values = (batch.seq + self.seq_offsets).reshape(-1)[pos]
-        emb = F.embedding(torch.cat([ids.reshape(-1), values]), self.weight, sparse=self.sparse)
-        e = emb[b * fs :]  # [N, k]
+        distinct, occurrence = self._distinct(values)
+        emb = F.embedding(torch.cat([ids.reshape(-1), distinct]), self.weight, sparse=self.sparse)
+        e = emb[b * fs :].index_select(0, occurrence)  # [N, k]
         if any(m.weighted for m in self.multi_valued):
             w = batch.seq_weights.reshape(-1)[pos].to(e.dtype)
             scaled = self.seq_weighted[col] & (values != self.seq_offsets[col])  # an empty list (id 0) weighs 1
@@ -134,6 +136,25 @@ class FieldEmbedding(nn.Embedding):
         bag = (pos // width) * fm + self.seq_field[col]  # row-major [B, f_m] bags
         pooled = self._pool_bags(e, bag, b * fm)
         return torch.cat([emb[: b * fs].view(b, fs, -1), pooled.view(b, fm, -1)], dim=1)  # [B, f_s + f_m, k]
+
+    def _distinct(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The distinct table rows among `values` and where each value is among them
+        (values == distinct[occurrence]), sorted.
+
+        Each distinct value is then looked up once: the sparse gradient holds one row per value
+        instead of one per occurrence, and coalescing it (in SparseAdam) is the largest cost
+        of an FM/LR step. When the multi-valued tables are small beside the batch (200 tags,
+        10k values), one pass over a flag per row replaces torch.unique's sort, the
+        largest cost of this lookup's forward.
+        """
+        first_row, rows = self.seq_offsets[0], self.pad_row - int(self.seq_offsets[0])
+        if rows > 4 * values.numel():
+            return torch.unique(values, return_inverse=True)
+        local = values - first_row
+        seen = torch.zeros(rows, dtype=torch.bool, device=values.device)
+        seen[local] = True
+        slot = seen.cumsum(0) - 1  # each row's place among the distinct ones
+        return seen.nonzero().squeeze(1) + first_row, slot[local]
 
     def _pool_bags(self, e: torch.Tensor, bag: torch.Tensor, bags: int) -> torch.Tensor:
         """Pool the looked-up values e [N, k] into their bags [bags, k] (every bag has >= 1 value)."""
