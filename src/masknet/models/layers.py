@@ -71,16 +71,12 @@ class FieldEmbedding(nn.Embedding):
             self.weight[self.pad_row].zero_()
         starts = torch.tensor([0] + [m.cardinality for m in self.multi_valued[:-1]], dtype=torch.long).cumsum(0) + single_rows
         widths = torch.tensor([m.max_len for m in self.multi_valued])
-        # per seq column: its field's first table row, its field, whether it is the field's first column
+        # per seq column: its field's first table row, whether it is the field's first column
         self.register_buffer("seq_offsets", torch.repeat_interleave(starts, widths), persistent=False)
-        self.register_buffer("seq_field", torch.repeat_interleave(torch.arange(len(widths)), widths), persistent=False)
         first = torch.zeros(int(widths.sum()), dtype=torch.bool)
         first[torch.cat([torch.zeros(1, dtype=torch.long), widths[:-1].cumsum(0)])] = True
         self.register_buffer("seq_first", first, persistent=False)
         self.register_buffer("seq_weighted", torch.repeat_interleave(torch.tensor([m.weighted for m in self.multi_valued]), widths), persistent=False)
-        # per field: what pooling divides by (mean: the count), and which fields take the max
-        self.register_buffer("field_mean", torch.tensor([m.pooling == "mean" for m in self.multi_valued]), persistent=False)
-        self.register_buffer("field_max", torch.tensor([m.pooling == "max" for m in self.multi_valued]), persistent=False)
 
     def forward(self, x: torch.Tensor | Batch) -> torch.Tensor:
         batch = Batch.of(x)
@@ -118,24 +114,32 @@ class FieldEmbedding(nn.Embedding):
         coalesces what remains: for FM and LR, whose step is almost only that, 20 padded
         positions per row cost a third of the step. Here the valid positions are picked first
         (one nonzero over [B, ΣL]), each distinct value looked up once together with the single
-        ids in one gather, and pooled by
-        index_add (scatter_reduce for max) into one bag per row and field: the same sums as
-        `pool_multi_valued`, up to float rounding (benchmarks/bench_pooled_lookup.py).
+        ids in one gather, and pooled by torch.segment_reduce into one bag per row and field:
+        the same sums as `pool_multi_valued`, up to float rounding, for 0.75x the CPU time of
+        the padded gather's FM/LR lookup step (benchmarks/bench_pooled_lookup.py).
         """
         (b, fs), width, fm = ids.shape, batch.seq.shape[1], len(self.multi_valued)
-        pos = valid.reshape(-1).nonzero().squeeze(1)  # [N] flat positions in [B, ΣL]
-        col = pos % width
+        pos = valid.reshape(-1).nonzero().squeeze(1)  # [N] flat positions in [B, ΣL], row-major
         values = (batch.seq + self.seq_offsets).reshape(-1)[pos]
         distinct, occurrence = self._distinct(values)
         emb = F.embedding(torch.cat([ids.reshape(-1), distinct]), self.weight, sparse=self.sparse)
         e = emb[b * fs :].index_select(0, occurrence)  # [N, k]
         if any(m.weighted for m in self.multi_valued):
+            col = pos % width
             w = batch.seq_weights.reshape(-1)[pos].to(e.dtype)
             scaled = self.seq_weighted[col] & (values != self.seq_offsets[col])  # an empty list (id 0) weighs 1
             e = e * torch.where(scaled, w, torch.ones_like(w)).unsqueeze(1)
-        bag = (pos // width) * fm + self.seq_field[col]  # row-major [B, f_m] bags
-        pooled = self._pool_bags(e, bag, b * fm)
+        # Row-major positions put each (row, field) bag's values next to each other, in order:
+        # the bags are segments of e, of the fields' value counts.
+        lengths = torch.stack([valid[:, sl].sum(dim=1) for sl in self._field_columns()], dim=1).reshape(-1)  # [B·f_m]
+        pooled = self._pool_segments(e, lengths)
         return torch.cat([emb[: b * fs].view(b, fs, -1), pooled.view(b, fm, -1)], dim=1)  # [B, f_s + f_m, k]
+
+    def _field_columns(self) -> list[slice]:
+        starts = [0]
+        for m in self.multi_valued:
+            starts.append(starts[-1] + m.max_len)
+        return [slice(a, z) for a, z in zip(starts, starts[1:])]
 
     def _distinct(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The distinct table rows among `values` and where each value is among them
@@ -156,23 +160,31 @@ class FieldEmbedding(nn.Embedding):
         slot = seen.cumsum(0) - 1  # each row's place among the distinct ones
         return seen.nonzero().squeeze(1) + first_row, slot[local]
 
-    def _pool_bags(self, e: torch.Tensor, bag: torch.Tensor, bags: int) -> torch.Tensor:
-        """Pool the looked-up values e [N, k] into their bags [bags, k] (every bag has >= 1 value)."""
+    def _pool_segments(self, e: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Pool the looked-up values e [N, k] by segments of `lengths` (bags row-major over
+        [B, f_m], each >= 1 value) -> [B·f_m, k], each bag by its field's pooling."""
+        poolings = {m.pooling for m in self.multi_valued}
+        if poolings == {"max"}:
+            return self._segment_max(e, lengths)
+        if "max" not in poolings and len(poolings) == 1:
+            return torch.segment_reduce(e, poolings.pop(), lengths=lengths, axis=0)
         fm = len(self.multi_valued)
-        field_of_bag = torch.arange(bags, device=e.device) % fm
-        pooled = None
-        if not bool(self.field_max.all()):
-            total = e.new_zeros(bags, e.shape[1]).index_add(0, bag, e)
-            counts = torch.bincount(bag, minlength=bags).to(e.dtype)
-            divisor = torch.where(self.field_mean[field_of_bag], counts, torch.ones_like(counts))
-            pooled = total / divisor.unsqueeze(1)
-        if bool(self.field_max.any()):
-            idx = bag.unsqueeze(1).expand(-1, e.shape[1])
-            # -inf, not zeros: amax's backward splits a tie's gradient over every element equal
-            # to the max, the start value included even with include_self=False (torch 2.13)
-            top = e.new_full((bags, e.shape[1]), float("-inf")).scatter_reduce(0, idx, e, "amax", include_self=False)
-            pooled = top if pooled is None else torch.where(self.field_max[field_of_bag].unsqueeze(1), top, pooled)
+        pooled = torch.zeros(len(lengths), e.shape[1], dtype=e.dtype, device=e.device)
+        for p in sorted(poolings):
+            kind = torch.tensor([m.pooling == p for m in self.multi_valued], device=e.device).repeat(len(lengths) // fm)
+            reduced = self._segment_max(e, lengths) if p == "max" else torch.segment_reduce(e, p, lengths=lengths, axis=0)
+            pooled = torch.where(kind.unsqueeze(1), reduced, pooled)
         return pooled
+
+    @staticmethod
+    def _segment_max(e: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        # scatter_reduce, not segment_reduce: the latter's backward misroutes the gradient of
+        # tied values (a value listed twice) in torch 2.13 (tests/test_pooled_lookup.py). It
+        # starts from -inf, not zeros: amax's backward splits a tie's gradient over every
+        # element equal to the max, the start value included even with include_self=False.
+        bag = torch.repeat_interleave(torch.arange(len(lengths), device=e.device), lengths)
+        idx = bag.unsqueeze(1).expand(-1, e.shape[1])
+        return e.new_full((len(lengths), e.shape[1]), float("-inf")).scatter_reduce(0, idx, e, "amax", include_self=False)
 
     def pool_multi_valued(
         self, emb: torch.Tensor, seq: torch.Tensor, valid: torch.Tensor, weights: Optional[torch.Tensor] = None
