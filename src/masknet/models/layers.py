@@ -76,6 +76,12 @@ class FieldEmbedding(nn.Embedding):
         first = torch.zeros(int(widths.sum()), dtype=torch.bool)
         first[torch.cat([torch.zeros(1, dtype=torch.long), widths[:-1].cumsum(0)])] = True
         self.register_buffer("seq_first", first, persistent=False)
+        # the same, as Python values for the forward's branches (no tensor reads per batch)
+        self._first_multi_row = single_rows
+        self._weighted = any(m.weighted for m in self.multi_valued)
+        self._poolings = tuple(m.pooling for m in self.multi_valued)
+        ends = widths.cumsum(0).tolist()
+        self._columns = [slice(z - int(w), z) for z, w in zip(ends, widths)]  # each field's block of seq
         self.register_buffer("seq_weighted", torch.repeat_interleave(torch.tensor([m.weighted for m in self.multi_valued]), widths), persistent=False)
 
     def forward(self, x: torch.Tensor | Batch) -> torch.Tensor:
@@ -120,26 +126,23 @@ class FieldEmbedding(nn.Embedding):
         """
         (b, fs), width, fm = ids.shape, batch.seq.shape[1], len(self.multi_valued)
         pos = valid.reshape(-1).nonzero().squeeze(1)  # [N] flat positions in [B, ΣL], row-major
-        values = (batch.seq + self.seq_offsets).reshape(-1)[pos]
+        values = (batch.seq + self.seq_offsets).reshape(-1).index_select(0, pos)  # table rows
         distinct, occurrence = self._distinct(values)
         emb = F.embedding(torch.cat([ids.reshape(-1), distinct]), self.weight, sparse=self.sparse)
         e = emb[b * fs :].index_select(0, occurrence)  # [N, k]
-        if any(m.weighted for m in self.multi_valued):
+        if self._weighted:
             col = pos % width
-            w = batch.seq_weights.reshape(-1)[pos].to(e.dtype)
+            w = batch.seq_weights.reshape(-1).index_select(0, pos).to(e.dtype)
             scaled = self.seq_weighted[col] & (values != self.seq_offsets[col])  # an empty list (id 0) weighs 1
             e = e * torch.where(scaled, w, torch.ones_like(w)).unsqueeze(1)
         # Row-major positions put each (row, field) bag's values next to each other, in order:
         # the bags are segments of e, of the fields' value counts.
-        lengths = torch.stack([valid[:, sl].sum(dim=1) for sl in self._field_columns()], dim=1).reshape(-1)  # [B·f_m]
+        if fm == 1:
+            lengths = valid.sum(dim=1)
+        else:
+            lengths = torch.stack([valid[:, sl].sum(dim=1) for sl in self._columns], dim=1).reshape(-1)  # [B·f_m]
         pooled = self._pool_segments(e, lengths)
         return torch.cat([emb[: b * fs].view(b, fs, -1), pooled.view(b, fm, -1)], dim=1)  # [B, f_s + f_m, k]
-
-    def _field_columns(self) -> list[slice]:
-        starts = [0]
-        for m in self.multi_valued:
-            starts.append(starts[-1] + m.max_len)
-        return [slice(a, z) for a, z in zip(starts, starts[1:])]
 
     def _distinct(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The distinct table rows among `values` and where each value is among them
@@ -151,19 +154,18 @@ class FieldEmbedding(nn.Embedding):
         10k values), one pass over a flag per row replaces torch.unique's sort, the
         largest cost of this lookup's forward.
         """
-        first_row, rows = self.seq_offsets[0], self.pad_row - int(self.seq_offsets[0])
+        first_row, rows = self._first_multi_row, self.pad_row - self._first_multi_row
         if rows > 4 * values.numel():
             return torch.unique(values, return_inverse=True)
         local = values - first_row
-        seen = torch.zeros(rows, dtype=torch.bool, device=values.device)
-        seen[local] = True
+        seen = torch.zeros(rows, dtype=torch.bool, device=values.device).index_fill_(0, local, True)
         slot = seen.cumsum(0) - 1  # each row's place among the distinct ones
-        return seen.nonzero().squeeze(1) + first_row, slot[local]
+        return seen.nonzero().squeeze(1) + first_row, slot.index_select(0, local)
 
     def _pool_segments(self, e: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Pool the looked-up values e [N, k] by segments of `lengths` (bags row-major over
         [B, f_m], each >= 1 value) -> [B·f_m, k], each bag by its field's pooling."""
-        poolings = {m.pooling for m in self.multi_valued}
+        poolings = set(self._poolings)
         if poolings == {"max"}:
             return self._segment_max(e, lengths)
         if "max" not in poolings and len(poolings) == 1:
