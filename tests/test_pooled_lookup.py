@@ -141,3 +141,18 @@ def test_an_unknown_lookup_is_refused():
     emb.lookup = "bag"
     with pytest.raises(ValueError, match="lookup: expected compact or gather"):
         emb(random_batch(LAYOUTS["sum"]))
+
+
+def test_tables_of_one_layout_share_one_lookup_plan_per_batch():
+    """FM's first-order table and its factors derive the valid positions and distinct values
+    once per batch (Batch.memo()); a new Batch starts afresh, so no plan outlives its ids."""
+    fields = LAYOUTS["mixed"]
+    model = build_model(ModelConfig(name="fm", embedding_dim=4), CARDS, fields)
+    batch = random_batch(fields)
+    model(batch)
+    assert len(batch.memo()) == 1
+    plan = next(iter(batch.memo().values()))
+    assert len(plan[0]) == int(((batch.seq != 0) | model.embedding.seq_first).sum())  # the valid positions
+    other = random_batch(fields, seed=5)
+    assert other.memo() == {}
+    torch.testing.assert_close(model(other), model(random_batch(fields, seed=5)))  # a fresh plan, same scores

@@ -78,6 +78,7 @@ class FieldEmbedding(nn.Embedding):
         self.register_buffer("seq_first", first, persistent=False)
         # the same, as Python values for the forward's branches (no tensor reads per batch)
         self._first_multi_row = single_rows
+        self._plan_key = ("FieldEmbedding.plan", single_rows, self.multi_valued)
         self._weighted = any(m.weighted for m in self.multi_valued)
         self._poolings = tuple(m.pooling for m in self.multi_valued)
         ends = widths.cumsum(0).tolist()
@@ -94,16 +95,19 @@ class FieldEmbedding(nn.Embedding):
         if any(m.weighted for m in self.multi_valued) and batch.seq_weights is None:
             name = next(m.name for m in self.multi_valued if m.weighted)
             raise ValueError(f"multi-valued field {name!r} is weighted: pass a Batch with seq_weights")
-        valid = (batch.seq != 0) | self.seq_first  # an empty list keeps its first position: id 0, the missing row
         if self.lookup == "gather" or torch.jit.is_tracing():
-            return self._gather_lookup(ids, batch, valid)
+            return self._gather_lookup(ids, batch)
         if self.lookup != "compact":
             raise ValueError(f"lookup: expected {' or '.join(LOOKUPS)}, got {self.lookup!r}")
-        return self._compact_lookup(ids, batch, valid)
+        return self._compact_lookup(ids, batch)
 
-    def _gather_lookup(self, ids: torch.Tensor, batch: Batch, valid: torch.Tensor) -> torch.Tensor:
+    def _valid(self, seq: torch.Tensor) -> torch.Tensor:
+        return (seq != 0) | self.seq_first  # an empty list keeps its first position: id 0, the missing row
+
+    def _gather_lookup(self, ids: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Static shapes (ONNX, tracing): one gather over [B, f_s + ΣL], padding included, then
         a masked reduction per field (`pool_multi_valued`)."""
+        valid = self._valid(batch.seq)
         rows = torch.where(valid, batch.seq + self.seq_offsets, self.pad_row)  # [B, ΣL]
         # One gather for both kinds, so one sparse gradient: two lookups of the table cost a
         # sparse-gradient sum more, 8-14% of an FM/LR step (measured, docs/multivalued.md).
@@ -112,7 +116,7 @@ class FieldEmbedding(nn.Embedding):
         pooled = self.pool_multi_valued(emb[:, fs:], batch.seq, valid, batch.seq_weights)
         return torch.cat([emb[:, :fs], pooled], dim=1)  # [B, f_s + f_m, k]
 
-    def _compact_lookup(self, ids: torch.Tensor, batch: Batch, valid: torch.Tensor) -> torch.Tensor:
+    def _compact_lookup(self, ids: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Training and PyTorch scoring: only the positions that count are looked up.
 
         The padded gather looks up every padding position and its sparse gradient then drops
@@ -124,25 +128,42 @@ class FieldEmbedding(nn.Embedding):
         the same sums as `pool_multi_valued`, up to float rounding, for 0.75x the CPU time of
         the padded gather's FM/LR lookup step (benchmarks/bench_pooled_lookup.py).
         """
-        (b, fs), width, fm = ids.shape, batch.seq.shape[1], len(self.multi_valued)
-        pos = valid.reshape(-1).nonzero().squeeze(1)  # [N] flat positions in [B, ΣL], row-major
-        values = (batch.seq + self.seq_offsets).reshape(-1).index_select(0, pos)  # table rows
-        distinct, occurrence = self._distinct(values)
+        (b, fs), fm = ids.shape, len(self.multi_valued)
+        pos, values, distinct, occurrence, scale, lengths = self._plan(batch)
         emb = F.embedding(torch.cat([ids.reshape(-1), distinct]), self.weight, sparse=self.sparse)
         e = emb[b * fs :].index_select(0, occurrence)  # [N, k]
-        if self._weighted:
-            col = pos % width
-            w = batch.seq_weights.reshape(-1).index_select(0, pos).to(e.dtype)
-            scaled = self.seq_weighted[col] & (values != self.seq_offsets[col])  # an empty list (id 0) weighs 1
-            e = e * torch.where(scaled, w, torch.ones_like(w)).unsqueeze(1)
-        # Row-major positions put each (row, field) bag's values next to each other, in order:
-        # the bags are segments of e, of the fields' value counts.
-        if fm == 1:
-            lengths = valid.sum(dim=1)
-        else:
-            lengths = torch.stack([valid[:, sl].sum(dim=1) for sl in self._columns], dim=1).reshape(-1)  # [B·f_m]
+        if scale is not None:
+            e = e * scale.to(e.dtype).unsqueeze(1)
         pooled = self._pool_segments(e, lengths)
         return torch.cat([emb[: b * fs].view(b, fs, -1), pooled.view(b, fm, -1)], dim=1)  # [B, f_s + f_m, k]
+
+    def _plan(self, batch: Batch) -> tuple:
+        """What the compact lookup derives from the ids alone, once per batch and layout (FM's
+        first-order table and its factors share it, through `batch.memo()`):
+        the valid positions [N] (row-major in [B, ΣL]), their table rows, the distinct rows and
+        each value's place among them, the per-value weights (None when no field is weighted)
+        and each (row, field) bag's number of values [B·f_m]."""
+        key, memo = self._plan_key, batch.memo()
+        if key in memo:
+            return memo[key]
+        width, valid = batch.seq.shape[1], self._valid(batch.seq)
+        pos = valid.reshape(-1).nonzero().squeeze(1)
+        values = (batch.seq + self.seq_offsets).reshape(-1).index_select(0, pos)  # table rows
+        distinct, occurrence = self._distinct(values)
+        scale = None
+        if self._weighted:
+            col = pos % width
+            w = batch.seq_weights.reshape(-1).index_select(0, pos)
+            weighs = self.seq_weighted[col] & (values != self.seq_offsets[col])  # an empty list (id 0) weighs 1
+            scale = torch.where(weighs, w, torch.ones_like(w))
+        # Row-major positions put each (row, field) bag's values next to each other, in order:
+        # the bags are segments of the values, of the fields' value counts.
+        if len(self.multi_valued) == 1:
+            lengths = valid.sum(dim=1)
+        else:
+            lengths = torch.stack([valid[:, sl].sum(dim=1) for sl in self._columns], dim=1).reshape(-1)
+        memo[key] = plan = (pos, values, distinct, occurrence, scale, lengths)
+        return plan
 
     def _distinct(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The distinct table rows among `values` and where each value is among them
