@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40, help="timed steps per variant (after 5 warm-up steps)")
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--lookups", default="compact", help="FieldEmbedding lookups to time with T1, comma-separated: compact,gather")
+    ap.add_argument("--lookups", default="auto", help="FieldEmbedding lookups to time with T1, comma-separated: auto (compact when training), compact, gather")
     ap.add_argument("--json")
     args = ap.parse_args()
 

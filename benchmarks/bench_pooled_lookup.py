@@ -10,8 +10,8 @@ each step timed in CPU time and interleaved with the others (load drift hits all
     bag       F.embedding_bag on the same table over the same padded ids (bags of 1 for the
               single fields, one bag of 20 per row for T1; padding_idx keeps padding out of the
               mean), sparse gradients
-    compact   FieldEmbedding.lookup = "compact" (the default): only the valid positions, each
-              distinct value once, pooled by index_add
+    compact   FieldEmbedding.lookup = "compact" (what training uses): only the valid positions, each
+              distinct value once, pooled by segment_reduce
 
 Tables as in the models: `--dims 1` is LR's (k = 1), `--dims 1,10` FM's (its first-order table
 and its factors), `--dims 10` SerMaskNet's (its step is dominated by the mask blocks, see

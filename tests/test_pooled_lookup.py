@@ -139,7 +139,7 @@ def test_training_steps_match_with_sparse_adam(name):
 def test_an_unknown_lookup_is_refused():
     emb, _ = both_lookups(LAYOUTS["sum"])
     emb.lookup = "bag"
-    with pytest.raises(ValueError, match="lookup: expected compact or gather"):
+    with pytest.raises(ValueError, match="lookup: expected auto or compact or gather"):
         emb(random_batch(LAYOUTS["sum"]))
 
 
@@ -156,3 +156,18 @@ def test_tables_of_one_layout_share_one_lookup_plan_per_batch():
     other = random_batch(fields, seed=5)
     assert other.memo() == {}
     torch.testing.assert_close(model(other), model(random_batch(fields, seed=5)))  # a fresh plan, same scores
+
+
+def test_auto_is_compact_in_training_and_gather_when_scoring(monkeypatch):
+    fields = LAYOUTS["mixed"]
+    emb = FieldEmbedding(CARDS, 4, multi_valued=fields)
+    assert emb.lookup == "auto"
+    called = []
+    for name in ("_compact_lookup", "_gather_lookup"):
+        real = getattr(emb, name)
+        monkeypatch.setattr(emb, name, lambda ids, batch, real=real, name=name: called.append(name) or real(ids, batch))
+    batch = random_batch(fields)
+    emb(batch)
+    with torch.no_grad():
+        emb(batch)
+    assert called == ["_compact_lookup", "_gather_lookup"]

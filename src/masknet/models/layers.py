@@ -14,7 +14,7 @@ from torch import nn
 from ..data.batch import Batch, MultiValuedField
 
 
-LOOKUPS = ("compact", "gather")
+LOOKUPS = ("auto", "compact", "gather")
 
 
 class FieldEmbedding(nn.Embedding):
@@ -36,13 +36,16 @@ class FieldEmbedding(nn.Embedding):
     the batch looked up (the trainer sets it and pairs it with a sparse optimizer). It is
     an `nn.Embedding` so that DistributedDataParallel knows to expect sparse gradients.
 
-    `lookup` picks how multi-valued fields are looked up: "compact" (the default: only the
-    values that count, pooled by index_add; dynamic shapes) or "gather" (every padded
-    position, static shapes: what ONNX export selects, and what tracing always uses). Both
-    give the same outputs and gradients up to float rounding (tests/test_pooled_lookup.py).
+    `lookup` picks how multi-valued fields are looked up: "compact" (only the values that
+    count, each distinct one once, pooled by segment; dynamic shapes: the cheaper one to
+    train), "gather" (every padded position, static shapes: what ONNX export selects and
+    tracing always uses; at no-grad scoring of up to a few hundred rows the faster one), or
+    "auto" (the default): compact while autograd records, gather otherwise, so training gets
+    the cheap sparse gradient and PyTorch scoring computes exactly what the ONNX graph does.
+    Both give the same outputs and gradients up to float rounding (tests/test_pooled_lookup.py).
     """
 
-    lookup = "compact"
+    lookup = "auto"
 
     def __init__(
         self, cardinalities: Sequence[int], dim: int, init_std: float = 1e-4, multi_valued: Sequence[MultiValuedField] = ()
@@ -95,11 +98,12 @@ class FieldEmbedding(nn.Embedding):
         if any(m.weighted for m in self.multi_valued) and batch.seq_weights is None:
             name = next(m.name for m in self.multi_valued if m.weighted)
             raise ValueError(f"multi-valued field {name!r} is weighted: pass a Batch with seq_weights")
-        if self.lookup == "gather" or torch.jit.is_tracing():
-            return self._gather_lookup(ids, batch)
-        if self.lookup != "compact":
+        if self.lookup not in LOOKUPS:
             raise ValueError(f"lookup: expected {' or '.join(LOOKUPS)}, got {self.lookup!r}")
-        return self._compact_lookup(ids, batch)
+        compact = self.lookup == "compact" or (self.lookup == "auto" and torch.is_grad_enabled())
+        if compact and not torch.jit.is_tracing():
+            return self._compact_lookup(ids, batch)
+        return self._gather_lookup(ids, batch)
 
     def _valid(self, seq: torch.Tensor) -> torch.Tensor:
         return (seq != 0) | self.seq_first  # an empty list keeps its first position: id 0, the missing row
