@@ -59,8 +59,12 @@ class Tokens:
     kind: str = "bad_value"
 
 
-def _np(arr: pa.Array) -> np.ndarray:
+def to_numpy(arr: pa.Array) -> np.ndarray:
+    """An Arrow array as NumPy (copied only where Arrow's layout needs it: nulls, strings, booleans)."""
     return arr.to_numpy(zero_copy_only=False)
+
+
+_np = to_numpy  # this module's short name for it
 
 
 def _as_string(values: pa.Array) -> pa.Array:
@@ -181,7 +185,8 @@ def parse_time(values: pa.Array, kind: str) -> tuple[np.ndarray, np.ndarray]:
 # Hashing
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function on each uint64 (a bijection that mixes every bit)."""
     with np.errstate(over="ignore"):
         z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)

@@ -123,7 +123,7 @@ def open_stream(path: str | Path) -> pa.NativeFile:
     return pa.input_stream(str(path), compression="gzip" if _is_gzip(path) else None)
 
 
-def _first_line(path: Path) -> bytes:
+def first_line(path: Path) -> bytes:
     """Line 1 without its newline, read in blocks (linear time: no growing buffer) and no longer
     than the longest line masknet reads (MAX_BLOCK_BYTES, as for data lines); a longer one is a
     DataError naming line 1, found after reading just past the cap."""
@@ -180,7 +180,7 @@ def file_columns(spec: DatasetSpec, path: str | Path) -> list[str]:
     check_not_empty(path)
     if not spec.header:
         return list(spec.columns or [])
-    line = _first_line(path).rstrip(b"\r")
+    line = first_line(path).rstrip(b"\r")
     try:
         text = line.decode("utf-8-sig")
     except UnicodeDecodeError:
