@@ -53,7 +53,7 @@ class MaskBlock(nn.Module):
                           normalized per field (LN_EMB) before the mask multiplies it.
     on_embedding=False -> MaskBlock on MaskBlock (Eq. 13-14): the input is the previous block's output.
 
-    forward(v_emb [B, m], v_in [B, z]) -> (V_output [B, output_dim], V_mask [B, z] or None)
+    forward(v_emb [B, m], v_in [B, n]) -> (V_output [B, output_dim], V_mask [B, n] or None)
     """
 
     def __init__(
@@ -85,7 +85,7 @@ class MaskBlock(nn.Module):
     def forward(self, v_emb: torch.Tensor, v_in: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         if self.emb_norm is not None:
             v_in = self.emb_norm(v_in.view(-1, self.num_fields, self.embedding_dim)).flatten(1)  # [B, m]
-        v_mask = self.mask(v_emb) if self.mask is not None else None  # [B, z], from the RAW V_emb
+        v_mask = self.mask(v_emb) if self.mask is not None else None  # [B, n], from the RAW V_emb
         h = v_in * v_mask if v_mask is not None else v_in  # Eq. 6 / 11 / 13
         if self.hidden is not None:
             h = self.hidden(h)  # [B, q]
