@@ -60,7 +60,7 @@ class Tokens:
 
 
 def to_numpy(arr: pa.Array) -> np.ndarray:
-    """An Arrow array as NumPy (copied only where Arrow's layout needs it: nulls, strings, booleans)."""
+    """An Arrow array as NumPy: zero-copy where Arrow's layout allows, else a copy (nulls, booleans, strings)."""
     return arr.to_numpy(zero_copy_only=False)
 
 
