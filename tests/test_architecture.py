@@ -74,7 +74,7 @@ def _is_private(name: str) -> bool:
 
 def imports_of(importer: str, path: Path, modules: dict[str, Path], src: Path = SRC) -> tuple[list[Import], list[str]]:
     """The masknet imports of one module, and its reads of a private attribute of an imported
-    masknet module (`readers._first_line` after `from ..data import readers`)."""
+    masknet module (`readers._helper()` after `from ..data import readers`)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     is_package = path.name == "__init__.py"
     rel = path.relative_to(src).as_posix()

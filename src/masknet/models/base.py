@@ -8,19 +8,24 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..data.batch import MultiValuedField
 from .layers import FieldEmbedding, FieldLayerNorm
 
 
 class CTRModel(nn.Module):
     """A CTR model: per-field category indices in, one logit per row out.
 
-    forward(x: LongTensor [B, f]) -> logits [B]   (sigmoid lives in the loss and in `predict_proba`)
+    forward(x: LongTensor [B, f] or data.batch.Batch) -> logits [B]   (sigmoid lives in the loss and in `predict_proba`)
+
+    `cardinalities` are the single-valued fields'; `multi_valued` (data.batch.MultiValuedField) the
+    multi-valued ones, each pooled to one field embedding by FieldEmbedding: `num_fields` counts both.
     """
 
-    def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig):
+    def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig, multi_valued: Sequence[MultiValuedField] = ()):
         super().__init__()
         self.cardinalities = [int(c) for c in cardinalities]
-        self.num_fields = len(self.cardinalities)
+        self.multi_valued = tuple(multi_valued)
+        self.num_fields = len(self.cardinalities) + len(self.multi_valued)
         self.cfg = cfg
 
     def embeddings(self) -> list[FieldEmbedding]:

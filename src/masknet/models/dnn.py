@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..data.batch import MultiValuedField
 from .base import CTRModel
 from .layers import MLP, FieldEmbedding
 
@@ -37,9 +38,9 @@ class DNNTower(nn.Module):
 class DNN(CTRModel):
     """Embeddings -> MLP -> logit. No explicit interaction term: the MLP must learn them all."""
 
-    def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig):
-        super().__init__(cardinalities, cfg)
-        self.embedding = FieldEmbedding(self.cardinalities, cfg.embedding_dim)
+    def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig, multi_valued: Sequence[MultiValuedField] = ()):
+        super().__init__(cardinalities, cfg, multi_valued)
+        self.embedding = FieldEmbedding(self.cardinalities, cfg.embedding_dim, multi_valued=self.multi_valued)
         self.tower = DNNTower(self.num_fields * cfg.embedding_dim, cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..config import TrainConfig
+from ..data.batch import Batch
 from ..data.dataset import CTRDataset, Split, iterate_batches
 from ..errors import UserError
 from ..models.base import CTRModel
@@ -29,13 +30,14 @@ from .metrics import auc, logloss
 
 
 def loss_fn(
-    model: CTRModel, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, forward: Optional[torch.nn.Module] = None
+    model: CTRModel, x: Batch | torch.Tensor, y: torch.Tensor, cfg: TrainConfig, forward: Optional[torch.nn.Module] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Objective (Eq. 18-19): mean log loss + L2. Returns (total, log loss alone).
 
     The L2 term has two coefficients: `l2_embedding` on the embedding rows this batch
     looks up (Σ over fields of ||e_i||², averaged over the batch: only touched rows, as
-    sparse CTR training does), and `l2_dense` on every dense weight matrix.
+    sparse CTR training does; a multi-valued field's e_i is its pooled embedding), and
+    `l2_dense` on every dense weight matrix.
     `forward` is the module to call (the DistributedDataParallel wrapper in multi-process runs).
     """
     logits = (forward if forward is not None else model)(x)
@@ -43,7 +45,7 @@ def loss_fn(
     total = bce
     if cfg.l2_embedding > 0:
         emb_sq = sum(table(x).pow(2).sum() for table in model.embeddings())
-        total = total + cfg.l2_embedding * emb_sq / x.shape[0]
+        total = total + cfg.l2_embedding * emb_sq / len(x)
     if cfg.l2_dense > 0:
         total = total + cfg.l2_dense * sum(w.pow(2).sum() for w in model.dense_weights())
     return total, bce
