@@ -95,7 +95,7 @@ def run_job(job: Job) -> dict[str, Any]:
     from ..data.dataset import iterate_batches, load_prepared
     from ..models import build_model
     from ..training.metrics import auc
-    from ..training.trainer import Optimizer, _finite_step, loss_fn, seed_everything
+    from ..training.trainer import Optimizer, finite_step, loss_fn, seed_everything
     from .flops import counted_flops_per_sample, random_batch
     from .matmul import gemm_rate, record_matmuls
 
@@ -160,7 +160,7 @@ def run_job(job: Job) -> dict[str, Any]:
             loss, _ = loss_fn(model, x, y, tcfg)
         optimizer.zero_grad()
         loss.backward()
-        if _finite_step(loss, model):
+        if finite_step(loss, model):
             optimizer.step()
         t2 = time.perf_counter()
         if i >= warmup:

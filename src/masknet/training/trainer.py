@@ -135,7 +135,8 @@ class TrainingDiverged(UserError):
         self.where = where
 
 
-def _finite_step(loss: torch.Tensor, model: CTRModel) -> bool:
+def finite_step(loss: torch.Tensor, model: CTRModel) -> bool:
+    """Whether the loss and every dense gradient are finite (an update with them is safe)."""
     if not torch.isfinite(loss):
         return False
     grads = [p.grad for p in model.dense_weights() if p.grad is not None]
@@ -231,7 +232,7 @@ def fit(
             loss.backward()
             st["step"] += 1
             st["global_step"] += 1
-            if _finite_step(loss, model):
+            if finite_step(loss, model):
                 optimizer.step()
                 st["epoch_loss_sum"] += bce.item() * len(y)
                 st["epoch_seen"] += len(y)
