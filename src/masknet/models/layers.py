@@ -121,7 +121,7 @@ class FieldEmbedding(nn.Embedding):
         return torch.cat([emb[:, :fs], pooled], dim=1)  # [B, f_s + f_m, k]
 
     def _compact_lookup(self, ids: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """Training and PyTorch scoring: only the positions that count are looked up.
+        """Training: only the positions that count are looked up.
 
         The padded gather looks up every padding position and its sparse gradient then drops
         them by a boolean mask (index + nonzero over [B·(f_s + ΣL), k]), and the optimizer
@@ -129,8 +129,9 @@ class FieldEmbedding(nn.Embedding):
         positions per row cost a third of the step. Here the valid positions are picked first
         (one nonzero over [B, ΣL]), each distinct value looked up once together with the single
         ids in one gather, and pooled by torch.segment_reduce into one bag per row and field:
-        the same sums as `pool_multi_valued`, up to float rounding, for 0.75x the CPU time of
-        the padded gather's FM/LR lookup step (benchmarks/bench_pooled_lookup.py).
+        the same sums as `pool_multi_valued`, up to float rounding, in 0.71-0.77x the CPU time
+        of the padded gather's lookup, backward and SparseAdam step for LR's and FM's tables
+        (benchmarks/bench_pooled_lookup.py, docs/multivalued.md).
         """
         (b, fs), fm = ids.shape, len(self.multi_valued)
         pos, values, distinct, occurrence, scale, lengths = self._plan(batch)
