@@ -64,7 +64,7 @@ DRIVER = textwrap.dedent(
 def comparable(run: Path) -> dict:
     metrics = json.loads((run / "metrics.json").read_text())
     history = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    drop = ("epoch_seconds", "samples_per_second")
+    drop = ("seconds", "samples_per_second")  # timings
     return {
         "valid": metrics["valid"],
         "test": metrics["test"],

@@ -82,25 +82,36 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation and evaluation."""
+    """Optimisation and evaluation (docs/model.md, "Training defaults", says what chose each value)."""
 
-    epochs: int = 10
+    epochs: int = 10  # at most this many passes over the train split (raised to reach min_steps)
     batch_size: int = 1024  # paper: 1024
     lr: float = 1e-3  # paper's summary: 1e-3; the paper's own text says 1e-4 (see docs/model.md)
+    lr_warmup_steps: int = 0  # the learning rate rises linearly from lr/warmup to lr over these first steps
+    # after each evaluation without a better validation AUC the learning rate is multiplied by this
+    # (1 = constant; FuxiCTR's "reduce on plateau" uses 0.1)
+    lr_plateau_factor: float = 1.0
     l2_embedding: float = 0.0  # OPEN (paper: "lambda"): on the embedding rows a batch looks up
     l2_dense: float = 0.0  # OPEN: on every dense weight matrix (mask, FFN, prediction layer)
     sparse_embeddings: bool = True  # update only the embedding rows a batch touched ("lazy" Adam, see docs)
-    # stop after this many epochs without a better validation AUC. OPEN (the paper does not say).
-    # 1: CTR models with large embedding tables overfit right after their best epoch, usually
-    # epoch 1-2 (the "one-epoch phenomenon"; docs/model.md), so waiting longer rarely pays.
+    # Validation schedule: evals_per_epoch evaluations spread over each epoch, but never two within
+    # eval_min_steps optimizer steps (small data: an epoch can be a handful of steps), and one at the
+    # last step. evals_per_epoch = 1, eval_min_steps = 1: once at every epoch end (the paper's protocol).
+    evals_per_epoch: int = 1
+    eval_min_steps: int = 1
+    # stop after this many evaluations in a row without a better validation AUC (the best is restored).
+    # OPEN (the paper does not say).
     patience: int = 1
+    min_steps: int = 0  # a training budget of at least this many steps: epochs are added to reach it,
+    # and early stopping does not end a run before it
+    max_steps: int = 0  # stop after this many steps (0 = no cap; `masknet tune` caps every trial)
     seed: int = 2021
     eval_batch_size: int = 8192
     threads: int = 0  # torch intra-op threads; 0 = PyTorch's default (all cores)
     shuffle_block_rows: int = 1 << 18  # rows read (and shuffled) together from a memory-mapped split
     progress: bool = True  # tqdm progress bar on stderr
-    checkpoints: bool = True  # checkpoint at every epoch end (RUN/checkpoints), for --resume
-    checkpoint_every_steps: int = 0  # also every N steps; 0 = epoch ends only
+    checkpoints: bool = True  # checkpoint after every evaluation (RUN/checkpoints), for --resume
+    checkpoint_every_steps: int = 0  # also every N steps; 0 = at evaluations only
     keep_checkpoints: int = 2  # how many recent checkpoints to keep
     precision: str = "fp32"  # "bf16": autocast the forward to bfloat16 (weights, optimizer, loss stay fp32)
     on_nan: str = "stop"  # non-finite loss/gradient: "stop" (keep the last good checkpoint) or "skip-batch"
@@ -113,12 +124,17 @@ class TrainConfig:
         _positive("train.shuffle_block_rows", self.shuffle_block_rows)
         if not self.lr > 0:
             raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
+        if not 0.0 < self.lr_plateau_factor <= 1.0:
+            raise ConfigError(f"train.lr_plateau_factor: must be in (0, 1], got {self.lr_plateau_factor}")
         for key in ("l2_embedding", "l2_dense"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}: must be >= 0, got {getattr(self, key)}")
         _positive("train.patience", self.patience)
-        if self.checkpoint_every_steps < 0:
-            raise ConfigError(f"train.checkpoint_every_steps: must be >= 0, got {self.checkpoint_every_steps}")
+        _positive("train.evals_per_epoch", self.evals_per_epoch)
+        _positive("train.eval_min_steps", self.eval_min_steps)
+        for key in ("lr_warmup_steps", "min_steps", "max_steps", "checkpoint_every_steps"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key}: must be >= 0, got {getattr(self, key)}")
         _positive("train.keep_checkpoints", self.keep_checkpoints)
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"train.precision: must be 'fp32' or 'bf16', got {self.precision!r}")

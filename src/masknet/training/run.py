@@ -114,7 +114,7 @@ def train_run(cfg: RunConfig, data: Optional[CTRDataset] = None, log: Any = prin
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
             log(
-                f"epoch {record['epoch']}: train logloss {record['train_logloss']:.4f}  "
+                f"epoch {record['epoch']} step {record['step']}: train logloss {record['train_logloss']:.4f}  "
                 f"valid AUC {record['valid_auc']:.4f}  logloss {record['valid_logloss']:.4f}  "
                 f"({record['samples_per_second']:,.0f} samples/s)"
             )
@@ -127,6 +127,7 @@ def train_run(cfg: RunConfig, data: Optional[CTRDataset] = None, log: Any = prin
         "valid": result.best_valid,
         "test": test,
         "best_epoch": result.best_epoch,
+        "best_step": result.best_step,
         "train_seconds": result.train_seconds,
         "samples_per_second": result.samples_per_second,
         "parameters": n_params,

@@ -1,17 +1,20 @@
-"""The training loop: Adam on mini-batches, validation every epoch, early stopping on AUC.
+"""The training loop: Adam on mini-batches, validation on a step schedule, early stopping on AUC.
 
-Linear, top to bottom: loss, predict/evaluate, fit.
+Top to bottom: the objective (`loss_fn`), scoring (`predict`, `evaluate`), the optimizer, one
+training step (`train_step`), the schedule (when to validate, when to stop, the learning rate),
+the run's state (`TrainState`, everything a checkpoint holds), and `fit`, which strings them together.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -97,6 +100,11 @@ class Optimizer:
         else:
             self.optimizers = [torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)]
 
+    def set_lr(self, lr: float) -> None:
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr
+
     def zero_grad(self) -> None:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
@@ -106,17 +114,133 @@ class Optimizer:
             opt.step()
 
 
+def finite_step(loss: torch.Tensor, model: CTRModel) -> bool:
+    """Whether the loss and every dense gradient are finite (an update with them is safe)."""
+    if not torch.isfinite(loss):
+        return False
+    grads = [p.grad for p in model.dense_weights() if p.grad is not None]
+    return not grads or bool(torch.isfinite(torch.stack([g.norm() for g in grads])).all())
+
+
 @dataclass
-class FitResult:
-    best_epoch: int
-    best_valid: dict[str, float]
-    history: list[dict] = field(default_factory=list)
+class StepResult:
+    loss: torch.Tensor  # the objective (log loss + L2) of the batch
+    bce: torch.Tensor  # its log loss alone
+    applied: bool  # False: the loss or a gradient was not finite and the update was skipped
+
+
+def train_step(
+    model: CTRModel, optimizer: Optimizer, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
+    forward: Optional[torch.nn.Module] = None,
+) -> StepResult:
+    """One optimizer step on the batch (x, y): forward (bf16 autocast with `cfg.precision`),
+    loss, backward, and the update, unless the loss or a gradient is not finite.
+    The one step `fit` and `masknet bench` both run."""
+    device_type = x.device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        loss, bce = loss_fn(model, x, y, cfg, forward)
+    optimizer.zero_grad()
+    loss.backward()
+    applied = finite_step(loss, model)
+    if applied:
+        optimizer.step()
+    return StepResult(loss, bce, applied)
+
+
+# ---------------------------------------------------------------------------
+# The schedule: when to validate, when to stop, which learning rate
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Validation on a step schedule (docs/model.md, "Training defaults"): every `eval_every`
+    optimizer steps and at the run's last step. With evals_per_epoch = 1 and eval_min_steps = 1
+    that is every epoch end."""
+
+    steps_per_epoch: int
+    eval_every: int
+    max_epochs: int
+    last_step: int  # the epoch cap (raised to reach min_steps) or max_steps, whichever comes first
+    min_steps: int
+
+    @classmethod
+    def for_run(cls, cfg: TrainConfig, train_rows: int) -> "Schedule":
+        per_epoch = math.ceil(train_rows / cfg.batch_size)
+        eval_every = max(cfg.eval_min_steps, math.ceil(per_epoch / cfg.evals_per_epoch))
+        max_epochs = max(cfg.epochs, math.ceil(cfg.min_steps / per_epoch))
+        last = max_epochs * per_epoch
+        if cfg.max_steps:
+            last = min(last, cfg.max_steps)
+        return cls(per_epoch, eval_every, max_epochs, last, min(cfg.min_steps, last))
+
+    def evaluates_at(self, global_step: int) -> bool:
+        return global_step % self.eval_every == 0 or global_step >= self.last_step
+
+
+def learning_rate(cfg: TrainConfig, global_step: int, plateau_scale: float) -> float:
+    """The rate for the next step: linear warm-up over `lr_warmup_steps`, then `lr`, times the
+    reductions on plateau so far."""
+    warm = min(1.0, (global_step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else 1.0
+    return cfg.lr * warm * plateau_scale
+
+
+# ---------------------------------------------------------------------------
+# The run's state
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: everything needed to continue it exactly (a checkpoint's state.json)."""
+
+    epoch: int = 1  # the epoch in progress, from 1
+    step: int = 0  # steps done in this epoch
+    global_step: int = 0
+    best_epoch: int = 0
+    best_step: int = 0
+    best_valid: dict[str, float] = field(default_factory=lambda: {"auc": -math.inf})
+    bad_evals: int = 0  # evaluations in a row without a better validation AUC
+    plateau_scale: float = 1.0  # product of the learning-rate reductions on plateau
+    history: list[dict] = field(default_factory=list)  # one record per evaluation
     train_seconds: float = 0.0
     samples_seen: int = 0
+    # the window since the last evaluation: its log loss, rows, training time and skipped batches
+    window_loss_sum: float = 0.0
+    window_seen: int = 0
+    window_seconds: float = 0.0
+    skipped_batches: int = 0
+    done: bool = False
 
-    @property
-    def samples_per_second(self) -> float:
-        return self.samples_seen / self.train_seconds if self.train_seconds > 0 else 0.0
+    # names in checkpoints written before evaluations were on a step schedule (one per epoch)
+    _OLD_NAMES = {"bad_epochs": "bad_evals", "epoch_loss_sum": "window_loss_sum", "epoch_seen": "window_seen",
+                  "epoch_seconds": "window_seconds"}
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> "TrainState":
+        names = {f.name for f in dataclasses.fields(cls)}
+        renamed = {cls._OLD_NAMES.get(k, k): v for k, v in saved.items()}
+        return cls(**{k: v for k, v in renamed.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def add_batch(self, bce: float, rows: int) -> None:
+        self.window_loss_sum += bce * rows
+        self.window_seen += rows
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.step = 0
+
+
+def _summed_over_ranks(state: TrainState, device: torch.device) -> tuple[float, int]:
+    """The window's running loss sum and row count over all ranks (collective)."""
+    totals = torch.tensor([state.window_loss_sum, float(state.window_seen)], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(totals)
+    return totals[0].item(), int(totals[1].item())
+
+
+class TrainingDiverged(UserError):
+    """The loss or a gradient became NaN or infinite."""
 
 
 def seed_everything(seed: int) -> None:
@@ -124,41 +248,26 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % (2**32))
 
 
-class TrainingDiverged(UserError):
-    """The loss or a gradient became NaN or infinite."""
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_valid: dict[str, float]
+    history: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+    samples_seen: int = 0
+    best_step: int = 0
+    steps: int = 0
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples_seen / self.train_seconds if self.train_seconds > 0 else 0.0
 
 
-def _finite_step(loss: torch.Tensor, model: CTRModel) -> bool:
-    if not torch.isfinite(loss):
-        return False
-    grads = [p.grad for p in model.dense_weights() if p.grad is not None]
-    return not grads or bool(torch.isfinite(torch.stack([g.norm() for g in grads])).all())
+# ---------------------------------------------------------------------------
+# fit and its parts
 
 
-def _summed_over_ranks(st: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """The epoch's running loss sum and row count over all ranks (collective)."""
-    totals = torch.tensor([st["epoch_loss_sum"], float(st["epoch_seen"])], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(totals)
-    return {"epoch_loss_sum": totals[0].item(), "epoch_seen": int(totals[1].item())}
-
-
-def fit(
-    model: CTRModel,
-    data: CTRDataset,
-    cfg: TrainConfig,
-    on_epoch: Optional[Callable[[dict], None]] = None,
-    run_dir: Optional[Path] = None,
-    resume_from: Optional[Path] = None,
-    ctx: DistContext = DistContext(),
-) -> FitResult:
-    """Train on data.splits['train'], early-stop on validation AUC, restore the best epoch.
-
-    With `run_dir`, checkpoints are written at every epoch end (`cfg.checkpoints`) and every
-    `cfg.checkpoint_every_steps` steps; `resume_from` (a checkpoint folder) continues a run
-    exactly where it stopped: same batches, same RNG, same optimizer moments.
-    In a multi-process run (`ctx`), each rank trains on its slice of every global batch
-    through DistributedDataParallel, and only rank 0 writes checkpoints.
-    """
+def _check_splits(data: CTRDataset) -> tuple[Split, Split]:
     train, valid = data.splits["train"], data.splits["valid"]
     if len(train) == 0:
         raise UserError("the train split is empty")
@@ -166,116 +275,160 @@ def fit(
         raise UserError("the valid split is empty: early stopping needs validation rows")
     if np.unique(np.asarray(valid.y)).size < 2:
         raise UserError("the valid split has only one class: validation AUC is undefined")
+    return train, valid
+
+
+def _epoch_batches(train: Split, cfg: TrainConfig, state: TrainState, ctx: DistContext, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The rest of this epoch's batches (a pure function of seed and epoch), this rank's slice of each."""
+    for x, y in iterate_batches(train, cfg.batch_size, (cfg.seed, state.epoch), cfg.shuffle_block_rows, skip_batches=state.step):
+        if ctx.enabled:  # this rank's disjoint slice of the global batch
+            lo, hi = ctx.shard(len(y))
+            x, y = x[lo:hi], y[lo:hi]
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def _diverged(state: TrainState, loss: torch.Tensor, cfg: TrainConfig, run_dir: Optional[Path], writing: bool) -> TrainingDiverged:
+    last = latest_checkpoint(run_dir) if writing else None
+    where = f"the last good checkpoint is {last}; " if last else ""
+    return TrainingDiverged(
+        f"non-finite loss or gradient at epoch {state.epoch}, step {state.step} (global step "
+        f"{state.global_step}, loss {loss.item()}); {where}resume with a lower learning rate: "
+        f"masknet train --resume {run_dir or 'RUN'} --set train.lr={cfg.lr / 10:g} "
+        f"(or --set train.on_nan=skip-batch to skip such batches)"
+    )
+
+
+def _validate(model: CTRModel, valid: Split, cfg: TrainConfig, ctx: DistContext, state: TrainState, seconds: float, device: torch.device) -> dict:
+    """Score the valid split, close the window into a history record, and update early stopping.
+    Returns the record; `state.done`'s early-stopping part is the caller's (it knows the schedule)."""
+    if ctx.enabled:  # the window's loss over all ranks' rows
+        state.window_loss_sum, state.window_seen = _summed_over_ranks(state, device)
+    state.train_seconds += seconds
+    state.samples_seen += state.window_seen
+    metrics = evaluate(model, valid, cfg.eval_batch_size, ctx)
+    record = {
+        "epoch": state.epoch,
+        "step": state.global_step,
+        "train_logloss": state.window_loss_sum / max(state.window_seen, 1),
+        "valid_auc": metrics["auc"],
+        "valid_logloss": metrics["logloss"],
+        "lr": learning_rate(cfg, state.global_step - 1, state.plateau_scale),
+        "seconds": seconds,
+        "samples_per_second": state.window_seen / seconds if seconds > 0 else 0.0,
+    }
+    if state.skipped_batches:
+        record["skipped_batches"] = state.skipped_batches
+    if metrics["auc"] > state.best_valid["auc"]:
+        state.best_epoch, state.best_step, state.best_valid = state.epoch, state.global_step, metrics
+        state.bad_evals = 0
+    else:
+        state.bad_evals += 1
+        state.plateau_scale *= cfg.lr_plateau_factor
+    record["best_epoch"] = state.best_epoch
+    state.history.append(record)
+    state.window_loss_sum, state.window_seen, state.window_seconds, state.skipped_batches = 0.0, 0, 0.0, 0
+    return record
+
+
+class _Checkpointer:
+    """Writes checkpoints of a run (rank 0), when it has a run folder and checkpoints are on."""
+
+    def __init__(self, run_dir: Optional[Path], cfg: TrainConfig, model: CTRModel, optimizer: Optimizer, ctx: DistContext, device: torch.device):
+        self.run_dir, self.cfg, self.model, self.optimizer, self.ctx, self.device = run_dir, cfg, model, optimizer, ctx, device
+        self.writing = run_dir is not None and ctx.is_main
+        self.enabled = run_dir is not None and (cfg.checkpoints or cfg.checkpoint_every_steps > 0)
+
+    def at_step_mark(self, state: TrainState) -> bool:
+        every = self.cfg.checkpoint_every_steps
+        return bool(every) and state.global_step % every == 0
+
+    def save(self, state: TrainState, best_weights: dict[str, torch.Tensor]) -> None:
+        if not self.enabled:
+            return
+        rng = rng_states(self.ctx)  # collective: every rank takes part, rank 0 writes
+        saved = state.to_dict()
+        if self.ctx.enabled:  # mid-window: the running loss over all ranks (rank 0 restores it)
+            saved["window_loss_sum"], saved["window_seen"] = _summed_over_ranks(state, self.device)
+        if self.writing:
+            save_checkpoint(self.run_dir, self.model, self.optimizer.optimizers, best_weights, saved, self.cfg.keep_checkpoints, rng)
+
+
+def fit(
+    model: CTRModel,
+    data: CTRDataset,
+    cfg: TrainConfig,
+    on_eval: Optional[Callable[[dict], None]] = None,
+    run_dir: Optional[Path] = None,
+    resume_from: Optional[Path] = None,
+    ctx: DistContext = DistContext(),
+) -> FitResult:
+    """Train on data.splits['train'], validate on the schedule, early-stop on validation AUC and
+    restore the best evaluation's weights.
+
+    `on_eval(record)` is called after every evaluation (an exception it raises, e.g. a tuner's
+    pruning signal, ends the run). With `run_dir`, checkpoints are written after every evaluation
+    (`cfg.checkpoints`) and every `cfg.checkpoint_every_steps` steps; `resume_from` (a checkpoint
+    folder) continues a run exactly where it stopped: same batches, same RNG, same optimizer
+    moments. In a multi-process run (`ctx`), each rank trains on its slice of every global batch
+    through DistributedDataParallel, and only rank 0 writes checkpoints.
+    """
+    train, valid = _check_splits(data)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     device = torch.device(ctx.device)
     model.to(device)
     # NCCL cannot all-reduce sparse gradients: multi-GPU runs update the tables densely
     optimizer = Optimizer(model, cfg, sparse=cfg.sparse_embeddings and ctx.sparse_allreduce)  # before DDP
-    if ctx.enabled:
-        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    else:
-        forward = model
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    # progress: everything needed to continue exactly (saved in every checkpoint)
-    st: dict[str, Any] = {
-        "epoch": 1, "step": 0, "global_step": 0, "best_epoch": 0, "best_valid": {"auc": -math.inf},
-        "bad_epochs": 0, "history": [], "train_seconds": 0.0, "samples_seen": 0,
-        "epoch_loss_sum": 0.0, "epoch_seen": 0, "epoch_seconds": 0.0, "skipped_batches": 0, "done": False,
-    }
-    best_state = copy.deepcopy(model.state_dict())
+    forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.enabled else model
+    schedule = Schedule.for_run(cfg, len(train))
+    state, best_weights = TrainState(), copy.deepcopy(model.state_dict())
     if resume_from is not None:
-        st, best_state = load_checkpoint(resume_from, model, optimizer.optimizers, ctx)
+        saved, best_weights = load_checkpoint(resume_from, model, optimizer.optimizers, ctx)
+        state = TrainState.from_dict(saved)
         if not ctx.is_main:  # the saved running loss is the sum over all ranks: count it once
-            st.update(epoch_loss_sum=0.0, epoch_seen=0)
-    writing = run_dir is not None and ctx.is_main
-
-    def checkpoint() -> Optional[Path]:
-        if run_dir is not None and (cfg.checkpoints or cfg.checkpoint_every_steps):
-            rng = rng_states(ctx)  # collective: every rank takes part, rank 0 writes
-            saved = st
-            if ctx.enabled:  # mid-epoch: the running loss over all ranks (rank 0 restores it)
-                saved = dict(st, **_summed_over_ranks(st, device))
-            if writing:
-                return save_checkpoint(run_dir, model, optimizer.optimizers, best_state, saved, cfg.keep_checkpoints, rng)
-        return None
-
-    while not st["done"] and st["epoch"] <= cfg.epochs:
-        epoch = st["epoch"]
-        model.train()
-        t0 = time.perf_counter() - st["epoch_seconds"]
-        bar = tqdm(
-            total=steps_per_epoch, initial=st["step"], desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
-            disable=not (cfg.progress and ctx.is_main), file=sys.stderr, leave=False, mininterval=0.5,
-        )
-        batches = iterate_batches(train, cfg.batch_size, (cfg.seed, epoch), cfg.shuffle_block_rows, skip_batches=st["step"])
-        for x, y in batches:
-            if ctx.enabled:  # this rank's disjoint slice of the global batch
-                lo, hi = ctx.shard(len(y))
-                x, y = x[lo:hi], y[lo:hi]
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                loss, bce = loss_fn(model, x, y, cfg, forward)
-            optimizer.zero_grad()
-            loss.backward()
-            st["step"] += 1
-            st["global_step"] += 1
-            if _finite_step(loss, model):
-                optimizer.step()
-                st["epoch_loss_sum"] += bce.item() * len(y)
-                st["epoch_seen"] += len(y)
+            state.window_loss_sum, state.window_seen = 0.0, 0
+    checkpointer = _Checkpointer(run_dir, cfg, model, optimizer, ctx, device)
+    bar = tqdm(total=schedule.last_step, initial=state.global_step, unit="step", disable=not (cfg.progress and ctx.is_main),
+               file=sys.stderr, leave=False, mininterval=0.5)
+    window_start = time.perf_counter() - state.window_seconds
+    model.train()
+    while not state.done:
+        if state.step >= schedule.steps_per_epoch:
+            state.next_epoch()
+        bar.set_description(f"epoch {state.epoch}/{schedule.max_epochs}")
+        for x, y in _epoch_batches(train, cfg, state, ctx, device):
+            optimizer.set_lr(learning_rate(cfg, state.global_step, state.plateau_scale))
+            result = train_step(model, optimizer, x, y, cfg, forward)
+            state.step += 1
+            state.global_step += 1
+            if result.applied:
+                state.add_batch(result.bce.item(), len(y))
             elif cfg.on_nan == "skip-batch":
-                st["skipped_batches"] += 1
+                state.skipped_batches += 1
             else:
-                last = latest_checkpoint(run_dir) if writing else None
-                where = f"the last good checkpoint is {last}; " if last else ""
-                raise TrainingDiverged(
-                    f"non-finite loss or gradient at epoch {epoch}, step {st['step']} (global step "
-                    f"{st['global_step']}, loss {loss.item()}); {where}resume with a lower learning rate: "
-                    f"masknet train --resume {run_dir or 'RUN'} --set train.lr={cfg.lr / 10:g} "
-                    f"(or --set train.on_nan=skip-batch to skip such batches)"
-                )
+                raise _diverged(state, result.loss, cfg, run_dir, checkpointer.writing)
             bar.update(1)
-            if st["step"] % 20 == 0:
-                seen = max(st["epoch_seen"], 1)
-                bar.set_postfix(loss=f"{st['epoch_loss_sum'] / seen:.4f}", samples_s=f"{seen / (time.perf_counter() - t0):,.0f}")
-            if cfg.checkpoint_every_steps and st["global_step"] % cfg.checkpoint_every_steps == 0 and st["step"] < steps_per_epoch:
-                st["epoch_seconds"] = time.perf_counter() - t0
-                checkpoint()
-        bar.close()
-        epoch_seconds = time.perf_counter() - t0
-        st["train_seconds"] += epoch_seconds
-        if ctx.enabled:  # the epoch's loss over all ranks' rows
-            st.update(_summed_over_ranks(st, device))
-        st["samples_seen"] += st["epoch_seen"]
-        valid_metrics = evaluate(model, valid, cfg.eval_batch_size, ctx)
-        record = {
-            "epoch": epoch,
-            "train_logloss": st["epoch_loss_sum"] / max(st["epoch_seen"], 1),
-            "valid_auc": valid_metrics["auc"],
-            "valid_logloss": valid_metrics["logloss"],
-            "epoch_seconds": epoch_seconds,
-            "samples_per_second": st["epoch_seen"] / epoch_seconds,
-        }
-        if st["skipped_batches"]:
-            record["skipped_batches"] = st["skipped_batches"]
-        improved = valid_metrics["auc"] > st["best_valid"]["auc"]
-        if improved:
-            st["best_epoch"], st["best_valid"] = epoch, valid_metrics
-            best_state = copy.deepcopy(model.state_dict())
-            st["bad_epochs"] = 0
-        else:
-            st["bad_epochs"] += 1
-        record["best_epoch"] = st["best_epoch"]
-        st["history"].append(record)
-        if on_epoch is not None:
-            on_epoch(record)
-        # patience epochs without a better validation AUC, or the last epoch: done
-        st["done"] = st["bad_epochs"] >= cfg.patience or epoch == cfg.epochs
-        st.update(epoch=epoch + 1, step=0, epoch_loss_sum=0.0, epoch_seen=0, epoch_seconds=0.0, skipped_batches=0)
-        checkpoint()
-    model.load_state_dict(best_state)
+            if schedule.evaluates_at(state.global_step):
+                record = _validate(model, valid, cfg, ctx, state, time.perf_counter() - window_start, device)
+                model.train()
+                stop_early = state.bad_evals >= cfg.patience and state.global_step >= schedule.min_steps
+                state.done = stop_early or state.global_step >= schedule.last_step
+                bar.set_postfix(loss=f"{record['train_logloss']:.4f}", valid_auc=f"{record['valid_auc']:.4f}",
+                                best=f"{state.best_valid['auc']:.4f}")
+                if state.best_step == state.global_step:
+                    best_weights = copy.deepcopy(model.state_dict())
+                if on_eval is not None:
+                    on_eval(record)
+                checkpointer.save(state, best_weights)
+                window_start = time.perf_counter()
+                if state.done:
+                    break
+            elif checkpointer.at_step_mark(state):
+                state.window_seconds = time.perf_counter() - window_start
+                checkpointer.save(state, best_weights)
+    bar.close()
+    model.load_state_dict(best_weights)
     return FitResult(
-        best_epoch=st["best_epoch"], best_valid=st["best_valid"], history=st["history"],
-        train_seconds=st["train_seconds"], samples_seen=st["samples_seen"],
+        best_epoch=state.best_epoch, best_valid=state.best_valid, history=state.history, train_seconds=state.train_seconds,
+        samples_seen=state.samples_seen, best_step=state.best_step, steps=state.global_step,
     )
