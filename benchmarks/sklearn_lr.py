@@ -17,9 +17,9 @@ from scipy import sparse
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from masknet.data.dataset import load_prepared
+from sweep import load  # benchmarks/sweep.py: builtin[:ROWS], DIR, DIR@N
 
-CS = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0]
+CS = [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0]
 
 
 def one_hot(x: np.ndarray, cards: list[int]) -> sparse.csr_matrix:
@@ -31,7 +31,7 @@ def one_hot(x: np.ndarray, cards: list[int]) -> sparse.csr_matrix:
 
 
 def run(path: str) -> dict:
-    data = load_prepared(path)
+    data = load(path)
     xs = {s: one_hot(np.asarray(v.x), data.cardinalities) for s, v in data.splits.items()}
     ys = {s: np.asarray(v.y) for s, v in data.splits.items()}
     tried = []

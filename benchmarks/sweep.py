@@ -14,8 +14,28 @@ import json
 import tempfile
 import time
 
+import numpy as np
+
 from masknet.config import RunConfig, apply_override
-from masknet.training.run import load_data, train_run
+from masknet.data.dataset import CTRDataset, Split, load_prepared
+from masknet.data.synthetic import generate
+from masknet.training.run import train_run
+
+
+def load(spec: str) -> CTRDataset:
+    """`builtin[:ROWS]`, a prepared folder, or `DIR@N`: the folder's first N train rows and the
+    first N/9 valid and test rows (prepared splits are in random order, so a head is a random subsample)."""
+    if spec.startswith("builtin"):
+        _, _, rows = spec.partition(":")
+        return generate(int(rows) if rows else 120_000, 7)
+    path, _, n = spec.partition("@")
+    data = load_prepared(path)
+    if not n:
+        return data
+    n = int(n)
+    keep = {"train": n, "valid": max(n // 9, 1), "test": max(n // 9, 1)}
+    splits = {s: Split(np.asarray(v.x[: keep[s]]), np.asarray(v.y[: keep[s]])) for s, v in data.splits.items()}
+    return CTRDataset(data.field_names, data.cardinalities, splits, data.meta)
 
 
 def config_for(data: str, model: str, seed: int, sets: list[str]) -> RunConfig:
@@ -26,7 +46,7 @@ def config_for(data: str, model: str, seed: int, sets: list[str]) -> RunConfig:
         if rows:
             cfg.data.synthetic.rows = int(rows)
     else:
-        cfg.data.path = data
+        cfg.data.path = data.partition("@")[0]
     cfg.train.seed = seed
     cfg.train.progress = False
     cfg.train.checkpoints = False
@@ -50,7 +70,7 @@ def main() -> None:
     for seed in seeds:
         cfg = config_for(args.data, args.model, seed, args.set)
         if data is None:
-            data = load_data(cfg)
+            data = load(args.data)
         with tempfile.TemporaryDirectory() as tmp:
             cfg.output = tmp
             t0 = time.perf_counter()

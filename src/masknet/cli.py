@@ -488,10 +488,60 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_tune(sub: argparse._SubParsersAction) -> None:
+    from .config import MODEL_NAMES
+
+    p = sub.add_parser(
+        "tune",
+        help="tune a model's hyperparameters on the validation split (Optuna: TPE sampler, median pruner)",
+        description=(
+            "Run an Optuna study over the model's search space (declared beside the model's code; --space FILE "
+            "replaces it): each trial trains on the train split and is scored by its best validation AUC (the test "
+            "split is never read); a trial below the median of earlier ones at the same evaluation is pruned. "
+            "Writes OUTPUT/best.yaml (run it with `masknet train --config`), trials.csv/.parquet, history.png, "
+            "importances.png and the study itself (study.db): rerunning with the same --output continues it. "
+            "Needs Optuna: pip install 'masknet[tune]'."
+        ),
+    )
+    p.add_argument("--model", required=True, choices=MODEL_NAMES, help="model to tune")
+    p.add_argument("--data", metavar="DIR", help="a prepared dataset folder; default: the built-in synthetic data")
+    p.add_argument("--trials", type=int, required=True, metavar="N", help="trials to finish (complete or pruned), resumed ones included")
+    p.add_argument("--timeout", type=float, metavar="S", help="start no new trial after S seconds")
+    p.add_argument("--output", metavar="DIR", help="study folder (default: runs/tune-<model>-<timestamp>); an existing one resumes")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="sampler seed (default 0): the same seed draws the same trials")
+    p.add_argument("--max-steps", type=int, metavar="N", help="cap every trial at N training steps (the same budget for each)")
+    p.add_argument("--space", metavar="FILE", help="a YAML search space replacing the model's (see docs/model.md)")
+    p.add_argument("--config", metavar="FILE", help="a YAML run config every trial starts from")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fix a config key for every trial (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_tune)
+
+
+def _run_tune(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from .config import RunConfig, apply_override, load_config
+    from .tuning import load_space, tune
+
+    cfg = load_config(args.config) if args.config else RunConfig()
+    cfg.model.name = args.model
+    if args.data:
+        cfg.data.path = args.data
+    for assignment in args.set:
+        apply_override(cfg, assignment)
+    space = load_space(args.space) if args.space else None
+    out = Path(args.output) if args.output else Path("runs") / f"tune-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    r = tune(cfg, args.trials, out, space=space, seed=args.seed, timeout=args.timeout, max_steps=args.max_steps,
+             progress=not args.quiet, log=lambda msg: print(msg, file=sys.stderr))
+    print(f"best of {r.finished} trials: validation AUC {r.best_value:.4f}; train it: masknet train --config {out / 'best.yaml'}")
+    return 0
+
+
 # Each later capability (prepare, predict, serve, ...) registers its subcommand here.
 SUBCOMMANDS: list[SubcommandSetup] = [
     _add_train, _add_generate, _add_prepare, _add_predict, _add_evaluate, _add_export, _add_serve,
-    _add_reproduce, _add_bench,
+    _add_reproduce, _add_bench, _add_tune,
 ]
 
 

@@ -93,6 +93,9 @@ class TrainConfig:
     lr_plateau_factor: float = 1.0
     l2_embedding: float = 0.0  # OPEN (paper: "lambda"): on the embedding rows a batch looks up
     l2_dense: float = 0.0  # OPEN: on every dense weight matrix (mask, FFN, prediction layer)
+    # c of a Gaussian prior on every embedding row: (c / train rows) · Σ_j ||e_j||², applied lazily
+    # (scikit-learn LogisticRegression's C = 1 / (2c) for `lr`); see trainer.L2Prior
+    l2_prior: float = 0.0
     sparse_embeddings: bool = True  # update only the embedding rows a batch touched ("lazy" Adam, see docs)
     # Validation schedule: evals_per_epoch evaluations spread over each epoch, but never two within
     # eval_min_steps optimizer steps (small data: an epoch can be a handful of steps), and one at the
@@ -126,7 +129,7 @@ class TrainConfig:
             raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
         if not 0.0 < self.lr_plateau_factor <= 1.0:
             raise ConfigError(f"train.lr_plateau_factor: must be in (0, 1], got {self.lr_plateau_factor}")
-        for key in ("l2_embedding", "l2_dense"):
+        for key in ("l2_embedding", "l2_dense", "l2_prior"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}: must be >= 0, got {getattr(self, key)}")
         _positive("train.patience", self.patience)

@@ -9,13 +9,18 @@ from torch import nn
 
 from ..config import ModelConfig
 from .layers import FieldEmbedding, FieldLayerNorm
+from .search import TRAINING, SearchSpace
 
 
 class CTRModel(nn.Module):
     """A CTR model: per-field category indices in, one logit per row out.
 
     forward(x: LongTensor [B, f]) -> logits [B]   (sigmoid lives in the loss and in `predict_proba`)
+
+    `search_space`: the config keys `masknet tune` varies for this model, and their ranges (models.search).
     """
+
+    search_space: SearchSpace = TRAINING
 
     def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig):
         super().__init__()

@@ -24,6 +24,7 @@ from torch import nn
 from ..config import ModelConfig
 from .base import CTRModel
 from .layers import MLP, FieldEmbedding
+from .search import DNN, EMBEDDING, TRAINING, Int, SearchSpace
 
 
 class CrossLayer(nn.Module):
@@ -56,6 +57,7 @@ class _CrossAndDeep(CTRModel):
     """Embedding -> (cross network ‖ DNN) -> concat -> linear output."""
 
     cross_layer: type[nn.Module]
+    search_space: SearchSpace = {**TRAINING, **EMBEDDING, **DNN, "model.cross_layers": Int(1, 6)}
 
     def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig):
         super().__init__(cardinalities, cfg)

@@ -16,6 +16,8 @@ from torch import nn
 from ..config import ModelConfig
 from .base import CTRModel
 from .layers import MLP, FieldEmbedding
+from .search import DNN as DNN_SPACE
+from .search import EMBEDDING, TRAINING, SearchSpace
 
 
 class DNNTower(nn.Module):
@@ -36,6 +38,8 @@ class DNNTower(nn.Module):
 
 class DNN(CTRModel):
     """Embeddings -> MLP -> logit. No explicit interaction term: the MLP must learn them all."""
+
+    search_space: SearchSpace = {**TRAINING, **EMBEDDING, **DNN_SPACE}
 
     def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig):
         super().__init__(cardinalities, cfg)

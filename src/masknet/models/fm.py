@@ -21,6 +21,7 @@ from ..config import ModelConfig
 from .base import CTRModel
 from .layers import FieldEmbedding
 from .lr import LinearTerm
+from .search import EMBEDDING, TRAINING, Float, SearchSpace
 
 
 def fm_pairwise(e: torch.Tensor) -> torch.Tensor:
@@ -35,6 +36,8 @@ class FM(CTRModel):
 
     Parameters: Σ cardinalities (first order) + 1 (w_0) + k Σ cardinalities (factors).
     """
+
+    search_space: SearchSpace = {**TRAINING, "train.lr": Float(1e-3, 1e-1, log=True), **EMBEDDING}
 
     def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig):
         super().__init__(cardinalities, cfg)

@@ -10,6 +10,7 @@ from torch import nn
 from ..config import ModelConfig
 from .base import CTRModel
 from .layers import FieldEmbedding
+from .search import TRAINING, Float, SearchSpace
 
 
 class LinearTerm(nn.Module):
@@ -26,6 +27,9 @@ class LinearTerm(nn.Module):
 
 class LogisticRegression(CTRModel):
     """LR: logit = w_0 + Σ_i w[x_i] (no embeddings of size k, no interactions)."""
+
+    # one weight per category: a linear model takes larger steps than a deep one
+    search_space: SearchSpace = {**TRAINING, "train.lr": Float(1e-3, 1e-1, log=True)}
 
     def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig):
         super().__init__(cardinalities, cfg)

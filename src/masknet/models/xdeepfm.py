@@ -29,6 +29,7 @@ from .base import CTRModel
 from .dnn import DNNTower
 from .layers import FieldEmbedding
 from .lr import LinearTerm
+from .search import DNN, EMBEDDING, TRAINING, Layers, SearchSpace
 
 
 class CINLayer(nn.Module):
@@ -74,6 +75,8 @@ class CIN(nn.Module):
 
 
 class XDeepFM(CTRModel):
+    search_space: SearchSpace = {**TRAINING, **EMBEDDING, **DNN, "model.cin_layers": Layers(widths=(25, 50, 100, 200), depths=(1, 2, 3))}
+
     def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig):
         super().__init__(cardinalities, cfg)
         if not cfg.cin_layers:

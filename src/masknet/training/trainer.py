@@ -31,14 +31,45 @@ from .distributed import DistContext, gather_concat, rng_states
 from .metrics import auc, logloss
 
 
+@dataclass
+class L2Prior:
+    """`train.l2_prior` = c: a Gaussian prior on every embedding row, in the mean-loss objective
+    (c / N) · Σ_j ||e_j||² over all rows of every table, N = train rows. For LR that is
+    scikit-learn's LogisticRegression penalty with C = 1 / (2c); its weight falls as the data
+    grows. Applied lazily, to the rows a batch looks up: each lookup of row j carries c / n_j
+    (n_j = the row's count in the train split), which is unbiased for the sum over all rows and
+    costs O(rows looked up), so rare rows are shrunk hard and frequent ones hardly at all.
+    Dense weights are left to `l2_dense`: a prior of the same strength on a deep network's
+    ~10^5-10^6 weights outweighs the log loss on small data (docs/model.md)."""
+
+    row_weight: torch.Tensor  # [Σ cardinalities] c / n_j (0 for rows absent from train)
+
+    @classmethod
+    def for_data(cls, train: Split, cardinalities: list[int], c: float, device: torch.device, chunk_rows: int = 1 << 20) -> "L2Prior":
+        offsets = np.concatenate([[0], np.cumsum(cardinalities)[:-1]]).astype(np.int64)
+        counts = np.zeros(int(sum(cardinalities)), dtype=np.int64)
+        for lo in range(0, len(train), chunk_rows):  # memory-mapped splits: one chunk in memory at a time
+            rows = np.asarray(train.x[lo : lo + chunk_rows]).astype(np.int64) + offsets
+            counts += np.bincount(rows.ravel(), minlength=len(counts))
+        weight = np.divide(c, counts, out=np.zeros(len(counts)), where=counts > 0)
+        return cls(torch.tensor(weight, dtype=torch.float32, device=device))
+
+    def penalty(self, model: CTRModel, x: torch.Tensor) -> torch.Tensor:
+        tables = model.embeddings()  # every table has the fields' layout (one row per category)
+        per_lookup = self.row_weight[x + tables[0].offsets].unsqueeze(-1)  # [B, f, 1]
+        return sum((per_lookup * table(x).pow(2)).sum() for table in tables) / x.shape[0]
+
+
 def loss_fn(
-    model: CTRModel, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, forward: Optional[torch.nn.Module] = None
+    model: CTRModel, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, forward: Optional[torch.nn.Module] = None,
+    prior: Optional[L2Prior] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Objective (Eq. 18-19): mean log loss + L2. Returns (total, log loss alone).
 
-    The L2 term has two coefficients: `l2_embedding` on the embedding rows this batch
+    The L2 term has up to three coefficients: `l2_embedding` on the embedding rows this batch
     looks up (Σ over fields of ||e_i||², averaged over the batch: only touched rows, as
-    sparse CTR training does), and `l2_dense` on every dense weight matrix.
+    sparse CTR training does), `l2_dense` on every dense weight matrix, and the data-size-scaled
+    `prior` (`train.l2_prior`, see L2Prior).
     `forward` is the module to call (the DistributedDataParallel wrapper in multi-process runs).
     """
     logits = (forward if forward is not None else model)(x)
@@ -49,6 +80,8 @@ def loss_fn(
         total = total + cfg.l2_embedding * emb_sq / x.shape[0]
     if cfg.l2_dense > 0:
         total = total + cfg.l2_dense * sum(w.pow(2).sum() for w in model.dense_weights())
+    if prior is not None:
+        total = total + prior.penalty(model, x)
     return total, bce
 
 
@@ -131,14 +164,14 @@ class StepResult:
 
 def train_step(
     model: CTRModel, optimizer: Optimizer, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
-    forward: Optional[torch.nn.Module] = None,
+    forward: Optional[torch.nn.Module] = None, prior: Optional[L2Prior] = None,
 ) -> StepResult:
     """One optimizer step on the batch (x, y): forward (bf16 autocast with `cfg.precision`),
     loss, backward, and the update, unless the loss or a gradient is not finite.
     The one step `fit` and `masknet bench` both run."""
     device_type = x.device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-        loss, bce = loss_fn(model, x, y, cfg, forward)
+        loss, bce = loss_fn(model, x, y, cfg, forward, prior)
     optimizer.zero_grad()
     loss.backward()
     applied = finite_step(loss, model)
@@ -381,6 +414,7 @@ def fit(
     optimizer = Optimizer(model, cfg, sparse=cfg.sparse_embeddings and ctx.sparse_allreduce)  # before DDP
     forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.enabled else model
     schedule = Schedule.for_run(cfg, len(train))
+    prior = L2Prior.for_data(train, data.cardinalities, cfg.l2_prior, device) if cfg.l2_prior > 0 else None
     state, best_weights = TrainState(), copy.deepcopy(model.state_dict())
     if resume_from is not None:
         saved, best_weights = load_checkpoint(resume_from, model, optimizer.optimizers, ctx)
@@ -398,7 +432,7 @@ def fit(
         bar.set_description(f"epoch {state.epoch}/{schedule.max_epochs}")
         for x, y in _epoch_batches(train, cfg, state, ctx, device):
             optimizer.set_lr(learning_rate(cfg, state.global_step, state.plateau_scale))
-            result = train_step(model, optimizer, x, y, cfg, forward)
+            result = train_step(model, optimizer, x, y, cfg, forward, prior)
             state.step += 1
             state.global_step += 1
             if result.applied:
