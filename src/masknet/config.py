@@ -86,7 +86,9 @@ class TrainConfig:
 
     epochs: int = 10  # at most this many passes over the train split (raised to reach min_steps)
     batch_size: int = 1024  # paper: 1024
-    lr: float = 1e-3  # paper's summary: 1e-3; the paper's own text says 1e-4 (see docs/model.md)
+    # None = the model's own default (its class's `train_defaults`): 1e-3 for the deep models (the
+    # paper's summary; its text says 1e-4, see docs/model.md), larger for the linear ones
+    lr: Optional[float] = None
     lr_warmup_steps: int = 0  # the learning rate rises linearly from lr/warmup to lr over these first steps
     # after each evaluation without a better validation AUC the learning rate is multiplied by this
     # (1 = constant; FuxiCTR's "reduce on plateau" uses 0.1)
@@ -94,8 +96,9 @@ class TrainConfig:
     l2_embedding: float = 0.0  # OPEN (paper: "lambda"): on the embedding rows a batch looks up
     l2_dense: float = 0.0  # OPEN: on every dense weight matrix (mask, FFN, prediction layer)
     # c of a Gaussian prior on every embedding row: (c / train rows) · Σ_j ||e_j||², applied lazily
-    # (scikit-learn LogisticRegression's C = 1 / (2c) for `lr`); see trainer.L2Prior
-    l2_prior: float = 0.0
+    # (scikit-learn LogisticRegression's C = 1 / (2c) for `lr`); see trainer.L2Prior. Several values:
+    # a regularisation path, the next one each time patience runs out. None = the model's default.
+    l2_prior: Optional[list[float]] = None
     sparse_embeddings: bool = True  # update only the embedding rows a batch touched ("lazy" Adam, see docs)
     # Validation schedule: evals_per_epoch evaluations spread over each epoch, but never two within
     # eval_min_steps optimizer steps (small data: an epoch can be a handful of steps), and one at the
@@ -105,8 +108,7 @@ class TrainConfig:
     # stop after this many evaluations in a row without a better validation AUC (the best is restored).
     # OPEN (the paper does not say).
     patience: int = 1
-    min_steps: int = 0  # a training budget of at least this many steps: epochs are added to reach it,
-    # and early stopping does not end a run before it
+    min_steps: int = 0  # a step budget of at least this: the epoch cap is raised to reach it (early stopping may end sooner)
     max_steps: int = 0  # stop after this many steps (0 = no cap; `masknet tune` caps every trial)
     seed: int = 2021
     eval_batch_size: int = 8192
@@ -125,11 +127,13 @@ class TrainConfig:
         _positive("train.batch_size", self.batch_size)
         _positive("train.eval_batch_size", self.eval_batch_size)
         _positive("train.shuffle_block_rows", self.shuffle_block_rows)
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
+        if self.l2_prior is not None and any(not c >= 0 for c in self.l2_prior):
+            raise ConfigError(f"train.l2_prior: every value must be >= 0, got {self.l2_prior}")
         if not 0.0 < self.lr_plateau_factor <= 1.0:
             raise ConfigError(f"train.lr_plateau_factor: must be in (0, 1], got {self.lr_plateau_factor}")
-        for key in ("l2_embedding", "l2_dense", "l2_prior"):
+        for key in ("l2_embedding", "l2_dense"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}: must be >= 0, got {getattr(self, key)}")
         _positive("train.patience", self.patience)
@@ -215,6 +219,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, str):
             text = value.strip().strip("[]")
             value = [v.strip() for v in text.split(",") if v.strip()]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # one value is a list of one (YAML `l2_prior: 3`)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]

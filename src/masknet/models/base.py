@@ -21,6 +21,8 @@ class CTRModel(nn.Module):
     """
 
     search_space: SearchSpace = TRAINING
+    # what `train.lr` and `train.l2_prior` mean when a config leaves them unset (None); docs/model.md
+    train_defaults: dict = {"lr": 1e-3, "l2_prior": []}
 
     def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig):
         super().__init__()

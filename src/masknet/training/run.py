@@ -29,11 +29,11 @@ from ..config import ModelConfig, RunConfig, _from_dict, save_config
 from ..data.dataset import CTRDataset, load_prepared
 from ..data.synthetic import generate
 from ..errors import UserError
-from ..models import CTRModel, build_model
+from ..models import REGISTRY, CTRModel, build_model
 from .metrics import auc, relaimp
 from .checkpoint import latest_checkpoint
 from .distributed import init_from_env
-from .trainer import evaluate, fit, seed_everything
+from .trainer import evaluate, fit, seed_everything, with_model_defaults
 
 
 @dataclass
@@ -75,6 +75,7 @@ def read_base_auc(base_run: str) -> float:
 def train_run(cfg: RunConfig, data: Optional[CTRDataset] = None, log: Any = print, resume: bool = False) -> RunResult:
     """Train `cfg.model` on `cfg.data` and write the run folder. Returns its metrics."""
     cfg.validate()
+    cfg.train = with_model_defaults(cfg.train, REGISTRY[cfg.model.name])  # config.yaml records the values used
     base_auc = read_base_auc(cfg.base_run) if cfg.base_run else None  # fail before training, not after
     data = data if data is not None else load_data(cfg)
     ctx = init_from_env(cfg.train.device)  # rank 0 of 1 unless launched by torchrun

@@ -40,24 +40,32 @@ class L2Prior:
     (n_j = the row's count in the train split), which is unbiased for the sum over all rows and
     costs O(rows looked up), so rare rows are shrunk hard and frequent ones hardly at all.
     Dense weights are left to `l2_dense`: a prior of the same strength on a deep network's
-    ~10^5-10^6 weights outweighs the log loss on small data (docs/model.md)."""
+    ~10^5-10^6 weights outweighs the log loss on small data (docs/model.md).
+    `c` is the current strength (a regularisation path changes it between stages)."""
 
-    row_weight: torch.Tensor  # [Σ cardinalities] c / n_j (0 for rows absent from train)
+    inverse_counts: torch.Tensor  # [Σ cardinalities] 1 / n_j (0 for rows absent from train)
+    c: float = 0.0
 
     @classmethod
-    def for_data(cls, train: Split, cardinalities: list[int], c: float, device: torch.device, chunk_rows: int = 1 << 20) -> "L2Prior":
+    def for_data(cls, train: Split, cardinalities: list[int], device: torch.device, chunk_rows: int = 1 << 20) -> "L2Prior":
         offsets = np.concatenate([[0], np.cumsum(cardinalities)[:-1]]).astype(np.int64)
         counts = np.zeros(int(sum(cardinalities)), dtype=np.int64)
         for lo in range(0, len(train), chunk_rows):  # memory-mapped splits: one chunk in memory at a time
             rows = np.asarray(train.x[lo : lo + chunk_rows]).astype(np.int64) + offsets
             counts += np.bincount(rows.ravel(), minlength=len(counts))
-        weight = np.divide(c, counts, out=np.zeros(len(counts)), where=counts > 0)
-        return cls(torch.tensor(weight, dtype=torch.float32, device=device))
+        inverse = np.divide(1.0, counts, out=np.zeros(len(counts)), where=counts > 0)
+        return cls(torch.tensor(inverse, dtype=torch.float32, device=device))
 
     def penalty(self, model: CTRModel, x: torch.Tensor) -> torch.Tensor:
         tables = model.embeddings()  # every table has the fields' layout (one row per category)
-        per_lookup = self.row_weight[x + tables[0].offsets].unsqueeze(-1)  # [B, f, 1]
-        return sum((per_lookup * table(x).pow(2)).sum() for table in tables) / x.shape[0]
+        per_lookup = self.inverse_counts[x + tables[0].offsets].unsqueeze(-1)  # [B, f, 1]
+        return self.c * sum((per_lookup * table(x).pow(2)).sum() for table in tables) / x.shape[0]
+
+
+def with_model_defaults(cfg: TrainConfig, model: type[CTRModel]) -> TrainConfig:
+    """`cfg` with every setting it leaves to the model (None) set to the model's `train_defaults`."""
+    filled = {k: copy.deepcopy(v) for k, v in model.train_defaults.items() if getattr(cfg, k) is None}
+    return dataclasses.replace(cfg, **filled) if filled else cfg
 
 
 def loss_fn(
@@ -120,6 +128,7 @@ class Optimizer:
     """
 
     def __init__(self, model: CTRModel, cfg: TrainConfig, sparse: Optional[bool] = None):
+        cfg = with_model_defaults(cfg, type(model))
         sparse = cfg.sparse_embeddings if sparse is None else sparse
         tables = model.embeddings()
         for table in tables:
@@ -194,7 +203,6 @@ class Schedule:
     eval_every: int
     max_epochs: int
     last_step: int  # the epoch cap (raised to reach min_steps) or max_steps, whichever comes first
-    min_steps: int
 
     @classmethod
     def for_run(cls, cfg: TrainConfig, train_rows: int) -> "Schedule":
@@ -204,7 +212,7 @@ class Schedule:
         last = max_epochs * per_epoch
         if cfg.max_steps:
             last = min(last, cfg.max_steps)
-        return cls(per_epoch, eval_every, max_epochs, last, min(cfg.min_steps, last))
+        return cls(per_epoch, eval_every, max_epochs, last)
 
     def evaluates_at(self, global_step: int) -> bool:
         return global_step % self.eval_every == 0 or global_step >= self.last_step
@@ -233,6 +241,7 @@ class TrainState:
     best_valid: dict[str, float] = field(default_factory=lambda: {"auc": -math.inf})
     bad_evals: int = 0  # evaluations in a row without a better validation AUC
     plateau_scale: float = 1.0  # product of the learning-rate reductions on plateau
+    prior_stage: int = 0  # which value of the l2_prior path is in force
     history: list[dict] = field(default_factory=list)  # one record per evaluation
     train_seconds: float = 0.0
     samples_seen: int = 0
@@ -349,6 +358,8 @@ def _validate(model: CTRModel, valid: Split, cfg: TrainConfig, ctx: DistContext,
         "seconds": seconds,
         "samples_per_second": state.window_seen / seconds if seconds > 0 else 0.0,
     }
+    if cfg.l2_prior:
+        record["l2_prior"] = cfg.l2_prior[state.prior_stage]
     if state.skipped_batches:
         record["skipped_batches"] = state.skipped_batches
     if metrics["auc"] > state.best_valid["auc"]:
@@ -361,6 +372,18 @@ def _validate(model: CTRModel, valid: Split, cfg: TrainConfig, ctx: DistContext,
     state.history.append(record)
     state.window_loss_sum, state.window_seen, state.window_seconds, state.skipped_batches = 0.0, 0, 0.0, 0
     return record
+
+
+def _out_of_patience(state: TrainState, cfg: TrainConfig) -> bool:
+    """`patience` evaluations in a row without a better validation AUC: the run stops, unless an
+    l2_prior path has a weaker prior left, which then takes over (and patience starts again)."""
+    if state.bad_evals < cfg.patience:
+        return False
+    if state.prior_stage + 1 < len(cfg.l2_prior):
+        state.prior_stage += 1
+        state.bad_evals = 0
+        return False
+    return True
 
 
 class _Checkpointer:
@@ -406,6 +429,7 @@ def fit(
     through DistributedDataParallel, and only rank 0 writes checkpoints.
     """
     train, valid = _check_splits(data)
+    cfg = with_model_defaults(cfg, type(model))
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     device = torch.device(ctx.device)
@@ -414,7 +438,7 @@ def fit(
     optimizer = Optimizer(model, cfg, sparse=cfg.sparse_embeddings and ctx.sparse_allreduce)  # before DDP
     forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.enabled else model
     schedule = Schedule.for_run(cfg, len(train))
-    prior = L2Prior.for_data(train, data.cardinalities, cfg.l2_prior, device) if cfg.l2_prior > 0 else None
+    prior = L2Prior.for_data(train, data.cardinalities, device) if any(cfg.l2_prior) else None
     state, best_weights = TrainState(), copy.deepcopy(model.state_dict())
     if resume_from is not None:
         saved, best_weights = load_checkpoint(resume_from, model, optimizer.optimizers, ctx)
@@ -432,6 +456,8 @@ def fit(
         bar.set_description(f"epoch {state.epoch}/{schedule.max_epochs}")
         for x, y in _epoch_batches(train, cfg, state, ctx, device):
             optimizer.set_lr(learning_rate(cfg, state.global_step, state.plateau_scale))
+            if prior is not None:
+                prior.c = cfg.l2_prior[state.prior_stage]
             result = train_step(model, optimizer, x, y, cfg, forward, prior)
             state.step += 1
             state.global_step += 1
@@ -445,8 +471,7 @@ def fit(
             if schedule.evaluates_at(state.global_step):
                 record = _validate(model, valid, cfg, ctx, state, time.perf_counter() - window_start, device)
                 model.train()
-                stop_early = state.bad_evals >= cfg.patience and state.global_step >= schedule.min_steps
-                state.done = stop_early or state.global_step >= schedule.last_step
+                state.done = _out_of_patience(state, cfg) or state.global_step >= schedule.last_step
                 bar.set_postfix(loss=f"{record['train_logloss']:.4f}", valid_auc=f"{record['valid_auc']:.4f}",
                                 best=f"{state.best_valid['auc']:.4f}")
                 if state.best_step == state.global_step:
