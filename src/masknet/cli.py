@@ -399,6 +399,15 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
         help="override any config key for every cell, e.g. --set train.threads=1 (repeatable)",
     )
     p.add_argument("--output", metavar="DIR", help="output folder (default: runs/reproduce-<timestamp>); an existing one resumes")
+    p.add_argument(
+        "--tune",
+        type=int,
+        metavar="N",
+        help="equal tuning (BARS protocol): before the seeds run, tune every model with N trials of `masknet tune` "
+        "and the same per-trial step cap; the report gives each claim's verdict with and without tuning (needs Optuna)",
+    )
+    p.add_argument("--tune-max-steps", type=int, metavar="N", help="with --tune: the step cap of every trial (default: the untuned cells' step budget)")
+    p.add_argument("--tune-seed", type=int, default=0, metavar="N", help="with --tune: the sampler seed of every study (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_run_reproduce)
 
@@ -409,15 +418,20 @@ def _run_reproduce(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .experiments.plan import PRESETS, parse_tables
-    from .experiments.reproduce import base_config, reproduce
+    from .experiments.reproduce import EqualTuning, base_config, reproduce
 
+    if args.tune is not None and args.tune < 1:
+        raise UserError(f"--tune: must be >= 1, got {args.tune}")
+    if args.tune is None and args.tune_max_steps is not None:
+        raise UserError("--tune-max-steps needs --tune N")
+    tuning = EqualTuning(args.tune, args.tune_max_steps, args.tune_seed) if args.tune else None
     tables = parse_tables(args.tables)
     cfg, applied = base_config(args.preset, args.config, args.data, args.set)
     seeds = args.seeds if args.seeds is not None else PRESETS[args.preset]["seeds"]
     out = Path(args.output) if args.output else Path("runs") / f"reproduce-{time.strftime('%Y%m%d-%H%M%S')}"
     command = "masknet " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["reproduce"] else "masknet reproduce"
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    reproduce(cfg, tables, seeds, out, args.preset, applied, command, quiet=args.quiet, log=log)
+    reproduce(cfg, tables, seeds, out, args.preset, applied, command, quiet=args.quiet, log=log, tuning=tuning)
     print(out / "report.md")
     return 0
 

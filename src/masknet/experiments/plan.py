@@ -96,11 +96,14 @@ class Plan:
     # (table, model, variant) -> variant key used in cell ids: the table's layout
     layout: dict[str, dict[str, dict[Any, str]]]
     fields: Optional[list[str]] = None  # keep only these fields of the data (None = all)
+    # `--tune`: per model, the settings its study chose ({config key: value}), applied before a
+    # variant's own overrides (an ablation or a sweep changes one key of the tuned config)
+    tuned: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def cell_config(self, cell: Cell) -> RunConfig:
         cfg = copy.deepcopy(self.base)
         cfg.model.name = cell.model
-        for key, value in cell.overrides.items():
+        for key, value in {**self.tuned.get(cell.model, {}), **cell.overrides}.items():
             apply_override(cfg, f"{key}={format_value(value)}")
         cfg.train.seed = cell.seed
         return cfg
@@ -132,10 +135,13 @@ def parse_tables(text: str | None) -> list[str]:
     return [t for t in ALL_TABLES if t in out]
 
 
-def _variant_name(base: RunConfig, model: str, overrides: dict[str, Any], name: str) -> str:
-    """`name`, or "base" when the overrides do not change the base config for this model."""
+def _variant_name(base: RunConfig, model: str, overrides: dict[str, Any], name: str, tuned: dict[str, Any]) -> str:
+    """`name`, or "base" when the overrides do not change the base config for this model
+    (the base with the model's tuned settings, under `--tune`)."""
     a = copy.deepcopy(base)
     a.model.name = model
+    for key, value in tuned.items():
+        apply_override(a, f"{key}={format_value(value)}")
     b = copy.deepcopy(a)
     for key, value in overrides.items():
         apply_override(b, f"{key}={format_value(value)}")
@@ -146,7 +152,9 @@ def _fmt_num(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def make_plan(base: RunConfig, tables: list[str], seeds: int, fields: Optional[list[str]] = None) -> Plan:
+def make_plan(
+    base: RunConfig, tables: list[str], seeds: int, fields: Optional[list[str]] = None, tuned: Optional[dict[str, dict[str, Any]]] = None
+) -> Plan:
     if seeds < 1:
         raise UserError(f"--seeds: must be >= 1, got {seeds}")
     seed_list = [base.train.seed + i for i in range(seeds)]
@@ -154,7 +162,7 @@ def make_plan(base: RunConfig, tables: list[str], seeds: int, fields: Optional[l
     layout: dict[str, dict[str, dict[Any, str]]] = {}
 
     def add(table: str, model: str, key: Any, name: str, overrides: dict[str, Any]) -> None:
-        variant = _variant_name(base, model, overrides, name)
+        variant = _variant_name(base, model, overrides, name, (tuned or {}).get(model, {}))
         layout.setdefault(table, {}).setdefault(model, {})[key] = variant
         specs.append((table, model, variant, overrides))
 
@@ -187,4 +195,10 @@ def make_plan(base: RunConfig, tables: list[str], seeds: int, fields: Optional[l
     # seed-major order: an interrupted run has every model at the first seeds before any at the later ones
     order = sorted(cells.values(), key=lambda c: seed_list.index(c.seed))
     cells = {c.id: c for c in order}
-    return Plan(base=base, tables=tables, seeds=seed_list, cells=cells, layout=layout, fields=fields)
+    return Plan(base=base, tables=tables, seeds=seed_list, cells=cells, layout=layout, fields=fields, tuned=dict(tuned or {}))
+
+
+def plan_models(plan: Plan) -> list[str]:
+    """The models a plan trains, in Table 2's order (each gets its own study under `--tune`)."""
+    present = {c.model for c in plan.cells.values()}
+    return [m for m in TABLE2_MODELS if m in present]

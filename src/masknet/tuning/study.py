@@ -66,6 +66,7 @@ class TuneResult:
     best_value: float
     best_params: dict[str, Any]
     best_config: RunConfig
+    best_settings: dict[str, Any]  # the best trial's values by config key (what best.yaml changes)
     finished: int  # trials complete or pruned
     ran: int  # trials this invocation ran
 
@@ -198,10 +199,11 @@ def tune(
     bar.close()
     if not _completed(optuna, study):
         raise TuningError(f"{output}: no trial finished without pruning; run more --trials")
-    best_cfg = apply_params(pristine, _config_params(study.best_trial.params, space))
+    settings = _config_params(study.best_trial.params, space)
+    best_cfg = apply_params(pristine, settings)
     best_cfg.output = None
     write_outputs(study, output, best_cfg, space, seed, trials)
-    return TuneResult(output, study.best_value, study.best_trial.params, best_cfg, _finished(optuna, study), ran)
+    return TuneResult(output, study.best_value, study.best_trial.params, best_cfg, settings, _finished(optuna, study), ran)
 
 
 def _completed(optuna, study) -> bool:
