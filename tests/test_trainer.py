@@ -297,6 +297,8 @@ def test_fit_really_learns(sparse):
 TINY = [
     "--set", "data.synthetic.rows=6000",
     "--set", "train.lr=0.01",  # enough to learn something in 2 short epochs: the base run needs AUC > 0.5
+    "--set", "train.lr_warmup_steps=0",  # (a warm-up would spend all 10 steps below that rate)
+    "--set", "train.eval_min_steps=1",  # 5 steps per epoch, 4 evaluations per epoch: every 2 steps
     "--epochs", "2",
     "--set", "model.block_dim=16",
     "--set", "model.num_blocks=2",
@@ -338,11 +340,11 @@ def test_run_folder_contents(runs):
     assert "relaimp" not in m  # no base run given
 
     lines = (run / "log.jsonl").read_text().splitlines()
-    assert len(lines) == 2  # one per epoch (2 epochs: at most one epoch without improvement)
-    records = [json.loads(ln) for ln in lines]
-    assert [r["epoch"] for r in records] == [1, 2]
+    records = [json.loads(ln) for ln in lines]  # one per evaluation: every 2 steps, 10 steps (2 epochs of 5)
+    assert [r["step"] for r in records] == [2, 4, 6, 8, 10][: len(records)] and len(records) >= 4  # patience 4
+    assert [r["epoch"] for r in records] == [(r["step"] - 1) // 5 + 1 for r in records]
     best = max(records, key=lambda r: r["valid_auc"])
-    assert m["best_epoch"] == best["epoch"]
+    assert m["best_epoch"] == best["epoch"] and m["best_step"] == best["step"]
     assert m["valid"]["auc"] == pytest.approx(best["valid_auc"], abs=1e-12)
 
     cfg = load_config(run / "config.yaml")
