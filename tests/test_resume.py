@@ -28,6 +28,7 @@ ARGS = [
     "--set", "model.dropout=0.1",  # exercises the torch RNG state in checkpoints
     "--set", "train.batch_size=256", "--set", "train.threads=1", "--set", "train.patience=3",
     "--set", "train.checkpoint_every_steps=4", "--set", "train.shuffle_block_rows=1024",
+    "--set", "train.min_batches_per_epoch=0",  # batch 256 as set, not halved for a small split
 ]
 STEPS_PER_EPOCH = 13  # ceil(3200 / 256)
 

@@ -259,6 +259,13 @@ def test_l2_prior_is_scikit_learns_penalty_on_a_full_batch():
     assert (total - bce).item() == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("rows, batch", [(8000, 256), (7200, 128), (32768, 1024), (10**7, 1024), (500, 64)])
+def test_small_splits_train_in_smaller_batches(rows, batch):
+    schedule = trainer.Schedule.for_run(TrainConfig(batch_size=1024, min_batches_per_epoch=32), rows)
+    assert schedule.batch_size == batch and schedule.steps_per_epoch == -(-rows // batch)
+    assert trainer.Schedule.for_run(TrainConfig(batch_size=1024, min_batches_per_epoch=0), rows).batch_size == 1024
+
+
 def test_model_defaults_fill_unset_training_keys():
     from masknet.models import REGISTRY
 
@@ -299,6 +306,7 @@ TINY = [
     "--set", "train.lr=0.01",  # enough to learn something in 2 short epochs: the base run needs AUC > 0.5
     "--set", "train.lr_warmup_steps=0",  # (a warm-up would spend all 10 steps below that rate)
     "--set", "train.eval_min_steps=1",  # 5 steps per epoch, 4 evaluations per epoch: every 2 steps
+    "--set", "train.min_batches_per_epoch=0",  # batch 1024, not halved for the small split
     "--epochs", "2",
     "--set", "model.block_dim=16",
     "--set", "model.num_blocks=2",

@@ -129,6 +129,7 @@ def train_run(cfg: RunConfig, data: Optional[CTRDataset] = None, log: Any = prin
         "test": test,
         "best_epoch": result.best_epoch,
         "best_step": result.best_step,
+        "batch_size": result.batch_size,
         "train_seconds": result.train_seconds,
         "samples_per_second": result.samples_per_second,
         "parameters": n_params,

@@ -199,6 +199,7 @@ class Schedule:
     optimizer steps and at the run's last step. With evals_per_epoch = 1 and eval_min_steps = 1
     that is every epoch end."""
 
+    batch_size: int  # train.batch_size, halved until an epoch has min_batches_per_epoch steps
     steps_per_epoch: int
     eval_every: int
     max_epochs: int
@@ -206,16 +207,22 @@ class Schedule:
 
     @classmethod
     def for_run(cls, cfg: TrainConfig, train_rows: int) -> "Schedule":
-        per_epoch = math.ceil(train_rows / cfg.batch_size)
+        batch = cfg.batch_size
+        while batch > MIN_AUTO_BATCH and math.ceil(train_rows / batch) < cfg.min_batches_per_epoch:
+            batch //= 2
+        per_epoch = math.ceil(train_rows / batch)
         eval_every = max(cfg.eval_min_steps, math.ceil(per_epoch / cfg.evals_per_epoch))
         max_epochs = max(cfg.epochs, math.ceil(cfg.min_steps / per_epoch))
         last = max_epochs * per_epoch
         if cfg.max_steps:
             last = min(last, cfg.max_steps)
-        return cls(per_epoch, eval_every, max_epochs, last)
+        return cls(batch, per_epoch, eval_every, max_epochs, last)
 
     def evaluates_at(self, global_step: int) -> bool:
         return global_step % self.eval_every == 0 or global_step >= self.last_step
+
+
+MIN_AUTO_BATCH = 64  # min_batches_per_epoch never halves the batch below this
 
 
 def learning_rate(cfg: TrainConfig, global_step: int, plateau_scale: float) -> float:
@@ -299,6 +306,7 @@ class FitResult:
     samples_seen: int = 0
     best_step: int = 0
     steps: int = 0
+    batch_size: int = 0  # the batch the run used (train.batch_size or less, see Schedule)
 
     @property
     def samples_per_second(self) -> float:
@@ -320,9 +328,11 @@ def _check_splits(data: CTRDataset) -> tuple[Split, Split]:
     return train, valid
 
 
-def _epoch_batches(train: Split, cfg: TrainConfig, state: TrainState, ctx: DistContext, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _epoch_batches(
+    train: Split, cfg: TrainConfig, batch_size: int, state: TrainState, ctx: DistContext, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The rest of this epoch's batches (a pure function of seed and epoch), this rank's slice of each."""
-    for x, y in iterate_batches(train, cfg.batch_size, (cfg.seed, state.epoch), cfg.shuffle_block_rows, skip_batches=state.step):
+    for x, y in iterate_batches(train, batch_size, (cfg.seed, state.epoch), cfg.shuffle_block_rows, skip_batches=state.step):
         if ctx.enabled:  # this rank's disjoint slice of the global batch
             lo, hi = ctx.shard(len(y))
             x, y = x[lo:hi], y[lo:hi]
@@ -454,7 +464,7 @@ def fit(
         if state.step >= schedule.steps_per_epoch:
             state.next_epoch()
         bar.set_description(f"epoch {state.epoch}/{schedule.max_epochs}")
-        for x, y in _epoch_batches(train, cfg, state, ctx, device):
+        for x, y in _epoch_batches(train, cfg, schedule.batch_size, state, ctx, device):
             optimizer.set_lr(learning_rate(cfg, state.global_step, state.plateau_scale))
             if prior is not None:
                 prior.c = cfg.l2_prior[state.prior_stage]
@@ -489,5 +499,5 @@ def fit(
     model.load_state_dict(best_weights)
     return FitResult(
         best_epoch=state.best_epoch, best_valid=state.best_valid, history=state.history, train_seconds=state.train_seconds,
-        samples_seen=state.samples_seen, best_step=state.best_step, steps=state.global_step,
+        samples_seen=state.samples_seen, best_step=state.best_step, steps=state.global_step, batch_size=schedule.batch_size,
     )

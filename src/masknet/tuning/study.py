@@ -177,6 +177,8 @@ def tune(
         base.train.max_steps = pristine.train.max_steps = max_steps
     space = dict(space if space is not None else REGISTRY[base.model.name].search_space)
     check_space(space, base)
+    if "train.batch_size" in space:  # a trial trains at the batch it drew, not one halved for small data
+        base.train.min_batches_per_epoch = pristine.train.min_batches_per_epoch = 0
     base.train.progress, base.train.checkpoints = False, False
     output = Path(output)
     study = _open_study(optuna, output, _identity(base, space, seed))
