@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from masknet.config import RunConfig, apply_override
+from masknet.config import RunConfig, apply_override, load_config
 from masknet.data.dataset import CTRDataset, Split, load_prepared
 from masknet.data.synthetic import generate
 from masknet.training.run import train_run
@@ -38,8 +38,8 @@ def load(spec: str) -> CTRDataset:
     return CTRDataset(data.field_names, data.cardinalities, splits, data.meta)
 
 
-def config_for(data: str, model: str, seed: int, sets: list[str]) -> RunConfig:
-    cfg = RunConfig()
+def config_for(data: str, model: str, seed: int, sets: list[str], config: str | None = None) -> RunConfig:
+    cfg = load_config(config) if config else RunConfig()
     cfg.model.name = model
     if data.startswith("builtin"):
         _, _, rows = data.partition(":")
@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--model", default="sermasknet")
     ap.add_argument("--seeds", default="1,2,3")
     ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--config", help="a YAML run config to start from (e.g. masknet tune's best.yaml)")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -68,7 +69,7 @@ def main() -> None:
     data = None
     aucs = []
     for seed in seeds:
-        cfg = config_for(args.data, args.model, seed, args.set)
+        cfg = config_for(args.data, args.model, seed, args.set, args.config)
         if data is None:
             data = load(args.data)
         with tempfile.TemporaryDirectory() as tmp:

@@ -271,7 +271,7 @@ def test_model_defaults_fill_unset_training_keys():
 
     assert trainer.with_model_defaults(TrainConfig(), REGISTRY["sermasknet"]).lr == REGISTRY["sermasknet"].train_defaults["lr"]
     assert trainer.with_model_defaults(TrainConfig(), REGISTRY["lr"]).l2_prior == REGISTRY["lr"].train_defaults["l2_prior"]
-    set_by_user = TrainConfig(lr=0.123, l2_prior=[])
+    set_by_user = TrainConfig(lr=0.123, l2_prior=[], min_batches_per_epoch=0)
     assert trainer.with_model_defaults(set_by_user, REGISTRY["lr"]) == set_by_user
 
 

@@ -87,8 +87,9 @@ class TrainConfig:
     epochs: int = 10  # at most this many passes over the train split (raised to reach min_steps)
     batch_size: int = 1024  # paper: 1024; halved on small data until min_batches_per_epoch is reached
     # small data: at least this many steps per epoch, by halving the batch (not below 64); 0 = off.
-    # An 8,000-row train split trains at 256 rows per batch, 32,768 rows or more at batch_size.
-    min_batches_per_epoch: int = 32
+    # None = the model's default: 32 for the deep models (an 8,000-row train split trains at 256 rows
+    # per batch, 32,768 rows or more at batch_size), off for LR and FM.
+    min_batches_per_epoch: Optional[int] = None
     # None = the model's own default (its class's `train_defaults`): 1e-3 for the deep models (the
     # paper's summary; its text says 1e-4, see docs/model.md), larger for the linear ones
     lr: Optional[float] = None
@@ -144,7 +145,9 @@ class TrainConfig:
         _positive("train.patience", self.patience)
         _positive("train.evals_per_epoch", self.evals_per_epoch)
         _positive("train.eval_min_steps", self.eval_min_steps)
-        for key in ("lr_warmup_steps", "min_steps", "max_steps", "checkpoint_every_steps", "min_batches_per_epoch"):
+        if self.min_batches_per_epoch is not None and self.min_batches_per_epoch < 0:
+            raise ConfigError(f"train.min_batches_per_epoch: must be >= 0, got {self.min_batches_per_epoch}")
+        for key in ("lr_warmup_steps", "min_steps", "max_steps", "checkpoint_every_steps"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}: must be >= 0, got {getattr(self, key)}")
         _positive("train.keep_checkpoints", self.keep_checkpoints)

@@ -105,10 +105,13 @@ class EqualTuning:
 def tune_models(plan: Plan, data, spec: EqualTuning, out: Path, log=print) -> dict[str, Any]:
     """One study per model, the same trials and step cap for each; returns the tuned settings by
     model (for make_plan) and what the report says about the budget."""
-    from ..training.trainer import Schedule
+    from ..models import REGISTRY
+    from ..training.trainer import Schedule, with_model_defaults
     from ..tuning import tune
 
-    cap = spec.max_steps or Schedule.for_run(plan.base.train, len(data.splits["train"])).last_step
+    rows = len(data.splits["train"])
+    budgets = [Schedule.for_run(with_model_defaults(plan.base.train, REGISTRY[m]), rows).last_step for m in plan_models(plan)]
+    cap = spec.max_steps or max(budgets, default=1)
     settings: dict[str, dict[str, Any]] = {}
     studies: dict[str, Any] = {}
     for model in plan_models(plan):

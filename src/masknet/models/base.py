@@ -22,7 +22,7 @@ class CTRModel(nn.Module):
 
     search_space: SearchSpace = TRAINING
     # what `train.lr` and `train.l2_prior` mean when a config leaves them unset (None); docs/model.md
-    train_defaults: dict = {"lr": 1e-3, "l2_prior": []}
+    train_defaults: dict = {"lr": 1e-3, "l2_prior": [], "min_batches_per_epoch": 32}
 
     def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig):
         super().__init__()

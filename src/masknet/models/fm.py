@@ -39,7 +39,7 @@ class FM(CTRModel):
 
     search_space: SearchSpace = {**TRAINING, "train.lr": Float(1e-3, 1e-1, log=True), **EMBEDDING}
     # trained as LR is (docs/model.md, "Training defaults"): the prior path keeps rare rows' factors small
-    train_defaults = {"lr": 1e-2, "l2_prior": [10.0, 1.0, 0.1, 0.01]}
+    train_defaults = {"lr": 1e-2, "l2_prior": [10.0, 1.0, 0.1, 0.01], "min_batches_per_epoch": 0}
 
     def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig):
         super().__init__(cardinalities, cfg)

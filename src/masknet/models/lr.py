@@ -32,7 +32,7 @@ class LogisticRegression(CTRModel):
     search_space: SearchSpace = {**TRAINING, "train.lr": Float(1e-3, 1e-1, log=True)}
     # A linear model takes larger steps, and its L2 is found on validation along a path from strong
     # to weak (as scikit-learn users tune C): docs/model.md, "Training defaults"
-    train_defaults = {"lr": 1e-2, "l2_prior": [10.0, 1.0, 0.1, 0.01]}
+    train_defaults = {"lr": 1e-2, "l2_prior": [10.0, 1.0, 0.1, 0.01], "min_batches_per_epoch": 0}
 
     def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig):
         super().__init__(cardinalities, cfg)

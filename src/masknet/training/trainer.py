@@ -207,8 +207,8 @@ class Schedule:
 
     @classmethod
     def for_run(cls, cfg: TrainConfig, train_rows: int) -> "Schedule":
-        batch = cfg.batch_size
-        while batch > MIN_AUTO_BATCH and math.ceil(train_rows / batch) < cfg.min_batches_per_epoch:
+        batch, min_batches = cfg.batch_size, cfg.min_batches_per_epoch or 0
+        while batch > MIN_AUTO_BATCH and math.ceil(train_rows / batch) < min_batches:
             batch //= 2
         per_epoch = math.ceil(train_rows / batch)
         eval_every = max(cfg.eval_min_steps, math.ceil(per_epoch / cfg.evals_per_epoch))
