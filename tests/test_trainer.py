@@ -222,6 +222,13 @@ def test_max_steps_caps_and_min_steps_raises_the_epoch_cap(monkeypatch):
     assert early.steps == 10
 
 
+def test_no_early_stop_during_the_warmup(monkeypatch):
+    aucs = [0.7, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6]
+    _, result, _, _ = scripted_fit(monkeypatch, aucs, patience=1, epochs=6, lr_warmup_steps=12)
+    assert [r["step"] for r in result.history] == [5, 10, 15]  # patience ran out at step 10, inside the warm-up
+    assert result.best_step == 5
+
+
 def test_warmup_and_reduce_on_plateau(monkeypatch):
     _, result, _, _ = scripted_fit(monkeypatch, [0.6, 0.7, 0.65, 0.64, 0.8], patience=9, epochs=5,
                                    lr_warmup_steps=10, lr_plateau_factor=0.5)

@@ -111,8 +111,8 @@ class TrainConfig:
     # last step. evals_per_epoch = 1, eval_min_steps = 1: once at every epoch end (the paper's protocol).
     evals_per_epoch: int = 4
     eval_min_steps: int = 10
-    # stop after this many evaluations in a row without a better validation AUC (the best is restored):
-    # one epoch on large data, 40 steps on small. OPEN (the paper does not say).
+    # stop after this many evaluations in a row without a better validation AUC (the best is restored),
+    # never during the warm-up: one epoch on large data, 40 steps on small. OPEN (the paper does not say).
     patience: int = 4
     min_steps: int = 2000  # a step budget of at least this: the epoch cap is raised to reach it (early stopping may end sooner)
     max_steps: int = 0  # stop after this many steps (0 = no cap; `masknet tune` caps every trial)

@@ -386,8 +386,10 @@ def _validate(model: CTRModel, valid: Split, cfg: TrainConfig, ctx: DistContext,
 
 def _out_of_patience(state: TrainState, cfg: TrainConfig) -> bool:
     """`patience` evaluations in a row without a better validation AUC: the run stops, unless an
-    l2_prior path has a weaker prior left, which then takes over (and patience starts again)."""
-    if state.bad_evals < cfg.patience:
+    l2_prior path has a weaker prior left, which then takes over (and patience starts again).
+    Not during the warm-up: a model judged at a fraction of its learning rate may just be slow
+    (AutoInt on criteo-8k stopped at step 75 of 300 with its best at step 15)."""
+    if state.bad_evals < cfg.patience or state.global_step < cfg.lr_warmup_steps:
         return False
     if state.prior_stage + 1 < len(cfg.l2_prior):
         state.prior_stage += 1
