@@ -121,6 +121,14 @@ def test_train_help_mentions_every_option(capsys):
         assert name in out
 
 
+def test_resume_help_lists_exactly_the_resumable_keys():
+    from masknet.training.runfolder import RESUMABLE
+
+    (action,) = [a for a in _train_parser()._actions if "--resume" in a.option_strings]
+    listed = {w.strip(",()") for w in action.help.split() if w.startswith("train.")}
+    assert listed == set(RESUMABLE)
+
+
 def _masknet_cmd() -> list[str]:
     exe = shutil.which("masknet")
     return [exe] if exe else [sys.executable, "-m", "masknet"]
@@ -152,7 +160,7 @@ def test_settings_resolve_defaults_config_options_then_set(capsys, tmp_path, mon
     import masknet.training.run as run_mod
 
     captured = []
-    monkeypatch.setattr(run_mod, "train_run", lambda cfg: captured.append(cfg))
+    monkeypatch.setattr(run_mod, "train_run", lambda cfg, **_: captured.append(cfg))
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("model:\n  block_dim: 32\n  num_blocks: 4\ntrain:\n  epochs: 5\n  seed: 1\n")
     rc, _, err = run_main(

@@ -12,6 +12,7 @@ import pytest
 from masknet.cli import main
 from masknet.data.dataset import load_prepared
 from masknet.data.rawgen import write_criteo
+from masknet.errors import DataError
 
 ROWS = 300
 
@@ -308,3 +309,67 @@ def test_read_ahead_passes_errors_and_stops_when_abandoned():
     gen.close()  # abandoned with the queue full
     assert threading.active_count() <= before
     assert not any(t.name == "masknet-csv-read-ahead" for t in threading.enumerate())
+
+
+# ---------------------------------------------------------------------------
+# Long lines (issue 14, item 13): Arrow parses lines up to its block size; a longer one makes the
+# reader start again with a block that fits it, up to readers.MAX_BLOCK_BYTES, beyond which the
+# line is refused by number.
+
+
+def test_a_10_mb_field_is_read(tmp_path, capsys, criteo_lines):
+    """Before: "straddling object straddles two block boundaries (try to increase block size?)",
+    no line number, at the default 4 MB block."""
+    long_value = "ab" * (5 << 20)  # 10 MiB
+    lines = _with_bad(criteo_lines, 57, _set_field(criteo_lines[56], 20, long_value))
+    src = _write(tmp_path / "in.txt", lines)
+    out = tmp_path / "out"
+    code, _, err = _prepare(capsys, "--format", "criteo", "--train", str(src), "--valid", str(src), "--test", str(src),
+                            "--output", str(out), "--min-count", "1")
+    assert code == 0, err
+    ds = load_prepared(out)
+    assert len(ds.splits["train"]) == ROWS
+    enc = json.loads((out / "encoder.json").read_text())
+    c7 = next(f for f in enc["fields"] if f["name"] == "C7")
+    assert long_value in c7["vocab"]
+
+
+def test_lines_grow_the_block_and_one_over_the_cap_is_refused_by_number(tmp_path, criteo_lines, monkeypatch):
+    from masknet.data import readers
+    from masknet.data.prepare import prepare
+    from masknet.data.schema import builtin_spec
+
+    monkeypatch.setattr(readers, "MAX_BLOCK_BYTES", 256 << 10)
+    spec = builtin_spec("criteo").with_min_count(1)
+    lines = list(criteo_lines)
+    lines[99] = _set_field(lines[99], 30, "x" * (20 << 10))  # 5x the 4 kB block: grows it
+    lines[199] = _set_field(lines[199], 31, "y" * (100 << 10))  # grows it again, to 128 kB
+    src = _write(tmp_path / "in.txt", lines)
+    stats = prepare(spec, tmp_path / "o", input=src, block_bytes=4096)
+    assert sum(stats["rows"].values()) == ROWS  # every row once, though the file was read three times
+    ref = _write(tmp_path / "short.txt", [ln if i not in (99, 199) else criteo_lines[i] for i, ln in enumerate(lines)])
+    prepare(spec, tmp_path / "r", input=ref, block_bytes=4096)
+    got, want = load_prepared(tmp_path / "o"), load_prepared(tmp_path / "r")
+    for s in ("train", "valid", "test"):  # same rows in the same order (only fields 30/31 of two rows differ)
+        np.testing.assert_array_equal(np.asarray(got.splits[s].y), np.asarray(want.splits[s].y))
+        np.testing.assert_array_equal(np.asarray(got.splits[s].x)[:, :29], np.asarray(want.splits[s].x)[:, :29])
+
+    lines[249] = _set_field(lines[249], 32, "z" * (300 << 10))  # over the (patched) cap
+    src = _write(tmp_path / "in2.txt", lines)
+    with pytest.raises(DataError, match=r"in2\.txt: line 250: 307,[0-9]{3} bytes long; the longest line masknet reads is 262,144"):
+        prepare(spec, tmp_path / "o2", input=src, block_bytes=4096)
+    assert not (tmp_path / "o2").exists()
+
+
+def test_find_long_line_counts_lines_across_reads(tmp_path):
+    from masknet.data.readers import find_long_line
+
+    path = tmp_path / "f.txt"
+    path.write_bytes(b"a\n" * 10 + b"b" * 50 + b"\n" + b"c\n")
+    assert find_long_line(path, 50) == (11, 51)
+    assert find_long_line(path, 51) is None
+    path.write_bytes(b"a\n" + b"b" * 50)  # last line without a newline
+    assert find_long_line(path, 10) == (2, 50)
+    gz = tmp_path / "f.txt.gz"
+    gz.write_bytes(gzip.compress(b"x\n" * 3 + b"y" * 40 + b"\n"))
+    assert find_long_line(gz, 20) == (4, 41)

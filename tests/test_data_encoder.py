@@ -179,7 +179,7 @@ def test_stats_report_rows_rates_cardinalities(tmp_path, criteo_file):
     assert stats["bad_lines"]["total"] == 0
     assert meta["source"]["encoder"] == "encoder.json"
     assert (tmp_path / "o" / "encoder.json").is_file()
-    assert not (tmp_path / "o" / ".prepare-tmp").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # no build or spill folder left beside it
 
 
 def test_schema_file_errors(tmp_path):

@@ -98,6 +98,18 @@ def test_nproc_needs_output(capsys):
     assert "--output" in capsys.readouterr().err
 
 
+def test_nproc_refuses_a_run_folder_before_launching(tmp_path, capsys):
+    from masknet.cli import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("model: {}\n")
+    (out / "log.jsonl").write_text("")
+    assert main(["train", "--nproc", "2", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "already holds a run" in err and "--overwrite" in err
+
+
 def test_resumed_two_process_run_with_dropout_continues_exactly(tmp_path):
     """With dropout every rank draws its own masks; a checkpoint holds every rank's RNG state, so
     a two-process run resumed from a mid-epoch checkpoint ends with the very same weights."""

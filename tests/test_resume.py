@@ -10,6 +10,8 @@ import errno
 import json
 import os
 import random
+import struct
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -29,7 +31,9 @@ ARGS = [
     "--set", "train.batch_size=256", "--set", "train.threads=1", "--set", "train.patience=3",
     "--set", "train.checkpoint_every_steps=4", "--set", "train.shuffle_block_rows=1024",
     "--set", "train.min_batches_per_epoch=0",  # batch 256 as set, not halved for a small split
+    "--set", "train.lr_warmup_steps=0",  # a constant rate: the resume tests check the optimizer's rate
 ]
+# evaluations (train.evals_per_epoch=4, eval_min_steps=10): at steps 10, 20, 30 and 39, mid-epoch ones too
 STEPS_PER_EPOCH = 13  # ceil(3200 / 256)
 
 DRIVER = textwrap.dedent(
@@ -76,9 +80,25 @@ def comparable(run: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
+    """An uninterrupted run that keeps every checkpoint (cut_back turns a copy into a killed run)."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    assert main(ARGS + ["--output", str(out)]) == 0
+    assert main(ARGS + ["--output", str(out), "--set", "train.keep_checkpoints=20"]) == 0
     return out
+
+
+def copy_run(reference: Path, dst: Path, up_to_step: int = 10**9, keep: int = 2, bundle: bool = True) -> Path:
+    """A copy of `reference` with its last `keep` checkpoints up to `up_to_step` (and its bundle files)."""
+    bundle_files = () if bundle else ("model.safetensors", "metrics.json", "manifest.json")
+    shutil.copytree(reference, dst, ignore=shutil.ignore_patterns("checkpoints", *bundle_files))
+    kept = [p for p in ckpt.list_checkpoints(reference) if int(p.name.split("-")[1]) <= up_to_step]
+    for p in kept[len(kept) - keep:] if keep else []:
+        shutil.copytree(p, dst / "checkpoints" / p.name)
+    return dst
+
+
+def cut_back(reference: Path, dst: Path, step: int) -> Path:
+    """A copy of `reference` as if it had been killed right after its checkpoint at `step`."""
+    return copy_run(reference, dst, up_to_step=step, bundle=False)
 
 
 def kill_and_resume(tmp_path: Path, mode: str, n: int) -> Path:
@@ -109,10 +129,66 @@ def test_kill_at_random_steps_then_resume_matches_uninterrupted(reference, tmp_p
         assert_same_run(reference, kill_and_resume(tmp_path, "step", n))
 
 
+def test_resume_restores_the_rate_schedule_and_the_prior_path(tmp_path, monkeypatch):
+    """Warm-up, reduce-on-plateau and the L2-prior path are in the saved state: resuming from a
+    checkpoint taken after a plateau (rate halved, prior on its second value) ends exactly like the
+    uninterrupted run. Validation AUCs are scripted so that the plateaus happen where intended."""
+    import numpy as np
+
+    from masknet.config import TrainConfig
+    from masknet.data.dataset import CTRDataset, Split
+    from masknet.models import build_model
+    from masknet.config import ModelConfig
+    from masknet.training import trainer
+
+    rng = np.random.default_rng(0)
+    cards = [6, 9, 4]
+
+    def split(n):
+        return Split(np.stack([rng.integers(0, c, n) for c in cards], 1).astype(np.int32), (rng.random(n) < 0.3).astype(np.uint8))
+
+    data = CTRDataset(["a", "b", "c"], cards, {"train": split(320), "valid": split(60), "test": split(60)})
+    aucs = [0.6, 0.7, 0.65, 0.64, 0.8, 0.75, 0.74, 0.73]  # plateaus at evaluations 3 and 6 (patience 2)
+    calls = [0]
+
+    def scripted(model, split, batch_size=8192, ctx=None):
+        calls[0] += 1
+        return {"auc": aucs[calls[0] - 1], "logloss": 0.5}
+
+    monkeypatch.setattr(trainer, "evaluate", scripted)
+    cfg = TrainConfig(
+        epochs=8, batch_size=64, lr=0.05, threads=1, progress=False, evals_per_epoch=1, eval_min_steps=1, min_steps=0,
+        lr_warmup_steps=7, lr_plateau_factor=0.5, l2_prior=[3.0, 1.0, 0.1], patience=2, keep_checkpoints=20,
+        min_batches_per_epoch=0,
+    )
+
+    def model():
+        trainer.seed_everything(0)
+        return build_model(ModelConfig(name="fm", embedding_dim=3), cards)
+
+    full, full_dir = model(), tmp_path / "full"
+    reference = trainer.fit(full, data, cfg, run_dir=full_dir)
+    assert [r["l2_prior"] for r in reference.history] == [3.0] * 4 + [1.0] * 3 + [0.1]
+    assert len({r["lr"] for r in reference.history}) >= 4  # warm-up, then halvings on plateau
+    after_plateau = next(p for p in ckpt.list_checkpoints(full_dir) if p.name == "step-000000020")  # after evaluation 4
+    calls[0] = 4
+    resumed = model()
+    again = trainer.fit(resumed, data, cfg, run_dir=tmp_path / "resumed", resume_from=after_plateau)
+    def untimed(history):  # timings differ between any two runs
+        return [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_second")} for r in history]
+
+    assert untimed(again.history) == untimed(reference.history)
+    for (k, v), (k2, v2) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(v, v2), k
+
+
 def test_kill_while_writing_a_checkpoint_then_resume_matches(reference, tmp_path):
-    # file writes come 4 per checkpoint; 6 = halfway through the second checkpoint's best.safetensors
-    out = kill_and_resume(tmp_path, "write", 6)
+    # file writes come 5 per checkpoint (4 files, then the manifest); 7 = halfway through the
+    # second checkpoint's best.safetensors
+    out = kill_and_resume(tmp_path, "write", 7)
     assert_same_run(reference, out)
+    # the killed write's temporary folder was removed when the run resumed
+    assert not [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
@@ -146,7 +222,8 @@ def test_keep_last_k_checkpoints(tmp_path):
     assert len(ckpt.list_checkpoints(out)) == 3
 
 
-def test_nan_loss_stops_with_step_and_resume_hint(tmp_path, monkeypatch, capsys):
+def poison_loss(monkeypatch, at_call: int) -> list[int]:
+    """Make the loss NaN at the `at_call`-th batch; returns the call counter (set it to -10**9 to stop)."""
     from masknet.training import trainer
 
     real = trainer.loss_fn
@@ -155,18 +232,301 @@ def test_nan_loss_stops_with_step_and_resume_hint(tmp_path, monkeypatch, capsys)
     def poisoned(model, x, y, cfg, *rest):
         calls[0] += 1
         total, bce = real(model, x, y, cfg, *rest)
-        return (total * float("nan"), bce) if calls[0] == 7 else (total, bce)
+        return (total * float("nan"), bce) if calls[0] == at_call else (total, bce)
 
     monkeypatch.setattr(trainer, "loss_fn", poisoned)
+    return calls
+
+
+def advised_command(err: str) -> list[str]:
+    """The `masknet train ...` command a NaN error advises, as an argv for main()."""
+    import re
+    import shlex
+
+    m = re.search(r"(masknet train --\S.*?) \(or --set train.on_nan=skip-batch", err)
+    assert m, err
+    argv = shlex.split(m.group(1))
+    assert argv[:2] == ["masknet", "train"]
+    return argv[1:]
+
+
+def optimizer_lrs(checkpoint: Path) -> list[float]:
+    state = json.loads((checkpoint / "state.json").read_text())
+    return [g["lr"] for opt in state["optimizers"] for g in opt["param_groups"]]
+
+
+def test_nan_loss_stops_with_step_and_a_resume_command_that_works(tmp_path, monkeypatch, capsys):
+    calls = poison_loss(monkeypatch, 7)
     out = tmp_path / "run"
     assert main(ARGS + ["--output", str(out)]) == 2
     err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
     assert "non-finite loss or gradient at epoch 1, step 7" in err
-    assert "--resume" in err and "train.lr=" in err
     assert "last good checkpoint" in err  # step 4's checkpoint
+    argv = advised_command(err)
+    assert argv[:3] == ["train", "--resume", str(out)] and "train.lr=0.0001" in argv
 
-    calls[0] = 0
+    calls[0] = -10**9  # the advised command, run as printed: continues from step 4 with lr 1e-4
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (out / "metrics.json").is_file()
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log[0] == {**log[0], "event": "resume", "after_epoch": 0, "global_step": 4,
+                      "changed": {"train.lr": {"from": 0.001, "to": 0.0001}}}
+    assert [r["step"] for r in log[1:]] == [10, 20, 30, 39]  # every 10 steps and the last (3 epochs of 13)
+    assert set(optimizer_lrs(ckpt.latest_checkpoint(out))) == {0.0001}
+    assert "train.lr 0.001 -> 0.0001" in (out / "config.yaml").read_text()
+
+
+def test_nan_before_the_first_checkpoint_advises_a_fresh_run_that_works(tmp_path, monkeypatch, capsys):
+    calls = poison_loss(monkeypatch, 2)  # checkpoints come every 4 steps: none yet
+    out = tmp_path / "run"
+    assert main(ARGS + ["--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint was written" in err, err
+    argv = advised_command(err)
+    assert "--resume" not in argv and "--overwrite" in argv and "train.lr=0.0001" in argv
+
+    calls[0] = -10**9
+    assert main(argv) == 0, capsys.readouterr().err
+    from masknet.config import load_config
+
+    cfg = load_config(out / "config.yaml")
+    assert cfg.train.lr == 0.0001 and cfg.model.block_dim == 12 and cfg.train.epochs == 3  # the same run, lower lr
+    assert (out / "metrics.json").is_file()
+
+
+def test_on_nan_skip_batch_skips_and_counts(tmp_path, monkeypatch):
+    poison_loss(monkeypatch, 7)
     out2 = tmp_path / "run2"
     assert main(ARGS + ["--output", str(out2), "--set", "train.on_nan=skip-batch"]) == 0
     log = [json.loads(line) for line in (out2 / "log.jsonl").read_text().splitlines()]
     assert log[0]["skipped_batches"] == 1
+
+
+# ---------------------------------------------------------------------------
+# A run folder holds one run: refusal, --overwrite, config fingerprints, write order
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_new_run_into_a_run_folder_is_refused_without_overwrite(reference, tmp_path, capsys):
+    out = copy_run(reference, tmp_path / "run")
+    before = snapshot(out)
+    assert main(ARGS + ["--output", str(out), "--set", "train.lr=1e-4"]) == 2
+    err = one_line_error(capsys)
+    assert "already holds a run" in err and "--overwrite" in err
+    assert snapshot(out) == before
+
+
+def test_overwrite_clears_the_earlier_run_and_a_resume_continues_the_new_one(reference, tmp_path):
+    """The issue's case: run B with lr 1e-4 into A's folder, killed after its first epoch, resumed:
+    it must end like an uninterrupted B, not like A."""
+    b_args = ARGS + ["--set", "train.lr=1e-4"]
+    b_ref = tmp_path / "b-ref"
+    assert main(b_args + ["--output", str(b_ref)]) == 0
+    out = copy_run(reference, tmp_path / "x")  # A, with its checkpoints at steps 36 and 39
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    kill_at = STEPS_PER_EPOCH + 3  # inside B's second epoch
+    proc = subprocess.run([sys.executable, str(driver), "step", str(kill_at), *b_args, "--output", str(out), "--overwrite"],
+                          capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    steps = sorted(int(p.name.split("-")[1]) for p in ckpt.list_checkpoints(out))
+    assert steps and max(steps) < kill_at  # only B's checkpoints: A's were deleted by --overwrite
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    assert_same_run(b_ref, out)
+    assert comparable(out) != comparable(reference)
+
+
+def test_overwrite_never_touches_a_folder_that_is_not_a_run(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my data")
+    (out / "config.yaml").write_text("model: {}\n")
+    for extra in ([], ["--overwrite"]):
+        assert main(ARGS + ["--output", str(out), *extra]) == 2
+        err = one_line_error(capsys)
+        assert "notes.txt" in err and "not a run folder" in err
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "notes.txt"]
+    assert (out / "notes.txt").read_text() == "my data"
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(reference, tmp_path, capsys):
+    import yaml
+
+    out = cut_back(reference, tmp_path / "run", 16)
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    cfg["train"]["batch_size"] = 128  # same shapes: the old code resumed it silently
+    cfg["model"]["dropout"] = 0.2
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", "--resume", str(out), "--quiet"]) == 2
+    err = one_line_error(capsys)
+    assert "belongs to another config" in err and "train.batch_size: 256 in the checkpoint, 128" in err and "model.dropout" in err
+    assert not (out / "metrics.json").exists()
+
+
+def test_pruning_follows_write_order_not_step_numbers(tmp_path):
+    """Checkpoints of an earlier run with higher step numbers must not make the newest one look
+    old: the old code deleted the checkpoint it had just written."""
+    run = tmp_path / "run"
+    model = torch.nn.Linear(2, 1)
+    for step in (50, 58):  # an earlier run's
+        ckpt.save_checkpoint(run, model, [], model.state_dict(), {"global_step": step, "history": []}, keep=5)
+    newest = ckpt.save_checkpoint(run, model, [], model.state_dict(), {"global_step": 4, "history": []}, keep=2)
+    assert newest.is_dir()
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-000000058", "step-000000004"]
+    assert ckpt.latest_checkpoint(run) == newest
+
+
+def test_rerunning_a_saved_config_goes_to_a_new_folder(reference, tmp_path, monkeypatch, capsys):
+    saved = copy_run(reference, tmp_path / "saved", keep=1)
+    before = snapshot(saved)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", str(saved / "config.yaml"), "--set", "train.threads=1"]) == 0
+    err = capsys.readouterr().err
+    assert "is a saved run's config" in err and "runs/sermasknet-" in err
+    assert snapshot(saved) == before  # the saved run is untouched
+    (rerun,) = (tmp_path / "runs").iterdir()
+    assert comparable(rerun) == comparable(reference)
+    # --output naming the saved run's folder is explicit: refused without --overwrite
+    assert main(["train", "--config", str(saved / "config.yaml"), "--output", str(saved)]) == 2
+    assert "already holds a run" in one_line_error(capsys)
+    assert snapshot(saved) == before
+
+
+# ---------------------------------------------------------------------------
+# Resuming with changed settings
+
+
+def test_resume_honours_resumable_settings_and_records_them(reference, tmp_path, capsys):
+    out = cut_back(reference, tmp_path / "run", 16)
+    assert main(["train", "--resume", str(out), "--quiet", "--set", "train.lr=2e-4", "--set", "train.patience=2"]) == 0
+    assert "train.lr: 0.001 -> 0.0002" in capsys.readouterr().out
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    event = log[1]  # after the first evaluation: the checkpoint at step 16 is 3 steps into epoch 2
+    assert event["event"] == "resume" and event["checkpoint"] == "step-000000016" and event["after_epoch"] == 1
+    assert event["changed"] == {"train.lr": {"from": 0.001, "to": 0.0002}, "train.patience": {"from": 3, "to": 2}}
+    assert [r.get("epoch") for r in log] == [1, None, 2, 3, 3]  # evaluations at steps 10 | 20, 30, 39
+    assert set(optimizer_lrs(ckpt.latest_checkpoint(out))) == {0.0002}
+    text = (out / "config.yaml").read_text()
+    assert "lr: 0.0002" in text and "train.lr 0.001 -> 0.0002, train.patience 3 -> 2" in text
+    assert comparable(out)["history"][0] == comparable(reference)["history"][0]  # epoch 1 is the same run
+    assert comparable(out)["history"][2] != comparable(reference)["history"][2]  # step 30: trained with lr 2e-4
+
+    # a later plain resume keeps the changed settings and the record (the run is finished: nothing to train)
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    assert [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][1] == event
+
+
+def test_resume_refuses_settings_that_change_what_is_trained(reference, tmp_path, capsys):
+    out = cut_back(reference, tmp_path / "run", 16)
+    before = snapshot(out)
+    for extra, named in (
+        (["--set", "model.dropout=0.2"], "--set model.dropout"),
+        (["--set", "train.batch_size=64"], "--set train.batch_size"),
+        (["--model", "fm"], "--model"),
+        (["--output", str(tmp_path / "elsewhere")], "--output"),
+        (["--overwrite"], "--overwrite"),
+    ):
+        assert main(["train", "--resume", str(out), "--quiet", *extra]) == 2
+        assert named in one_line_error(capsys)
+    assert snapshot(out) == before
+
+
+def test_resume_cannot_extend_a_finished_run(reference, tmp_path, capsys):
+    out = cut_back(reference, tmp_path / "run", 39)  # the final checkpoint
+    assert main(["train", "--resume", str(out), "--quiet", "--set", "train.epochs=5"]) == 2
+    assert "finished training" in one_line_error(capsys)
+
+
+# ---------------------------------------------------------------------------
+# Corrupt checkpoints, killed writes, full disks
+
+
+def flip_bit(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    (n,) = struct.unpack("<Q", raw[:8])
+    at = 8 + n + (len(raw) - 8 - n) // 2
+    raw[at - at % 4 + 3] ^= 0x40  # an exponent bit of a float32 in the middle of the weights
+    path.write_bytes(bytes(raw))
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(reference, tmp_path, capsys):
+    out = cut_back(reference, tmp_path / "run", 20)  # checkpoints at steps 4, 8, 12, 13 (epoch 1), 16, 20
+    flip_bit(out / "checkpoints" / "step-000000020" / "model.safetensors")
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    warnings = [line for line in printed.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "step-000000020/model.safetensors: SHA-256 does not match" in warnings[0]
+    assert "falling back" in warnings[0] and "resuming from " + str(out / "checkpoints" / "step-000000016") in printed
+    assert_same_run(reference, out)
+
+
+def test_truncated_state_json_falls_back_or_is_one_line(reference, tmp_path, capsys):
+    out = cut_back(reference, tmp_path / "run", 16)
+    state = out / "checkpoints" / "step-000000016" / "state.json"
+    state.write_bytes(state.read_bytes()[:100])
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    assert "step-000000016/state.json" in capsys.readouterr().out
+    assert_same_run(reference, out)
+
+    only = cut_back(reference, tmp_path / "only", 4)  # its one checkpoint truncated: nothing to fall back to
+    state = only / "checkpoints" / "step-000000004" / "state.json"
+    state.write_bytes(state.read_bytes()[:100])
+    assert main(["train", "--resume", str(only), "--quiet"]) == 2
+    assert "no intact checkpoint" in one_line_error(capsys)
+
+
+def test_stale_temporary_checkpoint_folders_are_removed_on_resume(reference, tmp_path):
+    out = cut_back(reference, tmp_path / "run", 30)
+    root = out / "checkpoints"
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(done.stdout)  # a process that has exited
+    stale = [root / f".tmp-step-000000034-{dead}", root / f".tmp-step-000000035-{os.getpid()}"]
+    live = root / f".tmp-step-000000036-{os.getppid()}"  # its writer is still running: left alone
+    other = root / ".tmp-something-else"  # not a name masknet writes: left alone
+    for p in stale + [live, other]:
+        p.mkdir()
+        (p / "model.safetensors").write_bytes(b"x" * 1000)
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    assert not any(p.exists() for p in stale)
+    assert live.is_dir() and other.is_dir()
+
+
+def test_disk_full_while_writing_the_bundle_fails_cleanly_and_resume_finishes(reference, tmp_path, monkeypatch, capsys):
+    import masknet.integrity as integrity
+    import masknet.training.run as run_mod
+    from masknet.serving.bundle import verify_manifest
+
+    real = integrity._write_synced
+
+    def full(path, data):
+        if path.name.startswith(".model.safetensors"):
+            with open(path, "wb") as fh:
+                fh.write(data[: len(data) // 3])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real(path, data)
+
+    def full_safetensors(state, filename, *a, **k):  # how the old code wrote the weights
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+
+    monkeypatch.setattr(integrity, "_write_synced", full)
+    monkeypatch.setattr(run_mod, "save_file", full_safetensors, raising=False)
+    out = tmp_path / "run"
+    assert main(ARGS + ["--output", str(out)]) == 2
+    err = one_line_error(capsys)
+    assert "could not write the model bundle (No space left on device)" in err and "--resume" in err
+    assert not (out / "manifest.json").exists() and not (out / "model.safetensors").exists()
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no half-written temporary file
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    verify_manifest(out)
+    assert_same_run(reference, out)

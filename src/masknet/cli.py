@@ -12,6 +12,22 @@ from .errors import UserError
 
 SubcommandSetup = Callable[[argparse._SubParsersAction], None]
 
+# What each optional part of masknet needs (pyproject.toml's extras): checked before the
+# command starts, so a base install says in one line what to install.
+EXTRAS = {
+    "serve": ("onnx", "onnxruntime", "fastapi", "uvicorn", "msgspec"),
+    "plots": ("matplotlib",),
+    "tune": ("optuna", "matplotlib"),
+}
+
+
+def _require(extra: str, command: str) -> None:
+    import importlib.util
+
+    missing = [m for m in EXTRAS[extra] if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"{command} needs the [{extra}] extra ({', '.join(missing)} missing): pip install 'masknet[{extra}]'")
+
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from .config import MODEL_NAMES
@@ -52,12 +68,26 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="override any config key, e.g. --set model.block_dim=200 --set train.lr=1e-4 (repeatable)",
     )
-    p.add_argument("--output", metavar="DIR", help="run folder (default: runs/<model>-<timestamp>)")
+    p.add_argument(
+        "--output",
+        metavar="DIR",
+        help="run folder (default: runs/<model>-<timestamp>; a saved run's config.yaml given to --config never "
+        "sends the re-run back into that run's folder)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run in --output (its checkpoints, metrics and weights are deleted first); without it "
+        "a folder holding a run is refused. A folder holding anything else is never touched",
+    )
     p.add_argument("--base-run", metavar="DIR", help="a finished run: report RelaImp (Eq. 20) against its test AUC")
     p.add_argument(
         "--resume",
         metavar="RUN",
-        help="continue an interrupted run from its latest checkpoint, with its saved config (other options are ignored)",
+        help="continue an interrupted run from its latest intact checkpoint, with its saved config; only --epochs, "
+        "--quiet, --nproc and --set of train.lr, train.epochs, train.patience, train.on_nan, train.threads, "
+        "train.progress, train.checkpoint_every_steps, train.keep_checkpoints may be given (recorded in log.jsonl "
+        "and config.yaml)",
     )
     p.add_argument(
         "--nproc",
@@ -66,22 +96,37 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="train with N processes (DistributedDataParallel; gloo on CPU, NCCL on CUDA): launches torchrun for you; "
         "needs --output. Equivalent to `torchrun --nproc_per_node=N -m masknet train ...`",
     )
+    p.add_argument(
+        "--log",
+        action="append",
+        default=[],
+        choices=("tensorboard", "mlflow"),
+        help="also log loss, AUC, learning rate and samples/s per evaluation to TensorBoard (RUN/tensorboard; "
+        "pip install tensorboard) or MLflow (MLFLOW_TRACKING_URI; pip install mlflow); repeatable. "
+        "Same as --set train.tensorboard=true / train.mlflow=true",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .config import RunConfig, apply_override, apply_preset, load_config
-    from .training.run import resume_run, train_run
+    from .training.run import default_output, train_run
+    from .training.runfolder import is_run_folder
 
     if args.nproc is not None and "WORLD_SIZE" not in os.environ:
         return _launch_torchrun(args)
     if args.resume:
-        resume_run(args.resume)
-        return 0
+        return _run_resume(args)
     cfg = apply_preset(RunConfig(), args.preset) if args.preset else RunConfig()
     if args.config:
         cfg = load_config(args.config, base=cfg)
+    # re-running a saved run must not write back into it: its config's `output` is not reused
+    saved_run = args.config is not None and Path(args.config).name == "config.yaml" and is_run_folder(Path(args.config).parent)
+    if saved_run:
+        cfg.output = None
     if args.model:
         cfg.model.name = args.model
     if args.data:
@@ -96,9 +141,35 @@ def _run_train(args: argparse.Namespace) -> int:
         cfg.base_run = args.base_run
     if args.quiet:
         cfg.train.progress = False
+    for tracker in args.log:
+        setattr(cfg.train, tracker, True)
     for assignment in args.set:
         apply_override(cfg, assignment)
-    train_run(cfg)
+    if saved_run and cfg.output is None and os.environ.get("WORLD_SIZE", "1") == "1":
+        cfg.output = str(default_output(cfg))
+        print(
+            f"masknet train: {args.config} is a saved run's config; its folder is left alone and this run goes to "
+            f"{cfg.output} (--output chooses another)", file=sys.stderr,
+        )
+    train_run(cfg, overwrite=args.overwrite)
+    return 0
+
+
+def _run_resume(args: argparse.Namespace) -> int:
+    """--resume continues a run as it was configured: options that would change what it trains are refused."""
+    from .training.run import resume_run
+
+    given = {"--model": args.model, "--data": args.data, "--seed": args.seed, "--config": args.config,
+             "--output": args.output, "--base-run": args.base_run, "--overwrite": args.overwrite or None}
+    refused = [opt for opt, value in given.items() if value is not None]
+    if refused:
+        raise UserError(
+            f"{refused[0]} cannot be combined with --resume (a resume continues the run with its saved config; "
+            "--set of the keys `masknet train --help` lists under --resume may change)"
+        )
+    overrides = [f"train.epochs={args.epochs}"] if args.epochs is not None else []
+    overrides += ["train.progress=false"] if args.quiet else []
+    resume_run(args.resume, overrides=overrides + list(args.set))
     return 0
 
 
@@ -108,6 +179,12 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
         raise UserError(f"--nproc: must be >= 1, got {args.nproc}")
     if not args.output and not args.resume:
         raise UserError("--nproc needs --output (every process must write to the same run folder)")
+    if not args.resume:  # refuse here in one line rather than in every process torchrun starts
+        from pathlib import Path
+
+        from .training.runfolder import check_new_run_folder
+
+        check_new_run_folder(Path(args.output), args.overwrite)
     argv, rest, skip = [], list(args.argv), False
     for i, a in enumerate(rest):
         if skip:
@@ -179,7 +256,18 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train", metavar="FILE", help="explicit train file (with --valid and --test)")
     p.add_argument("--valid", metavar="FILE", help="explicit validation file")
     p.add_argument("--test", metavar="FILE", help="explicit test file")
-    p.add_argument("--output", required=True, metavar="DIR", help="prepared dataset folder to write")
+    p.add_argument(
+        "--output",
+        required=True,
+        metavar="DIR",
+        help="prepared dataset folder to write: new, empty, or (with --overwrite) a prepared dataset",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the prepared dataset already in --output (it is kept until the new one is complete; "
+        "a folder holding anything else is never replaced)",
+    )
     p.add_argument(
         "--min-count",
         type=int,
@@ -231,6 +319,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
         seed=args.seed,
         bad_lines=args.bad_lines,
         log=log,
+        overwrite=args.overwrite,
     )
     rows = stats["rows"]
     rate = stats["positive_rate"]
@@ -344,6 +433,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    _require("serve", "masknet export")
     from .serving.bundle import verify_and_load
     from .serving.export import export_onnx
 
@@ -359,23 +449,43 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         description="Serve a trained run folder over HTTP. See docs/serving.md for the API; /docs has the OpenAPI UI.",
     )
     p.add_argument("--model", required=True, metavar="RUN", help="a trained run folder (model bundle)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; anything else warns: no authentication)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--runtime", choices=("torch", "onnx"), default="torch", help="PyTorch (default) or onnxruntime")
+    p.add_argument("--precision", choices=("fp32", "int8", "bf16"), default="fp32",
+                   help="fp32 (default); int8: dynamic quantization of the dense layers; bf16: autocast (torch only). "
+                        "Its test-AUC difference from fp32 is measured at start-up")
+    p.add_argument("--threads", type=int, metavar="N", help="intra-op threads of the one inference thread (default: all cores)")
     p.add_argument("--max-candidates", type=int, default=1000, metavar="N", help="most candidates (or rows) per request (default 1000)")
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, metavar="N", help="largest request body (default 8 MiB)")
-    p.add_argument("--threads", type=int, metavar="N", help="threads per forward pass (default: the runtime's)")
+    p.add_argument("--max-value-chars", type=int, default=1024, metavar="N",
+                   help="longest string value one feature may send (default 1024 characters)")
+    p.add_argument("--max-batch-rows", type=int, default=2048, metavar="N",
+                   help="dynamic batching: most rows in one forward pass (default 2048)")
+    p.add_argument("--max-wait-ms", type=float, default=2.0, metavar="MS",
+                   help="dynamic batching: longest wait for more requests while others are arriving (default 2)")
+    p.add_argument("--max-queue-rows", type=int, default=8192, metavar="N",
+                   help="rows that may wait for the model; a request beyond gets 503 + Retry-After (default 8192)")
+    p.add_argument("--max-pending", type=int, default=16, metavar="N",
+                   help="requests in the server at once (reading, decoding, waiting, scored); beyond: 503 + Retry-After (default 16)")
     p.set_defaults(func=_run_serve)
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    _require("serve", "masknet serve")
     from .serving.bundle import verify_and_load
     from .serving.service import serve
 
-    if args.max_candidates < 1 or args.max_body_bytes < 1:
-        raise UserError("--max-candidates and --max-body-bytes must be >= 1")
+    for name in ("max_candidates", "max_body_bytes", "max_value_chars", "max_batch_rows", "max_queue_rows", "max_pending"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.max_wait_ms < 0 or (args.threads is not None and args.threads < 1):
+        raise UserError("--max-wait-ms must be >= 0 and --threads >= 1")
     bundle = verify_and_load(args.model, threads=args.threads)
-    serve(bundle, args.host, args.port, args.runtime, args.max_candidates, args.max_body_bytes, args.threads)
+    serve(bundle, args.host, args.port, runtime=args.runtime, precision=args.precision, threads=args.threads,
+          max_candidates=args.max_candidates, max_body_bytes=args.max_body_bytes, max_value_chars=args.max_value_chars,
+          max_batch_rows=args.max_batch_rows, max_wait_ms=args.max_wait_ms, max_queue_rows=args.max_queue_rows,
+          max_pending=args.max_pending)
     return 0
 
 
@@ -429,6 +539,7 @@ def _run_reproduce(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
+    _require("plots", "masknet reproduce")
     from .experiments.plan import PRESETS, parse_tables
     from .experiments.reproduce import EqualTuning, base_config, reproduce
 
@@ -436,6 +547,8 @@ def _run_reproduce(args: argparse.Namespace) -> int:
         raise UserError(f"--tune: must be >= 1, got {args.tune}")
     if args.tune is None and args.tune_max_steps is not None:
         raise UserError("--tune-max-steps needs --tune N")
+    if args.tune is not None:
+        _require("tune", "masknet reproduce --tune")
     tuning = EqualTuning(args.tune, args.tune_max_steps, args.tune_seed) if args.tune else None
     tables = parse_tables(args.tables)
     cfg, applied = base_config(args.preset, args.config, args.data, args.set)
@@ -473,14 +586,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--auc-data", action="append", default=[], metavar="DIR", help="another prepared dataset for the AUC check (repeatable)")
     p.add_argument("--vocab", default="100000,10000000", metavar="SMALL,LARGE", help="vocabulary sizes for the scaling test, or none")
     p.add_argument("--output", default="bench.json", metavar="FILE", help="JSON output (default bench.json)")
-    p.add_argument("--quick", action="store_true", help="tiny models and data (CI smoke test)")
+    p.add_argument("--quick", action="store_true", help="tiny models and data: a smoke test whose figures are noise (CI); labelled as such")
     p.set_defaults(func=_run_bench)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .bench.runner import format_table, run_bench
+    from .bench.runner import SMOKE_NOTE, format_table, run_bench
     from .config import MODEL_NAMES
 
     models = args.models.split(",") if args.models else list(MODEL_NAMES)
@@ -503,7 +616,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     report = run_bench(models, precisions, rows, steps, Path(args.output), quick=args.quick, threads=args.threads,
                        data=args.data, vocab=vocab, auc_rows=args.auc_rows, auc_data=args.auc_data, log=log,
                        job_options=dict(latency_reps=args.latency_reps, predict_rows=args.predict_rows))
-    print(format_table(report["results"]))
+    print(format_table(report["results"], quick=args.quick))
     vs = report.get("vocab_scaling")
     if vs and vs["ratio_large_over_small"] is not None:
         print(f"vocabulary {vocab[0]:,} -> {vocab[1]:,} rows: training samples/s ratio {vs['ratio_large_over_small']:.3f} "
@@ -511,6 +624,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     for c in report.get("auc_check", []):
         print(f"AUC check {c['data']}: fp32 {c['fp32']['test_auc']:.4f}, bf16 {c['bf16']['test_auc']:.4f}, delta {c['test_auc_delta']:+.4f}")
     print(f"load average {report['load_avg_1m_start']:.2f} -> {report['load_avg_1m_end']:.2f}; JSON: {args.output}")
+    if args.quick:
+        print(SMOKE_NOTE)
     return 0
 
 
@@ -547,6 +662,7 @@ def _run_tune(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
+    _require("tune", "masknet tune")
     from .config import RunConfig, apply_override, load_config
     from .tuning import load_space, tune
 

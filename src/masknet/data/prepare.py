@@ -20,6 +20,10 @@ Splits
              last 10% test. File order counts bad lines; time ranks count valid rows only.
     explicit train/valid/test files; the encoder is fitted on the train file only.
 
+Output: built in a temporary sibling folder of `output` and swapped in only when complete, so a
+failed or killed run never damages the dataset already there; replacing one takes `overwrite`
+(output.py).
+
 Bad lines (wrong number of columns, empty line, label not 0/1, unparsable number, bad
 value, bad time): with bad_lines="error" the first one stops the run with a DataError
 naming file, line and field; with "skip" they are dropped, counted per kind and file,
@@ -28,7 +32,6 @@ and the first examples are kept in the stats.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -43,8 +46,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import DataError, UserError
-from .dataset import FORMAT_NAME, SPLITS, PreparedWriter
+from .dataset import SPLITS, PreparedWriter
 from .encoder import MISSING, OOV, Encoder, FieldEncoder, Tokens, TokenCounter, _np, _splitmix64, fit_field, parse_label, parse_time, transform
+from .output import build_folder
 from .readers import DEFAULT_BLOCK_BYTES, BadLine, NeedSerial, RawChunk, check_columns, count_data_rows, iter_chunks
 from .schema import DatasetSpec
 
@@ -239,23 +243,6 @@ class BadLineLog:
         }
 
 
-def _prepare_output(output: Path) -> None:
-    if output.exists() and not output.is_dir():
-        raise UserError(f"{output}: exists and is not a folder")
-    if output.is_dir() and any(output.iterdir()):
-        meta = output / "meta.json"
-        ok = False
-        if meta.is_file():
-            try:
-                ok = json.loads(meta.read_text()).get("format") == FORMAT_NAME
-            except (json.JSONDecodeError, AttributeError):
-                ok = False
-        if not ok:
-            raise UserError(f"{output}: exists, is not empty and is not a prepared dataset; choose another --output")
-        meta.unlink()  # a half-written folder must never look complete
-    output.mkdir(parents=True, exist_ok=True)
-
-
 def prepare(
     spec: DatasetSpec,
     output: str | Path,
@@ -269,8 +256,13 @@ def prepare(
     bad_lines: str = "error",
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     log: Optional[Callable[[str], None]] = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Prepare a dataset folder; returns its stats (also saved in meta.json). See the module doc."""
+    """Prepare a dataset folder; returns its stats (also saved in meta.json). See the module doc.
+
+    The dataset is built in a temporary sibling folder and moved into place only when complete
+    (output.py): a failed or killed run leaves `output` as it was. An existing prepared dataset is
+    replaced only with `overwrite=True`; a non-empty folder that is not one, never."""
     explicit = [train, valid, test]
     if input is not None and any(p is not None for p in explicit):
         raise UserError("give either --input or --train/--valid/--test, not both")
@@ -280,19 +272,21 @@ def prepare(
         raise UserError(f"--split: expected random or time, got {split!r}")
     if bad_lines not in ("error", "skip"):
         raise UserError(f"--bad-lines: expected error or skip, got {bad_lines!r}")
-    output = Path(output)
-    _prepare_output(output)
     kwargs = dict(input=input, train=train, valid=valid, test=test, split=split, seed=seed, bad_lines=bad_lines, block_bytes=block_bytes, log=log)
     try:
-        try:
-            return _prepare(spec, output, serial=False, **kwargs)
-        except NeedSerial:  # rows with a wrong number of columns: re-read single-threaded to locate them
-            return _prepare(spec, output, serial=True, **kwargs)
-    except BaseException:
-        for name in os.listdir(output):  # leave no half-written dataset behind
-            if name.endswith(".bin") or name in ("encoder.json", "meta.json"):
-                (output / name).unlink()
-        raise
+        with build_folder(output, overwrite, log) as build:
+            try:
+                return _prepare(spec, build, serial=False, **kwargs)
+            except NeedSerial:  # rows with a wrong number of columns: re-read single-threaded to locate them
+                return _prepare(spec, build, serial=True, **kwargs)
+    except OSError as exc:  # the readers turn their own errors into DataErrors: this one is writing
+        raise DataError(_write_error(output, exc)) from None
+
+
+def _write_error(output: str | Path, exc: OSError) -> str:
+    what = exc.strerror or str(exc).strip().splitlines()[0] or type(exc).__name__
+    code = f" (errno {exc.errno})" if exc.errno else ""
+    return f"{output}: writing the prepared dataset failed: {what}{code}; {output} was left as it was and the partial output removed"
 
 
 def _prepare(
@@ -352,7 +346,7 @@ def _prepare(
     t1 = time.perf_counter()
     nf = len(spec.fields)
     counters = [TokenCounter() for _ in spec.fields]
-    spill = _Spill(output / ".prepare-tmp", spec)
+    spill = _Spill(output / ".prepare-spill", spec)
     train_rows = 0
     if ranker is not None:
         ranker.reset()

@@ -49,6 +49,11 @@ from .schema import DatasetSpec
 
 DICT_STRING = pa.dictionary(pa.int32(), pa.string())
 DEFAULT_BLOCK_BYTES = 4 << 20  # CSV bytes parsed per block (about 16k Criteo lines)
+# Arrow parses any line up to the block size (measured: every line of <= block_bytes bytes parses,
+# longer ones fail with "straddling object straddles two block boundaries" depending on where
+# they fall). A longer line makes the reader start again with a block that fits it, up to this
+# cap: the longest line masknet reads (docs/data.md "Limits"). The read then holds a few such blocks.
+MAX_BLOCK_BYTES = 64 << 20
 PARQUET_BATCH_ROWS = 1 << 16
 # Dictionary-encodes a block's columns while Arrow parses the next block: asking Arrow's streaming
 # reader for dictionary columns hashes every value on its single parsing thread, which made it
@@ -62,6 +67,10 @@ class NeedSerial(Exception):
 
 class _UndecodableRow(Exception):
     """Arrow met a wrong-width line that is not UTF-8 and could not hand it to Python."""
+
+
+class _LineTooLong(Exception):
+    """Arrow met a line longer than its block ("straddling object ... try to increase block size")."""
 
 
 @dataclass
@@ -206,14 +215,73 @@ def iter_chunks(
 
 
 def _iter_csv(spec: DatasetSpec, path: Path, serial: bool, block_bytes: int) -> Iterator[RawChunk]:
+    """Read passes over the file until one gets to its end; each later pass skips what an earlier
+    one yielded (`done_through`)."""
     done_through = [0]  # the last line number already yielded (rows and dropped lines)
+    sanitize = False
+    while True:
+        try:
+            yield from _iter_csv_pass(spec, path, serial, block_bytes, done_through, sanitize=sanitize)
+            return
+        except _UndecodableRow:
+            if not serial:  # only the single-threaded parser gives line numbers
+                raise NeedSerial() from None
+            if sanitize:
+                raise
+            sanitize = True  # read again with those lines made decodable
+        except _LineTooLong:
+            block_bytes = _block_for_long_line(path, block_bytes)
+
+
+def _block_for_long_line(path: Path, block_bytes: int) -> int:
+    """A block size that fits the first line longer than `block_bytes`, or a DataError naming that
+    line when it is longer than MAX_BLOCK_BYTES."""
+    found = find_long_line(path, block_bytes)
+    if found is None:  # not expected: Arrow parses every line that fits a block
+        raise DataError(f"{path}: cannot parse: a line does not fit Arrow's {block_bytes:,}-byte block")
+    line, length = found
+    if length > MAX_BLOCK_BYTES:
+        raise DataError(
+            f"{path}: line {line}: {length:,} bytes long; the longest line masknet reads is "
+            f"{MAX_BLOCK_BYTES:,} bytes ({MAX_BLOCK_BYTES >> 20} MiB)"
+        )
+    return min(MAX_BLOCK_BYTES, max(2 * block_bytes, 1 << (length - 1).bit_length()))
+
+
+def find_long_line(path: str | Path, limit: int) -> Optional[tuple[int, int]]:
+    """(line number, length in bytes with its newline) of the first line longer than `limit`."""
+    line, run = 1, 0  # run: bytes of the current line seen so far
     try:
-        yield from _iter_csv_pass(spec, path, serial, block_bytes, done_through, sanitize=False)
-    except _UndecodableRow:
-        if not serial:  # only the single-threaded parser gives line numbers
-            raise NeedSerial() from None
-        # Read again with those lines made decodable; skip what was already yielded.
-        yield from _iter_csv_pass(spec, path, True, block_bytes, done_through, sanitize=True)
+        with open_stream(path) as fh:
+            while True:
+                buf = fh.read(16 << 20)
+                if not buf:
+                    return (line, run) if run > limit else None
+                ends = np.flatnonzero(np.frombuffer(buf, dtype=np.uint8) == 10)
+                lengths = np.diff(ends, prepend=-1)  # bytes of each line ending in this buffer, newline included
+                if len(lengths):
+                    lengths[0] += run
+                    long = np.flatnonzero(lengths > limit)
+                    if len(long):
+                        return line + int(long[0]), int(lengths[long[0]])
+                    line += len(ends)
+                    run = len(buf) - 1 - int(ends[-1])
+                else:
+                    run += len(buf)
+                if run > limit:
+                    return line, _line_length(fh, run)
+    except OSError as exc:
+        raise DataError(f"{path}: unreadable: {exc}") from None
+
+
+def _line_length(fh: pa.NativeFile, run: int) -> int:
+    """The full length of a line of which `run` bytes were read, reading on to its end."""
+    while True:
+        buf = fh.read(16 << 20)
+        end = buf.find(b"\n")
+        if end >= 0 or not buf:
+            return run + (end + 1 if end >= 0 else 0)
+        run += len(buf)
 
 
 def _iter_csv_pass(
@@ -268,6 +336,8 @@ def _iter_csv_pass(
     with _HandlerDecodeErrors(handler) as decode_errors:
 
         def parse_error(exc: pa.ArrowInvalid) -> Exception:
+            if "straddling object straddles" in str(exc):
+                return _LineTooLong()
             if _undecodable_wrong_width(exc, decode_errors):
                 return _UndecodableRow()
             return DataError(f"{path}: cannot parse: {_arrow_msg(exc)}")
@@ -277,6 +347,8 @@ def _iter_csv_pass(
                 reader = pacsv.open_csv(stream, read_options=read_opts, parse_options=parse_opts, convert_options=conv_opts)
             except pa.ArrowInvalid as exc:
                 raise parse_error(exc) from None
+            except OSError as exc:  # the first block is read here: a gzip stream that ends early or is corrupt
+                raise DataError(f"{path}: unreadable: {_arrow_msg(exc)}") from None
             valid_seen = 0  # valid rows parsed so far
             adjusted = np.zeros(0, dtype=np.int64)  # invalid_rows[i] - i, for the row-index mapping
             # Multi-threaded reads parse the next blocks in a background thread while this one
@@ -292,7 +364,7 @@ def _iter_csv_pass(
                 except pa.ArrowInvalid as exc:
                     raise parse_error(exc) from None
                 except OSError as exc:  # a gzip stream that ends early or is corrupt
-                    raise DataError(f"{path}: unreadable: {exc}") from None
+                    raise DataError(f"{path}: unreadable: {_arrow_msg(exc)}") from None
                 if unknown_line[0] or (invalid and not serial):
                     raise NeedSerial()
                 n = batch.num_rows
@@ -550,7 +622,10 @@ def count_data_rows(spec: DatasetSpec, path: str | Path) -> int:
     lines, last = 0, b"\n"
     with open_stream(path) as fh:
         while True:
-            buf = fh.read(16 << 20)
+            try:
+                buf = fh.read(16 << 20)
+            except OSError as exc:
+                raise DataError(f"{path}: unreadable: {_arrow_msg(exc)}") from None
             if not buf:
                 break
             lines += buf.count(b"\n")

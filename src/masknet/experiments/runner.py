@@ -186,7 +186,9 @@ def run_plan(
                 cfg.train.checkpoints = False  # a cell re-runs whole; its per-epoch checkpoints would only cost time
             log(f"=== {cell.id}")
             t0 = time.perf_counter()
-            run = train_run(cfg, data=data, log=log)
+            # an unfinished or outdated cell re-runs whole: its folder holds only this runner's files
+            (Path(cfg.output) / RESULT_FILE).unlink(missing_ok=True)
+            run = train_run(cfg, data=data, log=log, overwrite=True)
             seconds = time.perf_counter() - t0
             m = run.metrics
             result = {

@@ -29,19 +29,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import UserError
+from ..integrity import sha256_file as _sha256
+from ..integrity import write_atomic
 
 MANIFEST = "manifest.json"
 BUNDLE_FORMAT = "masknet-bundle"
 BUNDLE_VERSION = 1
 REQUIRED = ("model.json", "model.safetensors")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _versions() -> dict[str, str]:
@@ -79,7 +73,9 @@ def write_manifest(run: str | Path) -> dict[str, Any]:
         for p in sorted(run.iterdir())
         if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
     }
-    spec = json.loads((run / "model.json").read_text())
+    spec = _read_json(run / "model.json")
+    if not isinstance(spec, dict):
+        raise UserError(f"{run / 'model.json'}: not a JSON object")
     manifest = {
         "format": BUNDLE_FORMAT,
         "version": BUNDLE_VERSION,
@@ -89,7 +85,7 @@ def write_manifest(run: str | Path) -> dict[str, Any]:
         "files": files,
         "bundle_sha256": _bundle_hash(files),
     }
-    (run / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    write_atomic(run / MANIFEST, json.dumps(manifest, indent=2).encode())  # last: seals the folder
     return manifest
 
 

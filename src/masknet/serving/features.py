@@ -21,18 +21,19 @@ from __future__ import annotations
 
 import operator
 from collections import Counter
-from itertools import chain
+from itertools import chain, repeat
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..data.encoder import OOV, FieldEncoder, log_bucket, parse_numbers, transform
+from ..data.encoder import FIRST, MISSING, OOV, FieldEncoder, log_bucket, parse_numbers, transform
 
 _FIELD_STRIDE = 1 << 48  # numeric group keys: field * 2^48 + token
 _TOKEN_LIMIT = 1 << 46
-
+SHOW_CHARS = 60  # longest part of a bad value quoted in an error message
+DEFAULT_MAX_VALUE_CHARS = 1024  # longest string value a request may send (masknet serve --max-value-chars)
 
 
 class RequestError(ValueError):
@@ -48,52 +49,78 @@ def _py_type(v: Any) -> str:
 
 
 class _Lookup:
-    """Token -> index for one vocabulary field, by binary search in a sorted copy of the vocabulary."""
+    """Token -> index for one vocabulary field: a dict built once at start-up. Looking a value up
+    costs the same whatever its length (a sorted fixed-width string array, searched with a long
+    value, is widened to that value's length: 688 MB for one 128k-character value)."""
 
     def __init__(self, fe: FieldEncoder):
-        vocab = fe.vocab
-        self.is_int = vocab is not None and pa.types.is_integer(vocab.type)
-        values = np.asarray(vocab.to_pylist() if vocab is not None else [], dtype=np.int64 if self.is_int else str)
-        if not self.is_int and len(values) == 0:
-            values = np.zeros(0, dtype="U1")
-        self.order = np.argsort(values, kind="stable")
-        self.sorted = values[self.order]
+        vocab = fe.vocab.to_pylist() if fe.vocab is not None else []
+        self.index = dict(zip(vocab, range(FIRST, FIRST + len(vocab))))
 
     def codes(self, tokens: pa.Array) -> np.ndarray:
-        n = len(tokens)
-        if n == 0 or len(self.sorted) == 0:
-            return np.full(n, OOV, dtype=np.int64)
-        if self.is_int:
-            q = (tokens if tokens.type == pa.int64() else tokens.cast(pa.int64())).to_numpy(zero_copy_only=False)
-        else:
-            q = np.asarray((tokens if tokens.type == pa.string() else tokens.cast(pa.string())).to_pylist(), dtype=str)
-        pos = np.searchsorted(self.sorted, q)
-        pos_c = np.minimum(pos, len(self.sorted) - 1)
-        hit = self.sorted[pos_c] == q
-        return np.where(hit, self.order[pos_c] + 2, OOV).astype(np.int64)
+        return lookup(self.index, tokens.to_pylist())
+
+
+def lookup(index: dict, values: Sequence) -> np.ndarray:
+    """int64 code per value (OOV for a value not in `index`), in one C-level pass."""
+    return np.fromiter(map(index.get, values, repeat(OOV)), np.int64, len(values))
+
+
+def show(value: Any, limit: int = SHOW_CHARS) -> str:
+    """repr(value) for an error message, shortened: a 1 MB bad value is not echoed back whole."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value):,} characters)"
+    text = repr(value)
+    return text if len(text) <= limit + 20 else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def check_strings(arr: pa.Array, where: Callable[[int], str], max_chars: Optional[int]) -> None:
+    """RequestError naming the first string longer than `max_chars` characters (checked on the
+    UTF-8 byte lengths first: a value of at most max_chars bytes has at most max_chars characters)."""
+    if max_chars is None or not len(arr) or not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        return
+    if (pc.max(pc.binary_length(arr)).as_py() or 0) <= max_chars:
+        return
+    chars = pc.fill_null(pc.utf8_length(arr), 0).to_numpy(zero_copy_only=False)
+    if chars.max() > max_chars:
+        i = int(np.argmax(chars > max_chars))
+        raise RequestError(
+            f"{where(i)}: a value of {int(chars[i]):,} characters; the longest allowed is {max_chars:,} "
+            f"(masknet serve --max-value-chars)"
+        )
 
 
 class FeatureEncoder:
     """Encode JSON rows for one bundle. `columns`: the raw column names a row must give."""
 
-    def __init__(self, encoder: Any, field_names: Sequence[str], cardinalities: Sequence[int]):
+    def __init__(
+        self, encoder: Any, field_names: Sequence[str], cardinalities: Sequence[int],
+        max_value_chars: Optional[int] = DEFAULT_MAX_VALUE_CHARS,
+    ):
         self.encoder = encoder
+        self.max_value_chars = max_value_chars
         self.field_names = list(field_names)
         self.cardinalities = [int(c) for c in cardinalities]
         if encoder is None:
-            self.columns = list(self.field_names)
+            self.field_columns = list(self.field_names)
             self.lookups: list[Optional[_Lookup]] = []
+            self.text_columns: frozenset[str] = frozenset()
         else:
-            self.columns = list(dict.fromkeys(fe.spec.column for fe in encoder.fields))
+            self.field_columns = [fe.spec.column for fe in encoder.fields]
             self.lookups = [None if fe.spec.hash_buckets else _Lookup(fe) for fe in encoder.fields]
             self.missing = pa.array(list(encoder.spec.missing_values), pa.string())
             self._init_group()
+            # columns whose only field is a dict-looked-up category: the request decoder may require
+            # a string or null there (a number takes the slower path, which converts it)
+            self.text_columns = frozenset(self.group_columns)
+        self.columns = list(dict.fromkeys(self.field_columns))
         self.column_set = frozenset(self.columns)
 
     def _init_group(self) -> None:
         """Categorical vocabulary fields, each fed by a column of its own, are encoded together: one
-        Arrow column for all of them, one dictionary encoding, one binary search in a single sorted
-        array of "field-number US token" keys. This removes most per-field calls from a request."""
+        Arrow conversion of all their values (which checks they are strings or null), then one
+        C-level dict lookup per value, in a dict per field where null and the format's missing
+        values ("") map to missing (0). This removes most per-field calls from a request."""
         uses = Counter(fe.spec.column for fe in self.encoder.fields)
         self.group = [
             j for j, fe in enumerate(self.encoder.fields)
@@ -101,16 +128,8 @@ class FeatureEncoder:
             and fe.vocab is not None and pa.types.is_string(fe.vocab.type)
         ]
         self.group_columns = [self.encoder.fields[j].spec.column for j in self.group]
-        self.group_prefix = np.asarray([f"{g}\x1f" for g in range(len(self.group))], dtype=str)
-        keys, codes = [np.zeros(0, dtype="U1")], [np.zeros(0, np.int64)]
-        for g, j in enumerate(self.group):
-            vocab = self.encoder.fields[j].vocab.to_pylist()
-            if vocab:
-                keys.append(np.char.add(self.group_prefix[g], np.asarray(vocab, dtype=str)))
-                codes.append(np.arange(len(vocab), dtype=np.int64) + 2)
-        keys_a, codes_a = np.concatenate(keys), np.concatenate(codes)
-        order = np.argsort(keys_a, kind="stable")
-        self.group_keys, self.group_codes = keys_a[order], codes_a[order]
+        missing = dict.fromkeys([None, *self.encoder.spec.missing_values], MISSING)
+        self.group_index = [{**self.lookups[j].index, **missing} for j in self.group]
         # numeric (log_bucket) fields likewise: one parse and bucketing for all of them, one search over
         # int64 keys field * 2^48 + token (tokens outside +-2^46 cannot be in a vocabulary of buckets)
         self.num_group = [
@@ -130,65 +149,68 @@ class FeatureEncoder:
         order = np.argsort(nk, kind="stable")
         self.num_keys, self.num_codes = nk[order], nc[order]
 
-    def _encode_group(self, cols: dict[str, Sequence], n: int, x: np.ndarray) -> bool:
-        """Fill x's group columns; False (nothing done) when some value is not a string or null."""
-        if not self.group or n == 0:
-            return False
-        try:
-            arr = pa.array(list(chain.from_iterable(cols[c] for c in self.group_columns)), pa.string())
-        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError, ValueError):
-            return False  # numbers or bad values: the per-field path converts them or names the bad one
-        darr = arr.dictionary_encode()
-        ix = self._indices(darr)
-        nd = len(darr.dictionary)
-        codes = np.zeros(len(ix), np.int64)  # missing -> 0
-        valid = ix >= 0
-        if valid.any() and len(self.group_keys):
-            key = np.repeat(np.arange(len(self.group), dtype=np.int64), n) * nd + ix
-            uniq, inv = np.unique(key[valid], return_inverse=True)
-            distinct = np.asarray(darr.dictionary.to_pylist(), dtype=str)
-            q = np.char.add(self.group_prefix[uniq // nd], distinct[uniq % nd])
-            pos = np.minimum(np.searchsorted(self.group_keys, q), len(self.group_keys) - 1)
-            codes[valid] = np.where(self.group_keys[pos] == q, self.group_codes[pos], OOV)[inv]
-        elif valid.any():
-            codes[valid] = OOV
-        x[:, self.group] = codes.reshape(len(self.group), n).T
-        return True
+    def _encode_group(
+        self, cols: dict[str, Sequence], n: int, x: np.ndarray, where: Callable[[int, str], str], checked: bool
+    ) -> set[int]:
+        """Fill x's dict-looked-up category fields whose columns `cols` has; returns the fields done
+        (none when some value is not a string or null: the per-field path converts numbers and names
+        a bad value)."""
+        members = [(g, j, c) for g, (j, c) in enumerate(zip(self.group, self.group_columns)) if c in cols]
+        if not members or n == 0:
+            return set()
+        if not checked:
+            try:
+                arr = pa.array(list(chain.from_iterable(cols[c] for _, _, c in members)), pa.string())
+            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError, ValueError):
+                return set()
+            check_strings(arr, lambda p: where(p % n, members[p // n][2]), self.max_value_chars)
+        for g, j, c in members:
+            x[:, j] = lookup(self.group_index[g], cols[c])
+        return {j for _, j, _ in members}
 
-    def _encode_numeric(self, cols: dict[str, Sequence], n: int, x: np.ndarray, where: Callable[[int, str], str]) -> bool:
-        """Fill x's numeric group columns; False (nothing done) when the values are of mixed types."""
-        if not self.num_group or n == 0:
-            return False
+    def _encode_numeric(self, cols: dict[str, Sequence], n: int, x: np.ndarray, where: Callable[[int, str], str]) -> set[int]:
+        """Fill x's numeric (log_bucket) fields whose columns `cols` has, all in one Arrow column:
+        dictionary-encoded, so each distinct value is parsed and bucketed once (13,000 values of a
+        1,000-candidate Criteo request have about 600 distinct), then one search over int64 keys.
+        Returns the fields done (none when the values are of mixed types)."""
+        members = [(g, j, c) for g, (j, c) in enumerate(zip(self.num_group, self.num_columns)) if c in cols]
+        if not members or n == 0:
+            return set()
+        fields = [j for _, j, _ in members]
+        names = [c for _, _, c in members]
         try:
-            arr = pa.array(list(chain.from_iterable(cols[c] for c in self.num_columns)))
+            arr = pa.array(list(chain.from_iterable(cols[c] for c in names)))
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError, ValueError):
-            return False
+            return set()
         t = arr.type
         if pa.types.is_null(t):
-            x[:, self.num_group] = 0
-            return True
+            x[:, fields] = 0
+            return set(fields)
         if not (pa.types.is_string(t) or pa.types.is_integer(t) or pa.types.is_floating(t)):
-            return False  # booleans, lists, ...: the per-field path names the bad value
-        null = ~arr.is_valid().to_numpy(zero_copy_only=False)
-        if pa.types.is_string(t) and len(self.missing):
-            null |= pc.is_in(arr, value_set=self.missing).to_numpy(zero_copy_only=False)
-        if null.any():  # parse_numbers takes no nulls: a placeholder, masked out below
-            arr = pc.if_else(pa.array(null), pa.scalar("0" if pa.types.is_string(t) else 0, t), arr)
-        f, bad = parse_numbers(arr)
-        bad &= ~null
-        if bad.any():
-            p = int(np.argmax(bad))
-            raise RequestError(f"{where(p % n, self.num_columns[p // n])}: not a number: {arr[p].as_py()!r}")
-        tok = log_bucket(np.where(null, 0.0, f))
-        key = np.repeat(np.arange(len(self.num_group), dtype=np.int64), n) * _FIELD_STRIDE + np.clip(tok, -_TOKEN_LIMIT, _TOKEN_LIMIT)
+            return set()  # booleans, lists, ...: the per-field path names the bad value
+        darr = arr.dictionary_encode()
+        ix = self._indices(darr)  # -1: null or a missing-value string
+        distinct = darr.dictionary
+        first = lambda d: int(np.argmax(ix == d))  # noqa: E731 (the first value equal to distinct value d)
+        check_strings(distinct, lambda d: where(first(d) % n, names[first(d) // n]), self.max_value_chars)
+        f, bad = parse_numbers(distinct) if len(distinct) else (np.zeros(0), np.zeros(0, bool))
+        null = ix < 0
+        bad_rows = ~null & bad[np.maximum(ix, 0)] if len(distinct) else np.zeros(len(ix), bool)
+        if bad_rows.any():
+            p = int(np.argmax(bad_rows))
+            raise RequestError(f"{where(p % n, names[p // n])}: not a number: {show(distinct[int(ix[p])].as_py())}")
+        tok_d = np.clip(log_bucket(np.where(bad, 0.0, f)), -_TOKEN_LIMIT, _TOKEN_LIMIT)
+        tok = tok_d[np.maximum(ix, 0)] if len(distinct) else np.zeros(len(ix), np.int64)
+        g = np.asarray([g for g, _, _ in members], dtype=np.int64)
+        key = np.repeat(g, n) * _FIELD_STRIDE + tok
         codes = np.full(len(key), OOV, np.int64)
         if len(self.num_keys):
             pos = np.minimum(np.searchsorted(self.num_keys, key), len(self.num_keys) - 1)
             hit = (self.num_keys[pos] == key) & (np.abs(tok) < _TOKEN_LIMIT)
             codes = np.where(hit, self.num_codes[pos], OOV)
         codes[null] = 0
-        x[:, self.num_group] = codes.reshape(len(self.num_group), n).T
-        return True
+        x[:, fields] = codes.reshape(len(members), n).T
+        return set(fields)
 
     def _indices(self, darr: pa.DictionaryArray) -> np.ndarray:
         """Per row: index into darr.dictionary, or -1 for null and for the format's missing values ("")."""
@@ -231,7 +253,7 @@ class FeatureEncoder:
                 bad = sorted(unknown.intersection(r))
                 if bad:
                     raise RequestError(
-                        f"{where(i)}: unknown field {bad[0]!r}; the model's fields are: {', '.join(self.columns)}"
+                        f"{where(i)}: unknown field {show(bad[0])}; the model's fields are: {', '.join(self.columns)}"
                     )
 
     def gather(
@@ -265,63 +287,106 @@ class FeatureEncoder:
                 out[c] = [r.get(c, v) for r in rows] if c in overridden else [v] * len(rows)
         return out
 
+    def check_context(self, context: dict, where: Callable[[str], str]) -> None:
+        """Check a partial row's values (the /rank context of a request without candidates) by
+        encoding the columns it gives as one row."""
+        self.check_keys([context], lambda i: "context")
+        x = np.empty((1, len(self.field_names)), dtype=np.int64)
+        self.encode_into(x, {c: [v] for c, v in context.items()}, 1, lambda i, c: where(c))
+
     # -- encoding ----------------------------------------------------------------------------
 
-    def encode(self, cols: dict[str, list], n: int, where: Callable[[int, str], str]) -> np.ndarray:
-        """x int64 [n, fields] from the gathered columns. `where(row, column)` names a value."""
+    def encode(self, cols: dict[str, Sequence], n: int, where: Callable[[int, str], str], checked: bool = False) -> np.ndarray:
+        """x int64 [n, fields] from the gathered columns (every column). `where(row, column)` names a value."""
         x = np.empty((n, len(self.field_names)), dtype=np.int64)
+        self.encode_into(x, cols, n, where, checked)
+        return x
+
+    def fields_of(self, columns: Sequence[str]) -> list[int]:
+        """The field numbers fed by these columns (Avazu's `hour` feeds three)."""
+        wanted = set(columns)
+        return [j for j, c in enumerate(self.field_columns) if c in wanted]
+
+    def encode_into(
+        self, x: np.ndarray, cols: dict[str, Sequence], n: int, where: Callable[[int, str], str], checked: bool = False
+    ) -> None:
+        """Fill the fields of x [n, fields] that the columns in `cols` feed; other fields are left alone.
+        `checked`: the request decoder has already checked the values (every value of a text column
+        is a valid string of at most max_value_chars characters or null; the others are strings,
+        numbers or null), so the dict-looked-up categories skip their Arrow check."""
         if self.encoder is None:
-            for j, (name, card) in enumerate(zip(self.field_names, self.cardinalities)):
-                arr = _to_arrow(cols[name], lambda i, name=name: where(i, name))
-                if not pa.types.is_integer(arr.type) or arr.null_count:
-                    i = _first(cols[name], lambda v: isinstance(v, bool) or not isinstance(v, int))
-                    raise RequestError(f"{where(i, name)}: expected an integer index (this model was trained on "
-                                       f"already-encoded data), got {cols[name][i]!r}")
-                v = arr.to_numpy()
-                bad = (v < 0) | (v >= card)
-                if bad.any():
-                    i = int(np.argmax(bad))
-                    raise RequestError(f"{where(i, name)}: index {int(v[i])} out of range [0, {card})")
-                x[:, j] = v
-            return x
-        done = set(self.group) if self._encode_group(cols, n, x) else set()
-        if self._encode_numeric(cols, n, x, where):
-            done |= set(self.num_group)
+            self._encode_indices(x, cols, where)
+            return
+        done = self._encode_group(cols, n, x, where, checked)
+        done |= self._encode_numeric(cols, n, x, where)
         dicts: dict[str, pa.DictionaryArray] = {}
         for j, fe in enumerate(self.encoder.fields):
-            if j in done:
-                continue
             col = fe.spec.column
+            if j in done or col not in cols:
+                continue
             if col not in dicts:
                 hint = None if fe.spec.kind == "numeric" else pa.string()  # (a float64 hint would take true as 1.0)
-                arr = _to_arrow(cols[col], lambda i, col=col: where(i, col), hint)
+                arr = _to_arrow(cols[col], lambda i, col=col: where(i, col), hint, self.max_value_chars)
                 dicts[col] = arr.dictionary_encode() if len(arr) else pa.array([], pa.string()).dictionary_encode()
-            darr = dicts[col]
-            values = darr.dictionary
-            if fe.spec.transform == "libfm":  # JSON convenience: 123 or "123" means the libFM feature "123:1"
-                s = values if pa.types.is_string(values.type) else values.cast(pa.string())
-                plain = pc.match_substring_regex(s, r"^[0-9]+$")
-                values = pc.if_else(plain, pc.binary_join_element_wise(s, pa.scalar(":1"), pa.scalar("")), s)
-            tok = transform(fe.spec, values)
-            ix = self._indices(darr)
-            if tok.bad is not None:
-                bad_rows = (ix >= 0) & tok.bad[np.maximum(ix, 0)]
-                if bad_rows.any():
-                    i = int(np.argmax(bad_rows))
-                    raise RequestError(f"{where(i, col)}: {tok.message}: {darr.dictionary[int(ix[i])].as_py()!r}")
-            lookup = self.lookups[j]
-            codes = fe.codes(tok.tokens).astype(np.int64) if lookup is None else lookup.codes(tok.tokens)
-            x[:, j] = np.concatenate([codes, np.zeros(1, np.int64)])[ix]  # -1 (null) -> missing (0)
-        return x
+            x[:, j] = self._encode_field(j, fe, dicts[col], lambda i, col=col: where(i, col))
+
+    def _encode_field(self, j: int, fe: FieldEncoder, darr: pa.DictionaryArray, where: Callable[[int], str]) -> np.ndarray:
+        """One field's codes from its column, dictionary-encoded: the encoder's own transform on the
+        distinct values, then the vocabulary (or hashing)."""
+        values = darr.dictionary
+        if fe.spec.transform == "libfm":  # JSON convenience: 123 or "123" means the libFM feature "123:1"
+            s = values if pa.types.is_string(values.type) else values.cast(pa.string())
+            plain = pc.match_substring_regex(s, r"^[0-9]+$")
+            values = pc.if_else(plain, pc.binary_join_element_wise(s, pa.scalar(":1"), pa.scalar("")), s)
+        tok = transform(fe.spec, values)
+        ix = self._indices(darr)
+        if tok.bad is not None:
+            bad_rows = (ix >= 0) & tok.bad[np.maximum(ix, 0)]
+            if bad_rows.any():
+                i = int(np.argmax(bad_rows))
+                raise RequestError(f"{where(i)}: {tok.message}: {show(darr.dictionary[int(ix[i])].as_py())}")
+        lookup_ = self.lookups[j]
+        codes = fe.codes(tok.tokens).astype(np.int64) if lookup_ is None else lookup_.codes(tok.tokens)
+        return np.concatenate([codes, np.zeros(1, np.int64)])[ix]  # -1 (null) -> missing (0)
+
+    def _encode_indices(self, x: np.ndarray, cols: dict[str, Sequence], where: Callable[[int, str], str]) -> None:
+        """A bundle without an encoder (built-in synthetic data): each value is the field's index."""
+        for j, (name, card) in enumerate(zip(self.field_names, self.cardinalities)):
+            if name not in cols:
+                continue
+            arr = _to_arrow(cols[name], lambda i, name=name: where(i, name), max_chars=self.max_value_chars)
+            if not pa.types.is_integer(arr.type) or arr.null_count:
+                i = _first(cols[name], lambda v: isinstance(v, bool) or not isinstance(v, int))
+                raise RequestError(f"{where(i, name)}: expected an integer index (this model was trained on "
+                                   f"already-encoded data), got {show(cols[name][i])}")
+            v = arr.to_numpy()
+            bad = (v < 0) | (v >= card)
+            if bad.any():
+                i = int(np.argmax(bad))
+                raise RequestError(f"{where(i, name)}: index {int(v[i])} out of range [0, {card})")
+            x[:, j] = v
 
 
 def _first(values: Sequence, pred: Callable[[Any], bool]) -> int:
     return next((i for i, v in enumerate(values) if pred(v)), 0)
 
 
-def _to_arrow(values: Sequence, where: Callable[[int], str], hint: Optional[pa.DataType] = None) -> pa.Array:
+def _to_arrow(
+    values: Sequence, where: Callable[[int], str], hint: Optional[pa.DataType] = None, max_chars: Optional[int] = None
+) -> pa.Array:
     """A column of JSON scalars as one Arrow array: string, int64 or float64 when the values
-    agree, else every value as a string (numbers written as `_as_string` would, 5.0 -> "5")."""
+    agree, else every value as a string (numbers written as `_as_string` would, 5.0 -> "5").
+    A string longer than `max_chars`, or one that is not valid Unicode (a lone surrogate such as
+    "\\ud800", which JSON's escapes allow and UTF-8 cannot encode), is a RequestError."""
+    arr = _infer(values, hint)
+    if arr is None:
+        arr = pa.array([_scalar_text(v, i, where) for i, v in enumerate(values)], pa.string())
+    check_strings(arr, where, max_chars)
+    return arr
+
+
+def _infer(values: Sequence, hint: Optional[pa.DataType]) -> Optional[pa.Array]:
+    """The column as one Arrow array of a JSON scalar type, or None (mixed types, or a bad value)."""
     if hint is not None:
         try:
             return pa.array(values, hint)  # the common case, without type inference
@@ -329,19 +394,27 @@ def _to_arrow(values: Sequence, where: Callable[[int], str], hint: Optional[pa.D
             pass
     try:
         arr = pa.array(values)
-        t = arr.type
-        if pa.types.is_string(t) or pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t):
-            return arr.cast(pa.string()) if pa.types.is_null(t) else arr
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError, ValueError):
-        pass
-    out = []
-    for i, v in enumerate(values):  # slow path: mixed types, or a bad one somewhere
-        if v is None or isinstance(v, str):
-            out.append(v)
-        elif isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise RequestError(f"{where(i)}: expected a string, a number or null, got {_py_type(v)}: {v!r}")
-        elif isinstance(v, float) and v.is_integer() and abs(v) < 2**53:
-            out.append(str(int(v)))
-        else:
-            out.append(str(v) if isinstance(v, int) else repr(v))
-    return pa.array(out, pa.string())
+        return None
+    t = arr.type
+    if pa.types.is_string(t) or pa.types.is_integer(t) or pa.types.is_floating(t):
+        return arr
+    return arr.cast(pa.string()) if pa.types.is_null(t) else None
+
+
+def _scalar_text(v: Any, i: int, where: Callable[[int], str]) -> Optional[str]:
+    """One value of a mixed or bad column as a string (or None); RequestError for a bad one."""
+    if v is None:
+        return None
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            bad = v[exc.start]
+            raise RequestError(f"{where(i)}: not valid Unicode (a lone surrogate U+{ord(bad):04X}): {show(v)}") from None
+        return v
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise RequestError(f"{where(i)}: expected a string, a number or null, got {_py_type(v)}: {show(v)}")
+    if isinstance(v, float) and v.is_integer() and abs(v) < 2**53:
+        return str(int(v))
+    return str(v) if isinstance(v, int) else repr(v)

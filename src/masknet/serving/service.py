@@ -3,8 +3,8 @@
     POST /rank      {"context": {...}, "candidates": [{"id": ..., "features": {...}}, ...]}
                     -> each candidate's score (request order) and the candidates sorted by score
     POST /predict   {"rows": [{...}, ...]} -> one score per row
-    GET  /health    liveness
-    GET  /metadata  model, fields, training metrics, bundle hash, limits
+    GET  /health    liveness, request and batching counters
+    GET  /metadata  model, fields, training metrics, bundle hash, runtime and its accuracy, limits
     GET  /docs, /openapi.json
 
 Features are raw values by column name, exactly as in the training data (Criteo `I1`..`C26`,
@@ -12,26 +12,43 @@ Avazu `hour`, `site_id`, ...; strings, numbers or null for missing); the bundle'
 all preprocessing (features.py), unseen categories are out-of-vocabulary. In /rank a candidate's
 features override the shared context's.
 
+A request's path: the body is read by a size-limiting middleware, decoded, validated and
+encoded on the event loop (requests.py: msgspec, a few ms for 1,000 candidates), then its rows
+join the dynamic batcher's queue (batching.py), whose one inference thread runs the forward
+pass for every request that arrived meanwhile; the endpoint awaits its scores without blocking
+the loop. The pydantic models below document the API (OpenAPI schema) and validate the requests
+that msgspec refuses, so that the answer names the problem.
+
 Errors are 4xx with {"error": "<one line naming the problem>", "status": N}: malformed JSON (400),
 body over the size limit (413), missing/unknown field, wrong type, too many candidates or rows,
-a value the encoder rejects (422). Never a 5xx for bad input.
+a value the encoder rejects (422); 503 with Retry-After when the batcher's queue is full.
+Never a 5xx for bad input.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import threading
 import time
 from typing import Any, Optional, Union
 
+import msgspec
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from starlette.requests import Request  # at module level: FastAPI resolves the endpoints' annotations here
 
+from .batching import Batcher, Overloaded
 from .bundle import Bundle
-from .features import FeatureEncoder, RequestError
+from .features import DEFAULT_MAX_VALUE_CHARS, FeatureEncoder, RequestError
+from .requests import RequestDecoder
+from .runtime import Scorer, accuracy_check, describe_check
 
 DEFAULT_MAX_CANDIDATES = 1000
 DEFAULT_MAX_BODY_BYTES = 8 << 20
+DEFAULT_MAX_BATCH_ROWS = 2048  # forward rows/CPU-s flat from 1,000 rows up (docs/serving.md)
+DEFAULT_MAX_WAIT_MS = 2.0
+DEFAULT_MAX_QUEUE_ROWS = 8192  # four full passes waiting, at most
+DEFAULT_MAX_PENDING = 16  # requests inside the server (read, decoded, waiting or scored) at once
 
 
 class Candidate(BaseModel):
@@ -75,37 +92,22 @@ class ErrorResponse(BaseModel):
     status: int
 
 
-class Scorer:
-    """Scores encoded rows with the bundle's model in PyTorch or onnxruntime."""
-
-    def __init__(self, bundle: Bundle, runtime: str = "torch", threads: Optional[int] = None):
-        self.runtime = runtime
-        self.model = bundle.model
-        if runtime == "onnx":
-            from .export import export_onnx_bytes, onnx_session
-
-            self.session = onnx_session(export_onnx_bytes(bundle), threads)
-        elif runtime != "torch":
-            raise ValueError(f"runtime: expected torch or onnx, got {runtime!r}")
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        if len(x) == 0:
-            return np.zeros(0, np.float32)
-        if self.runtime == "onnx":
-            return self.session.run(["score"], {"x": x})[0]
-        import torch
-
-        with torch.inference_mode():
-            return torch.sigmoid(self.model(torch.from_numpy(x))).numpy()
+_ENCODE = msgspec.json.Encoder()
 
 
-def _json(payload: Any, status: int = 200):
+def _json(payload: Any, status: int = 200, headers: Optional[dict] = None):
     from starlette.responses import Response
 
-    return Response(json.dumps(payload, separators=(",", ":")), status_code=status, media_type="application/json")
+    return Response(_ENCODE.encode(payload), status_code=status, media_type="application/json", headers=headers)
+
+
+MAX_MESSAGE_CHARS = 500  # an error message never echoes a whole (say 1 MB) bad key or value back
 
 
 def _error(message: str, status: int):
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = f"{message[:MAX_MESSAGE_CHARS]}... ({len(message):,} characters)"
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate from a bad key
     return _json({"error": message, "status": status}, status)
 
 
@@ -164,25 +166,96 @@ def _replay(messages: list, then: Any = None):
     return receive
 
 
+def _server_timing(decode_s: float, timing: Any) -> dict[str, str]:
+    """A Server-Timing header (milliseconds): decode + validate + encode, wait for the model, the
+    forward pass, and the rows and requests of the pass this request shared."""
+    parts = [f"decode;dur={decode_s * 1000:.2f}"]
+    if timing is not None:
+        parts += [f"queue;dur={timing.queued_s * 1000:.2f}", f"forward;dur={timing.forward_s * 1000:.2f}",
+                  f'batch;desc="{timing.batch_rows} rows, {timing.batch_requests} requests"']
+    return {"Server-Timing": ", ".join(parts)}
+
+
+def _validate(kind: str, obj: Any) -> Any:
+    """The careful path's shape check: the pydantic model of the request, or a RequestError."""
+    model = RankRequest if kind == "rank" else PredictRequest
+    try:
+        return model.model_validate(obj)
+    except ValidationError as exc:
+        errs = exc.errors()
+        first = errs[0] if errs else {"loc": (), "msg": "invalid request", "type": ""}
+        loc = tuple(first.get("loc", ()))
+        if len(loc) >= 2 and loc[-2] == "id" and loc[-1] in ("str", "int"):  # the union's member tag
+            raise RequestError(f"{_loc(loc[:-1])}: must be a string or an integer") from None
+        if not loc and first.get("type") in ("model_type", "model_attributes_type"):
+            raise RequestError(f"the request body must be a JSON object: {first.get('msg')}") from None
+        raise RequestError(f"{_loc(loc)}: {first.get('msg')}") from None
+
+
+def _openapi_body(model: type[BaseModel], example: dict) -> dict:
+    """The OpenAPI requestBody of an endpoint that reads its body itself (msgspec), from the
+    pydantic model that documents it; `_with_schemas` adds the model to the components."""
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref, "example": example}}}}
+
+
+def _with_schemas(app: Any, models: list[type[BaseModel]]) -> None:
+    """Make app.openapi() include the request models (and the models they use) as components."""
+    original = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = original()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in models:
+                js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(js.pop("$defs", {}))
+                components[model.__name__] = js
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 def create_app(
     bundle: Bundle,
     runtime: str = "torch",
     max_candidates: int = DEFAULT_MAX_CANDIDATES,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     threads: Optional[int] = None,
+    max_value_chars: int = DEFAULT_MAX_VALUE_CHARS,
+    precision: str = "fp32",
+    max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
+    max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
+    max_queue_rows: int = DEFAULT_MAX_QUEUE_ROWS,
+    max_pending: int = DEFAULT_MAX_PENDING,
+    check_accuracy: Optional[bool] = None,
+    log: Any = None,
 ):
-    """The FastAPI app for one loaded bundle."""
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
+    """The FastAPI app for one loaded bundle. `check_accuracy` (default: when runtime or precision
+    is not PyTorch fp32) measures the scorer's test AUC against fp32 before serving; `log(line)`
+    gets the start-up lines."""
+    from fastapi import FastAPI
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from .. import __version__
 
-    features = FeatureEncoder(bundle.encoder, bundle.field_names, bundle.cardinalities)
-    scorer = Scorer(bundle, runtime, threads)
+    features = FeatureEncoder(bundle.encoder, bundle.field_names, bundle.cardinalities, max_value_chars)
+    decoder = RequestDecoder(features, max_value_chars, _validate)
+    scorer = Scorer(bundle, runtime, precision, threads)
+    if check_accuracy is None:
+        check_accuracy = (runtime, precision) != ("torch", "fp32")
+    check = accuracy_check(bundle, scorer) if check_accuracy else {"measured": False, "why": "the reference (PyTorch fp32)"}
+    if log is not None:
+        chosen = "given" if not scorer.thread_timings_ms else (
+            "fastest of " + ", ".join(f"{t}: {ms} ms" for t, ms in scorer.thread_timings_ms.items()) + " per 1,000 rows")
+        log(f"runtime {scorer.name}: one inference thread, {scorer.threads} intra-op threads ({chosen})")
+        if check_accuracy:
+            log(describe_check(scorer, check))
+    batcher = Batcher(scorer, max_batch_rows, max_wait_ms, max_queue_rows)
     model_name = bundle.spec["model"]
     started = time.time()
-    counters = {"requests": 0, "errors": 0}
+    counters = {"requests": 0, "errors": 0, "pending": 0, "rejected_pending": 0}
     lock = threading.Lock()
     example = {c: None for c in features.columns}
     metadata = {
@@ -192,6 +265,10 @@ def create_app(
         "bundle_sha256": bundle.bundle_hash,
         "versions": bundle.manifest.get("versions"),
         "runtime": runtime,
+        "precision": precision,
+        "threads": scorer.threads,
+        "thread_timings_ms": scorer.thread_timings_ms,
+        "accuracy_vs_fp32": check,
         "input": {
             "format": bundle.encoder.spec.name if bundle.encoder is not None else None,
             "columns": features.columns,
@@ -199,7 +276,10 @@ def create_app(
         },
         "fields": features.describe(),
         "training_metrics": bundle.metrics,
-        "limits": {"max_candidates": max_candidates, "max_rows": max_candidates, "max_body_bytes": max_body_bytes},
+        "limits": {"max_candidates": max_candidates, "max_rows": max_candidates, "max_body_bytes": max_body_bytes,
+                   "max_value_chars": max_value_chars},
+        "batching": {"max_batch_rows": max_batch_rows, "max_wait_ms": max_wait_ms, "max_queue_rows": max_queue_rows,
+                     "max_pending": max_pending},
         "masknet": __version__,
     }
 
@@ -213,113 +293,132 @@ def create_app(
         ),
     )
 
-    @app.exception_handler(RequestValidationError)
-    async def on_validation(request: Request, exc: RequestValidationError):
-        errs = exc.errors()
-        first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
-        if first.get("type") == "json_invalid":
-            ctx = first.get("ctx", {}).get("error", "")
-            loc = first.get("loc", ())
-            at = f" at character {loc[1]}" if len(loc) > 1 and isinstance(loc[1], int) else ""
-            return _error(f"malformed JSON: {ctx or first.get('msg')}{at}", 400)
-        loc = tuple(first.get("loc", ()))
-        if len(loc) >= 2 and loc[-2] == "id" and loc[-1] in ("str", "int"):  # the union's member tag
-            return _error(f"{_loc(loc[:-1])}: must be a string or an integer", 422)
-        if first.get("type") == "model_attributes_type" or (first.get("loc") == ("body",) and first.get("type") != "missing"):
-            return _error(f"the request body must be a JSON object: {first.get('msg')}", 422)
-        return _error(f"{_loc(tuple(first.get('loc', ())))}: {first.get('msg')}", 422)
-
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException):
         return _error(str(exc.detail), exc.status_code)
-
-    @app.exception_handler(RequestError)
-    async def on_request_error(request: Request, exc: RequestError):
-        return _error(str(exc), exc.status)
 
     def count(error: bool) -> None:
         with lock:
             counters["requests"] += 1
             counters["errors"] += int(error)
 
+    def admit() -> bool:
+        with lock:
+            if counters["pending"] >= max_pending:
+                counters["rejected_pending"] += 1
+                return False
+            counters["pending"] += 1
+            return True
+
+    def leave() -> None:
+        with lock:
+            counters["pending"] -= 1
+
+    async def scored(request: Request, decode) -> Any:
+        """Admission, then decode + encode on the loop, then the batcher's scores: (encoded, scores,
+        timing headers) or an error Response. Beyond max_pending requests in the server, a request
+        is refused before its body is even read: under overload the work waiting on the event loop
+        (not only on the model) stays bounded, and so does p99."""
+        if not admit():
+            count(True)
+            return _json({"error": f"the server is overloaded ({max_pending} requests in progress); retry in 1 s",
+                          "status": 503}, 503, {"Retry-After": "1"})
+        try:
+            return await _scored(request, decode)
+        finally:
+            leave()
+
+    async def _scored(request: Request, decode) -> Any:
+        body = await request.body()
+        try:
+            t0 = time.perf_counter()
+            with batcher.arriving():
+                enc = decode(body)
+            decode_s = time.perf_counter() - t0
+            if len(enc.x):
+                scores, timing = await asyncio.wrap_future(batcher.submit(enc.x))
+            else:
+                scores, timing = np.zeros(0, np.float32), None
+        except RequestError as exc:
+            count(True)
+            return _error(str(exc), exc.status)
+        except Overloaded as exc:
+            count(True)
+            return _json({"error": str(exc), "status": 503}, 503, {"Retry-After": str(exc.retry_after)})
+        count(False)
+        return enc, scores, _server_timing(decode_s, timing)
+
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "model": model_name, "uptime_s": round(time.time() - started, 1), **counters}
+        return {"status": "ok", "model": model_name, "uptime_s": round(time.time() - started, 1), **counters, **batcher.stats}
 
     @app.get("/metadata")
     def get_metadata() -> dict:
         return metadata
 
-    err = {400: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}}
+    err = {code: {"model": ErrorResponse} for code in (400, 413, 422, 503)}
+    rank_body = _openapi_body(RankRequest, {"context": example, "candidates": [{"id": "a", "features": {}}]})
 
-    @app.post("/rank", response_model=RankResponse, responses=err)
-    def rank(req: RankRequest = _body_example({"context": example, "candidates": [{"id": "a", "features": {}}]})):
-        n = len(req.candidates)
-        if n > max_candidates:
-            count(True)
-            raise RequestError(f"too many candidates: {n:,} (the limit is {max_candidates:,})")
-        if n == 0:
-            return _json({"model": model_name, "scores": [], "ranking": []})
-        try:
-            feats = [c.features for c in req.candidates]
-            features.check_keys([req.context], lambda i: "context")
-            features.check_keys(feats, lambda i: f"candidates[{i}].features")
-            cols = features.gather(feats, lambda i: f"candidates[{i}].features", context=req.context)
-
-            def where(i: int, col: str) -> str:
-                return f"candidates[{i}].features.{col}" if col in feats[i] else f"context.{col}"
-
-            x = features.encode(cols, n, where)
-        except RequestError:
-            count(True)
-            raise
-        scores = scorer(x)
-        order = np.argsort(-scores, kind="stable")
+    @app.post("/rank", response_model=RankResponse, responses=err, openapi_extra=rank_body)
+    async def rank(request: Request):
+        out = await scored(request, lambda body: decoder.rank(body, max_candidates))
+        if not isinstance(out, tuple):
+            return out
+        enc, scores, timing = out
+        order = np.argsort(-scores, kind="stable").tolist()
         s = scores.tolist()
-        ids = [c.id if c.id is not None else i for i, c in enumerate(req.candidates)]
-        ranking = [{"id": ids[i], "index": i, "score": s[i]} for i in order.tolist()]
-        count(False)
-        return _json({"model": model_name, "scores": s, "ranking": ranking})
+        ids = enc.ids
+        ranking = [{"id": ids[i], "index": i, "score": s[i]} for i in order]
+        return _json({"model": model_name, "scores": s, "ranking": ranking}, headers=timing)
 
-    @app.post("/predict", response_model=PredictResponse, responses=err)
-    def predict(req: PredictRequest = _body_example({"rows": [example]})):
-        n = len(req.rows)
-        if n > max_candidates:
-            count(True)
-            raise RequestError(f"too many rows: {n:,} (the limit is {max_candidates:,})")
-        try:
-            features.check_keys(req.rows, lambda i: f"rows[{i}]")
-            cols = features.gather(req.rows, lambda i: f"rows[{i}]")
-            x = features.encode(cols, n, lambda i, c: f"rows[{i}].{c}")
-        except RequestError:
-            count(True)
-            raise
-        count(False)
-        return _json({"model": model_name, "scores": scorer(x).tolist()})
+    @app.post("/predict", response_model=PredictResponse, responses=err,
+              openapi_extra=_openapi_body(PredictRequest, {"rows": [example]}))
+    async def predict(request: Request):
+        out = await scored(request, lambda body: decoder.predict(body, max_candidates))
+        if not isinstance(out, tuple):
+            return out
+        return _json({"model": model_name, "scores": out[1].tolist()}, headers=out[2])
 
+    _with_schemas(app, [RankRequest, PredictRequest])
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.state.bundle = bundle
     app.state.features = features
+    app.state.decoder = decoder
+    app.state.batcher = batcher
+    app.state.scorer = scorer
     return app
 
 
-def _body_example(example: dict):
-    from fastapi import Body
+def exposure_warning(host: str) -> Optional[str]:
+    """A warning for a bind address reachable from other machines (anything but loopback):
+    the API has no authentication, TLS or rate limit of its own."""
+    import ipaddress
 
-    return Body(..., examples=[example])
+    if host == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(host.strip("[]")).is_loopback:
+            return None
+    except ValueError:
+        pass  # a host name: it may resolve to any interface
+    return (
+        f"warning: serving on {host}, which other machines can reach; this API has no authentication, TLS or "
+        f"rate limit: anyone who can connect can query the model. Put it behind a proxy that has them, or bind "
+        f"127.0.0.1 (the default)"
+    )
 
 
-def serve(
-    bundle: Bundle,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    runtime: str = "torch",
-    max_candidates: int = DEFAULT_MAX_CANDIDATES,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    threads: Optional[int] = None,
-    log_level: str = "info",
-) -> None:
+def serve(bundle: Bundle, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", **options: Any) -> None:
+    """Run create_app(bundle, **options) on uvicorn (one process, one event loop)."""
+    import sys
+
     import uvicorn
 
-    app = create_app(bundle, runtime, max_candidates, max_body_bytes, threads)
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    warning = exposure_warning(host)
+    if warning:
+        log(warning)
+    app = create_app(bundle, log=log, **options)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)

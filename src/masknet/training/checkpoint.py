@@ -5,11 +5,17 @@ A checkpoint is a folder `RUN/checkpoints/step-<global step>/` holding
     best.safetensors    weights of the best epoch so far (early stopping restores them)
     optim.safetensors   every optimizer tensor (Adam / SparseAdam moments and steps), torch RNG
     state.json          epoch, step in epoch, early-stopping state, history, optimizer hyper-parameters
+    manifest.json       SHA-256 and size of each file above, the write sequence number `seq`, and
+                        what the caller passes as `meta` (the run's config and its fingerprint)
 
-Atomicity: the folder is written under a temporary name, every file is fsync'ed, then the
-folder is renamed into place (and the parent fsync'ed). A crash at any moment leaves
-either the complete new checkpoint or none of it; older checkpoints are deleted only
-after the new one is in place, and only the last `keep` are kept. The data position needs
+Atomicity: the folder is written under a temporary name (`.tmp-step-<step>-<pid>`), every file
+is fsync'ed, the manifest last, then the folder is renamed into place (and the parent fsync'ed).
+A crash at any moment leaves either the complete new checkpoint or none of it (plus a temporary
+folder that `remove_stale_temp` deletes when the run starts or resumes). Older checkpoints are
+deleted only after the new one is in place, and only the last `keep` in write order are kept:
+`seq` orders checkpoints, not the step number, so a run's newest checkpoint is never pruned in
+favour of an older one with a higher step. `find_resumable` verifies checkpoints newest first
+against their manifests and falls back past a corrupt one with a warning. The data position needs
 no state of its own: batch order is a pure function of (seed, epoch) (see iterate_batches).
 """
 
@@ -17,20 +23,28 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from ..errors import UserError
+from ..integrity import entry_of, file_problem, writer_gone
 from .distributed import DistContext, set_rng_states
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "state.json"
+MANIFEST = "manifest.json"
 FILES = ("model.safetensors", "best.safetensors", "optim.safetensors", STATE_FILE)
+CHECKPOINT_FORMAT = "masknet-checkpoint"
+CHECKPOINT_VERSION = 1
+STEP_NAME = re.compile(r"^step-\d+$")
+TEMP_NAME = re.compile(r"^\.tmp-step-\d+-(\d+)$")  # save_checkpoint's temporary folders
 
 
 class CheckpointError(UserError):
@@ -78,7 +92,12 @@ def _unflatten_optimizers(optimizers: list[torch.optim.Optimizer], tensors: dict
             prefix = f"opt{i}.{pid}."
             st.update({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
             state[int(pid)] = st
+        lrs = [group["lr"] for group in opt.param_groups]
         opt.load_state_dict({"state": state, "param_groups": m["param_groups"]})
+        # the run's config sets the learning rate: `--resume --set train.lr=...` may lower it
+        # (without one it equals the saved value, so a plain resume stays exact)
+        for group, lr in zip(opt.param_groups, lrs):
+            group["lr"] = lr
 
 
 def _state_tensors(module_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -93,23 +112,38 @@ def save_checkpoint(
     state: dict[str, Any],
     keep: int,
     rng: Optional[dict[str, torch.Tensor]] = None,
+    meta: Optional[dict[str, Any]] = None,
 ) -> Path:
     """Write checkpoint `step-<state['global_step']>` atomically; prune to the last `keep`.
-    `rng`: every rank's RNG states (`distributed.rng_states`); default this process's CPU RNG."""
+    `rng`: every rank's RNG states (`distributed.rng_states`); default this process's CPU RNG.
+    `meta`: JSON-able facts about the run stored in the manifest (train_run: its config)."""
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state['global_step']:09d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     optim_tensors, optim_meta = _flatten_optimizers(optimizers)
     optim_tensors.update(rng if rng is not None else {"rng.torch.rank0": torch.get_rng_state()})
+    # serialised one at a time (a large model's files are never all in memory at once)
+    contents: dict[str, Callable[[], bytes]] = {
+        "model.safetensors": lambda: save(_state_tensors(model.state_dict())),
+        "best.safetensors": lambda: save(_state_tensors(best_state)),
+        "optim.safetensors": lambda: save(optim_tensors),
+        STATE_FILE: lambda: json.dumps({**state, "optimizers": optim_meta}).encode(),
+    }
+    manifest = {
+        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "seq": _next_seq(run_dir),
+        "global_step": state["global_step"], **(meta or {}), "files": {},
+    }
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        _write_file(tmp / "model.safetensors", save(_state_tensors(model.state_dict())))
-        _write_file(tmp / "best.safetensors", save(_state_tensors(best_state)))
-        _write_file(tmp / "optim.safetensors", save(optim_tensors))
-        _write_file(tmp / STATE_FILE, json.dumps({**state, "optimizers": optim_meta}).encode())
+        for name, serialise in contents.items():
+            data = serialise()
+            manifest["files"][name] = entry_of(data)  # hashed from memory: no second read
+            _write_file(tmp / name, data)
+            del data
+        _write_file(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())  # last: the folder is complete
         _fsync_dir(tmp)
         if final.exists():  # same step written twice (e.g. an epoch end that is also a step mark)
             shutil.rmtree(final)
@@ -125,18 +159,114 @@ def save_checkpoint(
     return final
 
 
+def _read_manifest(path: Path) -> Optional[dict[str, Any]]:
+    """The checkpoint's manifest; None if it has none (written before checkpoints had manifests).
+    Raises CheckpointError if it is unreadable."""
+    p = path / MANIFEST
+    if not p.is_file():
+        return None
+    try:
+        manifest = json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{p}: unreadable ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{p}: not a masknet checkpoint manifest")
+    if manifest.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{p}: checkpoint format version {manifest.get('version')!r}; this masknet reads {CHECKPOINT_VERSION}")
+    return manifest
+
+
+def _seq(path: Path) -> int:
+    """Write order: the manifest's sequence number; -1 (oldest) without a readable one."""
+    try:
+        manifest = _read_manifest(path)
+    except CheckpointError:
+        return -1
+    seq = manifest.get("seq") if manifest else None
+    return seq if isinstance(seq, int) else -1
+
+
+def _next_seq(run_dir: Path) -> int:
+    return max((_seq(p) for p in list_checkpoints(run_dir)), default=0) + 1
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary folders of interrupted writes are ignored)."""
+    """Complete checkpoints, oldest first in write order (temporary folders of interrupted writes
+    are ignored). Checkpoints without a readable manifest come first, by step."""
     root = Path(run_dir) / CHECKPOINT_DIR
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and all((p / f).is_file() for f in FILES)]
-    return sorted(done, key=lambda p: p.name)
+    done = [p for p in root.iterdir() if p.is_dir() and STEP_NAME.match(p.name) and all((p / f).is_file() for f in FILES)]
+    return sorted(done, key=lambda p: (_seq(p), p.name))
 
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def remove_stale_temp(run_dir: Path) -> list[Path]:
+    """Delete the temporary folders of checkpoint writes whose process is gone (a killed run
+    leaves one, as large as a checkpoint). Only names `save_checkpoint` uses are touched."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    removed = []
+    for p in sorted(root.iterdir()) if root.is_dir() else []:
+        m = TEMP_NAME.match(p.name)
+        if m and p.is_dir() and writer_gone(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+@dataclass
+class Resumable:
+    """A verified checkpoint to resume from."""
+
+    path: Path
+    state: dict[str, Any]  # state.json: progress, early-stopping state, history
+    manifest: Optional[dict[str, Any]]  # None: a checkpoint written before checkpoints had manifests
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.manifest or {}
+
+
+def verify_checkpoint(path: Path) -> Resumable:
+    """Check `path` against its manifest (every file's size and SHA-256) and read its state.
+    Raises CheckpointError naming the first bad file."""
+    manifest = _read_manifest(path)
+    if manifest is not None:
+        files = manifest.get("files")
+        if not isinstance(files, dict) or set(files) != set(FILES):
+            raise CheckpointError(f"{path / MANIFEST}: its file list is not a checkpoint's")
+        for name in FILES:
+            problem = file_problem(path / name, files[name])
+            if problem:
+                raise CheckpointError(f"{path / name}: {problem}")
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path / STATE_FILE}: unreadable ({exc})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("history"), list) or "optimizers" not in state:
+        raise CheckpointError(f"{path / STATE_FILE}: not a checkpoint's state")
+    return Resumable(path, state, manifest)
+
+
+def find_resumable(run_dir: Path, warn: Callable[[str], None] = print) -> Optional[Resumable]:
+    """The newest intact checkpoint, verified; past a corrupt or unreadable one it falls back to
+    the previous one with a one-line warning. None when the run has no checkpoint at all."""
+    found = list_checkpoints(run_dir)
+    problems = []
+    for path in reversed(found):
+        try:
+            return verify_checkpoint(path)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            if path != found[0]:
+                warn(f"warning: {exc}; falling back to the previous checkpoint")
+    if problems:
+        raise CheckpointError(f"{run_dir}: no intact checkpoint to resume from (the newest: {problems[0]})")
+    return None
 
 
 def load_checkpoint(
@@ -149,8 +279,9 @@ def load_checkpoint(
         model.load_state_dict(load((path / "model.safetensors").read_bytes()))
         best = load((path / "best.safetensors").read_bytes())
         optim = load((path / "optim.safetensors").read_bytes())
-    except (OSError, ValueError, SafetensorError, RuntimeError) as exc:
+        optim_meta = state.pop("optimizers")
+    except (OSError, ValueError, SafetensorError, RuntimeError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{path}: unreadable checkpoint ({exc})") from None
     set_rng_states({k: optim.pop(k) for k in list(optim) if k.startswith("rng.")}, ctx or DistContext())
-    _unflatten_optimizers(optimizers, optim, state.pop("optimizers"))
+    _unflatten_optimizers(optimizers, optim, optim_meta)
     return state, best

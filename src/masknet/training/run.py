@@ -1,39 +1,44 @@
 """A training run: config in, run folder out.
 
 A run folder holds:
-    config.yaml      the resolved RunConfig (re-run with `masknet train --config RUN/config.yaml`)
+    config.yaml      the resolved RunConfig (re-run with `masknet train --config RUN/config.yaml`; a resume
+                     that changes settings appends them as comments)
     model.json       model name, model config, field names and cardinalities (rebuilds the model)
     model.safetensors the best epoch's weights (no pickle anywhere)
     dataset.json     the dataset's meta (fields, split sizes, source; the encoder for prepared data)
     metrics.json     {"valid": {auc, logloss}, "test": {auc, logloss}, "oracle_auc", "train_seconds",
                       "samples_per_second", "best_epoch", "model", ["relaimp", "base_run"]}
-    log.jsonl        one line per epoch
+    log.jsonl        one line per epoch (and an {"event": "resume"} line where a resume changed settings)
     encoder.json     (prepared data only) the fitted encoder: turns raw rows into the model's inputs
-    manifest.json    versions and the SHA-256 of every file above (masknet.serving.bundle)
+    manifest.json    versions and the SHA-256 of every file above (masknet.serving.bundle), written last
+    checkpoints/     what --resume continues from (training/checkpoint.py)
+
+When a folder may be used, overwritten or resumed: training/runfolder.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from ..config import ModelConfig, RunConfig, _from_dict, save_config
+from ..config import ModelConfig, RunConfig, _from_dict, apply_override, load_config
 from ..data.dataset import CTRDataset, load_prepared
 from ..data.synthetic import generate
-from ..errors import UserError
+from ..errors import ConfigError, UserError
+from ..integrity import write_atomic
 from ..models import REGISTRY, CTRModel, build_model
+from . import runfolder
+from .checkpoint import find_resumable, latest_checkpoint, remove_stale_temp
+from .distributed import barrier, init_from_env
 from .metrics import auc, relaimp
-from .checkpoint import latest_checkpoint
-from .distributed import init_from_env
-from .trainer import evaluate, fit, seed_everything, with_model_defaults
+from .tracking import check_available as check_trackers, open_trackers
+from .trainer import TrainingDiverged, evaluate, fit, seed_everything, with_model_defaults
 
 
 @dataclass
@@ -45,7 +50,7 @@ class RunResult:
 
 def load_data(cfg: RunConfig) -> CTRDataset:
     if cfg.data.path:
-        return load_prepared(cfg.data.path)
+        return load_prepared(cfg.data.path, verify=True)  # SHA-256 of every array once per run: docs/data.md
     return generate(cfg.data.synthetic.rows, cfg.data.synthetic.seed)
 
 
@@ -72,26 +77,44 @@ def read_base_auc(base_run: str) -> float:
     return value
 
 
-def train_run(cfg: RunConfig, data: Optional[CTRDataset] = None, log: Any = print, resume: bool = False) -> RunResult:
-    """Train `cfg.model` on `cfg.data` and write the run folder. Returns its metrics."""
+def train_run(
+    cfg: RunConfig, data: Optional[CTRDataset] = None, log: Any = print, resume: bool = False, overwrite: bool = False
+) -> RunResult:
+    """Train `cfg.model` on `cfg.data` and write the run folder. Returns a RunResult(path, metrics, model).
+
+    A new run refuses an output folder that holds an earlier run unless `overwrite` (then that run's
+    files are deleted first); `resume` continues the run in `cfg.output` from its newest intact
+    checkpoint (see training/runfolder.py for both rules)."""
     cfg.validate()
     cfg.train = with_model_defaults(cfg.train, REGISTRY[cfg.model.name])  # config.yaml records the values used
+    check_trackers(cfg)  # a tracker that is not installed: one line, before the run folder exists
     base_auc = read_base_auc(cfg.base_run) if cfg.base_run else None  # fail before training, not after
-    data = data if data is not None else load_data(cfg)
+    data = data if data is not None else load_data(cfg)  # a bad data path fails before the run folder is touched
     ctx = init_from_env(cfg.train.device)  # rank 0 of 1 unless launched by torchrun
     if not ctx.is_main:
         log = _quiet
     if ctx.enabled and not cfg.output:
         raise UserError("a multi-process run needs --output (every rank must agree on the run folder)")
     out = Path(cfg.output) if cfg.output else default_output(cfg)
-    checkpoint = None
+    # every rank checks (and refuses) alike, then rank 0 alone changes the folder
+    found, resumes, earlier = None, [], []
     if resume:
-        checkpoint = latest_checkpoint(out)
-        if checkpoint is None:
+        found = find_resumable(out, warn=log)  # every rank reads the same checkpoint
+        if found is None:
             raise UserError(f"{out}: no complete checkpoint to resume from")
+        resumes = runfolder.check_resume(cfg, found, out, log)
+    else:
+        earlier = runfolder.check_new_run_folder(out, overwrite)
+    barrier(ctx)
+    if ctx.is_main and resume:
+        for p in remove_stale_temp(out) + runfolder.remove_stale_bundle_temp(out):
+            log(f"removed {p}, left by a write that was killed")
+        if resumes != found.meta.get("resumes", []):
+            runfolder.write_config(cfg, out / runfolder.CONFIG_FILE, resumes)
     elif ctx.is_main:
+        runfolder.clear_earlier_run(out, earlier, log)
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+        runfolder.write_config(cfg, out / runfolder.CONFIG_FILE, [])
 
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model, data.cardinalities)  # identical on every rank
@@ -104,12 +127,14 @@ def train_run(cfg: RunConfig, data: Optional[CTRDataset] = None, log: Any = prin
         f"(train {len(data.splits['train']):,} / valid {len(data.splits['valid']):,} / test {len(data.splits['test']):,} rows, "
         f"{data.num_fields} fields); run folder: {out}"
     )
-    if checkpoint is not None:
-        log(f"resuming from {checkpoint}")
-    with open(out / "log.jsonl", "w") if ctx.is_main else open(os.devnull, "w") as log_file:
-        if checkpoint is not None:  # the log is rewritten from the checkpoint's own history
-            history = json.loads((checkpoint / "state.json").read_text())["history"]
-            log_file.writelines(json.dumps(r) + "\n" for r in history)
+    if found is not None:
+        changed = resumes[-1]["changed"] if resumes != found.meta.get("resumes", []) else {}
+        changes = "".join(f"; {k}: {c['from']!r} -> {c['to']!r}" for k, c in changed.items())
+        log(f"resuming from {found.path}{changes}")
+    with open_trackers(cfg, out, ctx.is_main) as trackers, open(out / "log.jsonl", "w") if ctx.is_main else open(os.devnull, "w") as log_file:
+        if found is not None:  # the log is rewritten from the checkpoint's own history
+            log_file.writelines(json.dumps(r) + "\n" for r in runfolder.log_records(found.state["history"], resumes))
+            log_file.flush()
 
         def on_epoch(record: dict) -> None:
             log_file.write(json.dumps(record) + "\n")
@@ -119,8 +144,15 @@ def train_run(cfg: RunConfig, data: Optional[CTRDataset] = None, log: Any = prin
                 f"valid AUC {record['valid_auc']:.4f}  logloss {record['valid_logloss']:.4f}  "
                 f"({record['samples_per_second']:,.0f} samples/s)"
             )
+            trackers.log(record)  # TensorBoard / MLflow, when the config asks (training/tracking.py)
 
-        result = fit(model, data, cfg.train, on_epoch, run_dir=out, resume_from=checkpoint, ctx=ctx)
+        try:
+            result = fit(
+                model, data, cfg.train, on_epoch, run_dir=out, resume_from=found.path if found else None, ctx=ctx,
+                checkpoint_meta=runfolder.checkpoint_meta(cfg, resumes),
+            )
+        except TrainingDiverged as exc:  # advice that works for this run folder
+            raise TrainingDiverged(exc.where, runfolder.nan_advice(out, cfg, ctx.world_size)) from None
 
     test = evaluate(model, data.splits["test"], cfg.train.eval_batch_size, ctx)
     metrics: dict[str, Any] = {
@@ -148,15 +180,27 @@ def train_run(cfg: RunConfig, data: Optional[CTRDataset] = None, log: Any = prin
     metrics["device"] = ctx.device
     if not ctx.is_main:  # only rank 0 writes the run folder and the bundle
         return RunResult(out, metrics, model)
-    save_model(out, model, cfg.model, data, data_path=cfg.data.path)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    from ..serving.bundle import write_manifest  # lazy: serving imports this module
-
-    write_manifest(out)
+    write_bundle(out, model, cfg, data, metrics)
     oracle = f"  (oracle {metrics['oracle_auc']:.4f})" if "oracle_auc" in metrics else ""
     rel = f"  RelaImp {metrics['relaimp']:+.2%}" if "relaimp" in metrics else ""
     log(f"best epoch {result.best_epoch}: test AUC {test['auc']:.4f}  logloss {test['logloss']:.4f}{oracle}{rel}")
     return RunResult(out, metrics, model)
+
+
+def write_bundle(out: Path, model: CTRModel, cfg: RunConfig, data: CTRDataset, metrics: dict[str, Any]) -> None:
+    """The run folder's bundle files, each written atomically, and the manifest last. A full disk
+    leaves an unsealed folder and the last checkpoint, from which --resume writes the bundle again."""
+    from ..serving.bundle import MANIFEST, write_manifest  # lazy: serving imports this module
+
+    try:
+        (out / MANIFEST).unlink(missing_ok=True)  # unsealed until every file is rewritten
+        save_model(out, model, cfg.model, data, data_path=cfg.data.path)
+        write_atomic(out / "metrics.json", json.dumps(metrics, indent=2).encode())
+        write_manifest(out)
+    except OSError as exc:
+        last = latest_checkpoint(out)
+        how = f"; the last checkpoint {last} is intact: make room, then `masknet train --resume {out}` writes it" if last else ""
+        raise UserError(f"{out}: could not write the model bundle ({exc.strerror or exc}){how}") from None
 
 
 def _quiet(*_: Any) -> None:
@@ -166,8 +210,9 @@ def _quiet(*_: Any) -> None:
 def save_model(
     out: Path, model: CTRModel, model_cfg: ModelConfig, data: CTRDataset, data_path: Optional[str | Path] = None
 ) -> None:
-    """Write model.json, dataset.json, model.safetensors and, when the data is a prepared folder
-    with an encoder, a copy of its encoder.json (so the run folder alone can encode raw rows)."""
+    """Write model.safetensors, model.json, dataset.json and, when the data is a prepared folder
+    with an encoder, a copy of its encoder.json (so the run folder alone can encode raw rows).
+    Each file atomically (a full disk leaves the old file or none, never a part). Raises OSError."""
     encoder = Path(data_path) / "encoder.json" if data_path else None
     spec = {
         "model": model_cfg.name,
@@ -176,22 +221,29 @@ def save_model(
         "cardinalities": data.cardinalities,
         "encoder": "encoder.json" if encoder is not None and encoder.is_file() else None,
     }
-    if spec["encoder"]:
-        shutil.copyfile(encoder, out / "encoder.json")
-    (out / "model.json").write_text(json.dumps(spec, indent=2))
-    (out / "dataset.json").write_text(json.dumps(data.meta, indent=2, default=str))
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / "model.safetensors"))
+    write_atomic(out / "model.safetensors", save(state))
+    if spec["encoder"]:
+        write_atomic(out / "encoder.json", encoder.read_bytes())
+    write_atomic(out / "model.json", json.dumps(spec, indent=2).encode())
+    write_atomic(out / "dataset.json", json.dumps(data.meta, indent=2, default=str).encode())
 
 
-def resume_run(run: str | Path, log: Any = print) -> RunResult:
-    """Continue an interrupted run from its latest checkpoint, with its own saved config."""
-    from ..config import load_config
-
+def resume_run(run: str | Path, log: Any = print, overrides: Sequence[str] = ()) -> RunResult:
+    """Continue an interrupted run from its latest intact checkpoint, with its own saved config.
+    `overrides` ("train.lr=1e-4", ...) may set the keys in runfolder.RESUMABLE, and only those."""
     run = Path(run)
-    if not (run / "config.yaml").is_file():
+    if not (run / runfolder.CONFIG_FILE).is_file():
         raise UserError(f"{run}: not a run folder (no config.yaml)")
-    cfg = load_config(run / "config.yaml")
+    cfg = load_config(run / runfolder.CONFIG_FILE)
+    for assignment in overrides:
+        key = assignment.split("=", 1)[0].strip()
+        if "=" in assignment and key not in runfolder.RESUMABLE:
+            raise ConfigError(
+                f"--set {key}: cannot change when resuming (the checkpoint belongs to the run's config); a resume "
+                f"may set {', '.join(runfolder.RESUMABLE)}; to change anything else start a new run"
+            )
+        apply_override(cfg, assignment)
     cfg.output = str(run)
     return train_run(cfg, log=log, resume=True)
 

@@ -289,7 +289,12 @@ def _summed_over_ranks(state: TrainState, device: torch.device) -> tuple[float, 
 
 
 class TrainingDiverged(UserError):
-    """The loss or a gradient became NaN or infinite."""
+    """The loss or a gradient became NaN or infinite. `where`: the step and the last good
+    checkpoint; train_run replaces the generic advice by a command for its run folder."""
+
+    def __init__(self, where: str, advice: str = "lower train.lr, or set train.on_nan=skip-batch to skip such batches"):
+        super().__init__(f"{where}; {advice}")
+        self.where = where
 
 
 def seed_everything(seed: int) -> None:
@@ -339,14 +344,12 @@ def _epoch_batches(
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
-def _diverged(state: TrainState, loss: torch.Tensor, cfg: TrainConfig, run_dir: Optional[Path], writing: bool) -> TrainingDiverged:
+def _diverged(state: TrainState, loss: torch.Tensor, run_dir: Optional[Path], writing: bool) -> TrainingDiverged:
     last = latest_checkpoint(run_dir) if writing else None
-    where = f"the last good checkpoint is {last}; " if last else ""
+    where = f"; the last good checkpoint is {last}" if last else ""
     return TrainingDiverged(
         f"non-finite loss or gradient at epoch {state.epoch}, step {state.step} (global step "
-        f"{state.global_step}, loss {loss.item()}); {where}resume with a lower learning rate: "
-        f"masknet train --resume {run_dir or 'RUN'} --set train.lr={cfg.lr / 10:g} "
-        f"(or --set train.on_nan=skip-batch to skip such batches)"
+        f"{state.global_step}, loss {loss.item()}){where}"
     )
 
 
@@ -401,8 +404,12 @@ def _out_of_patience(state: TrainState, cfg: TrainConfig) -> bool:
 class _Checkpointer:
     """Writes checkpoints of a run (rank 0), when it has a run folder and checkpoints are on."""
 
-    def __init__(self, run_dir: Optional[Path], cfg: TrainConfig, model: CTRModel, optimizer: Optimizer, ctx: DistContext, device: torch.device):
+    def __init__(
+        self, run_dir: Optional[Path], cfg: TrainConfig, model: CTRModel, optimizer: Optimizer, ctx: DistContext,
+        device: torch.device, meta: Optional[dict[str, Any]] = None,
+    ):
         self.run_dir, self.cfg, self.model, self.optimizer, self.ctx, self.device = run_dir, cfg, model, optimizer, ctx, device
+        self.meta = meta  # stored in every checkpoint's manifest (train_run: the run's config and fingerprint)
         self.writing = run_dir is not None and ctx.is_main
         self.enabled = run_dir is not None and (cfg.checkpoints or cfg.checkpoint_every_steps > 0)
 
@@ -418,7 +425,9 @@ class _Checkpointer:
         if self.ctx.enabled:  # mid-window: the running loss over all ranks (rank 0 restores it)
             saved["window_loss_sum"], saved["window_seen"] = _summed_over_ranks(state, self.device)
         if self.writing:
-            save_checkpoint(self.run_dir, self.model, self.optimizer.optimizers, best_weights, saved, self.cfg.keep_checkpoints, rng)
+            save_checkpoint(
+                self.run_dir, self.model, self.optimizer.optimizers, best_weights, saved, self.cfg.keep_checkpoints, rng, self.meta
+            )
 
 
 def fit(
@@ -429,6 +438,7 @@ def fit(
     run_dir: Optional[Path] = None,
     resume_from: Optional[Path] = None,
     ctx: DistContext = DistContext(),
+    checkpoint_meta: Optional[dict[str, Any]] = None,
 ) -> FitResult:
     """Train on data.splits['train'], validate on the schedule, early-stop on validation AUC and
     restore the best evaluation's weights.
@@ -438,7 +448,8 @@ def fit(
     (`cfg.checkpoints`) and every `cfg.checkpoint_every_steps` steps; `resume_from` (a checkpoint
     folder) continues a run exactly where it stopped: same batches, same RNG, same optimizer
     moments. In a multi-process run (`ctx`), each rank trains on its slice of every global batch
-    through DistributedDataParallel, and only rank 0 writes checkpoints.
+    through DistributedDataParallel, and only rank 0 writes checkpoints. `checkpoint_meta` is
+    stored in every checkpoint's manifest (train_run: the run's config and fingerprint).
     """
     train, valid = _check_splits(data)
     cfg = with_model_defaults(cfg, type(model))
@@ -457,7 +468,7 @@ def fit(
         state = TrainState.from_dict(saved)
         if not ctx.is_main:  # the saved running loss is the sum over all ranks: count it once
             state.window_loss_sum, state.window_seen = 0.0, 0
-    checkpointer = _Checkpointer(run_dir, cfg, model, optimizer, ctx, device)
+    checkpointer = _Checkpointer(run_dir, cfg, model, optimizer, ctx, device, checkpoint_meta)
     bar = tqdm(total=schedule.last_step, initial=state.global_step, unit="step", disable=not (cfg.progress and ctx.is_main),
                file=sys.stderr, leave=False, mininterval=0.5)
     window_start = time.perf_counter() - state.window_seconds
@@ -478,7 +489,7 @@ def fit(
             elif cfg.on_nan == "skip-batch":
                 state.skipped_batches += 1
             else:
-                raise _diverged(state, result.loss, cfg, run_dir, checkpointer.writing)
+                raise _diverged(state, result.loss, run_dir, checkpointer.writing)
             bar.update(1)
             if schedule.evaluates_at(state.global_step):
                 record = _validate(model, valid, cfg, ctx, state, time.perf_counter() - window_start, device)
