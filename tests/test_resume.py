@@ -622,8 +622,30 @@ def test_resume_refuses_fewer_epochs_than_the_run_has_trained(reference, tmp_pat
     err = one_line_error(capsys)
     assert "train.epochs=1 is fewer than the 2 epochs the run has already trained" in err, err
     assert snapshot(out) == before
-    assert main(["train", "--resume", str(out), "--quiet", "--set", "train.epochs=2"]) == 0  # as many: it stops there
-    assert [json.loads(line).get("epoch") for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, None]
+    # as many: it stops at once (not one more step into epoch 3; the cap is exact, the 2,000-step minimum is off)
+    assert main(["train", "--resume", str(out), "--quiet", "--set", "train.epochs=2"]) == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [(r.get("step"), r.get("epoch")) for r in log] == [(10, 1), (20, 2), (30, 3), (None, None)]
+    assert log[-1]["after_epoch"] == 2 and log[-1]["changed"] == {"train.epochs": {"from": 3, "to": 2}}
+    assert ckpt.latest_checkpoint(out).name == "step-000000030"  # marked final, no step trained
+
+
+def test_a_resumed_epochs_is_an_exact_cap(reference, tmp_path):
+    """Before: `--set train.epochs=N` on resume kept train.min_steps, so a default run (min_steps
+    2,000) trained past the N epochs asked for; now it is exact, as `--epochs N` is."""
+    out = cut_back(reference, tmp_path / "run", 16)  # 3 steps into epoch 2
+    config = out / "config.yaml"
+    config.write_text(config.read_text().replace("min_steps: 0", "min_steps: 2000"))
+    for c in ckpt.list_checkpoints(out):  # as if the run had been trained with the default minimum
+        manifest = c / "manifest.json"
+        m = json.loads(manifest.read_text())
+        m["config"]["train"]["min_steps"] = 2000
+        m.pop("config_sha256")
+        manifest.write_text(json.dumps(m))
+    assert main(["train", "--resume", str(out), "--quiet", "--set", "train.epochs=2"]) == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r.get("step") for r in log] == [10, None, 20, 26]  # ends at epoch 2's last step
+    assert log[1]["changed"] == {"train.epochs": {"from": 3, "to": 2}, "train.min_steps": {"from": 2000, "to": 0}}
 
 
 @pytest.mark.parametrize("setting", ["train.lr=1e-4", "train.lr=inf", "train.on_nan=skip-batch"])

@@ -310,6 +310,10 @@ def resume_run(run: str | Path, log: Any = print, overrides: Sequence[str] = ())
                 f"may set {', '.join(runfolder.RESUMABLE)}; to change anything else start a new run"
             )
         apply_override(cfg, assignment)
+    if any(a.split("=", 1)[0].strip() == "train.epochs" for a in overrides) and not any(
+        a.split("=", 1)[0].strip() == "train.min_steps" for a in overrides
+    ):
+        cfg.train.min_steps = 0  # a given epochs is an exact cap, as `masknet train --epochs N`
     cfg.output = str(run)
     return train_run(cfg, log=log, resume=True)
 

@@ -243,6 +243,7 @@ class TrainState:
     epoch: int = 1  # the epoch in progress, from 1
     step: int = 0  # steps done in this epoch
     global_step: int = 0
+    steps_per_epoch: int = 0  # the schedule's (0 in checkpoints written before it was recorded)
     best_epoch: int = 0
     best_step: int = 0
     best_valid: dict[str, float] = field(default_factory=lambda: {"auc": -math.inf})
@@ -279,6 +280,13 @@ class TrainState:
     def next_epoch(self) -> None:
         self.epoch += 1
         self.step = 0
+
+    def completed_epochs(self) -> int:
+        """Epochs trained to their end: a state at an epoch's last step has completed that epoch
+        (the next one starts lazily). Without a recorded steps_per_epoch (older checkpoints) the
+        epoch in progress counts as unfinished (one fewer at an epoch end: lenient, never more)."""
+        at_end = self.steps_per_epoch > 0 and self.step >= self.steps_per_epoch
+        return self.epoch if at_end else self.epoch - 1
 
 
 def _summed_over_ranks(state: TrainState, device: torch.device) -> tuple[float, int]:
@@ -468,7 +476,12 @@ def fit(
         state = TrainState.from_dict(saved)
         if not ctx.is_main:  # the saved running loss is the sum over all ranks: count it once
             state.window_loss_sum, state.window_seen = 0.0, 0
+    state.steps_per_epoch = schedule.steps_per_epoch
     checkpointer = _Checkpointer(run_dir, cfg, model, optimizer, ctx, device, checkpoint_meta)
+    if not state.done and state.global_step >= schedule.last_step:
+        # a resume whose cap (train.epochs lowered to the epochs already trained) is behind it: stop here
+        state.done = True
+        checkpointer.save(state, best_weights)
     bar = tqdm(total=schedule.last_step, initial=state.global_step, unit="step", disable=not (cfg.progress and ctx.is_main),
                file=sys.stderr, leave=False, mininterval=0.5)
     window_start = time.perf_counter() - state.window_seconds
