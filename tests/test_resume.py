@@ -879,7 +879,7 @@ def test_a_model_too_large_for_memory_is_one_line(tmp_path, capsys, monkeypatch)
     review's 10^12 rows gave an allocator traceback)."""
     import masknet.training.run as run_mod
 
-    def too_large(cfg, cardinalities):
+    def too_large(cfg, cardinalities, multi_valued=()):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
                            "you tried to allocate 85899346280 bytes.\nError code 12 (Cannot allocate memory)")
 

@@ -326,8 +326,18 @@ def _run_prepare(args: argparse.Namespace) -> int:
     print(
         f"wrote {args.output}: "
         + ", ".join(f"{s} {rows[s]:,} rows ({rate[s]:.1%} positive)" if rows[s] else f"{s} 0 rows" for s in rows)
-        + f"; {len(stats['fields'])} fields in {stats['seconds']['total']:.1f} s"
+        + f"; {len(stats['fields'])} fields" + (f" + {len(stats['multi_valued'])} multi-valued" if stats.get("multi_valued") else "")
+        + f" in {stats['seconds']['total']:.1f} s"
     )
+    for mv in stats.get("multi_valued", []):
+        train = mv["lengths"]["train"] or {}
+        print(
+            f"  {mv['name']}: {mv['cardinality']:,} ids, lengths in train p50 {train.get('length_percentiles', {}).get('p50')} "
+            f"p99 {train.get('length_percentiles', {}).get('p99')} max {train.get('length_percentiles', {}).get('max')}; "
+            f"{train.get('truncated_rows', 0):,} train rows longer than max_len {mv['max_len']} (truncated)"
+        )
+        if mv["rows_with_several_values"] == 0:
+            print(f"  note: no row of {mv['name']!r} has more than one value: is its separator right?")
     bad = stats["bad_lines"]
     if bad["total"]:
         kinds = ", ".join(f"{k} {v:,}" for k, v in sorted(bad["by_kind"].items()))
@@ -595,6 +605,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vocab", default="100000,10000000", metavar="SMALL,LARGE", help="vocabulary sizes for the scaling test, or none")
     p.add_argument("--output", default="bench.json", metavar="FILE", help="JSON output (default bench.json)")
     p.add_argument("--quick", action="store_true", help="tiny models and data: a smoke test whose figures are noise (CI); labelled as such")
+    p.add_argument("--multi-valued", action="store_true",
+                   help="also train each model on the same rows plus one multi-valued field (T1: mean length 10, max 20) "
+                   "and print the training samples/s ratio with / without it")
     p.set_defaults(func=_run_bench)
 
 
@@ -623,8 +636,17 @@ def _run_bench(args: argparse.Namespace) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     report = run_bench(models, precisions, rows, steps, Path(args.output), quick=args.quick, threads=args.threads,
                        data=args.data, vocab=vocab, auc_rows=args.auc_rows, auc_data=args.auc_data, log=log,
-                       job_options=dict(latency_reps=args.latency_reps, predict_rows=args.predict_rows))
+                       job_options=dict(latency_reps=args.latency_reps, predict_rows=args.predict_rows),
+                       multi_valued=args.multi_valued)
     print(format_table(report["results"], quick=args.quick))
+    mv = report.get("multi_valued")
+    if mv:
+        print(f"with the multi-valued field {mv['field']}:")
+        print(format_table(mv["results"], quick=args.quick))
+        for key, ratio in mv["ratios"].items():
+            shown = f"{ratio:.3f}" if ratio is not None else "n/a (a job failed)"
+            print(f"multi-valued field {mv['field']} (mean length {mv['mean_length']}, max {mv['max_len']}): "
+                  f"training samples/s ratio with / without, {key}: {shown}")
     vs = report.get("vocab_scaling")
     if vs and vs["ratio_large_over_small"] is not None:
         print(f"vocabulary {vocab[0]:,} -> {vocab[1]:,} rows: training samples/s ratio {vs['ratio_large_over_small']:.3f} "

@@ -200,10 +200,15 @@ class SyntheticConfig:
 
     rows: int = 120_000  # split 8:1:1 into train/valid/test
     seed: int = 7
+    # the planted multi-valued field T1 (data/synthetic.py): none (default: the data without it),
+    # list (a multi-valued field), first (only its first value), drop (in the labels, not the inputs)
+    multi_valued: str = "none"
 
     def validate(self) -> None:
         if self.rows < 100:
             raise ConfigError(f"data.synthetic.rows: must be >= 100, got {self.rows}")
+        if self.multi_valued not in ("none", "list", "first", "drop"):
+            raise ConfigError(f"data.synthetic.multi_valued: expected none, list, first or drop, got {self.multi_valued!r}")
 
 
 @dataclass

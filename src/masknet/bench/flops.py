@@ -19,10 +19,13 @@ forward + backward is ~3x the forward; the count is measured, not assumed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from ..data.batch import Batch, MultiValuedField
 
 
 def linear_flops_per_sample(model: nn.Module) -> int:
@@ -36,10 +39,28 @@ class Flops:
     train: float  # FLOPs per sample, forward + backward (one training step, optimizer excluded)
 
 
-def counted_flops_per_sample(model: nn.Module, cardinalities: list[int], batch: int = 256) -> Flops:
+def random_batch(cardinalities: list[int], multi_valued: Sequence[MultiValuedField], rows: int, gen: torch.Generator) -> Any:
+    """Random in-range ids: a LongTensor [rows, f], or a Batch with multi-valued lists of random
+    lengths (0..max_len) when the model has multi-valued fields."""
+    x = torch.stack([torch.randint(0, c, (rows,), generator=gen) for c in cardinalities], dim=1)
+    if not multi_valued:
+        return x
+    blocks = []
+    for m in multi_valued:
+        ids = torch.randint(1, max(m.cardinality, 2), (rows, m.max_len), generator=gen)
+        lengths = torch.randint(0, m.max_len + 1, (rows, 1), generator=gen)
+        blocks.append(torch.where(torch.arange(m.max_len)[None, :] < lengths, ids, torch.zeros_like(ids)))
+    seq = torch.cat(blocks, dim=1)
+    w = (seq != 0).float() if any(m.weighted for m in multi_valued) else None
+    return Batch(x, seq, w)
+
+
+def counted_flops_per_sample(
+    model: nn.Module, cardinalities: list[int], batch: int = 256, multi_valued: Sequence[MultiValuedField] = ()
+) -> Flops:
     """Count the matmul FLOPs of one forward and one forward + backward on random indices."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.stack([torch.randint(0, c, (batch,), generator=gen) for c in cardinalities], dim=1)
+    x = random_batch(cardinalities, multi_valued, batch, gen)
     was_training = model.training
     model.train()
     with FlopCounterMode(display=False) as fwd:

@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from ..errors import UserError
+
 QUICK_MODEL = dict(
     embedding_dim=4, block_dim=16, top_mlp=[16], dnn_hidden=[16, 16], cin_layers=[8, 8],
     attention_layers=1, attention_dim=4,
@@ -94,7 +96,7 @@ def run_job(job: Job) -> dict[str, Any]:
     from ..models import build_model
     from ..training.metrics import auc
     from ..training.trainer import Optimizer, seed_everything, train_step
-    from .flops import counted_flops_per_sample
+    from .flops import counted_flops_per_sample, random_batch
     from .matmul import gemm_rate, record_matmuls
 
     torch.set_num_threads(job.threads)
@@ -104,18 +106,20 @@ def run_job(job: Job) -> dict[str, Any]:
     if job.vocab_rows:
         cards = _scaled_cardinalities(cards, job.vocab_rows)
     mcfg = _model_config(job.model, job.quick)
-    model = build_model(mcfg, cards)
+    multi = data.multi_valued  # multi-valued fields (bench --multi-valued), pooled by the embedding
+    model = build_model(mcfg, cards, multi)
     tcfg = TrainConfig(batch_size=job.batch_size, precision=job.precision, seed=job.seed, threads=job.threads)
     bf16 = job.precision == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32
     res: dict[str, Any] = {"model": job.model, "precision": job.precision, "threads": torch.get_num_threads()}
-    res["embedding_rows"] = sum(cards)
+    res["embedding_rows"] = sum(cards) + sum(m.cardinality for m in multi)
+    res["multi_valued_fields"] = len(multi)
     res["parameters"] = sum(p.numel() for p in model.parameters())
 
     # --- FLOPs and roofline
-    flops = counted_flops_per_sample(model, cards)
+    flops = counted_flops_per_sample(model, cards, multi_valued=multi)
     gen = torch.Generator().manual_seed(1)
-    x_rand = torch.stack([torch.randint(0, c, (job.batch_size,), generator=gen) for c in cards], dim=1)
+    x_rand = random_batch(cards, multi, job.batch_size, gen)
     matmuls = record_matmuls(model, x_rand)
     replay = lambda: gemm_rate(matmuls, dtype, min_seconds=0.002 if job.quick else 0.05, repeats=1 if job.quick else 3)  # noqa: E731
     rate = replay()  # measured again after training: the mean of both is used (a shared machine's load drifts)
@@ -132,7 +136,7 @@ def run_job(job: Job) -> dict[str, Any]:
         def batches():
             g = torch.Generator().manual_seed(job.seed)
             while True:
-                x = torch.stack([torch.randint(0, c, (job.batch_size,), generator=g) for c in cards], dim=1)
+                x = random_batch(cards, multi, job.batch_size, g)
                 yield x, (torch.rand(job.batch_size, generator=g) < 0.25).float()
         it = batches()
     else:
@@ -188,7 +192,7 @@ def run_job(job: Job) -> dict[str, Any]:
     model.eval()
     test = data.splits["test"]
     n_pred = min(job.predict_rows, len(test))
-    x_test = torch.from_numpy(np.asarray(test.x[:n_pred]).astype(np.int64))
+    x_test = test.rows(0, n_pred).to_batch()  # a Batch: single- and multi-valued ids
     y_test = np.asarray(test.y[:n_pred])
 
     def forward_fn(m, autocast: bool):
@@ -197,8 +201,11 @@ def run_job(job: Job) -> dict[str, Any]:
                 return m(x).float()
         return f
 
+    def split(b, size: int) -> list:
+        return [b[i : i + size] for i in range(0, len(b), size)]
+
     def predict_rate(f, batch: int) -> float:
-        chunks = list(x_test.split(batch))
+        chunks = split(x_test, batch)
         f(chunks[0])  # warm-up
         reps = 1 if job.quick else max(1, (32768 + n_pred - 1) // n_pred)
         t0 = time.perf_counter()
@@ -215,7 +222,7 @@ def run_job(job: Job) -> dict[str, Any]:
         return 1000 * _percentile(ts, 50), 1000 * _percentile(ts, 99)
 
     f32 = forward_fn(model, False)
-    ref = torch.sigmoid(torch.cat([f32(c) for c in x_test[: job.auc_rows].split(8192)])).double().numpy()
+    ref = torch.sigmoid(torch.cat([f32(c) for c in split(x_test[: job.auc_rows], 8192)])).double().numpy()
     ref_auc = auc(y_test[: len(ref)], ref) if 0 < y_test[: len(ref)].sum() < len(ref) else float("nan")
     main = forward_fn(model, bf16)
     res["predict_samples_per_s"] = predict_rate(main, 8192)
@@ -223,7 +230,7 @@ def run_job(job: Job) -> dict[str, Any]:
     res["latency_1000_p50_ms"], res["latency_1000_p99_ms"] = latency(main)
     res["test_auc_fp32_forward"] = ref_auc
     if bf16:
-        p = torch.sigmoid(torch.cat([main(c) for c in x_test[: job.auc_rows].split(8192)])).double().numpy()
+        p = torch.sigmoid(torch.cat([main(c) for c in split(x_test[: job.auc_rows], 8192)])).double().numpy()
         res["test_auc_delta_vs_fp32_forward"] = auc(y_test[: len(p)], p) - ref_auc
     else:  # int8 dynamic quantization of every nn.Linear (weights int8, activations quantized per batch)
         import warnings
@@ -237,7 +244,7 @@ def run_job(job: Job) -> dict[str, Any]:
         res["int8_predict_samples_per_s"] = predict_rate(fq, 8192)
         res["int8_predict_1024_samples_per_s"] = predict_rate(fq, 1024)
         res["int8_latency_1000_p50_ms"], res["int8_latency_1000_p99_ms"] = latency(fq)
-        p = torch.sigmoid(torch.cat([fq(c) for c in x_test[: job.auc_rows].split(8192)])).double().numpy()
+        p = torch.sigmoid(torch.cat([fq(c) for c in split(x_test[: job.auc_rows], 8192)])).double().numpy()
         res["int8_test_auc_delta_vs_fp32"] = auc(y_test[: len(p)], p) - ref_auc
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return res
@@ -274,17 +281,18 @@ def auc_check(data_dir: str, rows: int, epochs: int, threads: int, seed: int, qu
 
     def head(s: Split, n: int) -> Split:
         n = min(n, len(s))
-        return Split(np.asarray(s.x[:n]), np.asarray(s.y[:n]))
+        r = s.rows(0, n)
+        return Split(r.x, np.asarray(s.y[:n]), None, r.seq, r.seq_weights)
 
     sub = CTRDataset(data.field_names, data.cardinalities, {
         "train": head(data.splits["train"], rows),
         "valid": head(data.splits["valid"], max(rows // 8, 1)),
         "test": head(data.splits["test"], max(rows // 8, 1)),
-    }, data.meta)
+    }, data.meta, data.multi_valued)
     out: dict[str, Any] = {"data": str(data_dir), "train_rows": len(sub.splits["train"]), "epochs": epochs, "model": model}
     for precision in ("fp32", "bf16"):
         seed_everything(seed)
-        m = build_model(_model_config(model, quick), sub.cardinalities)
+        m = build_model(_model_config(model, quick), sub.cardinalities, sub.multi_valued)
         # exactly `epochs` epochs, validated at each end, as this check has always run (the paper's protocol)
         cfg = TrainConfig(epochs=epochs, precision=precision, seed=seed, threads=threads, progress=False, checkpoints=False,
                           patience=epochs, evals_per_epoch=1, eval_min_steps=1, min_steps=0, lr_warmup_steps=0, lr=1e-3)
@@ -334,8 +342,16 @@ def run_bench(
     models: list[str], precisions: list[str], rows: int, steps: int, output: Path, quick: bool = False,
     threads: int = 2, data: Optional[str] = None, vocab: tuple[int, int] = (100_000, 10_000_000),
     auc_rows: int = 0, auc_data: Optional[list[str]] = None, log=print, job_options: Optional[dict] = None,
+    multi_valued: bool = False,
 ) -> dict[str, Any]:
+    """With `multi_valued`, the generated data has the planted multi-valued field T1 (mean length 10,
+    max 20) dropped, and every model x precision also trains on the same rows with T1 as a
+    multi-valued field right after (alternating, so both see the same load): report["multi_valued"]
+    holds those results and the training samples/s ratio with / without per model and precision."""
     from ..data.synthetic import write_synthetic
+
+    if multi_valued and data is not None:
+        raise UserError("--multi-valued generates its own data (the built-in data with and without the field); drop --data")
 
     t_start = time.time()
     report: dict[str, Any] = {
@@ -352,19 +368,34 @@ def run_bench(
         if data is None:
             data = str(Path(tmp) / "synthetic")
             t0 = time.perf_counter()
-            write_synthetic(data, rows)
+            write_synthetic(data, rows, multi_valued="drop" if multi_valued else "none")
             log(f"generated {rows:,} synthetic Criteo-like rows in {time.perf_counter() - t0:.1f} s -> {data}")
+        mv_data = None
+        if multi_valued:
+            mv_data = str(Path(tmp) / "synthetic-mv")
+            write_synthetic(mv_data, rows, multi_valued="list")
+            log(f"generated the same rows with the multi-valued field T1 -> {mv_data}")
         report["data"] = {"path": data, "rows": rows}
         base = dict(data=data, steps=steps, threads=threads, quick=quick, **(job_options or {}))
         if quick:
             base.update(warmup=1, batch_size=256, predict_rows=2048, latency_reps=5, auc_rows=2048)
-        results = []
+        results, mv_results, ratios = [], [], {}
         for name in models:
             for precision in precisions:
                 log(f"{name} {precision} ... (load {_load():.1f})")
                 results.append(_run_child(Job(model=name, precision=precision, **base), log))
-                output.write_text(json.dumps({**report, "results": results, "partial": True}, indent=2, default=float))
+                if mv_data is not None:
+                    log(f"{name} {precision} with the multi-valued field ... (load {_load():.1f})")
+                    mv_results.append(_run_child(Job(model=name, precision=precision, **dict(base, data=mv_data)), log))
+                    a, b = results[-1].get("train_samples_per_s"), mv_results[-1].get("train_samples_per_s")
+                    ratios[f"{name}/{precision}"] = b / a if a and b else None
+                partial = {**report, "results": results, "partial": True}
+                if mv_data is not None:
+                    partial["multi_valued"] = {"results": mv_results, "ratios": ratios}
+                output.write_text(json.dumps(partial, indent=2, default=float))
         report["results"] = results
+        if mv_data is not None:
+            report["multi_valued"] = {"field": "T1", "mean_length": 10, "max_len": 20, "results": mv_results, "ratios": ratios}
         report["models"] = {m: {r["precision"]: r for r in results if r["model"] == m} for m in models}
         # vocabulary scaling: SerMaskNet fp32, random indices, total vocabulary small vs large
         vocab_model = "sermasknet" if "sermasknet" in models or not models else models[0]

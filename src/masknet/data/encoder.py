@@ -38,6 +38,7 @@ from .schema import DatasetSpec, FieldSpec
 
 ENCODER_FORMAT = "masknet-encoder"
 ENCODER_VERSION = 1
+MULTI_VALUED_VERSION = 2  # written only by encoders with multi-valued fields (older masknets refuse them)
 MISSING, OOV, FIRST = 0, 1, 2
 LARGE_OFFSET = 1000
 NUMBER_RE = r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?$"
@@ -144,10 +145,13 @@ def transform(fs: FieldSpec, values: pa.Array) -> Tokens:
 
 
 def parse_label(values: pa.Array, kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """Label 0/1 (uint8) per raw value and a bad mask. kind 01: 0/1; pm1: -1/1 (0 also negative)."""
+    """Label 0/1 (uint8) per raw value and a bad mask. kind 01: 0/1; pm1: -1/1 (0 also negative);
+    ">=T": any number, positive when >= T (a rating made a click-like label)."""
     if pa.types.is_boolean(values.type):
         return _np(values).astype(np.uint8), np.zeros(len(values), bool)
     f, bad = parse_numbers(values)
+    if kind.startswith(">="):
+        return (~bad & (f >= float(kind[2:]))).astype(np.uint8), bad
     allowed = (f == 0) | (f == 1) | ((f == -1) if kind == "pm1" else False)
     bad |= ~allowed
     return (f == 1).astype(np.uint8), bad
@@ -301,29 +305,38 @@ def fit_field(fs: FieldSpec, counts: Optional[pa.Table]) -> FieldEncoder:
 
 
 class Encoder:
-    """The fitted encoder: the dataset spec (how to read and check raw rows) + one FieldEncoder per field."""
+    """The fitted encoder: the dataset spec (how to read and check raw rows) + one FieldEncoder per
+    field, and one multivalued.MultiValuedEncoder per multi-valued field."""
 
-    def __init__(self, spec: DatasetSpec, fields: list[FieldEncoder]):
+    def __init__(self, spec: DatasetSpec, fields: list[FieldEncoder], multi_valued: Optional[list] = None):
         self.spec = spec
         self.fields = fields
+        self.multi_valued = list(multi_valued or [])
 
     @property
     def cardinalities(self) -> list[int]:
         return [f.cardinality for f in self.fields]
 
+    def multi_valued_fields(self) -> list:
+        """data.batch.MultiValuedField per multi-valued field (what the model is built with)."""
+        return [m.field() for m in self.multi_valued]
+
     def field_meta(self) -> list[dict[str, Any]]:
         return [{"name": f.spec.name, "kind": f.spec.kind, "cardinality": f.cardinality} for f in self.fields]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "format": ENCODER_FORMAT,
-            "version": ENCODER_VERSION,
+            "version": ENCODER_VERSION if not self.multi_valued else MULTI_VALUED_VERSION,
             "index_convention": {"missing": MISSING, "out_of_vocabulary": OOV, "first_vocabulary": FIRST},
             "numeric_tokens": f"x <= 2: floor(x); x > 2: {LARGE_OFFSET} + floor(ln(x)^2)",
             "hashing": "64-bit FNV-1a of the UTF-8 value, modulo hash_buckets, plus 2",
             "spec": self.spec.to_dict(),
             "fields": [f.to_dict() for f in self.fields],
         }
+        if self.multi_valued:  # absent otherwise: an encoder without them is byte-identical to before
+            d["multi_valued"] = [m.to_dict() for m in self.multi_valued]
+        return d
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -341,8 +354,8 @@ class Encoder:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: not valid JSON ({exc})") from None
-        if d.get("format") != ENCODER_FORMAT or d.get("version") != ENCODER_VERSION:
-            raise DataError(f"{path}: not a masknet encoder of version {ENCODER_VERSION}")
+        if d.get("format") != ENCODER_FORMAT or d.get("version") not in (ENCODER_VERSION, MULTI_VALUED_VERSION):
+            raise DataError(f"{path}: not a masknet encoder of version {ENCODER_VERSION} or {MULTI_VALUED_VERSION}")
         spec = DatasetSpec.from_dict(d["spec"])
         fields = []
         for fs, fd in zip(spec.fields, d["fields"]):
@@ -350,4 +363,9 @@ class Encoder:
             if fd["vocab"] is not None:
                 vocab = pa.array(fd["vocab"], pa.int64() if fd.get("token_type") == "int64" else pa.string())
             fields.append(FieldEncoder(fs, vocab, fd.get("distinct_in_train", 0)))
-        return cls(spec, fields)
+        multi = []
+        if d.get("multi_valued"):
+            from .multivalued import MultiValuedEncoder
+
+            multi = [MultiValuedEncoder.from_dict(m, ms) for ms, m in zip(spec.multi_valued, d["multi_valued"])]
+        return cls(spec, fields, multi)

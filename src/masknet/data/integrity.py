@@ -116,13 +116,15 @@ def fingerprint(record: dict) -> str:
 
 @dataclass
 class ArrayFile:
-    """One array file of a split: x (indices [rows, fields]), y (labels) or p (probabilities)."""
+    """One array file of a split: x (indices [rows, fields]), y (labels), p (probabilities), or the
+    multi-valued fields' seq (padded ids [rows, Σ max_len]) and seqw (their weights)."""
 
     split: str
-    kind: str  # x | y | p
+    kind: str  # x | y | p | seq | seqw
     path: Path
     dtype: np.dtype
     cols: int
+    columns: Optional[list[tuple[str, int]]] = None  # seq: (field name, cardinality) of each column
 
 
 def record(files: list[ArrayFile]) -> dict:
@@ -137,10 +139,12 @@ def check(meta_path: Path, meta: dict, files: list[ArrayFile], names: list[str],
         if "x_min" in info:
             _check_recorded(meta_path, s, info["x_min"], info["x_max"], names, cards)
     recorded = meta.get("files") or {}
-    jobs = [(f.path, f.dtype, f.cols, f.kind in ("x", "y"), verify) for f in files]
+    jobs = [(f.path, f.dtype, f.cols, f.kind in ("x", "y", "seq"), verify) for f in files]
     for f, found in zip(files, scan_files(jobs)):
         if f.kind == "x" and found.lo is not None:
             _check_x(f, found, meta["splits"][f.split], names, cards)
+        if f.kind == "seq" and found.lo is not None:
+            _check_x(f, found, {}, [n for n, _ in f.columns], [c for _, c in f.columns])
         if f.kind == "y" and found.hi is not None and int(found.hi[0]) > 1:
             row, v = first_row_outside(f.path, f.dtype, 1, 0, 0, 1)
             raise DataError(f"{f.path}: row {row}: label {v} is not 0 or 1: {_AGAIN}")

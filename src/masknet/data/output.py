@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from ..errors import UserError
-from .dataset import FORMAT_NAME, array_file_names
+from .dataset import FORMAT_NAME, array_file_names, seq_kinds
 
 TMP_PREFIX = ".prepare-tmp-"
 OLD_PREFIX = ".prepare-old-"
@@ -141,7 +141,7 @@ def dataset_files(folder: Path) -> set[str]:
         return set()
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         return set()
-    return {"meta.json", "encoder.json", BUILD_MARK, *array_file_names(bool(meta.get("has_prob")))}
+    return {"meta.json", "encoder.json", BUILD_MARK, *array_file_names(bool(meta.get("has_prob")), *seq_kinds(meta))}
 
 
 # ---------------------------------------------------------------------------

@@ -46,10 +46,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import DataError, UserError
+from .batch import EncodedRows
 from .dataset import SPLITS, PreparedWriter
 from .encoder import MISSING, OOV, Encoder, FieldEncoder, Tokens, TokenCounter, _np, _splitmix64, fit_field, parse_label, parse_time, transform
 from .output import build_folder
 from .readers import DEFAULT_BLOCK_BYTES, BadLine, NeedSerial, RawChunk, check_columns, count_data_rows, iter_chunks
+from .multivalued import LengthStats, MultiSpill, encode_chunk, fit_multi, meta_entry, token_counts, tokenize
 from .schema import DatasetSpec
 
 TRAIN, VALID, TEST = 0, 1, 2
@@ -74,6 +76,7 @@ class ParsedChunk:
     first_error: np.ndarray  # int32 [n]: index into `checks` of the row's first problem, -1 if good
     checks: list[tuple[str, str, str, Optional[pa.Array], Optional[np.ndarray]]] = field(default_factory=list)
     invalid: list[BadLine] = field(default_factory=list)  # rows the parser dropped
+    multi: list = field(default_factory=list)  # per multi-valued field: multivalued.MultiChunk
 
     def bad_lines(self, limit: int) -> list[BadLine]:
         out = []
@@ -113,12 +116,18 @@ def parse_chunk(spec: DatasetSpec, chunk: RawChunk, path: str) -> ParsedChunk:
             first_error[rows_bad & (first_error < 0)] = len(checks) - 1
 
     needed = spec.needed_columns()
+    lists = [c for c in needed if not pa.types.is_dictionary(chunk.columns[c].type)]  # Parquet list columns
+    needed = [c for c in needed if c not in lists]
     idx_of = dict(zip(needed, _POOL.map(lambda c: _indices(chunk.columns[c]), needed)))
+    multi = [_POOL.submit(tokenize, mv, chunk.columns, n) for mv in spec.multi_valued]  # beside the single fields
     if n and chunk.unit == "line":
         all_null = np.ones(n, dtype=bool)
         for ix in idx_of.values():
             all_null &= ix < 0
         flag(all_null, None, "empty_line", "empty line")
+    for fs in spec.fields:
+        if fs.column in lists:
+            raise DataError(f"{path}: column {fs.column!r} is a list column; list field {fs.name!r} under multi_valued in the schema")
 
     y = np.zeros(n, np.uint8)
     if spec.label:
@@ -130,7 +139,7 @@ def parse_chunk(spec: DatasetSpec, chunk: RawChunk, path: str) -> ParsedChunk:
             y = lab_vals[safe]
         flag(lab_idx < 0, spec.label, "bad_label", "the label is missing")
         if lab_bad.any():
-            want = "-1 or 1" if spec.label_kind == "pm1" else "0 or 1"
+            want = {"pm1": "-1 or 1", "01": "0 or 1"}.get(spec.label_kind, "a number")
             flag((lab_idx >= 0) & lab_bad[safe], spec.label, "bad_label", f"the label must be {want}", lab_arr.dictionary, lab_idx)
 
     fields = []
@@ -141,6 +150,16 @@ def parse_chunk(spec: DatasetSpec, chunk: RawChunk, path: str) -> ParsedChunk:
         if tok.bad is not None:
             flag((ix >= 0) & tok.bad[np.maximum(ix, 0)], fs.column, tok.kind, tok.message, arr.dictionary, ix)
         fields.append((ix, tok))
+
+    multi_chunks = []
+    for mv, job in zip(spec.multi_valued, multi):
+        try:
+            mc, mchecks = job.result()
+        except DataError as exc:
+            raise DataError(f"{path}: {exc}") from None
+        for check in mchecks:
+            flag(*check)
+        multi_chunks.append(mc)
 
     times = None
     if spec.time:
@@ -153,7 +172,8 @@ def parse_chunk(spec: DatasetSpec, chunk: RawChunk, path: str) -> ParsedChunk:
         times = tv[np.maximum(ix, 0)] if len(tv) else np.zeros(n, np.int64)
 
     return ParsedChunk(
-        path, chunk.unit, n, first_error < 0, y, chunk.row_ids, chunk.lines, fields, times, first_error, checks, chunk.invalid
+        path, chunk.unit, n, first_error < 0, y, chunk.row_ids, chunk.lines, fields, times, first_error, checks, chunk.invalid,
+        multi_chunks,
     )
 
 
@@ -346,6 +366,8 @@ def _prepare(
     t1 = time.perf_counter()
     nf = len(spec.fields)
     counters = [TokenCounter() for _ in spec.fields]
+    multi_counters = [TokenCounter() for _ in spec.multi_valued]
+    lengths = [LengthStats(mv.max_len) for mv in spec.multi_valued]
     spill = _Spill(output / ".prepare-spill", spec)
     train_rows = 0
     if ranker is not None:
@@ -359,28 +381,33 @@ def _prepare(
                 g = pc_.good
                 codes = assign(pc_, role)[g]
                 train_rows += int(np.count_nonzero(codes == TRAIN))
+                for stat, mc in zip(lengths, pc_.multi):
+                    stat.add_lengths(mc.lengths[g], codes)
                 window = spill.add(pc_, g, codes)
                 if window is not None:
-                    _count_window(window, counters, spec)
+                    _count_window(window, counters, spec, multi_counters)
                     window = None
                     _release_memory()
             if file_rows == 0:
                 raise DataError(f"{path}: no data rows")
         window = spill.flush()
         if window is not None:
-            _count_window(window, counters, spec)
+            _count_window(window, counters, spec, multi_counters)
         if train_rows == 0:
             raise DataError(f"{sources[0][0]}: no valid training rows")
-        encoder = Encoder(spec, [fit_field(fs, c.result()) for fs, c in zip(spec.fields, counters)])
-        del counters
+        encoder = Encoder(
+            spec, [fit_field(fs, c.result()) for fs, c in zip(spec.fields, counters)],
+            [fit_multi(mv, c.result()) for mv, c in zip(spec.multi_valued, multi_counters)],
+        )
+        del counters, multi_counters
         t2 = time.perf_counter()
 
         # ---- pass 2: map the spilled indices through each window's token -> index table
-        writer = PreparedWriter(output, encoder.field_meta())
+        writer = PreparedWriter(output, encoder.field_meta(), multi_valued=[meta_entry(m) for m in encoder.multi_valued])
         missing = np.zeros((3, nf), dtype=np.int64)
         oov = np.zeros((3, nf), dtype=np.int64)
         xt_flat = np.empty(nf * max(spill.window_rows, default=0), dtype=np.int32)  # reused by every window
-        for ix, tokens, y, codes in spill.windows():
+        for (ix, tokens, y, codes), multi in zip(spill.windows(), spill.multi_windows()):
             xt = xt_flat[: ix.size].reshape(ix.shape)  # [f, rows]
 
             def one_field(j: int) -> None:
@@ -391,11 +418,14 @@ def _prepare(
                 oov[:, j] += np.bincount(codes[col == OOV], minlength=3)
 
             list(_POOL.map(one_field, range(nf)))
+            seq, seq_w = _encode_multi_window(encoder, multi, codes, lengths)
             for s_code, s_name in enumerate(SPLITS):
                 m = codes == s_code
                 if m.any():
-                    writer.append(s_name, xt.T[m], y[m])  # [rows of the split, f]: one gather, C-contiguous
-            m = None  # free before trimming
+                    writer.append(  # [rows of the split, f]: one gather, C-contiguous
+                        s_name, xt.T[m], y[m], seq=None if seq is None else seq[m], seq_weights=None if seq_w is None else seq_w[m]
+                    )
+            m = seq = seq_w = None  # free before trimming
             _release_memory()
         encoder.save(output / "encoder.json")
     finally:
@@ -421,6 +451,7 @@ def _prepare(
             }
             for j, fe in enumerate(encoder.fields)
         ],
+        **({"multi_valued": _multi_stats(encoder, lengths)} if encoder.multi_valued else {}),
         "seconds": {"pre_pass": round(t1 - t_start, 3), "read_count": round(t2 - t1, 3), "encode": round(t3 - t2, 3), "total": round(t3 - t_start, 3)},
         "single_threaded_parse": serial,
     }
@@ -433,6 +464,42 @@ def _prepare(
     }
     writer.close(source=source, stats=stats)
     return stats
+
+
+def _encode_multi_window(encoder: Encoder, multi: list, codes: np.ndarray, lengths: list[LengthStats]):
+    """A window's multi-valued ids [rows, ΣL] (and weights), counting values and OOV values per split."""
+    if not encoder.multi_valued:
+        return None, None
+    seq, weights = [], []
+    for enc, mw, stat in zip(encoder.multi_valued, multi, lengths):
+        ids = np.concatenate([enc.codes(mw.tokens), np.zeros(1, np.int32)])[mw.ids]  # -1 (padding) -> 0
+        stat.add_ids(ids, codes)
+        seq.append(ids)
+        if any(e.spec.weighted for e in encoder.multi_valued):
+            w = mw.weights if mw.weights is not None else np.ones(ids.shape, np.float32)
+            weights.append(np.where(ids != 0, w, np.float32(0)))
+    return np.concatenate(seq, axis=1), (np.concatenate(weights, axis=1) if weights else None)
+
+
+def _multi_stats(encoder: Encoder, lengths: list[LengthStats]) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": e.spec.name,
+            "kind": "multi_valued",
+            "column": e.spec.column,
+            "cardinality": e.cardinality,
+            "max_len": e.spec.max_len,
+            "pooling": e.spec.pooling,
+            "keep": e.spec.keep,
+            "min_count": e.spec.min_count,
+            "hash_buckets": e.spec.hash_buckets,
+            "weighted": e.spec.weighted,
+            "distinct_in_train": e.values.distinct_in_train,
+            "rows_with_several_values": stat.with_separator,
+            "lengths": stat.to_dict(SPLITS),
+        }
+        for e, stat in zip(encoder.multi_valued, lengths)
+    ]
 
 
 # ---------------------------------------------------------------------------
@@ -477,13 +544,17 @@ class _Window:
     tokens: list[pa.Array]  # per field: the distinct raw tokens of the window's chunks, concatenated
     y: np.ndarray  # uint8 [rows]
     codes: np.ndarray  # uint8 [rows]: 0/1/2 = train/valid/test
+    multi: list = field(default_factory=list)  # per multi-valued field: multivalued.MultiWindow
 
 
-def _count_window(w: _Window, counters: list[TokenCounter], spec: DatasetSpec) -> None:
+def _count_window(w: _Window, counters: list[TokenCounter], spec: DatasetSpec, multi_counters: list[TokenCounter]) -> None:
     train = w.codes == TRAIN
     if not train.any():
         return
     rows = None if train.all() else np.flatnonzero(train)  # the same rows for every field
+    for mv, mw, counter in zip(spec.multi_valued, w.multi, multi_counters):
+        if not mv.hash_buckets:
+            counter.add(mw.tokens, token_counts(mw.ids if rows is None else mw.ids[rows], len(mw.tokens)))
 
     def one_field(j: int) -> None:
         if spec.fields[j].hash_buckets:
@@ -510,6 +581,7 @@ class _Spill:
         self._y = open(folder / "y.bin", "wb")
         self._codes = open(folder / "codes.bin", "wb")
         self._tok_writers: list = [None] * self.nf
+        self.multi = MultiSpill(folder, spec.multi_valued) if spec.multi_valued else None
         self.window_rows: list[int] = []
         # The window's raw-value indices [f, capacity], allocated once and reused by every window:
         # a fresh 40 MB array per window (plus its concatenation) made the peak RSS creep with
@@ -535,6 +607,8 @@ class _Spill:
             all_good = n == pc_.n
             for j, (idx, _) in enumerate(pc_.fields):
                 self._buf[j, self._rows : end] = idx if all_good else idx[good]
+            if self.multi is not None:
+                self.multi.add(pc_.multi, good, self._rows, end, self._buf.shape[1])
             self._tokens.append([tok.tokens for _, tok in pc_.fields])
             self._chunk_rows.append(n)
             self._ys.append(pc_.y if all_good else pc_.y[good])
@@ -566,7 +640,8 @@ class _Spill:
             return enc.dictionary
 
         tokens = list(_POOL.map(one_field, range(self.nf)))  # Arrow and numpy release the GIL
-        w = _Window(ix, tokens, np.concatenate(self._ys), np.concatenate(self._codes_parts))
+        multi = self.multi.flush(self._rows) if self.multi is not None else []
+        w = _Window(ix, tokens, np.concatenate(self._ys), np.concatenate(self._codes_parts), multi)
         for j in range(self.nf):  # field-major on disk, written from the buffer without a copy
             self._ix.write(ix[j])
         self._y.write(w.y)
@@ -578,6 +653,13 @@ class _Spill:
         self.window_rows.append(ix.shape[1])
         self._reset()
         return w
+
+    def multi_windows(self):
+        """Per window, in step with `windows()`: the multi-valued fields' MultiWindows (reused
+        buffers, valid until the next window is read); [] per window without such fields."""
+        if self.multi is None:
+            return iter(lambda: [], None)
+        return self.multi.windows(self.window_rows)
 
     def windows(self):
         """Yield (ix, tokens, y, codes) per window, in the order written. `ix` is a reused
@@ -606,6 +688,8 @@ class _Spill:
     def close(self) -> None:
         for fh in (self._ix, self._y, self._codes):
             fh.close()
+        if self.multi is not None:
+            self.multi.close_writers()
         for w in self._tok_writers:
             if w is not None:
                 try:
@@ -626,14 +710,14 @@ def encode_file(
     with_label: Optional[bool] = None,
 ) -> Iterator[tuple[np.ndarray, Optional[np.ndarray], np.ndarray]]:
     """Encode a raw file with a fitted encoder, chunk by chunk: yields (x int32 [n, f], y uint8 [n]
-    or None, line numbers [n]). Same reading, checks and indices as `prepare`; unseen categories
+    or None, line numbers [n]); with multi-valued fields x is a data.batch.EncodedRows (x and seq). Same reading, checks and indices as `prepare`; unseen categories
     map to out-of-vocabulary. `with_label=None`: use the label column if the file has one.
     Bad lines raise a DataError (`bad_lines="error"`) or are dropped (`"skip"`)."""
     import copy
 
     from .readers import file_columns
 
-    enc = encoder if isinstance(encoder, Encoder) else Encoder.load(encoder)
+    enc = encoder if isinstance(encoder, Encoder) else Encoder.load(encoder)  # with multi-valued fields x is an EncodedRows
     spec = copy.deepcopy(enc.spec)
     if with_label is None:
         with_label = spec.label in file_columns(spec, path) if spec.label else False
@@ -649,4 +733,6 @@ def encode_file(
         x = np.empty((int(g.sum()), len(enc.fields)), dtype=np.int32)
         for j, (fe, (ix, tok)) in enumerate(zip(enc.fields, pc_.fields)):
             x[:, j] = np.concatenate([fe.codes(tok.tokens), np.zeros(1, np.int32)])[ix[g]]
+        if enc.multi_valued:
+            x = EncodedRows(x, *encode_chunk(enc.multi_valued, pc_.multi, g))
         yield x, (pc_.y[g] if with_label else None), pc_.lines[g]

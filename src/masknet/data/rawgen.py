@@ -56,18 +56,23 @@ def write_criteo(
     header: bool = False,
     sep: str = "\t",
     gz: Optional[bool] = None,
+    list_tokens: int = 0,
 ) -> Path:
     """Criteo DAC lines: label, I1..I13 (ints, missing, I2 negative), C1..C26 (8-hex, missing).
 
     `header=True, sep=","` writes the CSV-with-header variant (numbers as floats, like
-    `criteo-sample-200`).
+    `criteo-sample-200`). `list_tokens=N` appends a 41st column `tags`: N values per row joined
+    by "|" (a multi-valued field; drawn from their own random stream, so the other columns are
+    the same as without it).
     """
     path = Path(path)
     gz = path.suffix == ".gz" if gz is None else gz
     rng = np.random.default_rng(seed)
     pools = [_hex_pool(rng, c) for c in CRITEO_CARDS]
     w_cat = [rng.normal(0, 0.6, size=min(c, 64)) for c in CRITEO_CARDS]
-    names = ["label"] + [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
+    names = ["label"] + [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)] + (["tags"] if list_tokens else [])
+    tag_rng = np.random.default_rng([seed, 0x7A])
+    tag_pool = pa.array([f"t{i:x}" for i in range(100_000)]) if list_tokens else None
     with _open(path, gz) as fh:
         if header:
             fh.write((sep.join(names) + "\n").encode())
@@ -91,6 +96,10 @@ def write_criteo(
                 arr = pools[j].take(pa.array(idx))
                 cols.append(pc.if_else(pa.array(miss), pa.scalar(None, pa.string()), arr))
             y = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.int64)
+            if list_tokens:
+                flat = tag_pool.take(pa.array(_zipf_idx(tag_rng, len(tag_pool), n * list_tokens, 1.05)))
+                offsets = pa.array(np.arange(n + 1, dtype=np.int32) * list_tokens)
+                cols.append(pc.binary_join(pa.ListArray.from_arrays(offsets, flat), "|"))
             table = pa.table([pa.array(y).cast(pa.string())] + ints + cols, names=names)
             pacsv.write_csv(
                 table,

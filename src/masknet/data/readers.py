@@ -94,7 +94,7 @@ class BadLine:
 
 @dataclass
 class RawChunk:
-    columns: dict[str, pa.DictionaryArray]
+    columns: dict[str, pa.DictionaryArray]  # a Parquet list column stays a ListArray
     row_ids: np.ndarray  # int64 [n]: 0-based data row index in the file, bad rows included
     lines: np.ndarray  # int64 [n]: 1-based line (CSV) or row (Parquet) number
     invalid: list[BadLine] = field(default_factory=list)  # rows the parser dropped since the last chunk
@@ -606,6 +606,9 @@ def _iter_parquet(spec: DatasetSpec, path: Path) -> Iterator[RawChunk]:
             cols = {}
             for c in needed:
                 arr = batch.column(c)
+                if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+                    cols[c] = arr  # a list column (a multi-valued field's values) is read as lists
+                    continue
                 if not pa.types.is_dictionary(arr.type):
                     arr = pc.dictionary_encode(arr)
                 cols[c] = _parquet_missing(arr, spec.missing_values)

@@ -30,7 +30,7 @@ from ..errors import DataError, UserError
 
 TRANSFORMS = ("category", "log_bucket", "hour_of_day", "weekday", "weekend", "libfm")
 NUMERIC_TRANSFORMS = ("log_bucket",)
-LABEL_KINDS = ("01", "pm1")  # 0/1, or libFM's -1/1 (0 also accepted as negative)
+LABEL_KINDS = ("01", "pm1")  # 0/1, or libFM's -1/1 (0 also accepted as negative); ">=T": a number, positive if >= T
 TIME_KINDS = ("number", "iso", "avazu_hour")
 FILE_TYPES = ("csv", "libfm", "parquet", "auto")  # auto: parquet for *.parquet / *.pq, else csv
 
@@ -65,27 +65,34 @@ class DatasetSpec:
     time_kind: str = "number"
     missing_values: list[str] = field(default_factory=lambda: [""])
     schema_path: Optional[str] = None  # the schema file this spec came from (for messages)
+    multi_valued: list = field(default_factory=list)  # multivalued.MultiValuedSpec per multi-valued field
 
     def needed_columns(self) -> list[str]:
         cols = ([self.label] if self.label else []) + [f.column for f in self.fields]
         if self.time:
             cols.append(self.time)
+        cols += [c for mv in self.multi_valued for c in mv.columns()]
         return list(dict.fromkeys(cols))
+
+    def multi_valued_columns(self) -> set[str]:
+        """The columns read as lists (their values are split, not dictionary-looked-up)."""
+        return {c for mv in self.multi_valued for c in mv.columns()}
 
     def with_min_count(self, min_count: Optional[int]) -> "DatasetSpec":
         if min_count is not None:
             if min_count < 1:
                 raise UserError(f"--min-count: must be >= 1, got {min_count}")
-            for f in self.fields:
+            for f in self.fields + self.multi_valued:
                 f.min_count = min_count
         return self
 
     def with_hashing(self, buckets: dict[str, int]) -> "DatasetSpec":
         names = {f.name: f for f in self.fields}
+        names.update({mv.name: mv for mv in self.multi_valued})
         for name, n in buckets.items():
             if name not in names:
                 raise UserError(f"--hash {name}={n}: no field {name!r}; fields: {', '.join(names)}")
-            if names[name].kind != "categorical":
+            if names[name].kind not in ("categorical", "multi_valued"):
                 raise UserError(f"--hash {name}={n}: only categorical fields can be hashed")
             if n < 1:
                 raise UserError(f"--hash {name}={n}: the number of buckets must be >= 1")
@@ -93,12 +100,19 @@ class DatasetSpec:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if not self.multi_valued:  # a spec without them reads (and is saved) exactly as before they existed
+            del d["multi_valued"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DatasetSpec":
         d = dict(d)
         d["fields"] = [FieldSpec(**f) for f in d.get("fields", [])]
+        if d.get("multi_valued"):
+            from .multivalued import MultiValuedSpec
+
+            d["multi_valued"] = [MultiValuedSpec.from_dict(m) for m in d["multi_valued"]]
         return cls(**d)
 
 
@@ -210,8 +224,11 @@ SCHEMA_KEYS = {
     "header": "true if the first line names the columns (default true)",
     "columns": "every column name in order (required when header: false)",
     "label": "the 0/1 label column (required)",
+    "label_threshold": "optional: the label column is a number (e.g. a rating) and a row is positive when it is >= this",
     "categorical": "list of categorical columns: a name, or {name, column, min_count, hash_buckets}",
     "numeric": "list of numeric columns (discretized floor(ln(x)^2)): a name or {name, column, min_count}",
+    "multi_valued": "list of columns holding several values: {name, max_len, separator, pooling, keep, min_count, "
+    "hash_buckets, weight_separator, weight_column, column} (docs/data.md)",
     "time": "optional column that orders rows in time (for --split time)",
     "time_format": "number (default; sortable numbers like epoch seconds or YYMMDDHH) or iso (ISO-8601)",
     "min_count": "default minimum count for every field (default 1)",
@@ -226,7 +243,8 @@ def load_schema_file(path: str | Path) -> DatasetSpec:
     if not path.is_file():
         raise DataError(f"{path}: schema file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise DataError(f"{path}: not valid YAML/JSON ({exc})") from None
     if not isinstance(raw, dict):
@@ -253,6 +271,9 @@ def load_schema_file(path: str | Path) -> DatasetSpec:
     columns = get("columns", list, None)
     if not header and not columns:
         raise DataError(f"{path}: columns: required when header is false")
+    threshold = raw.get("label_threshold")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
+        raise DataError(f"{path}: label_threshold: expected a number, got {threshold!r}")
     time_format = get("time_format", str, "number")
     if time_format not in ("number", "iso"):
         raise DataError(f"{path}: time_format: expected number or iso, got {time_format!r}")
@@ -281,12 +302,19 @@ def load_schema_file(path: str | Path) -> DatasetSpec:
             fields.append(FieldSpec(entry["name"], str(entry.get("column", entry["name"])), transform, mc, hb))
     if not fields:
         raise DataError(f"{path}: no features: list at least one column under 'categorical' or 'numeric'")
-    names = [f.name for f in fields]
+    multi = []
+    if "multi_valued" in raw:
+        from .multivalued import parse_schema_entries
+
+        delimiter = raw.get("delimiter", ",")
+        multi = parse_schema_entries(raw["multi_valued"], str(path), text, delimiter if isinstance(delimiter, str) else ",",
+                                     min_count, get("quoting", bool, True))
+    names = [f.name for f in fields] + [m.name for m in multi]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise DataError(f"{path}: field {dup[0]!r} is listed twice")
     label = raw["label"]
-    if label in [f.column for f in fields]:
+    if label in [f.column for f in fields] + [c for m in multi for c in m.columns()]:
         raise DataError(f"{path}: the label column {label!r} is also listed as a feature")
     missing_values = get("missing_values", list, [""])
     spec = DatasetSpec(
@@ -297,11 +325,13 @@ def load_schema_file(path: str | Path) -> DatasetSpec:
         columns=[str(c) for c in columns] if columns else None,
         quoting=get("quoting", bool, True),
         label=label,
+        label_kind="01" if threshold is None else f">={threshold:g}",
         fields=fields,
         time=get("time", str, None),
         time_kind=time_format,
         missing_values=[str(v) for v in missing_values],
         schema_path=str(path),
+        multi_valued=multi,
     )
     if len(spec.delimiter) != 1:
         raise DataError(f"{path}: delimiter: expected one character, got {spec.delimiter!r}")

@@ -22,6 +22,20 @@ Every row keeps its true click probability p, so the oracle AUC (the best any mo
 reach on the sampled labels) is known. The interactions matter: a first-order-only model
 stays well below the oracle (tests check at least 0.03 AUC).
 
+Optional planted multi-valued field (`multi_valued`, off by default: the default data is
+unchanged byte for byte): a list T1 of 0..20 tags per row (uniform length, mean 10; tags drawn
+from a Zipf law over TAG_VOCAB values), adding
+
+    s_T · mean_j v[t_j]     (0 for an empty list)
+
+to the logit, v ~ N(0, 1) per tag, s_T = TAG_SCALE. The truth p includes it in every
+representation of the field given to the model:
+
+    "list"   T1 as a multi-valued field (max_len 20): what a model can fully use
+    "first"  T1's first tag only, as a single-valued field (0 = empty list)
+    "drop"   no T1 at all
+    "none"   (default) no planted T1: the data of generator v2
+
 Generation is chunked and deterministic: chunk i of a given seed is the same whatever the
 total size, so 10M+ rows can be written to disk without holding them in memory. Rows are
 i.i.d., so taking the first 80% as train, the next 10% as valid and the last 10% as test is
@@ -36,6 +50,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from .batch import MultiValuedField
 from .dataset import SPLITS, CTRDataset, PreparedWriter, Split, load_prepared
 
 NUM_NUMERIC = 13
@@ -54,6 +69,11 @@ GATE_FIELDS = (1, 37)  # a[x_a], c[x_c]: I2 and C25
 LATENT_DIM = 2  # size of the latent factors u
 INTERACTION_SCALE = 0.7  # s
 NUM_PAIRS = 6  # field pairs with a planted interaction
+MULTI_VALUED = ("none", "list", "first", "drop")  # the planted multi-valued field (module docstring)
+TAG_FIELD = "T1"
+TAG_VOCAB = 200  # distinct tags (ids 1..TAG_VOCAB; 0 = padding / empty list)
+TAG_MAX_LEN = 20  # tags per row: uniform on 0..TAG_MAX_LEN (mean 10)
+TAG_SCALE = 4.0  # s_T (chosen in docs/data.md: the ceiling gaps, oracle with T1 minus the best use of its first tag / of nothing)
 
 
 def field_names() -> list[str]:
@@ -121,6 +141,14 @@ class PlantedModel:
 
     def sample_chunk(self, seed: int, chunk: int, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rows of chunk `chunk`: x [rows, 39] int32, y [rows] uint8, p [rows] float32."""
+        x, y, p, _ = self.sample_chunk_with(seed, chunk, rows, None)
+        return x, y, p
+
+    def sample_chunk_with(
+        self, seed: int, chunk: int, rows: int, tags: Optional["PlantedTags"]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
+        """As sample_chunk, with the planted multi-valued field T1 when `tags` is given: also its
+        ids [rows, TAG_MAX_LEN] (and its effect in y and p)."""
         rng = np.random.default_rng([seed, chunk])
         x = np.empty((rows, NUM_NUMERIC + NUM_CATEGORICAL), dtype=np.int32)
         for i, (mu, sigma, miss) in enumerate(self.numeric_params):
@@ -135,10 +163,14 @@ class PlantedModel:
             missing = rng.random(rows) < (0.3 if j % 7 == 3 else 0.02)
             x[:, NUM_NUMERIC + j] = np.where(missing, 0, np.minimum(vals, len(probs)))
         logit = self.logit(x)
+        seq = None
+        if tags is not None:
+            seq = tags.sample(seed, chunk, rows)
+            logit = logit + tags.logit(seq)
         p = 1.0 / (1.0 + np.exp(-logit))
         y = (rng.random(rows) < p).astype(np.uint8)
         # float32 rounds p > 1 - 6e-8 to exactly 1 (logits reach about 20): keep p strictly inside (0, 1)
-        return x, y, np.clip(p, 1e-7, 1 - 1e-7).astype(np.float32)
+        return x, y, np.clip(p, 1e-7, 1 - 1e-7).astype(np.float32), seq
 
     def logit(self, x: np.ndarray) -> np.ndarray:
         out = np.full(len(x), self.bias)
@@ -151,6 +183,33 @@ class PlantedModel:
         inter *= INTERACTION_SCALE
         gate = 2.0 / (1.0 + np.exp(-(self.gate[0][x[:, GATE_FIELDS[0]]] + self.gate[1][x[:, GATE_FIELDS[1]]])))
         return out + gate * inter
+
+
+@dataclass
+class PlantedTags:
+    """The planted multi-valued field T1 (drawn from its own random streams, so the rest of the
+    data is the same with or without it)."""
+
+    zipf_cdf: np.ndarray  # [TAG_VOCAB]
+    effect: np.ndarray  # v per tag id, [TAG_VOCAB + 1] (index 0 unused)
+
+    @classmethod
+    def draw(cls, seed: int) -> "PlantedTags":
+        rng = np.random.default_rng([seed, 0x7A65])
+        w = 1.0 / np.arange(1, TAG_VOCAB + 1) ** rng.uniform(0.8, 1.0)
+        return cls(np.cumsum(w / w.sum()), np.concatenate([[0.0], rng.normal(0, 1.0, TAG_VOCAB)]))
+
+    def sample(self, seed: int, chunk: int, rows: int) -> np.ndarray:
+        """int32 [rows, TAG_MAX_LEN]: each row's tags, left-aligned, 0 = padding."""
+        rng = np.random.default_rng([seed, chunk, 0x7A65])
+        lengths = rng.integers(0, TAG_MAX_LEN + 1, rows)
+        tags = np.searchsorted(self.zipf_cdf, rng.random((rows, TAG_MAX_LEN)) * self.zipf_cdf[-1]) + 1
+        tags = np.minimum(tags, TAG_VOCAB)
+        return np.where(np.arange(TAG_MAX_LEN)[None, :] < lengths[:, None], tags, 0).astype(np.int32)
+
+    def logit(self, seq: np.ndarray) -> np.ndarray:
+        n = np.count_nonzero(seq, axis=1)
+        return TAG_SCALE * self.effect[seq].sum(axis=1) / np.maximum(n, 1)
 
 
 def _chunks(rows: int) -> Iterator[tuple[int, int, int]]:
@@ -172,35 +231,75 @@ def _field_specs() -> list[dict]:
 GENERATOR = "masknet.data.synthetic v2"  # bump whenever the same (rows, seed) would give other data
 
 
-def source(rows: int, seed: int) -> dict:
+def source(rows: int, seed: int, multi_valued: str = "none") -> dict:
     """What a dataset of `rows` rows from seed `seed` is (its meta's "source")."""
-    return {"name": "synthetic", "rows": rows, "seed": seed, "generator": GENERATOR}
+    out = {"name": "synthetic", "rows": rows, "seed": seed, "generator": GENERATOR}
+    if multi_valued != "none":
+        out["multi_valued"] = multi_valued
+    return out
 
 
-def generate(rows: int, seed: int = 7) -> CTRDataset:
-    """Generate `rows` rows in memory, split 8:1:1."""
+def _check_multi_valued(multi_valued: str) -> None:
+    if multi_valued not in MULTI_VALUED:
+        raise ValueError(f"multi_valued: expected one of {', '.join(MULTI_VALUED)}, got {multi_valued!r}")
+
+
+def _layout(multi_valued: str) -> tuple[list[str], list[int], list[dict], list[MultiValuedField]]:
+    """Field names, cardinalities, meta field entries and multi-valued fields of a representation of T1."""
+    names, cards, specs = field_names(), cardinalities(), _field_specs()
+    if multi_valued == "first":
+        names, cards = names + [TAG_FIELD], cards + [TAG_VOCAB + 1]
+        specs = specs + [{"name": TAG_FIELD, "kind": "categorical", "cardinality": TAG_VOCAB + 1}]
+    multi = [MultiValuedField(TAG_FIELD, TAG_VOCAB + 1, TAG_MAX_LEN)] if multi_valued == "list" else []
+    return names, cards, specs, multi
+
+
+def _represent(x: np.ndarray, seq: Optional[np.ndarray], multi_valued: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """(x, seq) as the model gets them: T1 as a list, as its first tag, or not at all."""
+    if multi_valued == "first":
+        return np.concatenate([x, seq[:, :1]], axis=1), None
+    return x, (seq if multi_valued == "list" else None)
+
+
+def generate(rows: int, seed: int = 7, multi_valued: str = "none") -> CTRDataset:
+    """Generate `rows` rows in memory, split 8:1:1 (`multi_valued`: the module docstring)."""
+    _check_multi_valued(multi_valued)
     model = PlantedModel.draw(seed)
-    parts = [model.sample_chunk(seed, c, b - a) for c, a, b in _chunks(rows)]
+    tags = PlantedTags.draw(seed) if multi_valued != "none" else None
+    parts = [model.sample_chunk_with(seed, c, b - a, tags) for c, a, b in _chunks(rows)]
     x = np.concatenate([p[0] for p in parts])
     y = np.concatenate([p[1] for p in parts])
     p = np.concatenate([p[2] for p in parts])
-    splits = {s: Split(x[a:b], y[a:b], p[a:b]) for s, (a, b) in split_bounds(rows).items()}
-    meta = {"fields": _field_specs(), "source": source(rows, seed)}
-    return CTRDataset(field_names(), cardinalities(), splits, meta)
+    seq = np.concatenate([p[3] for p in parts]) if tags is not None else None
+    x, seq = _represent(x, seq, multi_valued)
+    names, cards, specs, multi = _layout(multi_valued)
+    cut = lambda a_, lo, hi: None if a_ is None else a_[lo:hi]  # noqa: E731
+    splits = {s: Split(x[a:b], y[a:b], p[a:b], cut(seq, a, b)) for s, (a, b) in split_bounds(rows).items()}
+    meta = {"fields": specs, "source": source(rows, seed, multi_valued)}
+    if multi:
+        meta["multi_valued"] = [{"kind": "multi_valued", **m.to_dict()} for m in multi]
+    return CTRDataset(names, cards, splits, meta, multi)
 
 
-def write_synthetic(path: str | Path, rows: int, seed: int = 7, progress: Optional[callable] = None) -> CTRDataset:
+def write_synthetic(
+    path: str | Path, rows: int, seed: int = 7, progress: Optional[callable] = None, multi_valued: str = "none"
+) -> CTRDataset:
     """Generate `rows` rows straight to a prepared folder, one chunk in memory at a time."""
+    _check_multi_valued(multi_valued)
     model = PlantedModel.draw(seed)
-    writer = PreparedWriter(path, _field_specs(), with_prob=True)
+    tags = PlantedTags.draw(seed) if multi_valued != "none" else None
+    _, _, specs, multi = _layout(multi_valued)
+    writer = PreparedWriter(path, specs, with_prob=True, multi_valued=[{"kind": "multi_valued", **m.to_dict()} for m in multi])
     bounds = split_bounds(rows)
     for c, a, b in _chunks(rows):
-        x, y, p = model.sample_chunk(seed, c, b - a)
+        x, y, p, seq = model.sample_chunk_with(seed, c, b - a, tags)
+        x, seq = _represent(x, seq, multi_valued)
         for s in SPLITS:  # a chunk may straddle a split boundary
             lo, hi = max(a, bounds[s][0]), min(b, bounds[s][1])
             if lo < hi:
-                writer.append(s, x[lo - a : hi - a], y[lo - a : hi - a], p[lo - a : hi - a])
+                part = slice(lo - a, hi - a)
+                writer.append(s, x[part], y[part], p[part], None if seq is None else seq[part])
         if progress is not None:
             progress(b - a)
-    writer.close(source=source(rows, seed))
+    writer.close(source=source(rows, seed, multi_valued))
     return load_prepared(path)

@@ -28,7 +28,7 @@ def mask_values(run_dir: Path, data, max_instances: int, batch_size: int = 4096)
     per_block: list[list[np.ndarray]] = []
     with torch.no_grad():
         for start in range(0, n, batch_size):
-            x = torch.from_numpy(np.asarray(split.x[start : min(n, start + batch_size)]).astype(np.int64))
+            x = split.rows(start, min(n, start + batch_size)).to_batch()  # with multi-valued ids, if any
             _, masks = model(x, return_masks=True)
             if not per_block:
                 per_block = [[] for _ in masks]

@@ -28,7 +28,7 @@ RESULT_FILE = "result.json"
 
 def load_dataset(cfg: RunConfig, fields: Optional[list[str]] = None) -> CTRDataset:
     """Load the data once for every cell; `fields` keeps only those fields (the quick preset's synthetic data)."""
-    data = load_prepared(cfg.data.path) if cfg.data.path else generate(cfg.data.synthetic.rows, cfg.data.synthetic.seed)
+    data = load_prepared(cfg.data.path) if cfg.data.path else generate(cfg.data.synthetic.rows, cfg.data.synthetic.seed, cfg.data.synthetic.multi_valued)
     if fields:
         return select_fields(data, fields)
     return data
@@ -43,15 +43,15 @@ def select_fields(data: CTRDataset, fields: list[str]) -> CTRDataset:
     if missing:
         raise UserError(f"field {missing[0]!r} is not in the dataset (fields: {', '.join(data.field_names)})")
     idx = [data.field_names.index(f) for f in fields]
-    splits = {
-        name: Split(np.ascontiguousarray(np.asarray(s.x)[:, idx]), np.asarray(s.y), None if s.p is None else np.asarray(s.p))
+    splits = {  # multi-valued fields are kept as they are
+        name: Split(np.ascontiguousarray(np.asarray(s.x)[:, idx]), np.asarray(s.y), None if s.p is None else np.asarray(s.p), s.seq, s.seq_weights)
         for name, s in data.splits.items()
     }
     meta = dict(data.meta)
-    if isinstance(meta.get("fields"), list) and len(meta["fields"]) == data.num_fields:
+    if isinstance(meta.get("fields"), list) and len(meta["fields"]) == len(data.field_names):
         meta["fields"] = [meta["fields"][i] for i in idx]
     meta["selected_fields"] = list(fields)
-    return CTRDataset([data.field_names[i] for i in idx], [data.cardinalities[i] for i in idx], splits, meta)
+    return CTRDataset([data.field_names[i] for i in idx], [data.cardinalities[i] for i in idx], splits, meta, data.multi_valued)
 
 
 def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
@@ -87,7 +87,7 @@ def data_identity(cfg: RunConfig) -> dict[str, Any]:
             return json.loads((Path(cfg.data.path) / "meta.json").read_text()).get("source", {})
         except (OSError, json.JSONDecodeError):
             return {"path": str(cfg.data.path)}
-    return synthetic_source(cfg.data.synthetic.rows, cfg.data.synthetic.seed)
+    return synthetic_source(cfg.data.synthetic.rows, cfg.data.synthetic.seed, cfg.data.synthetic.multi_valued)
 
 
 def read_result(out: Path, cell: Cell, cfg: RunConfig, fields: Optional[list[str]] = None) -> Optional[dict[str, Any]]:

@@ -1,10 +1,11 @@
-"""Model zoo: every model maps LongTensor [B, f] -> logits [B] (see base.CTRModel)."""
+"""Model zoo: every model maps LongTensor [B, f] (or a data.batch.Batch) -> logits [B] (see base.CTRModel)."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
 from ..config import MODEL_NAMES, ModelConfig
+from ..data.batch import MultiValuedField
 from .base import CTRModel
 from .autoint import AutoInt
 from .dcn import DCN, DCNV2
@@ -33,9 +34,9 @@ if tuple(REGISTRY) != MODEL_NAMES:
     raise RuntimeError(f"config.MODEL_NAMES {MODEL_NAMES} must list the REGISTRY's models {tuple(REGISTRY)}")
 
 
-def build_model(cfg: ModelConfig, cardinalities: Sequence[int]) -> CTRModel:
-    """Instantiate `cfg.name` for fields with the given cardinalities."""
-    return REGISTRY[cfg.name](cardinalities, cfg)
+def build_model(cfg: ModelConfig, cardinalities: Sequence[int], multi_valued: Sequence[MultiValuedField] = ()) -> CTRModel:
+    """Instantiate `cfg.name` for single-valued fields with the given cardinalities (and multi-valued fields)."""
+    return REGISTRY[cfg.name](cardinalities, cfg, tuple(multi_valued))
 
 
 __all__ = [

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..data.batch import MultiValuedField
 from .base import CTRModel
 from .layers import FieldEmbedding
 from .search import EMBEDDING, TRAINING, Choice, Int, SearchSpace
@@ -66,9 +67,9 @@ class AutoInt(CTRModel):
         "model.attention_dim": Choice((8, 16, 32, 64)),
     }
 
-    def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig):
-        super().__init__(cardinalities, cfg)
-        self.embedding = FieldEmbedding(self.cardinalities, cfg.embedding_dim)
+    def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig, multi_valued: Sequence[MultiValuedField] = ()):
+        super().__init__(cardinalities, cfg, multi_valued)
+        self.embedding = FieldEmbedding(self.cardinalities, cfg.embedding_dim, multi_valued=self.multi_valued)
         layers, width = [], cfg.embedding_dim
         for _ in range(cfg.attention_layers):
             layers.append(InteractingLayer(width, cfg.attention_heads, cfg.attention_dim, cfg.attention_residual))

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..data.batch import MultiValuedField
 from .layers import FieldEmbedding, FieldLayerNorm
 from .search import TRAINING, SearchSpace
 
@@ -15,8 +16,10 @@ from .search import TRAINING, SearchSpace
 class CTRModel(nn.Module):
     """A CTR model: per-field category indices in, one logit per row out.
 
-    forward(x: LongTensor [B, f]) -> logits [B]   (sigmoid lives in the loss and in `predict_proba`)
+    forward(x: LongTensor [B, f] or data.batch.Batch) -> logits [B]   (sigmoid lives in the loss and in `predict_proba`)
 
+    `cardinalities` are the single-valued fields'; `multi_valued` (data.batch.MultiValuedField) the
+    multi-valued ones, each pooled to one field embedding by FieldEmbedding: `num_fields` counts both.
     `search_space`: the config keys `masknet tune` varies for this model, and their ranges (models.search).
     """
 
@@ -24,10 +27,11 @@ class CTRModel(nn.Module):
     # what `train.lr` and `train.l2_prior` mean when a config leaves them unset (None); docs/model.md
     train_defaults: dict = {"lr": 1e-3, "l2_prior": [], "min_batches_per_epoch": 32}
 
-    def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig):
+    def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig, multi_valued: Sequence[MultiValuedField] = ()):
         super().__init__()
         self.cardinalities = [int(c) for c in cardinalities]
-        self.num_fields = len(self.cardinalities)
+        self.multi_valued = tuple(multi_valued)
+        self.num_fields = len(self.cardinalities) + len(self.multi_valued)
         self.cfg = cfg
 
     def embeddings(self) -> list[FieldEmbedding]:

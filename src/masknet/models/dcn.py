@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..data.batch import MultiValuedField
 from .base import CTRModel
 from .layers import MLP, FieldEmbedding
 from .search import DNN, EMBEDDING, TRAINING, Int, SearchSpace
@@ -59,10 +60,10 @@ class _CrossAndDeep(CTRModel):
     cross_layer: type[nn.Module]
     search_space: SearchSpace = {**TRAINING, **EMBEDDING, **DNN, "model.cross_layers": Int(1, 6)}
 
-    def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig):
-        super().__init__(cardinalities, cfg)
+    def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig, multi_valued: Sequence[MultiValuedField] = ()):
+        super().__init__(cardinalities, cfg, multi_valued)
         m = self.num_fields * cfg.embedding_dim
-        self.embedding = FieldEmbedding(self.cardinalities, cfg.embedding_dim)
+        self.embedding = FieldEmbedding(self.cardinalities, cfg.embedding_dim, multi_valued=self.multi_valued)
         self.cross = nn.ModuleList(self.cross_layer(m) for _ in range(cfg.cross_layers))
         self.mlp = MLP(m, cfg.dnn_hidden, cfg.dropout)
         self.output = nn.Linear(m + self.mlp.output_dim, 1)  # reads [x_L ; h_L]

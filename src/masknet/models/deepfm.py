@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 
 from ..config import ModelConfig
+from ..data.batch import MultiValuedField
 from .base import CTRModel
 from .dnn import DNNTower
 from .fm import fm_pairwise
@@ -27,10 +28,10 @@ from .search import DNN, EMBEDDING, TRAINING, SearchSpace
 class DeepFM(CTRModel):
     search_space: SearchSpace = {**TRAINING, **EMBEDDING, **DNN}
 
-    def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig):
-        super().__init__(cardinalities, cfg)
-        self.linear = LinearTerm(self.cardinalities)
-        self.embedding = FieldEmbedding(self.cardinalities, cfg.embedding_dim)
+    def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig, multi_valued: Sequence[MultiValuedField] = ()):
+        super().__init__(cardinalities, cfg, multi_valued)
+        self.linear = LinearTerm(self.cardinalities, self.multi_valued)
+        self.embedding = FieldEmbedding(self.cardinalities, cfg.embedding_dim, multi_valued=self.multi_valued)
         self.tower = DNNTower(self.num_fields * cfg.embedding_dim, cfg, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

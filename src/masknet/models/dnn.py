@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..data.batch import MultiValuedField
 from .base import CTRModel
 from .layers import MLP, FieldEmbedding
 from .search import DNN as DNN_SPACE
@@ -41,9 +42,9 @@ class DNN(CTRModel):
 
     search_space: SearchSpace = {**TRAINING, **EMBEDDING, **DNN_SPACE}
 
-    def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig):
-        super().__init__(cardinalities, cfg)
-        self.embedding = FieldEmbedding(self.cardinalities, cfg.embedding_dim)
+    def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig, multi_valued: Sequence[MultiValuedField] = ()):
+        super().__init__(cardinalities, cfg, multi_valued)
+        self.embedding = FieldEmbedding(self.cardinalities, cfg.embedding_dim, multi_valued=self.multi_valued)
         self.tower = DNNTower(self.num_fields * cfg.embedding_dim, cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

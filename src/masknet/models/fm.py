@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 
 from ..config import ModelConfig
+from ..data.batch import MultiValuedField
 from .base import CTRModel
 from .layers import FieldEmbedding
 from .lr import LinearTerm
@@ -41,10 +42,10 @@ class FM(CTRModel):
     # trained as LR is (docs/model.md, "Training defaults"): the prior path keeps rare rows' factors small
     train_defaults = {"lr": 1e-2, "l2_prior": [10.0, 1.0, 0.1, 0.01], "min_batches_per_epoch": 0}
 
-    def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig):
-        super().__init__(cardinalities, cfg)
-        self.linear = LinearTerm(self.cardinalities)
-        self.embedding = FieldEmbedding(self.cardinalities, cfg.embedding_dim)
+    def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig, multi_valued: Sequence[MultiValuedField] = ()):
+        super().__init__(cardinalities, cfg, multi_valued)
+        self.linear = LinearTerm(self.cardinalities, self.multi_valued)
+        self.embedding = FieldEmbedding(self.cardinalities, cfg.embedding_dim, multi_valued=self.multi_valued)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x) + fm_pairwise(self.embedding(x))  # [B]

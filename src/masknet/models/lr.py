@@ -8,17 +8,20 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..data.batch import MultiValuedField
 from .base import CTRModel
 from .layers import FieldEmbedding
 from .search import TRAINING, Float, SearchSpace
 
 
 class LinearTerm(nn.Module):
-    """w_0 + Σ_i w[x_i]: one scalar weight per category. x [B, f] -> [B]."""
+    """w_0 + Σ_i w[x_i]: one scalar weight per category. x [B, f] -> [B].
 
-    def __init__(self, cardinalities: Sequence[int]):
+    A multi-valued field's term is its values' weights pooled like its embedding (e.g. their mean)."""
+
+    def __init__(self, cardinalities: Sequence[int], multi_valued: Sequence[MultiValuedField] = ()):
         super().__init__()
-        self.weights = FieldEmbedding(cardinalities, 1, init_std=0.0)
+        self.weights = FieldEmbedding(cardinalities, 1, init_std=0.0, multi_valued=multi_valued)
         self.bias = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -34,9 +37,9 @@ class LogisticRegression(CTRModel):
     # to weak (as scikit-learn users tune C): docs/model.md, "Training defaults"
     train_defaults = {"lr": 1e-2, "l2_prior": [10.0, 1.0, 0.1, 0.01], "min_batches_per_epoch": 0}
 
-    def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig):
-        super().__init__(cardinalities, cfg)
-        self.linear = LinearTerm(self.cardinalities)
+    def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig, multi_valued: Sequence[MultiValuedField] = ()):
+        super().__init__(cardinalities, cfg, multi_valued)
+        self.linear = LinearTerm(self.cardinalities, self.multi_valued)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x)

@@ -2,6 +2,8 @@
 
 Shapes: B = batch, f = fields, k = embedding size, m = f*k (width of V_emb),
 q = block width, z = width of the vector a mask multiplies, t = r*z.
+f counts single- and multi-valued fields: a multi-valued field's values are pooled into its one
+e_i (layers.FieldEmbedding), so every equation below keeps its shape.
 
     V_emb        = concat(e_1..e_f)                                   (Eq. 4)   [B, m]
     V_mask       = W_d2 ReLU(W_d1 V_emb + b_d1) + b_d2                (Eq. 5)   [B, z]
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..data.batch import MultiValuedField
 from .base import CTRModel
 from .layers import MLP, FieldEmbedding, FieldLayerNorm
 from .search import EMBEDDING, TRAINING, Choice, Float, Int, Layers, SearchSpace
@@ -111,16 +114,16 @@ MASKNET_SPACE: SearchSpace = {
 class _MaskNet(CTRModel):
     search_space: SearchSpace = MASKNET_SPACE
 
-    def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig):
-        super().__init__(cardinalities, cfg)
-        self.embedding = FieldEmbedding(self.cardinalities, cfg.embedding_dim)
+    def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig, multi_valued: Sequence[MultiValuedField] = ()):
+        super().__init__(cardinalities, cfg, multi_valued)
+        self.embedding = FieldEmbedding(self.cardinalities, cfg.embedding_dim, multi_valued=self.multi_valued)
         self.emb_width = self.num_fields * cfg.embedding_dim  # m
 
     def _block(self, input_dim: int, on_embedding: bool) -> MaskBlock:
         return MaskBlock(self.num_fields, self.cfg.embedding_dim, input_dim, self.cfg, on_embedding)
 
     def forward(self, x: torch.Tensor, return_masks: bool = False):
-        """x: LongTensor [B, f] -> logits [B]; with return_masks, also the list of each
+        """x: LongTensor [B, f] or a Batch -> logits [B]; with return_masks, also the list of each
         block's V_mask ([B, z_i], in block order; empty when the mask is switched off)."""
         v_emb = self.embedding(x).flatten(1)  # [B, m]  (Eq. 4)
         logits, masks = self._forward_from_embedding(v_emb)
@@ -132,8 +135,8 @@ class _MaskNet(CTRModel):
 class SerialMaskNet(_MaskNet):
     """SerMaskNet: MaskBlock on feature embedding, then (num_blocks - 1) MaskBlocks on MaskBlock."""
 
-    def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig):
-        super().__init__(cardinalities, cfg)
+    def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig, multi_valued: Sequence[MultiValuedField] = ()):
+        super().__init__(cardinalities, cfg, multi_valued)
         blocks, width = [], self.emb_width
         for i in range(cfg.num_blocks):
             block = self._block(width, on_embedding=(i == 0))
@@ -155,8 +158,8 @@ class ParallelMaskNet(_MaskNet):
 
     search_space: SearchSpace = {**MASKNET_SPACE, "model.top_mlp": Layers(widths=(100, 200, 400, 800), depths=(1, 2, 3))}
 
-    def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig):
-        super().__init__(cardinalities, cfg)
+    def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig, multi_valued: Sequence[MultiValuedField] = ()):
+        super().__init__(cardinalities, cfg, multi_valued)
         self.blocks = nn.ModuleList(self._block(self.emb_width, on_embedding=True) for _ in range(cfg.num_blocks))
         merge_width = sum(b.output_dim for b in self.blocks)  # u * q  (Eq. 15)
         self.top = MLP(merge_width, cfg.top_mlp, cfg.dropout)  # Eq. 16

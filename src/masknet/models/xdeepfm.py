@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..data.batch import MultiValuedField
 from ..errors import ConfigError
 from .base import CTRModel
 from .dnn import DNNTower
@@ -77,12 +78,12 @@ class CIN(nn.Module):
 class XDeepFM(CTRModel):
     search_space: SearchSpace = {**TRAINING, **EMBEDDING, **DNN, "model.cin_layers": Layers(widths=(25, 50, 100, 200), depths=(1, 2, 3))}
 
-    def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig):
-        super().__init__(cardinalities, cfg)
+    def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig, multi_valued: Sequence[MultiValuedField] = ()):
+        super().__init__(cardinalities, cfg, multi_valued)
         if not cfg.cin_layers:
             raise ConfigError("model.cin_layers: xDeepFM needs at least one CIN layer")
-        self.linear = LinearTerm(self.cardinalities)
-        self.embedding = FieldEmbedding(self.cardinalities, cfg.embedding_dim)
+        self.linear = LinearTerm(self.cardinalities, self.multi_valued)
+        self.embedding = FieldEmbedding(self.cardinalities, cfg.embedding_dim, multi_valued=self.multi_valued)
         self.cin = CIN(self.num_fields, cfg.cin_layers)
         self.cin_output = nn.Linear(self.cin.output_dim, 1, bias=False)
         self.tower = DNNTower(self.num_fields * cfg.embedding_dim, cfg, bias=False)

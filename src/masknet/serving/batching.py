@@ -25,7 +25,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from concurrent.futures import Future
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -46,6 +46,13 @@ class Overloaded(Exception):
     def __init__(self, queued_rows: int, retry_after: int):
         super().__init__(f"the server is overloaded ({queued_rows:,} rows waiting for the model); retry in {retry_after} s")
         self.retry_after = retry_after
+
+
+def _concat(xs: list) -> Any:
+    """One model input from several requests' (ndarrays, or EncodedRows with multi-valued ids)."""
+    from ..data.batch import EncodedRows
+
+    return EncodedRows.concat(xs) if isinstance(xs[0], EncodedRows) else np.concatenate(xs)
 
 
 class Batcher:
@@ -116,7 +123,7 @@ class Batcher:
             xs = [x for x, _, _ in batch]
             t0 = time.perf_counter()
             try:
-                scores = self.score(xs[0] if len(xs) == 1 else np.concatenate(xs))
+                scores = self.score(xs[0] if len(xs) == 1 else _concat(xs))
             except BaseException as exc:  # a bug in the model: each waiting request gets the error
                 for _, fut, _ in batch:
                     fut.set_exception(exc)

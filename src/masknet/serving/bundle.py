@@ -198,6 +198,13 @@ class Bundle:
         return [int(c) for c in self.spec["cardinalities"]]
 
     @property
+    def multi_valued(self) -> list:
+        """data.batch.MultiValuedField per multi-valued field (empty for most models)."""
+        from ..training.run import multi_valued_fields
+
+        return multi_valued_fields(self.spec)
+
+    @property
     def bundle_hash(self) -> str:
         return self.manifest["bundle_sha256"]
 
@@ -220,15 +227,14 @@ def verify_and_load(run: str | Path, threads: Optional[int] = None) -> Bundle:
 
     from ..data.encoder import Encoder
     from ..models import build_model
-
-    from ..training.run import model_config_of, read_model_spec
+    from ..training.run import model_config_of, multi_valued_fields, read_model_spec
 
     run = Path(run)
     manifest = verify_manifest(run)
     if threads:
         torch.set_num_threads(threads)
     spec = read_model_spec(run / "model.json")
-    model = build_model(model_config_of(run / "model.json", spec), spec["cardinalities"])
+    model = build_model(model_config_of(run / "model.json", spec), spec["cardinalities"], multi_valued_fields(spec))
     try:
         state = load_file(str(run / "model.safetensors"))
         model.load_state_dict(state)
@@ -242,6 +248,8 @@ def verify_and_load(run: str | Path, threads: Optional[int] = None) -> Bundle:
         names = [f.spec.name for f in encoder.fields]
         if names != list(spec["field_names"]) or encoder.cardinalities != [int(c) for c in spec["cardinalities"]]:
             raise UserError(f"{run / spec['encoder']}: its fields do not match model.json's fields and cardinalities")
+        if encoder.multi_valued_fields() != multi_valued_fields(spec):
+            raise UserError(f"{run / spec['encoder']}: its multi-valued fields do not match model.json's")
     metrics_path = run / "metrics.json"
     metrics = _read_json(metrics_path) if metrics_path.is_file() else {}
     return Bundle(run, model, encoder, spec, manifest, metrics)

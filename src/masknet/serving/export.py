@@ -1,7 +1,10 @@
 """ONNX export of a bundle's model (every model in the registry).
 
 The exported graph takes `x`: int64 [batch, fields] (the encoded indices, batch size dynamic)
-and returns `score` (click probability, float32 [batch]) and `logit` (float32 [batch]).
+and returns `score` (click probability, float32 [batch]) and `logit` (float32 [batch]). A model
+with multi-valued fields also takes `seq`: int64 [batch, ΣL], each multi-valued field's padded
+ids (0 = padding; an all-zero block is an empty list), and, when a field is weighted,
+`seq_weights`: float32 [batch, ΣL]; their layout is in the metadata (`masknet.multi_valued`).
 Preprocessing stays outside the graph: encode raw rows with the bundle's encoder.json (or
 use `masknet serve --runtime onnx`, which does both). The model's name, field names,
 cardinalities and the bundle hash are stored in the ONNX metadata.
@@ -29,16 +32,37 @@ OPSET = 17
 def _scorer(model: Any):
     import torch
 
+    from ..data.batch import Batch
+
     class Scorer(torch.nn.Module):
         def __init__(self, inner: torch.nn.Module):
             super().__init__()
             self.inner = inner
 
-        def forward(self, x: torch.Tensor):
-            logit = self.inner(x)
+        def forward(self, x: torch.Tensor, seq: Optional[torch.Tensor] = None, seq_weights: Optional[torch.Tensor] = None):
+            logit = self.inner(Batch(x, seq, seq_weights))
             return torch.sigmoid(logit), logit
 
     return Scorer(model).eval()
+
+
+def input_names(bundle: Bundle) -> list[str]:
+    """The graph's inputs: x, then seq (multi-valued fields), then seq_weights (weighted ones)."""
+    multi = bundle.multi_valued
+    return ["x"] + (["seq"] if multi else []) + (["seq_weights"] if any(m.weighted for m in multi) else [])
+
+
+def feeds(bundle: Bundle, rows: Any) -> dict[str, np.ndarray]:
+    """onnxruntime inputs for encoded rows (an ndarray x [n, f], or data.batch.EncodedRows)."""
+    from ..data.batch import EncodedRows
+
+    rows = rows if isinstance(rows, EncodedRows) else EncodedRows(rows)
+    values = {"x": rows.x, "seq": rows.seq, "seq_weights": rows.seq_weights}
+    out = {}
+    for name in input_names(bundle):
+        dtype = np.float32 if name == "seq_weights" else np.int64
+        out[name] = np.ascontiguousarray(values[name], dtype=dtype)
+    return out
 
 
 def export_onnx_bytes(bundle: Bundle, opset: int = OPSET) -> bytes:
@@ -49,18 +73,22 @@ def export_onnx_bytes(bundle: Bundle, opset: int = OPSET) -> bytes:
     model = bundle.model.eval()
     for emb in model.embeddings():
         emb.sparse = False  # sparse gradients are a training concern
+    from ..data.batch import seq_width
+
     f = len(bundle.field_names)
-    example = torch.zeros((2, f), dtype=torch.long)
+    names = input_names(bundle)
+    width = seq_width(bundle.multi_valued)
+    example = (torch.zeros((2, f), dtype=torch.long), torch.zeros((2, width), dtype=torch.long), torch.ones((2, width)))[: len(names)]
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
         torch.onnx.export(
             _scorer(model),
-            (example,),
+            example,
             buf,
-            input_names=["x"],
+            input_names=names,
             output_names=["score", "logit"],
-            dynamic_axes={"x": {0: "batch"}, "score": {0: "batch"}, "logit": {0: "batch"}},
+            dynamic_axes={**{n: {0: "batch"} for n in names}, "score": {0: "batch"}, "logit": {0: "batch"}},
             opset_version=opset,
             dynamo=False,
         )
@@ -72,6 +100,11 @@ def export_onnx_bytes(bundle: Bundle, opset: int = OPSET) -> bytes:
         "masknet.bundle_sha256": bundle.bundle_hash,
         "masknet.inputs": "x: int64 [batch, fields], indices from the bundle's encoder.json",
     }
+    if bundle.multi_valued:
+        meta["masknet.multi_valued"] = json.dumps([m.to_dict() for m in bundle.multi_valued])
+        meta["masknet.inputs"] += "; seq: int64 [batch, sum of max_len], padded ids (0 = padding)" + (
+            "; seq_weights: float32 [batch, sum of max_len]" if "seq_weights" in names else ""
+        )
     for k, v in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
@@ -103,15 +136,37 @@ def onnx_session(model_bytes: bytes, threads: Optional[int] = None):
     return ort.InferenceSession(model_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-def parity(bundle: Bundle, model_bytes: bytes, x: Optional[np.ndarray] = None, rows: int = 257, seed: int = 0) -> float:
-    """Max |score_onnx - score_torch| on `x` (default: random in-range indices, incl. 0 and 1)."""
+def random_rows(bundle: Bundle, rows: int = 257, seed: int = 0) -> Any:
+    """Random in-range encoded rows (incl. 0 and 1); multi-valued fields get lists of every length
+    from empty to max_len (an all-padding block, the empty list, in every field)."""
+    from ..data.batch import EncodedRows
+
+    rng = np.random.default_rng(seed)
+    x = np.stack([rng.integers(0, c, rows) for c in bundle.cardinalities], axis=1).astype(np.int64)
+    if not bundle.multi_valued:
+        return x
+    blocks, weights = [], []
+    for m in bundle.multi_valued:
+        lengths = np.arange(rows) % (m.max_len + 1)  # 0 (empty) .. max_len
+        ids = rng.integers(1, m.cardinality, (rows, m.max_len)) if m.cardinality > 1 else np.zeros((rows, m.max_len), np.int64)
+        ids[np.arange(m.max_len)[None, :] >= lengths[:, None]] = 0
+        blocks.append(ids)
+        weights.append(np.where(ids != 0, rng.uniform(0.1, 2.0, ids.shape), 0.0).astype(np.float32))
+    seq = np.concatenate(blocks, axis=1)
+    w = np.concatenate(weights, axis=1) if any(m.weighted for m in bundle.multi_valued) else None
+    return EncodedRows(x, seq, w)
+
+
+def parity(bundle: Bundle, model_bytes: bytes, x: Optional[Any] = None, rows: int = 257, seed: int = 0) -> float:
+    """Max |score_onnx - score_torch| on `x` (an ndarray or EncodedRows; default `random_rows`)."""
     import torch
 
+    from ..data.batch import to_batch
+
     if x is None:
-        rng = np.random.default_rng(seed)
-        x = np.stack([rng.integers(0, c, rows) for c in bundle.cardinalities], axis=1).astype(np.int64)
+        x = random_rows(bundle, rows, seed)
     sess = onnx_session(model_bytes)
-    got = sess.run(["score"], {"x": x})[0]
+    got = sess.run(["score"], feeds(bundle, x))[0]
     with torch.inference_mode():
-        want = torch.sigmoid(bundle.model(torch.from_numpy(x))).numpy()
+        want = torch.sigmoid(bundle.model(to_batch(x))).numpy()
     return float(np.max(np.abs(got - want))) if len(x) else 0.0

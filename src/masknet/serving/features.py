@@ -95,9 +95,10 @@ class FeatureEncoder:
 
     def __init__(
         self, encoder: Any, field_names: Sequence[str], cardinalities: Sequence[int],
-        max_value_chars: Optional[int] = DEFAULT_MAX_VALUE_CHARS,
+        max_value_chars: Optional[int] = DEFAULT_MAX_VALUE_CHARS, multi_valued: Sequence = (),
     ):
         self.encoder = encoder
+        self.multi_valued = list(multi_valued)  # data.batch.MultiValuedField: the model's multi-valued fields
         self.max_value_chars = max_value_chars
         self.field_names = list(field_names)
         self.cardinalities = [int(c) for c in cardinalities]
@@ -113,7 +114,12 @@ class FeatureEncoder:
             # columns whose only field is a dict-looked-up category: the request decoder may require
             # a string or null there (a number takes the slower path, which converts it)
             self.text_columns = frozenset(self.group_columns)
-        self.columns = list(dict.fromkeys(self.field_columns))
+        # a multi-valued field's column (and its weight column) takes a list, or its separator string
+        if encoder is None:
+            self.multi_columns = [m.name for m in self.multi_valued]
+        else:
+            self.multi_columns = list(dict.fromkeys(c for m in encoder.multi_valued for c in m.spec.columns()))
+        self.columns = list(dict.fromkeys(self.field_columns + self.multi_columns))
         self.column_set = frozenset(self.columns)
 
     def _init_group(self) -> None:
@@ -225,11 +231,17 @@ class FeatureEncoder:
 
     def describe(self) -> list[dict[str, Any]]:
         """Per field: name, raw column, kind, transform, cardinality (for /metadata)."""
+        encoders = self.encoder.multi_valued if self.encoder is not None else [None] * len(self.multi_valued)
+        multi = [
+            {"name": m.name, "column": e.spec.column if e else m.name, "kind": "multi_valued", "max_len": m.max_len,
+             "pooling": m.pooling, "separator": e.spec.separator if e else None, "weighted": m.weighted, "cardinality": m.cardinality}
+            for m, e in zip(self.multi_valued, encoders)
+        ]
         if self.encoder is None:
             return [
                 {"name": n, "column": n, "kind": "index", "transform": "none (already-encoded index)", "cardinality": c}
                 for n, c in zip(self.field_names, self.cardinalities)
-            ]
+            ] + multi
         return [
             {
                 "name": fe.spec.name,
@@ -240,7 +252,7 @@ class FeatureEncoder:
                 "cardinality": fe.cardinality,
             }
             for fe in self.encoder.fields
-        ]
+        ] + multi
 
     # -- gathering columns from rows --------------------------------------------------------
 
@@ -293,6 +305,42 @@ class FeatureEncoder:
         self.check_keys([context], lambda i: "context")
         x = np.empty((1, len(self.field_names)), dtype=np.int64)
         self.encode_into(x, {c: [v] for c, v in context.items()}, 1, lambda i, c: where(c))
+        given = {c: [context[c]] for c in self.multi_columns if c in context}
+        if given:
+            self.with_multi_valued(x, given, 1, lambda i, c: where(c), partial=True)
+
+    def with_multi_valued(
+        self, x: np.ndarray, cols: dict[str, Sequence], n: int, where: Callable[[int, str], str], partial: bool = False
+    ) -> Any:
+        """x with the multi-valued fields' padded ids (a data.batch.EncodedRows), or x itself when the
+        model has none. A value is a JSON array, a string with the field's separator, or null (the
+        empty list). `partial`: encode (check) only the fields whose columns `cols` gives."""
+        if not self.multi_valued:
+            return x
+        from ..data.batch import EncodedRows
+        from ..data.multivalued import ListValueError, encode_indices, encode_values
+
+        seqs, weights = [], []
+        for j, m in enumerate(self.multi_valued):
+            enc = self.encoder.multi_valued[j] if self.encoder is not None else None
+            column = enc.spec.column if enc is not None else m.name
+            wcol = enc.spec.weight_column if enc is not None else None
+            if partial and column not in cols and (wcol is None or wcol not in cols):
+                continue
+            try:
+                if enc is None:
+                    ids, w = encode_indices(m, cols[column]), None
+                else:
+                    ids, w = encode_values(enc, cols.get(column, [None] * n), cols.get(wcol, [None] * n) if wcol else None,
+                                           self.max_value_chars)
+            except ListValueError as exc:
+                raise RequestError(f"{where(exc.row, exc.column or column)}: {exc}") from None
+            seqs.append(ids)
+            weights.append(w if w is not None else np.where(ids != 0, np.float32(1), np.float32(0)))
+        if partial:
+            return x
+        w = np.concatenate(weights, axis=1) if any(m.weighted for m in self.multi_valued) else None
+        return EncodedRows(x, np.concatenate(seqs, axis=1), w)
 
     # -- encoding ----------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import pyarrow as pa
 
+from ..data.batch import EncodedRows
 from ..errors import DataError, UserError
 from .bundle import Bundle
 
@@ -59,8 +60,18 @@ def reading_spec(bundle: Bundle, fmt: Optional[str] = None):
             g = copy.deepcopy(fe.spec)
             g.column = f.column
             fields.append(g)
+        multi = []
+        theirs = {m.name: m for m in other.multi_valued}
+        for me in enc.multi_valued:
+            m = theirs.get(me.spec.name)
+            if m is None:
+                raise UserError(f"--format {fmt}: it has no multi-valued field {me.spec.name!r}; the model was trained on {enc.spec.name}")
+            g = copy.deepcopy(me.spec)
+            g.column, g.weight_column = m.column, (m.weight_column if g.weight_column else None)
+            multi.append(g)
         spec = copy.deepcopy(other)
         spec.fields = fields
+        spec.multi_valued = multi
     spec.time = None  # ordering rows is a training concern; prediction does not need the column
     return spec
 
@@ -89,9 +100,11 @@ def encode_raw(
     stats: Optional[dict] = None,
     block_bytes: Optional[int] = None,
 ) -> Iterator[tuple[np.ndarray, Optional[np.ndarray], np.ndarray, Optional[pa.Array]]]:
-    """Yield (x int64 [n, f], y uint8 [n] or None, line numbers [n], ids or None) per block.
+    """Yield (x int64 [n, f], y uint8 [n] or None, line numbers [n], ids or None) per block; for a
+    model with multi-valued fields x is a data.batch.EncodedRows (x and the padded seq ids).
     `stats["skipped"]` gets the number of bad lines skipped (bad_lines="skip")."""
     from ..data.encoder import Encoder
+    from ..data.multivalued import encode_chunk
     from ..data.prepare import BadLineLog, parse_chunk
     from ..data.readers import file_columns, iter_chunks
     from ..data.schema import FieldSpec
@@ -120,7 +133,7 @@ def encode_raw(
     nf = len(bundle.encoder.fields)
     if id_column is not None:
         spec.fields = spec.fields + [FieldSpec(_ID_FIELD, id_column, "category")]
-    enc = Encoder(spec, bundle.encoder.fields)
+    enc = Encoder(spec, bundle.encoder.fields, bundle.encoder.multi_valued)
     log = BadLineLog(bad_lines)
     kw = {"block_bytes": block_bytes} if block_bytes else {}
     hint = "" if fmt else f" (the model was trained on format {enc.spec.name}; give --format if this file has another layout)"
@@ -135,6 +148,8 @@ def encode_raw(
         x = np.empty((int(g.sum()), nf), dtype=np.int64)
         for j, (fe, (ix, tok)) in enumerate(zip(enc.fields, pc_.fields[:nf])):
             x[:, j] = np.concatenate([fe.codes(tok.tokens), np.zeros(1, np.int32)])[ix[g]]
+        if enc.multi_valued:
+            x = EncodedRows(x, *encode_chunk(enc.multi_valued, pc_.multi, g))
         ids = None
         if id_column is not None:
             ix, tok = pc_.fields[nf]
@@ -153,14 +168,15 @@ def _hinted(chunks: Iterator, hint: str) -> Iterator:
         raise DataError(f"{exc}{hint}") from None
 
 
-def score(model: Any, x: np.ndarray, batch_size: int = 8192) -> np.ndarray:
-    """Click probabilities (float32) for encoded rows, in sub-batches."""
+def score(model: Any, x: np.ndarray | EncodedRows, batch_size: int = 8192) -> np.ndarray:
+    """Click probabilities (float32) for encoded rows (x [n, f], or EncodedRows), in sub-batches."""
     import torch
 
+    rows = x if isinstance(x, EncodedRows) else EncodedRows(x)
     out = []
     with torch.inference_mode():
-        for i in range(0, len(x), batch_size):
-            out.append(torch.sigmoid(model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size])))).numpy())
+        for i in range(0, len(rows), batch_size):
+            out.append(torch.sigmoid(model(rows[i : i + batch_size].to_batch())).numpy())
     return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
 
 
@@ -223,7 +239,7 @@ def evaluate_file(bundle: Bundle, input: str | Path, fmt: Optional[str] = None, 
     from ..training.metrics import auc, logloss
 
     ys, ps = [], []
-    for x, y, _, _ in encode_raw(bundle, input, fmt, with_label=True):
+    for x, y, _, _ in encode_raw(bundle, input, fmt, with_label=True):  # x: ndarray or EncodedRows
         if len(x):
             ys.append(y)
             ps.append(score(bundle.model, x, batch_size).astype(np.float64))
@@ -237,7 +253,7 @@ def evaluate_prepared(bundle: Bundle, data: str | Path, split: str = "test", bat
     from ..training.trainer import evaluate
 
     ds = load_prepared(data)
-    if ds.field_names != bundle.field_names or ds.cardinalities != bundle.cardinalities:
+    if ds.field_names != bundle.field_names or ds.cardinalities != bundle.cardinalities or ds.multi_valued != bundle.multi_valued:
         raise UserError(
             f"{data}: its fields/cardinalities do not match the model's ({bundle.path}); evaluate on data encoded "
             f"with the model's own encoder (the prepared folder it was trained on), or use --input for raw rows"

@@ -47,9 +47,10 @@ class _SlowPath(Exception):
 
 @dataclass
 class Encoded:
-    """A decoded, encoded request: x int64 [n, fields]; ids (for /rank) in request order."""
+    """A decoded, encoded request: x int64 [n, fields] (a data.batch.EncodedRows when the model has
+    multi-valued fields); ids (for /rank) in request order."""
 
-    x: np.ndarray
+    x: Any
     ids: Optional[list] = None
 
 
@@ -67,7 +68,10 @@ class RequestDecoder:
         value = Union[text, int, float, None]
         names = [f"f{k}" for k in range(len(features.columns))]  # struct attributes; the JSON keys are the columns
         rename = dict(zip(names, features.columns))
-        types = [Union[text, None] if c in features.text_columns else value for c in features.columns]
+        # a multi-valued field's column: a list of strings and numbers, its separator string, or null
+        listed = Union[text, list[Union[text, int, float]], None]
+        types = [Union[text, None] if c in features.text_columns else (listed if c in features.multi_columns else value)
+                 for c in features.columns]
         Partial = msgspec.defstruct("Features", [(a, t, UNSET) for a, t in zip(names, types)],
                                     rename=rename, forbid_unknown_fields=True)
         Row = msgspec.defstruct("Row", list(zip(names, types)), rename=rename, forbid_unknown_fields=True)
@@ -139,7 +143,8 @@ class RequestDecoder:
         _check_count(n, max_rows, "rows")
         cols = self._columns([self._get(r) for r in req.rows], n)
         try:
-            return Encoded(self.features.encode(cols, n, lambda i, c: f"rows[{i}].{c}", checked=True))
+            where = lambda i, c: f"rows[{i}].{c}"  # noqa: E731
+            return Encoded(self.features.with_multi_valued(self.features.encode(cols, n, where, checked=True), cols, n, where))
         except RequestError:
             return self._predict_careful(body, max_rows)
 
@@ -151,7 +156,7 @@ class RequestDecoder:
             return {c: () for c in self.features.columns}
         return dict(zip(self.features.columns, zip(*values)))
 
-    def _encode_rank(self, req: Any, full: bool) -> np.ndarray:
+    def _encode_rank(self, req: Any, full: bool) -> Any:
         """Candidates' own columns encoded together; context-only columns encoded once and broadcast;
         a column that some candidates give and the context fills for the others, value by value.
         `full`: every candidate gives every column (the context is only checked)."""
@@ -159,15 +164,45 @@ class RequestDecoder:
         n = len(req.candidates)
         context = self._get(req.context)
         own = self._columns([self._get(c.features) for c in req.candidates], n)
+        by_column = dict(zip(fe.columns, context))
+        if n == 0:  # no candidates: the context's lists are still checked
+            given = {c: [by_column[c]] for c in fe.multi_columns if by_column[c] is not UNSET}
+            fe.with_multi_valued(np.empty((1, len(fe.field_names)), np.int64), given, 1, lambda i, c: f"context.{c}", partial=True)
+        multi = self._multi_valued(own, by_column)
+        return fe.with_multi_valued(self._encode_single(req, full, n, context, own), multi, n, self._multi_where(own))
+
+    def _multi_valued(self, own: dict[str, Sequence], context: dict[str, Any]) -> dict[str, list]:
+        """The multi-valued columns per candidate: its own value, else the context's."""
+        out = {}
+        for col in self.features.multi_columns:
+            vals, ctx = own[col], context[col]
+            if UNSET in vals:
+                if ctx is UNSET:
+                    raise _SlowPath  # a missing field: the careful path names the candidate
+                vals = [ctx if v is UNSET else v for v in vals]
+            out[col] = list(vals)
+        return out
+
+    def _multi_where(self, own: dict[str, Sequence]) -> Callable[[int, str], str]:
+        def where(i: int, col: str) -> str:
+            return f"context.{col}" if own[col][i] is UNSET else f"candidates[{i}].features.{col}"
+
+        return where
+
+    def _encode_single(self, req: Any, full: bool, n: int, context: tuple, own: dict[str, Sequence]) -> np.ndarray:
+        fe = self.features
+        own = {c: v for c, v in own.items() if c not in fe.multi_columns or c in fe.field_columns}
+        context = tuple(v for c, v in zip(fe.columns, context) if c in own)
+        columns = [c for c in fe.columns if c in own]
         x = np.empty((n, len(fe.field_names)), dtype=np.int64)
         if full and n:
-            given = {c: [v] for c, v in zip(fe.columns, context) if v is not UNSET}
+            given = {c: [v] for c, v in zip(columns, context) if v is not UNSET}
             if given:  # overridden by every candidate, but a bad context is still a bad request
                 fe.encode_into(np.empty((1, x.shape[1]), np.int64), given, 1, lambda i, c: f"context.{c}", checked=True)
             fe.encode_into(x, own, n, lambda i, c: f"candidates[{i}].features.{c}", checked=True)
             return x
         shared: dict[str, list] = {}
-        for col, ctx in zip(fe.columns, context):
+        for col, ctx in zip(columns, context):
             vals = own[col]
             unset = vals.count(UNSET) if n else int(ctx is not UNSET)  # no candidates: the context is still checked
             if unset == 0:
@@ -267,7 +302,7 @@ class RequestDecoder:
         def where(i: int, col: str) -> str:
             return f"candidates[{i}].features.{col}" if col in feats[i] else f"context.{col}"
 
-        x = fe.encode(cols, n, where)
+        x = fe.with_multi_valued(fe.encode(cols, n, where), cols, n, where)
         return Encoded(x, [c.id if c.id is not None else i for i, c in enumerate(req.candidates)])
 
     def _predict_careful(self, body: bytes, max_rows: int) -> Encoded:
@@ -277,7 +312,8 @@ class RequestDecoder:
         _check_count(n, max_rows, "rows")
         fe.check_keys(req.rows, lambda i: f"rows[{i}]")
         cols = fe.gather(req.rows, lambda i: f"rows[{i}]")
-        return Encoded(fe.encode(cols, n, lambda i, c: f"rows[{i}].{c}"))
+        where = lambda i, c: f"rows[{i}].{c}"  # noqa: E731
+        return Encoded(fe.with_multi_valued(fe.encode(cols, n, where), cols, n, where))
 
     def _check_ids(self, ids: list) -> None:
         for i, v in enumerate(ids):

@@ -24,8 +24,10 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from ..data.batch import to_batch
 from ..errors import UserError
 from .bundle import Bundle
+from .export import feeds
 
 RUNTIMES = ("torch", "onnx")
 PRECISIONS = ("fp32", "int8", "bf16")
@@ -52,6 +54,7 @@ class Scorer:
         if precision == "bf16" and runtime != "torch":
             raise UserError("--precision bf16 runs under PyTorch autocast; use it with --runtime torch")
         self.runtime, self.precision = runtime, precision
+        self.bundle = bundle
         self.thread_timings_ms: dict[int, float] = {}
         if runtime == "onnx":
             data = _onnx_bytes(bundle, precision)
@@ -73,8 +76,9 @@ class Scorer:
         1 thread 97 ms for the paper-size model at load average 5 on 2 cores)."""
         if len(counts) == 1:
             return counts[0]
-        rng = np.random.default_rng(0)
-        x = np.stack([rng.integers(0, c, rows) for c in bundle.cardinalities], axis=1).astype(np.int64)
+        from .export import random_rows
+
+        x = random_rows(bundle, rows)  # with lists of every length when the model has multi-valued fields
         for t in counts:
             session = use(t)
             if session is not None:
@@ -92,15 +96,16 @@ class Scorer:
     def name(self) -> str:
         return f"{self.runtime} {self.precision}"
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: Any) -> np.ndarray:
+        """Scores for x int64 [n, fields], or a data.batch.EncodedRows (with multi-valued ids)."""
         if len(x) == 0:
             return np.zeros(0, np.float32)
         if self.runtime == "onnx":
-            return self.session.run(["score"], {"x": x})[0]
+            return self.session.run(["score"], feeds(self.bundle, x))[0]
         import torch
 
         with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=self.precision == "bf16"):
-            return torch.sigmoid(self.model(torch.from_numpy(x)).float()).numpy()
+            return torch.sigmoid(self.model(to_batch(x)).float()).numpy()
 
 
 def _quantized(model: Any) -> Any:
@@ -178,7 +183,8 @@ def test_split(bundle: Bundle) -> tuple[Optional[Any], str]:
         ds = load_prepared(data)
     except UserError as exc:
         return None, f"its prepared data folder cannot be read ({exc})"
-    if ds.field_names != bundle.field_names or ds.cardinalities != bundle.cardinalities or "test" not in ds.splits:
+    if ds.field_names != bundle.field_names or ds.cardinalities != bundle.cardinalities or ds.multi_valued != bundle.multi_valued \
+            or "test" not in ds.splits:
         return None, f"{data} does not match the model's fields or has no test split"
     if len(ds.splits["test"]) == 0:
         return None, f"{data} has an empty test split"
@@ -195,7 +201,7 @@ def accuracy_check(bundle: Bundle, scorer: Scorer, max_rows: int = CHECK_ROWS) -
     if split is None:
         return {"measured": False, "why": source}
     n = min(len(split), max_rows)
-    x = np.ascontiguousarray(np.asarray(split.x[:n], dtype=np.int64))
+    x = split.rows(0, n) if bundle.multi_valued else np.ascontiguousarray(np.asarray(split.x[:n], dtype=np.int64))
     y = np.asarray(split.y[:n])
     if not 0 < y.sum() < n:
         return {"measured": False, "why": f"the first {n:,} test rows of {source} have one class only"}

@@ -202,7 +202,7 @@ def create_app(
 
     from .. import __version__
 
-    features = FeatureEncoder(bundle.encoder, bundle.field_names, bundle.cardinalities, max_value_chars)
+    features = FeatureEncoder(bundle.encoder, bundle.field_names, bundle.cardinalities, max_value_chars, bundle.multi_valued)
     decoder = RequestDecoder(features, max_value_chars, _validate)
     scorer = Scorer(bundle, runtime, precision, threads)
     if check_accuracy is None:

@@ -3,7 +3,8 @@
 A run folder holds:
     config.yaml      the resolved RunConfig (re-run with `masknet train --config RUN/config.yaml`; a resume
                      that changes settings appends them as comments)
-    model.json       model name, model config, field names and cardinalities (rebuilds the model)
+    model.json       model name, model config, field names and cardinalities (rebuilds the model),
+                     and the multi-valued fields when the data has them
     model.safetensors the best epoch's weights (no pickle anywhere)
     dataset.json     the dataset's meta (fields, split sizes, source; the encoder for prepared data)
     metrics.json     {"valid": {auc, logloss}, "test": {auc, logloss}, "oracle_auc", "train_seconds",
@@ -30,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from ..config import MODEL_NAMES, ModelConfig, RunConfig, _from_dict, apply_override, load_config
+from ..data.batch import MultiValuedField, check_multi_valued
 from ..data.dataset import MAX_CARDINALITY, CTRDataset, load_prepared
 from ..data.synthetic import generate
 from ..errors import ConfigError, UserError
@@ -53,7 +55,7 @@ class RunResult:
 def load_data(cfg: RunConfig) -> CTRDataset:
     if cfg.data.path:
         return load_prepared(cfg.data.path, verify=True)  # SHA-256 of every array once per run: docs/data.md
-    return generate(cfg.data.synthetic.rows, cfg.data.synthetic.seed)
+    return generate(cfg.data.synthetic.rows, cfg.data.synthetic.seed, cfg.data.synthetic.multi_valued)
 
 
 def default_output(cfg: RunConfig, saved_run: Optional[Path] = None) -> Path:
@@ -242,11 +244,11 @@ def _train_locked(
 
 def _build(cfg: RunConfig, data: CTRDataset) -> CTRModel:
     try:
-        return build_model(cfg.model, data.cardinalities)
+        return build_model(cfg.model, data.cardinalities, data.multi_valued)
     except RuntimeError as exc:  # the allocator: tables larger than this machine's memory
         if "alloc" not in str(exc).lower():
             raise
-        rows = sum(data.cardinalities)
+        rows = sum(data.cardinalities) + sum(m.cardinality for m in data.multi_valued)
         raise UserError(
             f"the model does not fit in memory: {rows:,} embedding rows (the sum of the fields' cardinalities) x "
             f"model.embedding_dim={cfg.model.embedding_dim} ({str(exc).strip().splitlines()[0]})"
@@ -287,12 +289,19 @@ def save_model(
         "cardinalities": data.cardinalities,
         "encoder": "encoder.json" if encoder is not None and encoder.is_file() else None,
     }
+    if data.multi_valued:  # pooled fields after the single-valued ones (data.batch.MultiValuedField)
+        spec["multi_valued"] = [m.to_dict() for m in data.multi_valued]
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     write_atomic(out / "model.safetensors", save(state))
     if spec["encoder"]:
         write_atomic(out / "encoder.json", encoder.read_bytes())
     write_atomic(out / "model.json", json.dumps(spec, indent=2).encode())
     write_atomic(out / "dataset.json", json.dumps(data.meta, indent=2, default=str).encode())
+
+
+def multi_valued_fields(spec: dict[str, Any]) -> list[MultiValuedField]:
+    """model.json's multi-valued fields (none for a model without them)."""
+    return [MultiValuedField.from_dict(m) for m in spec.get("multi_valued", [])]
 
 
 def resume_run(run: str | Path, log: Any = print, overrides: Sequence[str] = ()) -> RunResult:
@@ -333,7 +342,7 @@ def load_model(run: str | Path, verify: bool = True) -> CTRModel:
         if not p.is_file():
             raise UserError(f"{p}: missing; is {run} a finished run folder?")
     spec = read_model_spec(spec_path)
-    model = build_model(model_config_of(spec_path, spec), spec["cardinalities"])
+    model = build_model(model_config_of(spec_path, spec), spec["cardinalities"], multi_valued_fields(spec))
     try:
         model.load_state_dict(load_file(str(weights)))
     except (SafetensorError, RuntimeError, OSError) as exc:
@@ -376,6 +385,11 @@ def read_model_spec(path: Path) -> dict[str, Any]:
     if encoder is not None and not (isinstance(encoder, str) and encoder and "/" not in encoder and "\\" not in encoder
                                     and encoder not in (".", "..")):
         raise bad("encoder", "null or a file name in the bundle")
+    if "multi_valued" in spec:
+        try:
+            check_multi_valued(spec["multi_valued"])
+        except ValueError as exc:
+            raise UserError(f"{path}: multi_valued{exc}") from None
     model_config_of(path, spec)
     return spec
 

@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..config import TrainConfig
+from ..data.batch import Batch
 from ..data.dataset import CTRDataset, Split, iterate_batches
 from ..errors import UserError
 from ..models.base import CTRModel
@@ -56,10 +57,14 @@ class L2Prior:
         inverse = np.divide(1.0, counts, out=np.zeros(len(counts)), where=counts > 0)
         return cls(torch.tensor(inverse, dtype=torch.float32, device=device))
 
-    def penalty(self, model: CTRModel, x: torch.Tensor) -> torch.Tensor:
+    def penalty(self, model: CTRModel, x: Batch | torch.Tensor) -> torch.Tensor:
+        # the single-valued fields' rows (a multi-valued field's rows are not counted: no prior on them)
+        ids = x.x if isinstance(x, Batch) else x  # [B, f_s]
         tables = model.embeddings()  # every table has the fields' layout (one row per category)
-        per_lookup = self.inverse_counts[x + tables[0].offsets].unsqueeze(-1)  # [B, f, 1]
-        return self.c * sum((per_lookup * table(x).pow(2)).sum() for table in tables) / x.shape[0]
+        rows = ids + tables[0].offsets
+        per_lookup = self.inverse_counts[rows].unsqueeze(-1)  # [B, f_s, 1]
+        looked_up = (F.embedding(rows, table.weight, sparse=table.sparse) for table in tables)
+        return self.c * sum((per_lookup * e.pow(2)).sum() for e in looked_up) / ids.shape[0]
 
 
 def with_model_defaults(cfg: TrainConfig, model: type[CTRModel]) -> TrainConfig:
@@ -69,15 +74,15 @@ def with_model_defaults(cfg: TrainConfig, model: type[CTRModel]) -> TrainConfig:
 
 
 def loss_fn(
-    model: CTRModel, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, forward: Optional[torch.nn.Module] = None,
+    model: CTRModel, x: Batch | torch.Tensor, y: torch.Tensor, cfg: TrainConfig, forward: Optional[torch.nn.Module] = None,
     prior: Optional[L2Prior] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Objective (Eq. 18-19): mean log loss + L2. Returns (total, log loss alone).
 
     The L2 term has up to three coefficients: `l2_embedding` on the embedding rows this batch
     looks up (Σ over fields of ||e_i||², averaged over the batch: only touched rows, as
-    sparse CTR training does), `l2_dense` on every dense weight matrix, and the data-size-scaled
-    `prior` (`train.l2_prior`, see L2Prior).
+    sparse CTR training does; a multi-valued field's e_i is its pooled embedding), `l2_dense` on
+    every dense weight matrix, and the data-size-scaled `prior` (`train.l2_prior`, see L2Prior).
     `forward` is the module to call (the DistributedDataParallel wrapper in multi-process runs).
     """
     logits = (forward if forward is not None else model)(x)
@@ -85,7 +90,7 @@ def loss_fn(
     total = bce
     if cfg.l2_embedding > 0:
         emb_sq = sum(table(x).pow(2).sum() for table in model.embeddings())
-        total = total + cfg.l2_embedding * emb_sq / x.shape[0]
+        total = total + cfg.l2_embedding * emb_sq / len(x)
     if cfg.l2_dense > 0:
         total = total + cfg.l2_dense * sum(w.pow(2).sum() for w in model.dense_weights())
     if prior is not None:
@@ -172,13 +177,13 @@ class StepResult:
 
 
 def train_step(
-    model: CTRModel, optimizer: Optimizer, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
+    model: CTRModel, optimizer: Optimizer, x: Batch | torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
     forward: Optional[torch.nn.Module] = None, prior: Optional[L2Prior] = None,
 ) -> StepResult:
     """One optimizer step on the batch (x, y): forward (bf16 autocast with `cfg.precision`),
     loss, backward, and the update, unless the loss or a gradient is not finite.
     The one step `fit` and `masknet bench` both run."""
-    device_type = x.device.type
+    device_type = y.device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
         loss, bce = loss_fn(model, x, y, cfg, forward, prior)
     optimizer.zero_grad()
@@ -343,7 +348,7 @@ def _check_splits(data: CTRDataset) -> tuple[Split, Split]:
 
 def _epoch_batches(
     train: Split, cfg: TrainConfig, batch_size: int, state: TrainState, ctx: DistContext, device: torch.device
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+) -> Iterator[tuple[Batch, torch.Tensor]]:
     """The rest of this epoch's batches (a pure function of seed and epoch), this rank's slice of each."""
     for x, y in iterate_batches(train, batch_size, (cfg.seed, state.epoch), cfg.shuffle_block_rows, skip_batches=state.step):
         if ctx.enabled:  # this rank's disjoint slice of the global batch
