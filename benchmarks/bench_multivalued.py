@@ -39,7 +39,7 @@ def main() -> None:
     from masknet.data.dataset import iterate_batches
     from masknet.data.synthetic import write_synthetic
     from masknet.models import build_model
-    from masknet.training.trainer import Optimizer, _finite_step, loss_fn, seed_everything
+    from masknet.training.trainer import Optimizer, finite_step, loss_fn, seed_everything
 
     torch.set_num_threads(args.threads)
     out = {"rows": args.rows, "batch_size": args.batch_size, "threads": args.threads, "load_avg_start": os.getloadavg()[0], "models": {}}
@@ -61,7 +61,7 @@ def main() -> None:
                     loss, _ = loss_fn(r["model"], x, y, cfg)
                     r["opt"].zero_grad()
                     loss.backward()
-                    if _finite_step(loss, r["model"]):
+                    if finite_step(loss, r["model"]):
                         r["opt"].step()
                     if i >= 5:
                         r["wall"].append(time.perf_counter() - t0)

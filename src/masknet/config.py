@@ -5,7 +5,7 @@ with `masknet train --config RUN/config.yaml`. Keys are validated at the
 boundary: an unknown key, a wrong type or an out-of-range value raises
 `ConfigError` naming the key (dotted path, e.g. `model.block_dim`).
 
-Paper-faithful defaults (masknet-paper.md section 8). Choices the paper leaves
+Paper-faithful defaults (the paper's Section 4.1, experimental settings). Choices the paper leaves
 open are marked "OPEN" in the field comments and listed in docs/model.md.
 """
 
@@ -48,7 +48,7 @@ class ModelConfig:
     block_ffn: bool = True  # ablation "w/o block FFN": block output = masked input
     top_mlp: list[int] = field(default_factory=lambda: [400, 400, 400])  # ParaMaskNet, OPEN: 3x400
 
-    # --- baselines (masknet-paper.md section 8: DNN parts 3x400 ReLU) ---
+    # --- baselines (the paper's Section 4.1: DNN parts 3x400 ReLU) ---
     dnn_hidden: list[int] = field(default_factory=lambda: [400, 400, 400])
     cross_layers: int = 3  # DCN / DCN-V2
     cin_layers: list[int] = field(default_factory=lambda: [200, 200, 200])  # xDeepFM CIN feature maps
@@ -273,7 +273,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of settings, got {value!r}")
-        return _from_dict(tp, value, prefix=key + ".")
+        return from_dict(tp, value, prefix=key + ".")
     if origin is list:
         (item_tp,) = args
         if isinstance(value, str):
@@ -324,7 +324,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise TypeError(f"unsupported config type {tp} for {key}")  # a bug in this module
 
 
-def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -337,7 +337,7 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
-    return _from_dict(RunConfig, data or {})
+    return from_dict(RunConfig, data or {})
 
 
 def _merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ e_i (layers.FieldEmbedding), so every equation below keeps its shape.
     block on EMB : ReLU(LN(W_i (V_mask ⊙ LN_EMB(V_emb))))             (Eq. 11-12)
     block on MB  : ReLU(LN(W_i (V_mask ⊙ V_output^p)))                (Eq. 13-14)
     SerMaskNet   : blocks stacked, the first on the embedding
-    ParaMaskNet  : u blocks on the embedding, concat (Eq. 15), ReLU FFNs (Eq. 16)
+    ParaMaskNet  : u = num_blocks blocks on the embedding, concat (Eq. 15), ReLU FFNs (Eq. 16)
     prediction   : w_0 + Σ w_i x_i  (Eq. 17; the sigmoid is in the loss / predict path)
 
 Ablation switches (ModelConfig): use_mask, emb_layernorm, block_layernorm, block_ffn.

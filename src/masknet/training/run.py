@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from ..config import MODEL_NAMES, ModelConfig, RunConfig, _from_dict, apply_override, load_config
+from ..config import MODEL_NAMES, ModelConfig, RunConfig, apply_override, from_dict, load_config
 from ..data.batch import MultiValuedField, check_multi_valued
 from ..data.dataset import MAX_CARDINALITY, CTRDataset, load_prepared
 from ..data.synthetic import generate
@@ -258,7 +258,7 @@ def _build(cfg: RunConfig, data: CTRDataset) -> CTRModel:
 def write_bundle(out: Path, model: CTRModel, cfg: RunConfig, data: CTRDataset, metrics: dict[str, Any]) -> None:
     """The run folder's bundle files, each written atomically, and the manifest last. A full disk
     leaves an unsealed folder and the last checkpoint, from which --resume writes the bundle again."""
-    from ..serving.bundle import MANIFEST, write_manifest  # lazy: serving imports this module
+    from ..serving.bundle import MANIFEST, write_manifest  # the one upward import (issue #15 item 1)
 
     try:
         (out / MANIFEST).unlink(missing_ok=True)  # unsealed until every file is rewritten
@@ -396,7 +396,7 @@ def read_model_spec(path: Path) -> dict[str, Any]:
 
 def model_config_of(path: Path, spec: dict[str, Any]) -> ModelConfig:
     try:
-        model_cfg = _from_dict(ModelConfig, spec["model_config"], prefix="model_config.")
+        model_cfg = from_dict(ModelConfig, spec["model_config"], prefix="model_config.")
         model_cfg.validate()
     except ConfigError as exc:
         raise UserError(f"{path}: {str(exc).replace('model.', 'model_config.', 1)}") from None
