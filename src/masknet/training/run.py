@@ -36,13 +36,13 @@ from ..data.dataset import MAX_CARDINALITY, CTRDataset, load_prepared
 from ..data.synthetic import generate
 from ..errors import ConfigError, UserError
 from ..integrity import write_atomic
-from ..models import CTRModel, build_model
+from ..models import REGISTRY, CTRModel, build_model
 from . import runfolder
 from .checkpoint import check_loadable, find_resumable, latest_checkpoint, remove_stale_temp
 from .distributed import DistContext, barrier, init_from_env
 from .metrics import auc, relaimp
 from .tracking import check_available as check_trackers, open_trackers
-from .trainer import TrainingDiverged, evaluate, fit, seed_everything
+from .trainer import TrainingDiverged, evaluate, fit, seed_everything, with_model_defaults
 
 
 @dataclass
@@ -98,6 +98,7 @@ def train_run(
     checkpoint; either holds the folder's lock until it returns (see training/runfolder.py for the
     rules). A relative `cfg.data.path` is resolved here (the run folder records the absolute one)."""
     cfg.validate()
+    cfg.train = with_model_defaults(cfg.train, REGISTRY[cfg.model.name])  # config.yaml records the values used
     check_trackers(cfg)  # a tracker that is not installed: one line, before the run folder exists
     base_auc = read_base_auc(cfg.base_run) if cfg.base_run else None  # fail before training, not after
     data = data if data is not None else load_data(cfg)  # a bad data path fails before the run folder is touched
@@ -194,7 +195,7 @@ def _train_locked(
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
             log(
-                f"epoch {record['epoch']}: train logloss {record['train_logloss']:.4f}  "
+                f"epoch {record['epoch']} step {record['step']}: train logloss {record['train_logloss']:.4f}  "
                 f"valid AUC {record['valid_auc']:.4f}  logloss {record['valid_logloss']:.4f}  "
                 f"({record['samples_per_second']:,.0f} samples/s)"
             )
@@ -214,6 +215,8 @@ def _train_locked(
         "valid": result.best_valid,
         "test": test,
         "best_epoch": result.best_epoch,
+        "best_step": result.best_step,
+        "batch_size": result.batch_size,
         "train_seconds": result.train_seconds,
         "samples_per_second": result.samples_per_second,
         "parameters": n_params,
@@ -316,6 +319,10 @@ def resume_run(run: str | Path, log: Any = print, overrides: Sequence[str] = ())
                 f"may set {', '.join(runfolder.RESUMABLE)}; to change anything else start a new run"
             )
         apply_override(cfg, assignment)
+    if any(a.split("=", 1)[0].strip() == "train.epochs" for a in overrides) and not any(
+        a.split("=", 1)[0].strip() == "train.min_steps" for a in overrides
+    ):
+        cfg.train.min_steps = 0  # a given epochs is an exact cap, as `masknet train --epochs N`
     cfg.output = str(run)
     return train_run(cfg, log=log, resume=True)
 
