@@ -23,7 +23,8 @@ from typing import Iterator
 
 import pytest
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import shared_data_path as need  # a path under ../shared/data, or skip the test (re-exported)
+
 TINY = [
     "--epochs", "1",
     "--set", "model.block_dim=16",
@@ -41,14 +42,6 @@ def _root() -> Path:
     root = Path(tempfile.mkdtemp(prefix="masknet-serving-tests-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     return root
-
-
-def need(*parts: str) -> Path:
-    """A path under ../shared/data, or skip the test saying what is missing."""
-    path = DATA.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"real data sample not found: {path} (the serving tests read ../shared/data; see its README)")
-    return path
 
 
 def _main(argv: list[str]) -> None:

@@ -394,7 +394,7 @@ def test_a_header_name_over_the_csv_field_limit_is_one_line(tmp_path, capsys, fm
 
 
 def test_a_header_over_the_line_cap_is_refused_after_reading_just_past_it(tmp_path, monkeypatch):
-    """Before: `_first_line` grew its buffer with `buf += part` (a 100 MB header took 94 s and
+    """Before: `first_line` grew its buffer with `buf += part` (a 100 MB header took 94 s and
     762 MB) and read the whole line whatever its length; the line cap did not apply to it."""
     from masknet.data import readers
     from masknet.data.prepare import prepare
@@ -427,4 +427,4 @@ def test_a_header_over_the_line_cap_is_refused_after_reading_just_past_it(tmp_pa
     assert read[0] <= (256 << 10) + (1 << 20)  # read up to the cap, plus one read block; not the 3 MB
     # a header just under the cap is read
     header = "id,click,hour,C1," + "n" * ((256 << 10) - 100)
-    assert readers._first_line(_avazu_file(tmp_path / "ok.csv", header)) == header.encode()
+    assert readers.first_line(_avazu_file(tmp_path / "ok.csv", header)) == header.encode()

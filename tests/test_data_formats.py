@@ -16,14 +16,7 @@ from masknet.data.encoder import Encoder
 from masknet.data.rawgen import write_avazu, write_criteo, write_malware
 from masknet.data.schema import AVAZU_COLUMNS, MALWARE_COLUMNS, MALWARE_NUMERIC
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINY = ["--epochs", "1", "--quiet", "--set", "train.threads=1", "--set", "model.block_dim=16", "--set", "model.embedding_dim=4"]
-
-
-def need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"real data sample {path} not found (the shared data folder ../shared/data is absent)")
-    return path
 
 
 def prepare_ok(capsys, *args) -> str:
@@ -55,8 +48,8 @@ def check_prepared(path: Path, n_fields: int) -> None:
             assert set(np.unique(s.y)) <= {0, 1}
 
 
-def test_criteo_8k_explicit_files_end_to_end(tmp_path, capsys):
-    d = need(SHARED / "criteo-8k")
+def test_criteo_8k_explicit_files_end_to_end(tmp_path, capsys, shared_data):
+    d = shared_data("criteo-8k")
     out = tmp_path / "c8k"
     prepare_ok(
         capsys, "--format", "criteo", "--train", str(d / "train.txt"), "--valid", str(d / "valid.txt"),
@@ -70,8 +63,8 @@ def test_criteo_8k_explicit_files_end_to_end(tmp_path, capsys):
     train_ok(capsys, out, tmp_path / "run")
 
 
-def test_criteo_csv_sample_end_to_end(tmp_path, capsys):
-    src = need(SHARED / "criteo-sample-200" / "criteo_sample.txt")
+def test_criteo_csv_sample_end_to_end(tmp_path, capsys, shared_data):
+    src = shared_data("criteo-sample-200", "criteo_sample.txt")
     out = tmp_path / "cs"
     prepare_ok(capsys, "--format", "criteo-csv", "--input", str(src), "--output", str(out), "--min-count", "1")
     ds = load_prepared(out)
@@ -106,8 +99,8 @@ def test_criteo_gzip_reads_like_plain(tmp_path, capsys):
         np.testing.assert_array_equal(np.asarray(p.splits[s].x), np.asarray(o.splits[s].x))
 
 
-def test_avazu_sample_end_to_end(tmp_path, capsys):
-    src = need(SHARED / "avazu-sample-100" / "avazu_sample.txt")
+def test_avazu_sample_end_to_end(tmp_path, capsys, shared_data):
+    src = shared_data("avazu-sample-100", "avazu_sample.txt")
     out = tmp_path / "av"
     prepare_ok(capsys, "--format", "avazu", "--input", str(src), "--output", str(out), "--split", "time")
     ds = load_prepared(out)
@@ -165,8 +158,8 @@ def test_malware_generated_end_to_end(tmp_path, capsys):
     train_ok(capsys, out, tmp_path / "run")
 
 
-def test_frappe_full_rows_and_fields(tmp_path, capsys):
-    d = need(SHARED / "frappe")
+def test_frappe_full_rows_and_fields(tmp_path, capsys, shared_data):
+    d = shared_data("frappe")
     both = tmp_path / "frappe.libfm"
     with open(both, "wb") as fo:
         for name in ("frappe.validation.libfm", "frappe.test.libfm"):
@@ -183,8 +176,8 @@ def test_frappe_full_rows_and_fields(tmp_path, capsys):
     check_prepared(out, 10)
 
 
-def test_frappe_subset_end_to_end(tmp_path, capsys):
-    d = need(SHARED / "frappe")
+def test_frappe_subset_end_to_end(tmp_path, capsys, shared_data):
+    d = shared_data("frappe")
     src = tmp_path / "small.libfm"
     src.write_text("".join((d / "frappe.test.libfm").read_text().splitlines(keepends=True)[:3000]))
     out = tmp_path / "fr"

@@ -71,6 +71,16 @@ def test_learns_the_checks_toy_problem_with_small_settings():
     check_classifiers_train("MaskNetClassifier", est)
 
 
+def test_epochs_is_an_exact_cap_as_on_the_cli():
+    """epochs=2 trains at most 2 epochs (the 2,000-step minimum budget does not raise it), as
+    `masknet train --epochs 2`; without it the budget applies."""
+    X, y = toy_frame()
+    capped = tiny(masknet.CTRClassifier, model="lr").fit(X, y)  # about 6 steps per epoch
+    assert max(r["epoch"] for r in capped.history_ if "epoch" in r) <= 2
+    budget = tiny(masknet.CTRClassifier, model="lr", epochs=None, config={**TINY, "train.min_steps": 40, "train.lr_warmup_steps": 0}).fit(X, y)
+    assert max(r["epoch"] for r in budget.history_ if "epoch" in r) > 2  # 10 epochs, raised toward 40 steps
+
+
 def _tags_without_poor_score(est):
     tags = type(est).__sklearn_tags__(est)
     tags.classifier_tags.poor_score = False

@@ -19,6 +19,7 @@ from masknet.data.synthetic import generate
 
 TINY = ["--epochs", "2", "--set", "model.block_dim=16", "--set", "model.num_blocks=1", "--set", "model.top_mlp=16",
         "--set", "model.embedding_dim=4", "--set", "train.threads=1", "--set", "train.batch_size=256", "--set", "train.lr=0.003",
+        "--set", "train.lr_warmup_steps=0",  # 64 steps in all: issue #16's 300-step warm-up would spend them below that rate
         "--quiet"]
 
 
@@ -41,7 +42,7 @@ def test_multitask_model_trains_and_predicts_with_a_multi_valued_field(tmp_path)
     assert spec["tasks"] == ["click", "purchase"] and [m["name"] for m in spec["multi_valued"]] == ["T1"]
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["tasks"]) == {"click", "purchase"}
-    # it learns both tasks (measured: test AUC click 0.689, purchase 0.617; chance is 0.5)
+    # it learns both tasks (measured after merging issue #16: test AUC click 0.679, purchase 0.658; chance is 0.5)
     assert metrics["tasks"]["click"]["test"]["auc"] > 0.62 and metrics["tasks"]["purchase"]["test"]["auc"] > 0.56, metrics["tasks"]
 
     b = verify_and_load(run)

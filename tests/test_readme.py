@@ -23,8 +23,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SHARED_DATA
+
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+SHARED = SHARED_DATA.parent  # ../shared, linked into each block's folder
 TINY_TRAIN = [
     "--set", "data.synthetic.rows=5000", "--set", "train.epochs=2", "--set", "train.batch_size=256",
     "--set", "train.lr=0.005", "--set", "model.block_dim=8",
@@ -76,7 +78,7 @@ def test_readme_block(tmp_path, mode, lang, code, line):
     if mode == "skip":
         pytest.skip(f"README line {line}: marked readme-test: skip")
     if "../shared/data" in code and not (SHARED / "data").exists():
-        pytest.skip(f"README line {line} reads ../shared/data, which is absent (see tests/serving_helpers.py)")
+        pytest.skip(f"README line {line} reads ../shared/data, which is absent (see tests/conftest.py)")
     repo, env = _sandbox(tmp_path, tiny=mode == "tiny")
     cmd = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
     r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
@@ -87,12 +89,11 @@ def test_readme_block(tmp_path, mode, lang, code, line):
     assert not untracked, f"README line {line} leaves files .gitignore does not cover: {untracked[:10]}"
 
 
-def test_docs_quickstart_script(tmp_path):
+def test_docs_quickstart_script(tmp_path, shared_data):
     """docs/examples/quickstart.py: MaskNetClassifier on a polars frame of criteo-8k, score,
     cross_val_score(cv=3), save, load."""
-    if not (SHARED / "data" / "criteo-8k").exists():
-        pytest.skip(f"{SHARED / 'data' / 'criteo-8k'} is absent: the quickstart script reads it")
-    env = dict(os.environ, MASKNET_DATA=str(SHARED / "data"))
+    shared_data("criteo-8k")  # the quickstart script reads it
+    env = dict(os.environ, MASKNET_DATA=str(SHARED_DATA))
     r = subprocess.run([sys.executable, str(ROOT / "docs" / "examples" / "quickstart.py")], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -158,3 +158,36 @@ def test_verdicts():
     assert compare([0.8001, 0.8003, 0.8002], [0.8002, 0.8000, 0.8004], 0.0002)["verdict"].startswith("holds")
     assert compare([0.80, 0.81, 0.79], [0.801, 0.79, 0.809], 0.0002)["verdict"] == "not resolved"
     assert compare([0.81, 0.8101, 0.8102], [0.80, 0.8001, 0.8002], 0.0002)["verdict"].startswith("does not hold")
+
+
+def test_reproduce_with_equal_tuning(tmp_path):
+    """--tune N: one study per model with the same trials and step cap, tuned cells for every seed,
+    and each claim's verdict with and without tuning in the report."""
+    pytest.importorskip("optuna", reason="--tune needs Optuna (pip install 'masknet[tune]')")
+    import csv
+
+    out = tmp_path / "rep"
+    tiny = TINY[:2] + TINY[4:]  # without "--seeds 1"
+    assert main(["reproduce", *tiny, "--tables", "3", "--seeds", "2", "--tune", "2", "--tune-max-steps", "6", "--output", str(out)]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    tuning = doc["tuning"]
+    assert tuning["budget"] == {"trials": 2, "max_steps": 6, "seed": 0}
+    assert set(tuning["models"]) == {"sermasknet", "paramasknet"}
+    for model in tuning["models"]:
+        with open(out / "tuning" / model / "trials.csv") as fh:
+            rows = list(csv.DictReader(fh))
+        assert len(rows) == 2 and all(int(r["steps"]) <= 6 for r in rows)  # the same cap for every model
+    cells = tuning["cells"]
+    assert len(cells) == 2 * 4 * 2  # 2 models x 4 variants x 2 seeds
+    for cell in cells.values():
+        settings = tuning["models"][cell["model"]]["settings"]
+        assert cell["config"]["train"]["max_steps"] == 6
+        assert cell["config"]["train"]["lr"] == pytest.approx(settings["train.lr"])
+    ablated = cells["sermasknet-nomask-s2021"]["config"]["model"]
+    assert ablated["use_mask"] is False and ablated["block_dim"] == tuning["models"]["sermasknet"]["settings"]["model.block_dim"]
+    report = (out / "report.md").read_text()
+    assert "## Under equal tuning (BARS protocol)" in report
+    section = report.split("## Under equal tuning (BARS protocol)")[1].split("\n## ")[0]
+    assert "| claim (paper) | default protocol | equal tuning |" in section
+    assert section.count("the instance-guided mask helps") == 1
+    assert {c["id"] for c in tuning["claims"]} == {c["id"] for c in doc["claims"]}

@@ -30,7 +30,10 @@ ARGS = [
     "--set", "model.dropout=0.1",  # exercises the torch RNG state in checkpoints
     "--set", "train.batch_size=256", "--set", "train.threads=1", "--set", "train.patience=3",
     "--set", "train.checkpoint_every_steps=4", "--set", "train.shuffle_block_rows=1024",
+    "--set", "train.min_batches_per_epoch=0",  # batch 256 as set, not halved for a small split
+    "--set", "train.lr_warmup_steps=0",  # a constant rate: the resume tests check the optimizer's rate
 ]
+# evaluations (train.evals_per_epoch=4, eval_min_steps=10): at steps 10, 20, 30 and 39, mid-epoch ones too
 STEPS_PER_EPOCH = 13  # ceil(3200 / 256)
 
 DRIVER = textwrap.dedent(
@@ -66,7 +69,7 @@ DRIVER = textwrap.dedent(
 def comparable(run: Path) -> dict:
     metrics = json.loads((run / "metrics.json").read_text())
     history = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    drop = ("epoch_seconds", "samples_per_second")
+    drop = ("seconds", "samples_per_second")  # timings
     return {
         "valid": metrics["valid"],
         "test": metrics["test"],
@@ -124,6 +127,59 @@ def test_kill_at_random_steps_then_resume_matches_uninterrupted(reference, tmp_p
     points = [rng.randint(6, STEPS_PER_EPOCH), rng.randint(STEPS_PER_EPOCH + 2, 2 * STEPS_PER_EPOCH), rng.randint(2 * STEPS_PER_EPOCH + 2, total)]
     for n in points:
         assert_same_run(reference, kill_and_resume(tmp_path, "step", n))
+
+
+def test_resume_restores_the_rate_schedule_and_the_prior_path(tmp_path, monkeypatch):
+    """Warm-up, reduce-on-plateau and the L2-prior path are in the saved state: resuming from a
+    checkpoint taken after a plateau (rate halved, prior on its second value) ends exactly like the
+    uninterrupted run. Validation AUCs are scripted so that the plateaus happen where intended."""
+    import numpy as np
+
+    from masknet.config import TrainConfig
+    from masknet.data.dataset import CTRDataset, Split
+    from masknet.models import build_model
+    from masknet.config import ModelConfig
+    from masknet.training import trainer
+
+    rng = np.random.default_rng(0)
+    cards = [6, 9, 4]
+
+    def split(n):
+        return Split(np.stack([rng.integers(0, c, n) for c in cards], 1).astype(np.int32), (rng.random(n) < 0.3).astype(np.uint8))
+
+    data = CTRDataset(["a", "b", "c"], cards, {"train": split(320), "valid": split(60), "test": split(60)})
+    aucs = [0.6, 0.7, 0.65, 0.64, 0.8, 0.75, 0.74, 0.73]  # plateaus at evaluations 3 and 6 (patience 2)
+    calls = [0]
+
+    def scripted(model, split, batch_size=8192, ctx=None, head=None, tasks=None):
+        calls[0] += 1
+        return {"auc": aucs[calls[0] - 1], "logloss": 0.5}
+
+    monkeypatch.setattr(trainer, "evaluate", scripted)
+    cfg = TrainConfig(
+        epochs=8, batch_size=64, lr=0.05, threads=1, progress=False, evals_per_epoch=1, eval_min_steps=1, min_steps=0,
+        lr_warmup_steps=7, lr_plateau_factor=0.5, l2_prior=[3.0, 1.0, 0.1], patience=2, keep_checkpoints=20,
+        min_batches_per_epoch=0,
+    )
+
+    def model():
+        trainer.seed_everything(0)
+        return build_model(ModelConfig(name="fm", embedding_dim=3), cards)
+
+    full, full_dir = model(), tmp_path / "full"
+    reference = trainer.fit(full, data, cfg, run_dir=full_dir)
+    assert [r["l2_prior"] for r in reference.history] == [3.0] * 4 + [1.0] * 3 + [0.1]
+    assert len({r["lr"] for r in reference.history}) >= 4  # warm-up, then halvings on plateau
+    after_plateau = next(p for p in ckpt.list_checkpoints(full_dir) if p.name == "step-000000020")  # after evaluation 4
+    calls[0] = 4
+    resumed = model()
+    again = trainer.fit(resumed, data, cfg, run_dir=tmp_path / "resumed", resume_from=after_plateau)
+    def untimed(history):  # timings differ between any two runs
+        return [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_second")} for r in history]
+
+    assert untimed(again.history) == untimed(reference.history)
+    for (k, v), (k2, v2) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(v, v2), k
 
 
 def test_kill_while_writing_a_checkpoint_then_resume_matches(reference, tmp_path):
@@ -216,7 +272,7 @@ def test_nan_loss_stops_with_step_and_a_resume_command_that_works(tmp_path, monk
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert log[0] == {**log[0], "event": "resume", "after_epoch": 0, "global_step": 4,
                       "changed": {"train.lr": {"from": 0.001, "to": 0.0001}}}
-    assert [r["epoch"] for r in log[1:]] == [1, 2, 3]
+    assert [r["step"] for r in log[1:]] == [10, 20, 30, 39]  # every 10 steps and the last (3 epochs of 13)
     assert set(optimizer_lrs(ckpt.latest_checkpoint(out))) == {0.0001}
     assert "train.lr 0.001 -> 0.0001" in (out / "config.yaml").read_text()
 
@@ -355,15 +411,15 @@ def test_resume_honours_resumable_settings_and_records_them(reference, tmp_path,
     assert main(["train", "--resume", str(out), "--quiet", "--set", "train.lr=2e-4", "--set", "train.patience=2"]) == 0
     assert "train.lr: 0.001 -> 0.0002" in capsys.readouterr().out
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    event = log[1]  # after epoch 1: the checkpoint at step 16 is 3 steps into epoch 2
+    event = log[1]  # after the first evaluation: the checkpoint at step 16 is 3 steps into epoch 2
     assert event["event"] == "resume" and event["checkpoint"] == "step-000000016" and event["after_epoch"] == 1
     assert event["changed"] == {"train.lr": {"from": 0.001, "to": 0.0002}, "train.patience": {"from": 3, "to": 2}}
-    assert [r.get("epoch") for r in log] == [1, None, 2, 3]
+    assert [r.get("epoch") for r in log] == [1, None, 2, 3, 3]  # evaluations at steps 10 | 20, 30, 39
     assert set(optimizer_lrs(ckpt.latest_checkpoint(out))) == {0.0002}
     text = (out / "config.yaml").read_text()
     assert "lr: 0.0002" in text and "train.lr 0.001 -> 0.0002, train.patience 3 -> 2" in text
     assert comparable(out)["history"][0] == comparable(reference)["history"][0]  # epoch 1 is the same run
-    assert comparable(out)["history"][2] != comparable(reference)["history"][2]  # epoch 3 trained with lr 2e-4
+    assert comparable(out)["history"][2] != comparable(reference)["history"][2]  # step 30: trained with lr 2e-4
 
     # a later plain resume keeps the changed settings and the record (the run is finished: nothing to train)
     assert main(["train", "--resume", str(out), "--quiet"]) == 0
@@ -566,8 +622,30 @@ def test_resume_refuses_fewer_epochs_than_the_run_has_trained(reference, tmp_pat
     err = one_line_error(capsys)
     assert "train.epochs=1 is fewer than the 2 epochs the run has already trained" in err, err
     assert snapshot(out) == before
-    assert main(["train", "--resume", str(out), "--quiet", "--set", "train.epochs=2"]) == 0  # as many: it stops there
-    assert [json.loads(line).get("epoch") for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, None]
+    # as many: it stops at once (not one more step into epoch 3; the cap is exact, the 2,000-step minimum is off)
+    assert main(["train", "--resume", str(out), "--quiet", "--set", "train.epochs=2"]) == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [(r.get("step"), r.get("epoch")) for r in log] == [(10, 1), (20, 2), (30, 3), (None, None)]
+    assert log[-1]["after_epoch"] == 2 and log[-1]["changed"] == {"train.epochs": {"from": 3, "to": 2}}
+    assert ckpt.latest_checkpoint(out).name == "step-000000030"  # marked final, no step trained
+
+
+def test_a_resumed_epochs_is_an_exact_cap(reference, tmp_path):
+    """Before: `--set train.epochs=N` on resume kept train.min_steps, so a default run (min_steps
+    2,000) trained past the N epochs asked for; now it is exact, as `--epochs N` is."""
+    out = cut_back(reference, tmp_path / "run", 16)  # 3 steps into epoch 2
+    config = out / "config.yaml"
+    config.write_text(config.read_text().replace("min_steps: 0", "min_steps: 2000"))
+    for c in ckpt.list_checkpoints(out):  # as if the run had been trained with the default minimum
+        manifest = c / "manifest.json"
+        m = json.loads(manifest.read_text())
+        m["config"]["train"]["min_steps"] = 2000
+        m.pop("config_sha256")
+        manifest.write_text(json.dumps(m))
+    assert main(["train", "--resume", str(out), "--quiet", "--set", "train.epochs=2"]) == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r.get("step") for r in log] == [10, None, 20, 26]  # ends at epoch 2's last step
+    assert log[1]["changed"] == {"train.epochs": {"from": 3, "to": 2}, "train.min_steps": {"from": 2000, "to": 0}}
 
 
 @pytest.mark.parametrize("setting", ["train.lr=1e-4", "train.lr=inf", "train.on_nan=skip-batch"])

@@ -135,7 +135,7 @@ def tiny_dataset(n_train=300, n_valid=60, seed=0) -> CTRDataset:
     return CTRDataset(["a", "b", "c"], list(CARDS), {"train": split(n_train), "valid": split(n_valid), "test": split(n_valid)})
 
 
-def scripted_fit(monkeypatch, aucs, patience, epochs):
+def scripted_fit(monkeypatch, aucs, patience, epochs, **extra):
     script = iter(aucs)
     calls = []
 
@@ -150,9 +150,13 @@ def scripted_fit(monkeypatch, aucs, patience, epochs):
     def on_epoch(record):
         snapshots[record["epoch"]] = copy.deepcopy(model.state_dict())
 
-    cfg = TrainConfig(epochs=epochs, patience=patience, batch_size=64, lr=0.05, threads=1, progress=False)
+    # one evaluation per epoch (the paper's protocol): these tests pin the per-epoch semantics
+    cfg = TrainConfig(epochs=epochs, patience=patience, batch_size=64, lr=0.05, threads=1, progress=False, **{**EPOCH_EVALS, **extra})
     result = fit(model, tiny_dataset(), cfg, on_epoch)
     return model, result, snapshots, len(calls)
+
+
+EPOCH_EVALS = dict(evals_per_epoch=1, eval_min_steps=1, lr_warmup_steps=0, l2_prior=[], min_steps=0)
 
 
 def states_equal(a, b):
@@ -187,6 +191,97 @@ def test_patience_one_and_no_early_stop(monkeypatch):
     assert n_eval == 3 and result.best_epoch == 3
 
 
+# ---------------------------------------------------------------------------
+# Validation on a step schedule, step budgets, learning-rate schedule, the L2 prior (issue 16)
+# tiny_dataset: 300 train rows, batch 64 -> 5 steps per epoch
+
+
+def test_evaluations_per_epoch_and_patience_in_evaluations(monkeypatch):
+    aucs = [0.6, 0.7, 0.65, 0.69, 0.68, 0.99]
+    _, result, _, n_eval = scripted_fit(monkeypatch, aucs, patience=3, epochs=4, evals_per_epoch=3)
+    # every ceil(5 / 3) = 2 steps; three evaluations without a better AUC after step 4: stop at step 10
+    assert [r["step"] for r in result.history] == [2, 4, 6, 8, 10]
+    assert [r["epoch"] for r in result.history] == [1, 1, 2, 2, 2]
+    assert n_eval == 5 and result.best_step == 4 and result.best_epoch == 1 and result.steps == 10
+
+
+def test_minimum_step_gap_spans_epochs_and_last_step_is_evaluated(monkeypatch):
+    _, result, _, _ = scripted_fit(monkeypatch, [0.5 + i / 100 for i in range(10)], patience=9, epochs=4,
+                                   evals_per_epoch=4, eval_min_steps=7)
+    assert [r["step"] for r in result.history] == [7, 14, 20]  # every 7 steps, and the last (4 epochs x 5)
+    assert result.best_step == 20 and result.steps == 20
+
+
+def test_max_steps_caps_and_min_steps_raises_the_epoch_cap(monkeypatch):
+    _, capped, _, _ = scripted_fit(monkeypatch, [0.5 + i / 100 for i in range(10)], patience=9, epochs=4, max_steps=8)
+    assert [r["step"] for r in capped.history] == [5, 8] and capped.steps == 8
+    _, longer, _, _ = scripted_fit(monkeypatch, [0.5 + i / 100 for i in range(10)], patience=9, epochs=1, min_steps=12)
+    assert [r["step"] for r in longer.history] == [5, 10, 15]  # ceil(12 / 5) = 3 epochs allowed
+    # early stopping still ends a run inside the budget
+    _, early, _, _ = scripted_fit(monkeypatch, [0.7, 0.6, 0.6, 0.6], patience=1, epochs=1, min_steps=100)
+    assert early.steps == 10
+
+
+def test_no_early_stop_during_the_warmup(monkeypatch):
+    aucs = [0.7, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6]
+    _, result, _, _ = scripted_fit(monkeypatch, aucs, patience=1, epochs=6, lr_warmup_steps=12)
+    assert [r["step"] for r in result.history] == [5, 10, 15]  # patience ran out at step 10, inside the warm-up
+    assert result.best_step == 5
+
+
+def test_warmup_and_reduce_on_plateau(monkeypatch):
+    _, result, _, _ = scripted_fit(monkeypatch, [0.6, 0.7, 0.65, 0.64, 0.8], patience=9, epochs=5,
+                                   lr_warmup_steps=10, lr_plateau_factor=0.5)
+    lrs = [r["lr"] for r in result.history]
+    # record: the rate of the evaluation's last step. Warm-up: 0.05 * step / 10 up to step 10
+    assert lrs[0] == pytest.approx(0.05 * 5 / 10) and lrs[1] == pytest.approx(0.05)
+    assert lrs[2] == pytest.approx(0.05)  # halved only after the third evaluation (no improvement)
+    assert lrs[3] == pytest.approx(0.025) and lrs[4] == pytest.approx(0.0125)
+
+
+def test_l2_prior_path_moves_on_at_each_plateau(monkeypatch):
+    aucs = [0.6, 0.55, 0.7, 0.65, 0.64, 0.99]
+    _, result, _, n_eval = scripted_fit(monkeypatch, aucs, patience=1, epochs=6, l2_prior=[3.0, 1.0, 0.1])
+    # patience runs out at evaluations 2 and 4: the next prior takes over; the third runs out at 5
+    assert [r["l2_prior"] for r in result.history] == [3.0, 3.0, 1.0, 1.0, 0.1]
+    assert n_eval == 5 and result.best_epoch == 3
+
+
+def test_l2_prior_is_scikit_learns_penalty_on_a_full_batch():
+    """With the whole train split as one batch, the lazy per-lookup weights c / n_j add up to
+    exactly (c / N) Σ_j ||e_j||² over the rows train uses: LogisticRegression's L2 with C = 1 / (2c)."""
+    data = tiny_dataset()
+    train = data.splits["train"]
+    model = tiny_model()
+    prior = trainer.L2Prior.for_data(train, data.cardinalities, torch.device("cpu"))
+    prior.c = 2.5
+    x = torch.from_numpy(np.asarray(train.x)).long()
+    starts = np.concatenate([[0], np.cumsum(CARDS)[:-1]])
+    used = np.unique(np.asarray(train.x) + starts)
+    table = model.embedding.weight.detach().double().numpy()
+    expected = 2.5 / len(train) * (table[used] ** 2).sum()
+    assert prior.penalty(model, x).item() == pytest.approx(expected, rel=1e-5)
+    cfg = TrainConfig(l2_prior=[2.5])
+    total, bce = loss_fn(model, x, torch.from_numpy(np.asarray(train.y, dtype=np.float32)), cfg, prior=prior)
+    assert (total - bce).item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("rows, batch", [(8000, 256), (7200, 128), (32768, 1024), (10**7, 1024), (500, 64)])
+def test_small_splits_train_in_smaller_batches(rows, batch):
+    schedule = trainer.Schedule.for_run(TrainConfig(batch_size=1024, min_batches_per_epoch=32), rows)
+    assert schedule.batch_size == batch and schedule.steps_per_epoch == -(-rows // batch)
+    assert trainer.Schedule.for_run(TrainConfig(batch_size=1024, min_batches_per_epoch=0), rows).batch_size == 1024
+
+
+def test_model_defaults_fill_unset_training_keys():
+    from masknet.models import REGISTRY
+
+    assert trainer.with_model_defaults(TrainConfig(), REGISTRY["sermasknet"]).lr == REGISTRY["sermasknet"].train_defaults["lr"]
+    assert trainer.with_model_defaults(TrainConfig(), REGISTRY["lr"]).l2_prior == REGISTRY["lr"].train_defaults["l2_prior"]
+    set_by_user = TrainConfig(lr=0.123, l2_prior=[], min_batches_per_epoch=0)
+    assert trainer.with_model_defaults(set_by_user, REGISTRY["lr"]) == set_by_user
+
+
 @pytest.mark.parametrize("sparse", [False, True])
 def test_fit_really_learns(sparse):
     """Not scripted: a few epochs on learnable data raise the validation AUC well above chance
@@ -202,7 +297,7 @@ def test_fit_really_learns(sparse):
             s.y[:] = (((s.x[:, 0] + s.x[:, 1]) % 2 == 0) ^ (rng.random(len(s)) < 0.1)).astype(np.uint8)
         model = tiny_model(seed=seed)
         cfg = TrainConfig(epochs=8, patience=8, batch_size=128, lr=0.02, threads=1, progress=False,
-                          sparse_embeddings=sparse, seed=2021 + seed)
+                          sparse_embeddings=sparse, seed=2021 + seed, **EPOCH_EVALS)
         result = fit(model, ds, cfg)
         best.append(result.best_valid["auc"])
         probs = predict(model, ds.splits["valid"])
@@ -216,6 +311,9 @@ def test_fit_really_learns(sparse):
 TINY = [
     "--set", "data.synthetic.rows=6000",
     "--set", "train.lr=0.01",  # enough to learn something in 2 short epochs: the base run needs AUC > 0.5
+    "--set", "train.lr_warmup_steps=0",  # (a warm-up would spend all 10 steps below that rate)
+    "--set", "train.eval_min_steps=1",  # 5 steps per epoch, 4 evaluations per epoch: every 2 steps
+    "--set", "train.min_batches_per_epoch=0",  # batch 1024, not halved for the small split
     "--epochs", "2",
     "--set", "model.block_dim=16",
     "--set", "model.num_blocks=2",
@@ -257,11 +355,11 @@ def test_run_folder_contents(runs):
     assert "relaimp" not in m  # no base run given
 
     lines = (run / "log.jsonl").read_text().splitlines()
-    assert len(lines) == 2  # one per epoch (2 epochs: at most one epoch without improvement)
-    records = [json.loads(ln) for ln in lines]
-    assert [r["epoch"] for r in records] == [1, 2]
+    records = [json.loads(ln) for ln in lines]  # one per evaluation: every 2 steps, 10 steps (2 epochs of 5)
+    assert [r["step"] for r in records] == [2, 4, 6, 8, 10][: len(records)] and len(records) >= 4  # patience 4
+    assert [r["epoch"] for r in records] == [(r["step"] - 1) // 5 + 1 for r in records]
     best = max(records, key=lambda r: r["valid_auc"])
-    assert m["best_epoch"] == best["epoch"]
+    assert m["best_epoch"] == best["epoch"] and m["best_step"] == best["step"]
     assert m["valid"]["auc"] == pytest.approx(best["valid_auc"], abs=1e-12)
 
     cfg = load_config(run / "config.yaml")

@@ -17,6 +17,7 @@ SubcommandSetup = Callable[[argparse._SubParsersAction], None]
 EXTRAS = {
     "serve": ("onnx", "onnxruntime", "fastapi", "uvicorn", "msgspec"),
     "plots": ("matplotlib",),
+    "tune": ("optuna", "matplotlib"),
 }
 
 
@@ -35,10 +36,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train and evaluate a model (default: SerMaskNet on the built-in synthetic data)",
         description=(
-            "Train a model, validate every epoch, early-stop on validation AUC, evaluate the best "
-            "epoch on the test split and write a run folder (config.yaml, metrics.json, log.jsonl, "
-            "model.safetensors). Settings resolve in order: defaults (the paper's), --config FILE, "
-            "the options below, then each --set."
+            "Train a model, validate on a step schedule (a few times per epoch), early-stop on validation AUC, "
+            "evaluate the best evaluation's weights on the test split and write a run folder (config.yaml, "
+            "metrics.json, log.jsonl, model.safetensors). Settings resolve in order: defaults (the paper's model "
+            "sizes; training defaults chosen to hold from small to large data, docs/model.md), --preset, "
+            "--config FILE, the options below, then each --set."
         ),
     )
     p.add_argument("--model", choices=MODEL_NAMES, help="model to train (default: sermasknet)")
@@ -47,9 +49,18 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="a prepared dataset folder (from `masknet prepare`); default: the built-in synthetic data",
     )
-    p.add_argument("--epochs", type=int, metavar="N", help="maximum number of epochs (default 10)")
+    p.add_argument(
+        "--epochs", type=int, metavar="N",
+        help="at most N epochs, exactly (sets train.epochs=N and train.min_steps=0; by default the cap is 10 epochs, "
+        "raised on small data to 2,000 steps)",
+    )
     p.add_argument("--seed", type=int, metavar="N", help="seed for initialisation and shuffling (default 2021)")
     p.add_argument("--config", metavar="FILE", help="a YAML run config (e.g. a previous run's config.yaml)")
+    p.add_argument(
+        "--preset",
+        choices=("paper",),
+        help="paper: the paper's training protocol (validation once per epoch, patience 1, constant lr 1e-3, no L2 prior)",
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -74,9 +85,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "--resume",
         metavar="RUN",
         help="continue an interrupted run from its latest intact checkpoint, with its saved config; only --epochs, "
-        "--quiet, --nproc and --set of train.lr, train.epochs, train.patience, train.on_nan, train.threads, "
-        "train.progress, train.checkpoint_every_steps, train.keep_checkpoints may be given (recorded in log.jsonl "
-        "and config.yaml)",
+        "--quiet, --nproc and --set of train.lr, train.epochs, train.min_steps, train.patience, train.on_nan, "
+        "train.threads, train.progress, train.checkpoint_every_steps, train.keep_checkpoints may be given (recorded "
+        "in log.jsonl and config.yaml; a given epochs is an exact cap: it sets min_steps to 0)",
     )
     p.add_argument(
         "--nproc",
@@ -101,7 +112,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .config import RunConfig, apply_override, load_config
+    from .config import RunConfig, apply_override, apply_preset, load_config
     from .training.run import default_output, train_run
     from .training.runfolder import is_run_folder
 
@@ -109,7 +120,9 @@ def _run_train(args: argparse.Namespace) -> int:
         return _launch_torchrun(args)
     if args.resume:
         return _run_resume(args)
-    cfg = load_config(args.config) if args.config else RunConfig()
+    cfg = apply_preset(RunConfig(), args.preset) if args.preset else RunConfig()
+    if args.config:
+        cfg = load_config(args.config, base=cfg)
     # re-running a saved run must not write back into it: its config's `output` is not reused
     saved_run = args.config is not None and Path(args.config).name == "config.yaml" and is_run_folder(Path(args.config).parent)
     if saved_run:
@@ -119,7 +132,7 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.data:
         cfg.data.path = args.data
     if args.epochs is not None:
-        cfg.train.epochs = args.epochs
+        cfg.train.epochs, cfg.train.min_steps = args.epochs, 0
     if args.seed is not None:
         cfg.train.seed = args.seed
     if args.output:
@@ -541,6 +554,15 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
         help="override any config key for every cell, e.g. --set train.threads=1 (repeatable)",
     )
     p.add_argument("--output", metavar="DIR", help="output folder (default: runs/reproduce-<timestamp>); an existing one resumes")
+    p.add_argument(
+        "--tune",
+        type=int,
+        metavar="N",
+        help="equal tuning (BARS protocol): before the seeds run, tune every model with N trials of `masknet tune` "
+        "and the same per-trial step cap; the report gives each claim's verdict with and without tuning (needs Optuna)",
+    )
+    p.add_argument("--tune-max-steps", type=int, metavar="N", help="with --tune: the step cap of every trial (default: the untuned cells' step budget)")
+    p.add_argument("--tune-seed", type=int, default=0, metavar="N", help="with --tune: the sampler seed of every study (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_run_reproduce)
 
@@ -552,15 +574,22 @@ def _run_reproduce(args: argparse.Namespace) -> int:
 
     _require("plots", "masknet reproduce")
     from .experiments.plan import PRESETS, parse_tables
-    from .experiments.reproduce import base_config, reproduce
+    from .experiments.reproduce import EqualTuning, base_config, reproduce
 
+    if args.tune is not None and args.tune < 1:
+        raise UserError(f"--tune: must be >= 1, got {args.tune}")
+    if args.tune is None and args.tune_max_steps is not None:
+        raise UserError("--tune-max-steps needs --tune N")
+    if args.tune is not None:
+        _require("tune", "masknet reproduce --tune")
+    tuning = EqualTuning(args.tune, args.tune_max_steps, args.tune_seed) if args.tune else None
     tables = parse_tables(args.tables)
     cfg, applied = base_config(args.preset, args.config, args.data, args.set)
     seeds = args.seeds if args.seeds is not None else PRESETS[args.preset]["seeds"]
     out = Path(args.output) if args.output else Path("runs") / f"reproduce-{time.strftime('%Y%m%d-%H%M%S')}"
     command = "masknet " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["reproduce"] else "masknet reproduce"
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    reproduce(cfg, tables, seeds, out, args.preset, applied, command, quiet=args.quiet, log=log)
+    reproduce(cfg, tables, seeds, out, args.preset, applied, command, quiet=args.quiet, log=log, tuning=tuning)
     print(out / "report.md")
     return 0
 
@@ -645,10 +674,61 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_tune(sub: argparse._SubParsersAction) -> None:
+    from .config import MODEL_NAMES
+
+    p = sub.add_parser(
+        "tune",
+        help="tune a model's hyperparameters on the validation split (Optuna: TPE sampler, median pruner)",
+        description=(
+            "Run an Optuna study over the model's search space (declared beside the model's code; --space FILE "
+            "replaces it): each trial trains on the train split and is scored by its best validation AUC (the test "
+            "split is never read); a trial below the median of earlier ones at the same evaluation is pruned. "
+            "Writes OUTPUT/best.yaml (run it with `masknet train --config`), trials.csv/.parquet, history.png, "
+            "importances.png and the study itself (study.db): rerunning with the same --output continues it. "
+            "Needs Optuna: pip install 'masknet[tune]'."
+        ),
+    )
+    p.add_argument("--model", required=True, choices=MODEL_NAMES, help="model to tune")
+    p.add_argument("--data", metavar="DIR", help="a prepared dataset folder; default: the built-in synthetic data")
+    p.add_argument("--trials", type=int, required=True, metavar="N", help="trials to finish (complete or pruned), resumed ones included")
+    p.add_argument("--timeout", type=float, metavar="S", help="start no new trial after S seconds")
+    p.add_argument("--output", metavar="DIR", help="study folder (default: runs/tune-<model>-<timestamp>); an existing one resumes")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="sampler seed (default 0): the same seed draws the same trials")
+    p.add_argument("--max-steps", type=int, metavar="N", help="cap every trial at N training steps (the same budget for each)")
+    p.add_argument("--space", metavar="FILE", help="a YAML search space replacing the model's (see docs/model.md)")
+    p.add_argument("--config", metavar="FILE", help="a YAML run config every trial starts from")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fix a config key for every trial (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_tune)
+
+
+def _run_tune(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    _require("tune", "masknet tune")
+    from .config import RunConfig, apply_override, load_config
+    from .tuning import load_space, tune
+
+    cfg = load_config(args.config) if args.config else RunConfig()
+    cfg.model.name = args.model
+    if args.data:
+        cfg.data.path = args.data
+    for assignment in args.set:
+        apply_override(cfg, assignment)
+    space = load_space(args.space) if args.space else None
+    out = Path(args.output) if args.output else Path("runs") / f"tune-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    r = tune(cfg, args.trials, out, space=space, seed=args.seed, timeout=args.timeout, max_steps=args.max_steps,
+             progress=not args.quiet, log=lambda msg: print(msg, file=sys.stderr))
+    print(f"best of {r.finished} trials: validation AUC {r.best_value:.4f}; train it: masknet train --config {out / 'best.yaml'}")
+    return 0
+
+
 # Each later capability (prepare, predict, serve, ...) registers its subcommand here.
 SUBCOMMANDS: list[SubcommandSetup] = [
     _add_train, _add_generate, _add_prepare, _add_predict, _add_evaluate, _add_export, _add_serve,
-    _add_reproduce, _add_bench,
+    _add_reproduce, _add_bench, _add_tune,
 ]
 
 

@@ -185,7 +185,9 @@ class CTRClassifier(ClassifierMixin, BaseEstimator):
     categorical, numeric : column names of that kind; other columns are inferred from their type.
     min_count : categories seen fewer times in the training rows become out-of-vocabulary.
     epochs, batch_size, learning_rate : the trainer's train.epochs, train.batch_size, train.lr
-        (None: the trainer's defaults, 10 / 1024 / 1e-3).
+        (None: the trainer's defaults: at most 10 epochs, raised to reach train.min_steps; batch 1024,
+        halved on small data; the model's rate, 1e-3 for the deep models, 1e-2 for lr and fm). A
+        given `epochs` is an exact cap, as `masknet train --epochs N`.
     validation_fraction : share of the rows held out for early stopping when fit gets no eval_set.
     random_state : seed of initialisation, shuffling and the hold-out (None: 2021, still repeatable).
     config : any other run-config key, as `masknet train --set` takes it, e.g.
@@ -254,6 +256,8 @@ class CTRClassifier(ClassifierMixin, BaseEstimator):
                 if key in extra:
                     raise EstimatorInputError(f"config[{key!r}]: also set as a parameter; set it once")
                 apply_override(cfg, f"{key}={_fmt(value)}")
+        if self.epochs is not None and "train.min_steps" not in extra:
+            cfg.train.min_steps = 0  # epochs is an exact cap, as `masknet train --epochs N` (no step budget raises it)
         for key, value in extra.items():
             if key.split(".")[0] not in ("model", "train") or key == "model.name":
                 raise EstimatorInputError(

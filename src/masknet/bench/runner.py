@@ -95,7 +95,7 @@ def run_job(job: Job) -> dict[str, Any]:
     from ..data.dataset import iterate_batches, load_prepared
     from ..models import build_model
     from ..training.metrics import auc
-    from ..training.trainer import Optimizer, _finite_step, loss_fn, seed_everything
+    from ..training.trainer import Optimizer, seed_everything, train_step
     from .flops import counted_flops_per_sample, random_batch
     from .matmul import gemm_rate, record_matmuls
 
@@ -156,12 +156,7 @@ def run_job(job: Job) -> dict[str, Any]:
         x, y = next(it)
         t1 = time.perf_counter()
         c1 = time.process_time()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss, _ = loss_fn(model, x, y, tcfg)
-        optimizer.zero_grad()
-        loss.backward()
-        if _finite_step(loss, model):
-            optimizer.step()
+        loss = train_step(model, optimizer, x, y, tcfg).loss  # the trainer's own step (fit runs the same)
         t2 = time.perf_counter()
         if i >= warmup:
             wait += t1 - t0
@@ -298,7 +293,9 @@ def auc_check(data_dir: str, rows: int, epochs: int, threads: int, seed: int, qu
     for precision in ("fp32", "bf16"):
         seed_everything(seed)
         m = build_model(_model_config(model, quick), sub.cardinalities, sub.multi_valued)
-        cfg = TrainConfig(epochs=epochs, precision=precision, seed=seed, threads=threads, progress=False, checkpoints=False, patience=epochs)
+        # exactly `epochs` epochs, validated at each end, as this check has always run (the paper's protocol)
+        cfg = TrainConfig(epochs=epochs, precision=precision, seed=seed, threads=threads, progress=False, checkpoints=False,
+                          patience=epochs, evals_per_epoch=1, eval_min_steps=1, min_steps=0, lr_warmup_steps=0, lr=1e-3)
         r = fit(m, sub, cfg)
         out[precision] = {"test_auc": evaluate(m, sub.splits["test"])["auc"], "train_samples_per_s": r.samples_per_second}
     out["test_auc_delta"] = out["bf16"]["test_auc"] - out["fp32"]["test_auc"]

@@ -95,6 +95,13 @@ class Batch:
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
+    def memo(self) -> dict:
+        """What models derive from this batch's ids alone, computed once for all their tables
+        (models.layers.FieldEmbedding's lookup plan: FM's two tables share it). Not a dataclass
+        field: equality, repr and dataclasses.replace (DistributedDataParallel's input copy)
+        ignore it, and a new Batch (a slice, .to()) starts with an empty one."""
+        return self.__dict__.setdefault("_memo", {})
+
     def __getitem__(self, rows: slice) -> "Batch":
         return Batch(self.x[rows], _rows(self.seq, rows), _rows(self.seq_weights, rows))
 

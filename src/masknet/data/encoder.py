@@ -60,11 +60,16 @@ class Tokens:
     kind: str = "bad_value"
 
 
-def _np(arr: pa.Array) -> np.ndarray:
+def to_numpy(arr: pa.Array) -> np.ndarray:
+    """An Arrow array as NumPy: zero-copy where Arrow's layout allows, else a copy (nulls, booleans, strings)."""
     return arr.to_numpy(zero_copy_only=False)
 
 
-def _as_string(values: pa.Array) -> pa.Array:
+_np = to_numpy  # this module's short name for it
+
+
+def as_string(values: pa.Array) -> pa.Array:
+    """Raw values as an Arrow string array (Parquet numbers as written: 5.0 -> "5")."""
     if pa.types.is_string(values.type):
         return values
     if pa.types.is_large_string(values.type):
@@ -75,6 +80,9 @@ def _as_string(values: pa.Array) -> pa.Array:
         as_int = pa.array(np.where(integral, f, 0).astype(np.int64)).cast(pa.string())
         return pc.if_else(pa.array(integral), as_int, values.cast(pa.string()))
     return values.cast(pa.string())
+
+
+_as_string = as_string  # this module's short name for it
 
 
 def parse_numbers(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -190,7 +198,8 @@ def parse_time(values: pa.Array, kind: str) -> tuple[np.ndarray, np.ndarray]:
 # Hashing
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function on each uint64 (a bijection that mixes every bit)."""
     with np.errstate(over="ignore"):
         z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)

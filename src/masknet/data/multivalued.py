@@ -39,7 +39,7 @@ import yaml
 
 from ..errors import DataError
 from .batch import POOLINGS, MultiValuedField
-from .encoder import MISSING, OOV, FieldEncoder, _as_string, _np, fit_field, parse_numbers
+from .encoder import MISSING, OOV, FieldEncoder, as_string, fit_field, parse_numbers, to_numpy
 from .schema import FieldSpec
 
 KEEP = ("first", "last")
@@ -226,21 +226,21 @@ def _lists(arr: pa.Array, sep: str, column: str) -> _Lists:
             raise DataError(f"column {column!r}: a multi-valued field needs a list column or a text column with a separator, "
                             f"found values of type {values.type}")
         ind = arr.indices
-        ix = _np(ind.fill_null(-1) if ind.null_count else ind).astype(np.int64)
+        ix = to_numpy(ind.fill_null(-1) if ind.null_count else ind).astype(np.int64)
         lists = pc.split_pattern(values, sep)
     elif pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
         ix = np.arange(len(arr), dtype=np.int64)
         if arr.null_count:
-            ix[~_np(arr.is_valid())] = -1
+            ix[~to_numpy(arr.is_valid())] = -1
         lists = arr
     else:
         raise DataError(f"column {column!r}: a multi-valued field needs a list column or a text column with a separator, "
                         f"found values of type {arr.type}")
     flat = pc.list_flatten(lists)
-    parents = _np(pc.list_parent_indices(lists)).astype(np.int64)
-    pieces = _as_string(flat) if len(flat) else pa.array([], pa.string())
+    parents = to_numpy(pc.list_parent_indices(lists)).astype(np.int64)
+    pieces = as_string(flat) if len(flat) else pa.array([], pa.string())
     # empty pieces (a trailing separator) and nulls inside a Parquet list are not values
-    keep = _np(pc.fill_null(pc.not_equal(pieces, ""), False)).astype(bool) if len(pieces) else np.zeros(0, bool)
+    keep = to_numpy(pc.fill_null(pc.not_equal(pieces, ""), False)).astype(bool) if len(pieces) else np.zeros(0, bool)
     if not keep.all():
         pieces, parents = pieces.filter(pa.array(keep)), parents[keep]
     lengths = np.bincount(parents, minlength=len(lists)).astype(np.int64)
@@ -274,7 +274,7 @@ def tokenize(mv: MultiValuedSpec, columns: dict[str, pa.Array], n: int) -> tuple
             rows = (lists.ix >= 0) & bad_entry[np.maximum(lists.ix, 0)]
             checks.append((rows, mv.column, "bad_value", message, lists.raw, lists.ix))
     enc = pc.dictionary_encode(pieces) if len(pieces) else pa.array([], pa.string()).dictionary_encode()
-    codes = _np(enc.indices).astype(np.int32)
+    codes = to_numpy(enc.indices).astype(np.int32)
     lengths_ext = np.append(lists.lengths, 0)
     ids = _pad(codes, lists.lengths, mv.max_len, mv.keep, -1, np.int32)[lists.ix]
     row_lengths = lengths_ext[lists.ix].astype(np.int32)
@@ -290,7 +290,7 @@ def _split_weights(pieces: pa.Array, wsep: str) -> tuple[pa.Array, np.ndarray, O
     """`value<wsep>weight` pieces -> (values, float32 weights, bad piece mask or None, message)."""
     if len(pieces) == 0:
         return pieces, np.zeros(0, np.float32), None, ""
-    has = _np(pc.match_substring(pieces, wsep)).astype(bool)
+    has = to_numpy(pc.match_substring(pieces, wsep)).astype(bool)
     fixed = pieces if has.all() else pc.if_else(pa.array(has), pieces, pc.binary_join_element_wise(pieces, pa.scalar("1"), wsep))
     parts = pc.split_pattern(fixed, wsep, max_splits=1, reverse=True)
     values, weight_text = pc.list_element(parts, 0), pc.list_element(parts, 1)
@@ -453,7 +453,7 @@ def _as_piece(v: Any) -> Optional[str]:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
     if isinstance(v, float) and v.is_integer() and abs(v) < 2**53:
-        return str(int(v))  # as a Parquet/CSV number is written (encoder._as_string)
+        return str(int(v))  # as a Parquet/CSV number is written (encoder.as_string)
     return str(v) if isinstance(v, int) else repr(v)
 
 
@@ -636,7 +636,7 @@ def _merge_tokens(ids: np.ndarray, parts: list[pa.Array], chunk_rows: list[int])
     bases = np.cumsum([0] + [len(t) for t in parts[:-1]]).astype(np.int32)
     ids += np.where(ids >= 0, np.repeat(bases, chunk_rows)[:, None], np.int32(0))
     enc = pc.dictionary_encode(pa.concat_arrays(parts))
-    remap = np.append(_np(enc.indices).astype(np.int32), np.int32(-1))  # -1 (padding) -> the last slot
+    remap = np.append(to_numpy(enc.indices).astype(np.int32), np.int32(-1))  # -1 (padding) -> the last slot
     ids[:] = remap[ids]
     return enc.dictionary
 

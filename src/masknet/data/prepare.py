@@ -4,11 +4,15 @@
     prepare(spec, "out/", input="train.csv", split="time")              one file, time-ordered 8:1:1
     prepare(spec, "out/", train="a.txt", valid="b.txt", test="c.txt")   explicit files
 
-Passes over the input (each one streams it chunk by chunk):
+Passes (the input itself is read in full once, by pass 1; each pass streams chunk by chunk):
     0. (time split only) the row count (file order) or the time column's value counts
-    1. validate every row, count tokens per field over the TRAIN rows only -> fit the encoder
-    2. validate again, encode, append each row to its split (`PreparedWriter`)
-Memory is bounded by the chunk size plus the vocabulary counts (distinct values in train).
+    1. validate every row, assign its split, count tokens per field over the TRAIN rows only,
+       and spill each window's raw-value indices and distinct tokens to disk (`_Spill`,
+       `.prepare-spill` in the output folder) -> fit the encoder
+    2. read the spill back (not the input): map each window's indices through its
+       token -> index table and append each row to its split (`PreparedWriter`)
+Memory is bounded by the chunk size, one spill window (WINDOW_ROWS rows) and the vocabulary
+counts (distinct values in train).
 
 Splits
     random   row r (0-based data row of the input, bad lines included) goes to
@@ -48,7 +52,7 @@ import pyarrow.compute as pc
 from ..errors import DataError, UserError
 from .batch import EncodedRows
 from .dataset import MISSING_LABEL, SPLITS, PreparedWriter
-from .encoder import MISSING, OOV, Encoder, FieldEncoder, Tokens, TokenCounter, _np, _splitmix64, fit_field, parse_label, parse_time, transform
+from .encoder import MISSING, OOV, Encoder, FieldEncoder, Tokens, TokenCounter, fit_field, parse_label, parse_time, splitmix64, to_numpy, transform
 from .output import build_folder
 from .readers import DEFAULT_BLOCK_BYTES, BadLine, NeedSerial, RawChunk, check_columns, count_data_rows, iter_chunks
 from .multivalued import LengthStats, MultiSpill, encode_chunk, fit_multi, meta_entry, token_counts, tokenize
@@ -101,7 +105,7 @@ def _indices(arr: pa.DictionaryArray) -> np.ndarray:
     ind = arr.indices
     if ind.null_count:
         ind = pc.fill_null(ind, -1)
-    return _np(ind).astype(np.int32, copy=False)
+    return to_numpy(ind).astype(np.int32, copy=False)
 
 
 def parse_chunk(spec: DatasetSpec, chunk: RawChunk, path: str) -> ParsedChunk:
@@ -190,8 +194,8 @@ def parse_chunk(spec: DatasetSpec, chunk: RawChunk, path: str) -> ParsedChunk:
 
 def random_split(row_ids: np.ndarray, seed: int) -> np.ndarray:
     """0/1/2 = train/valid/test for each data row, 8:1:1, from a seeded hash of the row index."""
-    key = _splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0]
-    u = (_splitmix64(row_ids.astype(np.uint64) ^ key) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    key = splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0]
+    u = (splitmix64(row_ids.astype(np.uint64) ^ key) >> np.uint64(11)).astype(np.float64) * 2.0**-53
     return ((u >= 0.8).astype(np.uint8) + (u >= 0.9).astype(np.uint8))
 
 
@@ -206,8 +210,8 @@ class TimeRanker:
     def __init__(self, counts: pa.Table):
         order = pc.sort_indices(counts, sort_keys=[("t", "ascending")])
         counts = counts.take(order)
-        self.times = _np(counts["t"]).astype(np.int64)
-        c = _np(counts["c"]).astype(np.int64)
+        self.times = to_numpy(counts["t"]).astype(np.int64)
+        c = to_numpy(counts["c"]).astype(np.int64)
         self.before = np.concatenate([[0], np.cumsum(c)[:-1]])
         self.total = int(c.sum())
         self.seen = np.zeros(len(self.times), dtype=np.int64)
@@ -645,7 +649,7 @@ class _Spill:
             col += np.where(col >= 0, np.repeat(bases[:, j], rows), np.int32(0))
             # one dictionary per window: repeated tokens across chunks collapse to one entry
             enc = pc.dictionary_encode(pa.concat_arrays(parts))
-            remap = np.concatenate([_np(enc.indices).astype(np.int32), np.full(1, -1, np.int32)])
+            remap = np.concatenate([to_numpy(enc.indices).astype(np.int32), np.full(1, -1, np.int32)])
             col[:] = remap[col]  # -1 (missing) -> the last slot, which stays -1
             return enc.dictionary
 

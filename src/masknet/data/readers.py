@@ -123,7 +123,7 @@ def open_stream(path: str | Path) -> pa.NativeFile:
     return pa.input_stream(str(path), compression="gzip" if _is_gzip(path) else None)
 
 
-def _first_line(path: Path) -> bytes:
+def first_line(path: Path) -> bytes:
     """Line 1 without its newline, read in blocks (linear time: no growing buffer) and no longer
     than the longest line masknet reads (MAX_BLOCK_BYTES, as for data lines); a longer one is a
     DataError naming line 1, found after reading just past the cap."""
@@ -180,7 +180,7 @@ def file_columns(spec: DatasetSpec, path: str | Path) -> list[str]:
     check_not_empty(path)
     if not spec.header:
         return list(spec.columns or [])
-    line = _first_line(path).rstrip(b"\r")
+    line = first_line(path).rstrip(b"\r")
     try:
         text = line.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -301,31 +301,47 @@ def _line_length(fh: pa.NativeFile, run: int) -> int:
         run += len(buf)
 
 
-def _iter_csv_pass(
-    spec: DatasetSpec, path: Path, serial: bool, block_bytes: int, done_through: list[int], sanitize: bool
-) -> Iterator[RawChunk]:
-    columns = check_columns(spec, path)
-    needed = spec.needed_columns()
-    header_lines = 1 if spec.header else 0
-    skip_through = done_through[0]
-    invalid: list[BadLine] = []
-    invalid_rows: list[int] = []  # data row index of each dropped row, in order
-    unknown_line = [False]
+class _WrongWidthRows:
+    """Arrow's invalid-row handler for one pass (Arrow calls it, maybe from a parsing thread): each
+    row with the wrong number of columns is skipped and kept as a BadLine; `row_ids` maps the
+    valid rows' positions back to data-row indices (the dropped rows counted)."""
 
-    def handler(row: pacsv.InvalidRow) -> str:
+    def __init__(self, path: Path, header_lines: int):
+        self.path, self.header_lines = path, header_lines
+        self.invalid: list[BadLine] = []  # reported since the last chunk was yielded
+        self.rows: list[int] = []  # data row index of each dropped row, in order
+        self.unknown_line = False  # Arrow dropped a row without its line number (a parallel read)
+        self._adjusted = np.zeros(0, dtype=np.int64)  # rows[i] - i, for the row-index mapping
+
+    def __call__(self, row: pacsv.InvalidRow) -> str:
         if row.number is None:
-            unknown_line[0] = True
+            self.unknown_line = True
         else:
-            invalid_rows.append(row.number - 1 - header_lines)
-            invalid.append(
+            self.rows.append(row.number - 1 - self.header_lines)
+            self.invalid.append(
                 BadLine(
-                    str(path), row.number, None,
+                    str(self.path), row.number, None,
                     f"wrong number of columns: expected {row.expected_columns}, found {row.actual_columns}",
                     "wrong_columns",
                 )
             )
         return "skip"
 
+    def row_ids(self, j: np.ndarray) -> np.ndarray:
+        """Data-row index of each valid row, given its position `j` among the valid rows."""
+        if not self.rows:
+            return j
+        if len(self._adjusted) != len(self.rows):
+            self._adjusted = np.asarray(self.rows, dtype=np.int64) - np.arange(len(self.rows))
+        return j + np.searchsorted(self._adjusted, j, side="right")
+
+
+def _csv_options(
+    spec: DatasetSpec, columns: list[str], serial: bool, block_bytes: int, handler: _WrongWidthRows
+) -> tuple[pacsv.ReadOptions, pacsv.ParseOptions, pacsv.ConvertOptions]:
+    """Arrow's options for one pass: the needed columns as bytes (UTF-8 is checked per block),
+    wrong-width rows to `handler`, the spec's missing values as nulls."""
+    needed = spec.needed_columns()
     read_opts = pacsv.ReadOptions(
         use_threads=not serial,
         block_size=block_bytes,
@@ -346,11 +362,49 @@ def _iter_csv_pass(
         strings_can_be_null=True,
         quoted_strings_can_be_null=True,
     )
+    return read_opts, parse_opts, conv_opts
+
+
+def _batch_chunk(
+    batch: pa.RecordBatch, needed: list[str], path: Path, row_ids: np.ndarray, lines: np.ndarray,
+    dropped_by_arrow: list[BadLine], skip_through: int,
+) -> RawChunk:
+    """One parsed block as a RawChunk: columns dictionary-encoded, rows that are not UTF-8
+    dropped (as bad_text lines), and, on a later pass, the lines an earlier one yielded left out."""
+    encoded = dict(zip(needed, _ENCODE_POOL.map(lambda c: pc.dictionary_encode(batch.column(c)), needed)))
+    cols, undecodable, placeholders = _utf8_columns(encoded, needed)
+    bad_text = [
+        BadLine(str(path), int(lines[i]), c, "not UTF-8 text", "bad_text")
+        for i, c in sorted(undecodable.items())
+    ]
+    keep = np.ones(batch.num_rows, dtype=bool)
+    if undecodable:
+        keep[list(undecodable)] = False
+    keep &= lines > skip_through  # a second pass: drop what the first one yielded
+    dropped = sorted((b for b in dropped_by_arrow + bad_text if b.line > skip_through), key=lambda b: b.line)
+    if not keep.all():
+        mask = pa.array(keep)
+        cols = {c: a.filter(mask) for c, a in cols.items()}
+        for c in placeholders:
+            cols[c] = pc.dictionary_encode(cols[c].dictionary_decode()).cast(DICT_STRING)
+        row_ids, lines = row_ids[keep], lines[keep]
+    return RawChunk(cols, row_ids, lines, invalid=dropped)
+
+
+def _iter_csv_pass(
+    spec: DatasetSpec, path: Path, serial: bool, block_bytes: int, done_through: list[int], sanitize: bool
+) -> Iterator[RawChunk]:
+    columns = check_columns(spec, path)
+    needed = spec.needed_columns()
+    header_lines = 1 if spec.header else 0
+    skip_through = done_through[0]
+    wrong_width = _WrongWidthRows(path, header_lines)
+    read_opts, parse_opts, conv_opts = _csv_options(spec, columns, serial, block_bytes, wrong_width)
     stream = open_stream(path)
     if sanitize:
         stream = _SanitizedStream(stream, spec, len(columns))
     batches: Optional[Iterator[pa.RecordBatch]] = None
-    with _HandlerDecodeErrors(handler) as decode_errors:
+    with _HandlerDecodeErrors(wrong_width) as decode_errors:
 
         def parse_error(exc: pa.ArrowInvalid) -> Exception:
             if "straddling object straddles" in str(exc):
@@ -367,7 +421,6 @@ def _iter_csv_pass(
             except OSError as exc:  # the first block is read here: a gzip stream that ends early or is corrupt
                 raise DataError(f"{path}: unreadable: {_arrow_msg(exc)}") from None
             valid_seen = 0  # valid rows parsed so far
-            adjusted = np.zeros(0, dtype=np.int64)  # invalid_rows[i] - i, for the row-index mapping
             # Multi-threaded reads parse the next blocks in a background thread while this one
             # processes the current block (Arrow's streaming reader parses about one block at a
             # time). Single-threaded reads stay in step: their invalid-row reports belong to the
@@ -382,42 +435,21 @@ def _iter_csv_pass(
                     raise parse_error(exc) from None
                 except OSError as exc:  # a gzip stream that ends early or is corrupt
                     raise DataError(f"{path}: unreadable: {_arrow_msg(exc)}") from None
-                if unknown_line[0] or (invalid and not serial):
+                if wrong_width.unknown_line or (wrong_width.invalid and not serial):
                     raise NeedSerial()
                 n = batch.num_rows
-                j = np.arange(valid_seen, valid_seen + n, dtype=np.int64)
-                if invalid_rows:
-                    if len(adjusted) != len(invalid_rows):
-                        adjusted = np.asarray(invalid_rows, dtype=np.int64) - np.arange(len(invalid_rows))
-                    row_ids = j + np.searchsorted(adjusted, j, side="right")
-                else:
-                    row_ids = j
+                row_ids = wrong_width.row_ids(np.arange(valid_seen, valid_seen + n, dtype=np.int64))
                 valid_seen += n
                 lines = row_ids + 1 + header_lines
-                encoded = dict(zip(needed, _ENCODE_POOL.map(lambda c: pc.dictionary_encode(batch.column(c)), needed)))
-                cols, undecodable, placeholders = _utf8_columns(encoded, needed)
-                bad_text = [
-                    BadLine(str(path), int(lines[i]), c, "not UTF-8 text", "bad_text")
-                    for i, c in sorted(undecodable.items())
-                ]
-                keep = np.ones(n, dtype=bool)
-                if undecodable:
-                    keep[list(undecodable)] = False
-                keep &= lines > skip_through  # a second pass: drop what the first one yielded
-                dropped = sorted((b for b in invalid + bad_text if b.line > skip_through), key=lambda b: b.line)
-                if not keep.all():
-                    mask = pa.array(keep)
-                    cols = {c: a.filter(mask) for c, a in cols.items()}
-                    for c in placeholders:
-                        cols[c] = pc.dictionary_encode(cols[c].dictionary_decode()).cast(DICT_STRING)
-                    row_ids, lines = row_ids[keep], lines[keep]
-                invalid.clear()
-                if len(row_ids) or dropped:
-                    done_through[0] = max(done_through[0], int(lines[-1]) if len(lines) else 0, *(b.line for b in dropped))
-                    yield RawChunk(cols, row_ids, lines, invalid=dropped)
-            if unknown_line[0]:
+                chunk = _batch_chunk(batch, needed, path, row_ids, lines, wrong_width.invalid, skip_through)
+                wrong_width.invalid.clear()
+                if len(chunk.row_ids) or chunk.invalid:
+                    done_through[0] = max(done_through[0], int(chunk.lines[-1]) if len(chunk.lines) else 0,
+                                          *(b.line for b in chunk.invalid))
+                    yield chunk
+            if wrong_width.unknown_line:
                 raise NeedSerial()
-            rest = [b for b in invalid if b.line > skip_through]
+            rest = [b for b in wrong_width.invalid if b.line > skip_through]
             if rest:  # dropped rows after the last valid one
                 done_through[0] = max(done_through[0], *(b.line for b in rest))
                 yield RawChunk({c: pa.array([], DICT_STRING) for c in needed}, np.zeros(0, np.int64), np.zeros(0, np.int64), rest)

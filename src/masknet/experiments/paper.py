@@ -10,7 +10,7 @@ from typing import Any
 
 @lru_cache(maxsize=1)
 def published() -> dict[str, Any]:
-    """The published results, as restated in masknet-paper.md section 9."""
+    """The published results: the paper's Tables 2-6 and its RQ4 claims (Section 4, experiments)."""
     text = resources.files("masknet.experiments").joinpath("paper_results.json").read_text()
     return json.loads(text)
 

@@ -13,7 +13,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..config import RunConfig, apply_override
+from ..config import PAPER_PROTOCOL, RunConfig, apply_override
 from ..errors import UserError
 
 ALL_TABLES = ("2", "3", "4", "5", "6", "rq4")
@@ -54,6 +54,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # embedding mask at k = 80 (2·(f·k)² weights per mask) stays small.
         "synthetic_fields": ["I1", "I2", "I3", "C1", "C9", "C14", "C17", "C20", "C23", "C25"],
         "overrides": {
+            **PAPER_PROTOCOL,  # its recorded results (docs/reproduce.md) were run with the paper's protocol
             "data.synthetic.rows": 10_000,
             "model.embedding_dim": 10,
             "model.block_dim": 64,
@@ -69,8 +70,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             "train.threads": 1,  # tiny layers: a second intra-op thread costs more than it saves
         },
     },
-    # The paper's settings (section 4.1): embedding 10, 3x400 DNNs, 3 blocks, r = 2, Adam, batch 1024.
-    "paper": {"seeds": 3, "synthetic_fields": None, "overrides": {}},
+    # The paper's settings (section 4.1): embedding 10, 3x400 DNNs, 3 blocks, r = 2, Adam, batch 1024,
+    # and its protocol: validation once per epoch, patience 1, constant learning rate 1e-3 for every model.
+    "paper": {"seeds": 3, "synthetic_fields": None, "overrides": dict(PAPER_PROTOCOL)},
 }
 
 
@@ -96,11 +98,14 @@ class Plan:
     # (table, model, variant) -> variant key used in cell ids: the table's layout
     layout: dict[str, dict[str, dict[Any, str]]]
     fields: Optional[list[str]] = None  # keep only these fields of the data (None = all)
+    # `--tune`: per model, the settings its study chose ({config key: value}), applied before a
+    # variant's own overrides (an ablation or a sweep changes one key of the tuned config)
+    tuned: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def cell_config(self, cell: Cell) -> RunConfig:
         cfg = copy.deepcopy(self.base)
         cfg.model.name = cell.model
-        for key, value in cell.overrides.items():
+        for key, value in {**self.tuned.get(cell.model, {}), **cell.overrides}.items():
             apply_override(cfg, f"{key}={format_value(value)}")
         cfg.train.seed = cell.seed
         return cfg
@@ -132,10 +137,13 @@ def parse_tables(text: str | None) -> list[str]:
     return [t for t in ALL_TABLES if t in out]
 
 
-def _variant_name(base: RunConfig, model: str, overrides: dict[str, Any], name: str) -> str:
-    """`name`, or "base" when the overrides do not change the base config for this model."""
+def _variant_name(base: RunConfig, model: str, overrides: dict[str, Any], name: str, tuned: dict[str, Any]) -> str:
+    """`name`, or "base" when the overrides do not change the base config for this model
+    (the base with the model's tuned settings, under `--tune`)."""
     a = copy.deepcopy(base)
     a.model.name = model
+    for key, value in tuned.items():
+        apply_override(a, f"{key}={format_value(value)}")
     b = copy.deepcopy(a)
     for key, value in overrides.items():
         apply_override(b, f"{key}={format_value(value)}")
@@ -146,7 +154,9 @@ def _fmt_num(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def make_plan(base: RunConfig, tables: list[str], seeds: int, fields: Optional[list[str]] = None) -> Plan:
+def make_plan(
+    base: RunConfig, tables: list[str], seeds: int, fields: Optional[list[str]] = None, tuned: Optional[dict[str, dict[str, Any]]] = None
+) -> Plan:
     if seeds < 1:
         raise UserError(f"--seeds: must be >= 1, got {seeds}")
     seed_list = [base.train.seed + i for i in range(seeds)]
@@ -154,7 +164,7 @@ def make_plan(base: RunConfig, tables: list[str], seeds: int, fields: Optional[l
     layout: dict[str, dict[str, dict[Any, str]]] = {}
 
     def add(table: str, model: str, key: Any, name: str, overrides: dict[str, Any]) -> None:
-        variant = _variant_name(base, model, overrides, name)
+        variant = _variant_name(base, model, overrides, name, (tuned or {}).get(model, {}))
         layout.setdefault(table, {}).setdefault(model, {})[key] = variant
         specs.append((table, model, variant, overrides))
 
@@ -187,4 +197,10 @@ def make_plan(base: RunConfig, tables: list[str], seeds: int, fields: Optional[l
     # seed-major order: an interrupted run has every model at the first seeds before any at the later ones
     order = sorted(cells.values(), key=lambda c: seed_list.index(c.seed))
     cells = {c.id: c for c in order}
-    return Plan(base=base, tables=tables, seeds=seed_list, cells=cells, layout=layout, fields=fields)
+    return Plan(base=base, tables=tables, seeds=seed_list, cells=cells, layout=layout, fields=fields, tuned=dict(tuned or {}))
+
+
+def plan_models(plan: Plan) -> list[str]:
+    """The models a plan trains, in Table 2's order (each gets its own study under `--tune`)."""
+    present = {c.model for c in plan.cells.values()}
+    return [m for m in TABLE2_MODELS if m in present]

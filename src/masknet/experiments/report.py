@@ -55,7 +55,42 @@ def _claim_table(claims: list[dict], rule: bool = False) -> list[str]:
     return md_table(["claim (paper)", "published", "here", "verdict"] + (["rule"] if rule else []), rows)
 
 
-def write(out: Path, meta: dict, plan, results: dict, analysis: dict, rq4: dict | None, plots: dict) -> None:
+def _tuning_section(tuned: dict, analysis: dict) -> list[str]:
+    """Under `--tune N`: the budget, each model's study, Table 2 after tuning, and every claim's
+    verdict under the default protocol beside its verdict under equal tuning."""
+    b = tuned["budget"]
+    t_analysis = tuned["analysis"]
+    L = ["## Under equal tuning (BARS protocol)", ""]
+    L.append(f"Every model got its own Optuna study (`masknet tune`) of **{b['trials']} trials**, each trial capped at "
+             f"**{b['max_steps']:,} training steps**, scored on the validation split only (sampler seed {b['seed']}); "
+             f"then its best setting was trained on every seed. Ablations and sweeps (Tables 3-6) change one key of their "
+             f"model's tuned setting. Studies: `tuning/<model>/`; cells: `tuned/cells/`.")
+    L.append("")
+    L.append("| model | best validation AUC in its study | tuned setting |")
+    L.append("|---|---|---|")
+    for model, s in tuned["models"].items():
+        setting = ", ".join(f"`{k}={v:.3g}`" if isinstance(v, float) else f"`{k}={v}`" for k, v in s["settings"].items())
+        L.append(f"| {MODEL_LABELS.get(model, model)} | {s['best_valid_auc']:.4f} | {setting} |")
+    L.append("")
+    if "2" in t_analysis["tables"]:
+        default_rows = {r["model"]: r for r in analysis["tables"].get("2", {}).get("rows", [])}
+        L.append("| model | test AUC, default protocol | test AUC, equal tuning |")
+        L.append("|---|---|---|")
+        for r in t_analysis["tables"]["2"]["rows"]:
+            d = default_rows.get(r["model"])
+            L.append(f"| {r['label']} | {fmt_ms(d['auc']) if d else 'n/a'} | {fmt_ms(r['auc'])} |")
+        L.append("")
+    default_verdicts = {c["id"]: c["verdict"] for c in analysis["claims"]}
+    L.append("| claim (paper) | default protocol | equal tuning | here, equal tuning |")
+    L.append("|---|---|---|---|")
+    for c in t_analysis["claims"]:
+        here = c.get("here") or "; ".join(f"{p['what']}: {fmt_cmp(p)}" for p in c.get("parts", []))
+        L.append(f"| {c['claim']} | {default_verdicts.get(c['id'], 'n/a')} | **{c['verdict']}** | {here} |")
+    L.append("")
+    return L
+
+
+def write(out: Path, meta: dict, plan, results: dict, analysis: dict, rq4: dict | None, plots: dict, tuned: dict | None = None) -> None:
     out = Path(out)
     tables = analysis["tables"]
     claims = analysis["claims"]
@@ -120,6 +155,8 @@ def write(out: Path, meta: dict, plan, results: dict, analysis: dict, rq4: dict 
         L.append(f"- {c['claim']}: **{c['verdict']}**" + (f" ({c['here']})" if c.get("here") and c["id"].startswith("rq4") else ""))
     L.append("")
 
+    if tuned is not None:
+        L.extend(_tuning_section(tuned, analysis))
     if "2" in tables:
         L.append(SECTIONS["2"])
         L.append("")
@@ -208,4 +245,7 @@ def write(out: Path, meta: dict, plan, results: dict, analysis: dict, rq4: dict 
     (out / "report.md").write_text("\n".join(L))
 
     doc = {"meta": meta, "cells": results, "tables": tables, "claims": claims, "rq4": rq4, "plots": plots}
+    if tuned is not None:
+        doc["tuning"] = {"budget": tuned["budget"], "models": tuned["models"], "cells": tuned["results"],
+                         "tables": tuned["analysis"]["tables"], "claims": tuned["analysis"]["claims"]}
     (out / "results.json").write_text(json.dumps(doc, indent=2, default=str))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -14,7 +15,7 @@ from ..errors import UserError
 from . import plots as plots_mod
 from . import report
 from .analysis import analyse
-from .plan import PRESETS, RQ4_MAX_INSTANCES, format_value, make_plan
+from .plan import PRESETS, RQ4_MAX_INSTANCES, Plan, format_value, make_plan, plan_models
 from .rq4 import analyse as rq4_analyse
 from .runner import fmt_seconds, load_dataset, run_plan
 from .stats import auc_standard_error
@@ -91,6 +92,38 @@ def _data_info(cfg: RunConfig, data) -> dict[str, Any]:
     return info
 
 
+@dataclass
+class EqualTuning:
+    """`--tune N`: every model of the plan gets a study of `trials` trials, each trial capped at
+    `max_steps` steps (None: the untuned cells' own step budget), before its seeds run (BARS)."""
+
+    trials: int
+    max_steps: Optional[int] = None
+    seed: int = 0
+
+
+def tune_models(plan: Plan, data, spec: EqualTuning, out: Path, log=print) -> dict[str, Any]:
+    """One study per model, the same trials and step cap for each; returns the tuned settings by
+    model (for make_plan) and what the report says about the budget."""
+    from ..models import REGISTRY
+    from ..training.trainer import Schedule, with_model_defaults
+    from ..tuning import tune
+
+    rows = len(data.splits["train"])
+    budgets = [Schedule.for_run(with_model_defaults(plan.base.train, REGISTRY[m]), rows).last_step for m in plan_models(plan)]
+    cap = spec.max_steps or max(budgets, default=1)
+    settings: dict[str, dict[str, Any]] = {}
+    studies: dict[str, Any] = {}
+    for model in plan_models(plan):
+        cfg = copy.deepcopy(plan.base)
+        cfg.model.name = model
+        log(f"reproduce: tuning {model} ({spec.trials} trials, at most {cap:,} steps each)")
+        r = tune(cfg, spec.trials, out / "tuning" / model, seed=spec.seed, max_steps=cap, data=data, progress=False, log=log)
+        settings[model] = {**r.best_settings, "train.max_steps": cap}
+        studies[model] = {"best_valid_auc": r.best_value, "settings": r.best_settings, "study": str(r.output), "trials": r.finished}
+    return {"settings": settings, "budget": {"trials": spec.trials, "max_steps": cap, "seed": spec.seed}, "models": studies}
+
+
 def reproduce(
     cfg: RunConfig,
     tables: list[str],
@@ -101,6 +134,7 @@ def reproduce(
     command: str,
     quiet: bool = False,
     log=print,
+    tuning: Optional[EqualTuning] = None,
 ) -> Path:
     t0 = time.perf_counter()
     out = Path(out)
@@ -119,6 +153,12 @@ def reproduce(
             log(f"reproduce: RQ4 mask analysis on {rq4_cell}")
         rq4 = rq4_analyse(out / "cells" / rq4_cell, data, RQ4_MAX_INSTANCES)
     analysis = analyse(plan, results, rq4)
+    tuned = None
+    if tuning is not None:
+        tuned = tune_models(plan, data, tuning, out, log)
+        tuned_plan = make_plan(cfg, [t for t in tables if t != "rq4"], seeds, fields, tuned=tuned["settings"])
+        tuned_results = run_plan(tuned_plan, out / "tuned", data=data, quiet=quiet)
+        tuned.update(plan=tuned_plan, results=tuned_results, analysis=analyse(tuned_plan, tuned_results, None))
     info = _data_info(cfg, data)
     ref = [r["test"]["auc"] for r in results.values()]
     info["ref_auc"] = float(np.median(ref)) if ref else 0.75
@@ -149,6 +189,6 @@ def reproduce(
     }
     plot_files = plots_mod.make_all(analysis, rq4, out, info["name"], plan.seeds, preset, rq4_cell)
     meta["wall"] = fmt_seconds(time.perf_counter() - t0)
-    report.write(out, meta, plan, results, analysis, rq4, plot_files)
+    report.write(out, meta, plan, results, analysis, rq4, plot_files, tuned)
     log(f"reproduce: wrote {out / 'report.md'}, {out / 'results.json'} and {len(plot_files)} plots in {meta['wall']}")
     return out

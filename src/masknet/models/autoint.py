@@ -27,6 +27,7 @@ from ..config import ModelConfig
 from ..data.batch import MultiValuedField
 from .base import CTRModel
 from .layers import FieldEmbedding
+from .search import EMBEDDING, TRAINING, Choice, Int, SearchSpace
 
 
 class InteractingLayer(nn.Module):
@@ -61,6 +62,11 @@ class InteractingLayer(nn.Module):
 
 
 class AutoInt(CTRModel):
+    search_space: SearchSpace = {
+        **TRAINING, **EMBEDDING, "model.attention_layers": Int(1, 4), "model.attention_heads": Choice((1, 2, 4)),
+        "model.attention_dim": Choice((8, 16, 32, 64)),
+    }
+
     def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig, multi_valued: Sequence[MultiValuedField] = ()):
         super().__init__(cardinalities, cfg, multi_valued)
         self.embedding = FieldEmbedding(self.cardinalities, cfg.embedding_dim, multi_valued=self.multi_valued)

@@ -10,6 +10,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..data.batch import MultiValuedField
 from .layers import FieldEmbedding, FieldLayerNorm
+from .search import TRAINING, SearchSpace
 
 
 class CTRModel(nn.Module):
@@ -19,7 +20,12 @@ class CTRModel(nn.Module):
 
     `cardinalities` are the single-valued fields'; `multi_valued` (data.batch.MultiValuedField) the
     multi-valued ones, each pooled to one field embedding by FieldEmbedding: `num_fields` counts both.
+    `search_space`: the config keys `masknet tune` varies for this model, and their ranges (models.search).
     """
+
+    search_space: SearchSpace = TRAINING
+    # what `train.lr` and `train.l2_prior` mean when a config leaves them unset (None); docs/model.md
+    train_defaults: dict = {"lr": 1e-3, "l2_prior": [], "min_batches_per_epoch": 32}
 
     def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig, multi_valued: Sequence[MultiValuedField] = ()):
         super().__init__()

@@ -25,6 +25,7 @@ from ..config import ModelConfig
 from ..data.batch import MultiValuedField
 from .base import CTRModel
 from .layers import MLP, FieldEmbedding
+from .search import DNN, EMBEDDING, TRAINING, Int, SearchSpace
 
 
 class CrossLayer(nn.Module):
@@ -57,6 +58,7 @@ class _CrossAndDeep(CTRModel):
     """Embedding -> (cross network ‖ DNN) -> concat -> linear output."""
 
     cross_layer: type[nn.Module]
+    search_space: SearchSpace = {**TRAINING, **EMBEDDING, **DNN, "model.cross_layers": Int(1, 6)}
 
     def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig, multi_valued: Sequence[MultiValuedField] = ()):
         super().__init__(cardinalities, cfg, multi_valued)

@@ -22,9 +22,12 @@ from .dnn import DNNTower
 from .fm import fm_pairwise
 from .layers import FieldEmbedding
 from .lr import LinearTerm
+from .search import DNN, EMBEDDING, TRAINING, SearchSpace
 
 
 class DeepFM(CTRModel):
+    search_space: SearchSpace = {**TRAINING, **EMBEDDING, **DNN}
+
     def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig, multi_valued: Sequence[MultiValuedField] = ()):
         super().__init__(cardinalities, cfg, multi_valued)
         self.linear = LinearTerm(self.cardinalities, self.multi_valued)

@@ -17,6 +17,8 @@ from ..config import ModelConfig
 from ..data.batch import MultiValuedField
 from .base import CTRModel
 from .layers import MLP, FieldEmbedding
+from .search import DNN as DNN_SPACE
+from .search import EMBEDDING, TRAINING, SearchSpace
 
 
 class DNNTower(nn.Module):
@@ -37,6 +39,8 @@ class DNNTower(nn.Module):
 
 class DNN(CTRModel):
     """Embeddings -> MLP -> logit. No explicit interaction term: the MLP must learn them all."""
+
+    search_space: SearchSpace = {**TRAINING, **EMBEDDING, **DNN_SPACE}
 
     def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig, multi_valued: Sequence[MultiValuedField] = ()):
         super().__init__(cardinalities, cfg, multi_valued)

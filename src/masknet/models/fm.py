@@ -22,6 +22,7 @@ from ..data.batch import MultiValuedField
 from .base import CTRModel
 from .layers import FieldEmbedding
 from .lr import LinearTerm
+from .search import EMBEDDING, TRAINING, Float, SearchSpace
 
 
 def fm_pairwise(e: torch.Tensor) -> torch.Tensor:
@@ -36,6 +37,10 @@ class FM(CTRModel):
 
     Parameters: Σ cardinalities (first order) + 1 (w_0) + k Σ cardinalities (factors).
     """
+
+    search_space: SearchSpace = {**TRAINING, "train.lr": Float(1e-3, 1e-1, log=True), **EMBEDDING}
+    # trained as LR is (docs/model.md, "Training defaults"): the prior path keeps rare rows' factors small
+    train_defaults = {"lr": 1e-2, "l2_prior": [10.0, 1.0, 0.1, 0.01], "min_batches_per_epoch": 0}
 
     def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig, multi_valued: Sequence[MultiValuedField] = ()):
         super().__init__(cardinalities, cfg, multi_valued)

@@ -14,6 +14,9 @@ from torch import nn
 from ..data.batch import Batch, MultiValuedField
 
 
+LOOKUPS = ("auto", "compact", "gather")
+
+
 class FieldEmbedding(nn.Embedding):
     """One embedding table of size k per field (Eq. 4), stored as one concatenated table.
 
@@ -32,7 +35,17 @@ class FieldEmbedding(nn.Embedding):
     With `sparse = True` the backward pass yields a sparse gradient holding only the rows
     the batch looked up (the trainer sets it and pairs it with a sparse optimizer). It is
     an `nn.Embedding` so that DistributedDataParallel knows to expect sparse gradients.
+
+    `lookup` picks how multi-valued fields are looked up: "compact" (only the values that
+    count, each distinct one once, pooled by segment; dynamic shapes: the cheaper one to
+    train), "gather" (every padded position, static shapes: what ONNX export selects and
+    tracing always uses; at no-grad scoring of up to a few hundred rows the faster one), or
+    "auto" (the default): compact while autograd records, gather otherwise, so training gets
+    the cheap sparse gradient and PyTorch scoring computes exactly what the ONNX graph does.
+    Both give the same outputs and gradients up to float rounding (tests/test_pooled_lookup.py).
     """
+
+    lookup = "auto"
 
     def __init__(
         self, cardinalities: Sequence[int], dim: int, init_std: float = 1e-4, multi_valued: Sequence[MultiValuedField] = ()
@@ -60,12 +73,20 @@ class FieldEmbedding(nn.Embedding):
         with torch.no_grad():
             self.weight[self.pad_row].zero_()
         starts = torch.tensor([0] + [m.cardinality for m in self.multi_valued[:-1]], dtype=torch.long).cumsum(0) + single_rows
-        widths = [m.max_len for m in self.multi_valued]
-        # per seq column: its field's first table row, and whether it is the field's first column
-        self.register_buffer("seq_offsets", torch.repeat_interleave(starts, torch.tensor(widths)), persistent=False)
-        first = torch.zeros(sum(widths), dtype=torch.bool)
-        first[torch.tensor([0] + widths[:-1]).cumsum(0)] = True
+        widths = torch.tensor([m.max_len for m in self.multi_valued])
+        # per seq column: its field's first table row, whether it is the field's first column
+        self.register_buffer("seq_offsets", torch.repeat_interleave(starts, widths), persistent=False)
+        first = torch.zeros(int(widths.sum()), dtype=torch.bool)
+        first[torch.cat([torch.zeros(1, dtype=torch.long), widths[:-1].cumsum(0)])] = True
         self.register_buffer("seq_first", first, persistent=False)
+        # the same, as Python values for the forward's branches (no tensor reads per batch)
+        self._first_multi_row = single_rows
+        self._plan_key = ("FieldEmbedding.plan", single_rows, self.multi_valued)
+        self._weighted = any(m.weighted for m in self.multi_valued)
+        self._poolings = tuple(m.pooling for m in self.multi_valued)
+        ends = widths.cumsum(0).tolist()
+        self._columns = [slice(z - int(w), z) for z, w in zip(ends, widths)]  # each field's block of seq
+        self.register_buffer("seq_weighted", torch.repeat_interleave(torch.tensor([m.weighted for m in self.multi_valued]), widths), persistent=False)
 
     def forward(self, x: torch.Tensor | Batch) -> torch.Tensor:
         batch = Batch.of(x)
@@ -74,7 +95,23 @@ class FieldEmbedding(nn.Embedding):
             return F.embedding(ids, self.weight, sparse=self.sparse)  # [B, f_s, k]
         if batch.seq is None:
             raise ValueError(f"this model has multi-valued fields ({', '.join(m.name for m in self.multi_valued)}): pass a Batch with seq")
-        valid = (batch.seq != 0) | self.seq_first  # an empty list keeps its first position: id 0, the missing row
+        if any(m.weighted for m in self.multi_valued) and batch.seq_weights is None:
+            name = next(m.name for m in self.multi_valued if m.weighted)
+            raise ValueError(f"multi-valued field {name!r} is weighted: pass a Batch with seq_weights")
+        if self.lookup not in LOOKUPS:
+            raise ValueError(f"lookup: expected {' or '.join(LOOKUPS)}, got {self.lookup!r}")
+        compact = self.lookup == "compact" or (self.lookup == "auto" and torch.is_grad_enabled())
+        if compact and not torch.jit.is_tracing():
+            return self._compact_lookup(ids, batch)
+        return self._gather_lookup(ids, batch)
+
+    def _valid(self, seq: torch.Tensor) -> torch.Tensor:
+        return (seq != 0) | self.seq_first  # an empty list keeps its first position: id 0, the missing row
+
+    def _gather_lookup(self, ids: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Static shapes (ONNX, tracing): one gather over [B, f_s + ΣL], padding included, then
+        a masked reduction per field (`pool_multi_valued`)."""
+        valid = self._valid(batch.seq)
         rows = torch.where(valid, batch.seq + self.seq_offsets, self.pad_row)  # [B, ΣL]
         # One gather for both kinds, so one sparse gradient: two lookups of the table cost a
         # sparse-gradient sum more, 8-14% of an FM/LR step (measured, docs/multivalued.md).
@@ -82,6 +119,100 @@ class FieldEmbedding(nn.Embedding):
         fs = ids.shape[1]
         pooled = self.pool_multi_valued(emb[:, fs:], batch.seq, valid, batch.seq_weights)
         return torch.cat([emb[:, :fs], pooled], dim=1)  # [B, f_s + f_m, k]
+
+    def _compact_lookup(self, ids: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Training: only the positions that count are looked up.
+
+        The padded gather looks up every padding position and its sparse gradient then drops
+        them by a boolean mask (index + nonzero over [B·(f_s + ΣL), k]), and the optimizer
+        coalesces what remains: for FM and LR, whose step is almost only that, 20 padded
+        positions per row cost a third of the step. Here the valid positions are picked first
+        (one nonzero over [B, ΣL]), each distinct value looked up once together with the single
+        ids in one gather, and pooled by torch.segment_reduce into one bag per row and field:
+        the same sums as `pool_multi_valued`, up to float rounding, in 0.71-0.77x the CPU time
+        of the padded gather's lookup, backward and SparseAdam step for LR's and FM's tables
+        (benchmarks/bench_pooled_lookup.py, docs/multivalued.md).
+        """
+        (b, fs), fm = ids.shape, len(self.multi_valued)
+        pos, values, distinct, occurrence, scale, lengths = self._plan(batch)
+        emb = F.embedding(torch.cat([ids.reshape(-1), distinct]), self.weight, sparse=self.sparse)
+        e = emb[b * fs :].index_select(0, occurrence)  # [N, k]
+        if scale is not None:
+            e = e * scale.to(e.dtype).unsqueeze(1)
+        pooled = self._pool_segments(e, lengths)
+        return torch.cat([emb[: b * fs].view(b, fs, -1), pooled.view(b, fm, -1)], dim=1)  # [B, f_s + f_m, k]
+
+    def _plan(self, batch: Batch) -> tuple:
+        """What the compact lookup derives from the ids alone, once per batch and layout (FM's
+        first-order table and its factors share it, through `batch.memo()`):
+        the valid positions [N] (row-major in [B, ΣL]), their table rows, the distinct rows and
+        each value's place among them, the per-value weights (None when no field is weighted)
+        and each (row, field) bag's number of values [B·f_m]."""
+        key, memo = self._plan_key, batch.memo()
+        if key in memo:
+            return memo[key]
+        width, valid = batch.seq.shape[1], self._valid(batch.seq)
+        pos = valid.reshape(-1).nonzero().squeeze(1)
+        values = (batch.seq + self.seq_offsets).reshape(-1).index_select(0, pos)  # table rows
+        distinct, occurrence = self._distinct(values)
+        scale = None
+        if self._weighted:
+            col = pos % width
+            w = batch.seq_weights.reshape(-1).index_select(0, pos)
+            weighs = self.seq_weighted[col] & (values != self.seq_offsets[col])  # an empty list (id 0) weighs 1
+            scale = torch.where(weighs, w, torch.ones_like(w))
+        # Row-major positions put each (row, field) bag's values next to each other, in order:
+        # the bags are segments of the values, of the fields' value counts.
+        if len(self.multi_valued) == 1:
+            lengths = valid.sum(dim=1)
+        else:
+            lengths = torch.stack([valid[:, sl].sum(dim=1) for sl in self._columns], dim=1).reshape(-1)
+        memo[key] = plan = (pos, values, distinct, occurrence, scale, lengths)
+        return plan
+
+    def _distinct(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The distinct table rows among `values` and where each value is among them
+        (values == distinct[occurrence]), sorted.
+
+        Each distinct value is then looked up once: the sparse gradient holds one row per value
+        instead of one per occurrence, and coalescing it (in SparseAdam) is the largest cost
+        of an FM/LR step. When the multi-valued tables are small beside the batch (200 tags,
+        10k values), one pass over a flag per row replaces torch.unique's sort, the
+        largest cost of this lookup's forward.
+        """
+        first_row, rows = self._first_multi_row, self.pad_row - self._first_multi_row
+        if rows > 4 * values.numel():
+            return torch.unique(values, return_inverse=True)
+        local = values - first_row
+        seen = torch.zeros(rows, dtype=torch.bool, device=values.device).index_fill_(0, local, True)
+        slot = seen.cumsum(0) - 1  # each row's place among the distinct ones
+        return seen.nonzero().squeeze(1) + first_row, slot.index_select(0, local)
+
+    def _pool_segments(self, e: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Pool the looked-up values e [N, k] by segments of `lengths` (bags row-major over
+        [B, f_m], each >= 1 value) -> [B·f_m, k], each bag by its field's pooling."""
+        poolings = set(self._poolings)
+        if poolings == {"max"}:
+            return self._segment_max(e, lengths)
+        if "max" not in poolings and len(poolings) == 1:
+            return torch.segment_reduce(e, poolings.pop(), lengths=lengths, axis=0)
+        fm = len(self.multi_valued)
+        pooled = torch.zeros(len(lengths), e.shape[1], dtype=e.dtype, device=e.device)
+        for p in sorted(poolings):
+            kind = torch.tensor([m.pooling == p for m in self.multi_valued], device=e.device).repeat(len(lengths) // fm)
+            reduced = self._segment_max(e, lengths) if p == "max" else torch.segment_reduce(e, p, lengths=lengths, axis=0)
+            pooled = torch.where(kind.unsqueeze(1), reduced, pooled)
+        return pooled
+
+    @staticmethod
+    def _segment_max(e: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        # scatter_reduce, not segment_reduce: the latter's backward misroutes the gradient of
+        # tied values (a value listed twice) in torch 2.13 (tests/test_pooled_lookup.py). It
+        # starts from -inf, not zeros: amax's backward splits a tie's gradient over every
+        # element equal to the max, the start value included even with include_self=False.
+        bag = torch.repeat_interleave(torch.arange(len(lengths), device=e.device), lengths)
+        idx = bag.unsqueeze(1).expand(-1, e.shape[1])
+        return e.new_full((len(lengths), e.shape[1]), float("-inf")).scatter_reduce(0, idx, e, "amax", include_self=False)
 
     def pool_multi_valued(
         self, emb: torch.Tensor, seq: torch.Tensor, valid: torch.Tensor, weights: Optional[torch.Tensor] = None

@@ -11,6 +11,7 @@ from ..config import ModelConfig
 from ..data.batch import MultiValuedField
 from .base import CTRModel
 from .layers import FieldEmbedding
+from .search import TRAINING, Float, SearchSpace
 
 
 class LinearTerm(nn.Module):
@@ -29,6 +30,12 @@ class LinearTerm(nn.Module):
 
 class LogisticRegression(CTRModel):
     """LR: logit = w_0 + Σ_i w[x_i] (no embeddings of size k, no interactions)."""
+
+    # one weight per category: a linear model takes larger steps than a deep one
+    search_space: SearchSpace = {**TRAINING, "train.lr": Float(1e-3, 1e-1, log=True)}
+    # A linear model takes larger steps, and its L2 is found on validation along a path from strong
+    # to weak (as scikit-learn users tune C): docs/model.md, "Training defaults"
+    train_defaults = {"lr": 1e-2, "l2_prior": [10.0, 1.0, 0.1, 0.01], "min_batches_per_epoch": 0}
 
     def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig, multi_valued: Sequence[MultiValuedField] = ()):
         super().__init__(cardinalities, cfg, multi_valued)

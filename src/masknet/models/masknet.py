@@ -10,7 +10,7 @@ e_i (layers.FieldEmbedding), so every equation below keeps its shape.
     block on EMB : ReLU(LN(W_i (V_mask ⊙ LN_EMB(V_emb))))             (Eq. 11-12)
     block on MB  : ReLU(LN(W_i (V_mask ⊙ V_output^p)))                (Eq. 13-14)
     SerMaskNet   : blocks stacked, the first on the embedding
-    ParaMaskNet  : u blocks on the embedding, concat (Eq. 15), ReLU FFNs (Eq. 16)
+    ParaMaskNet  : u = num_blocks blocks on the embedding, concat (Eq. 15), ReLU FFNs (Eq. 16)
     prediction   : w_0 + Σ w_i x_i  (Eq. 17; the sigmoid is in the loss / predict path)
 
 Ablation switches (ModelConfig): use_mask, emb_layernorm, block_layernorm, block_ffn.
@@ -27,6 +27,7 @@ from ..config import ModelConfig
 from ..data.batch import MultiValuedField
 from .base import CTRModel
 from .layers import MLP, FieldEmbedding, FieldLayerNorm
+from .search import EMBEDDING, TRAINING, Choice, Float, Int, Layers, SearchSpace
 
 
 def aggregation_width(z: int, reduction_ratio: float) -> int:
@@ -100,7 +101,19 @@ class MaskBlock(nn.Module):
         return h, v_mask
 
 
+# MaskNet's own sizes (the paper's Tables 4-6 sweep embedding size, blocks and reduction ratio)
+MASKNET_SPACE: SearchSpace = {
+    **TRAINING, **EMBEDDING,
+    "model.num_blocks": Int(1, 5),
+    "model.block_dim": Choice((64, 128, 256, 400, 800)),
+    "model.reduction_ratio": Float(0.5, 4.0),
+    "model.dropout": Float(0.0, 0.5),
+}
+
+
 class _MaskNet(CTRModel):
+    search_space: SearchSpace = MASKNET_SPACE
+
     def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig, multi_valued: Sequence[MultiValuedField] = ()):
         super().__init__(cardinalities, cfg, multi_valued)
         self.embedding = FieldEmbedding(self.cardinalities, cfg.embedding_dim, multi_valued=self.multi_valued)
@@ -169,6 +182,8 @@ class SerialMaskNet(_MaskNet):
 
 class ParallelMaskNet(_MaskNet):
     """ParaMaskNet: num_blocks MaskBlocks on feature embedding side by side, concat, top MLP."""
+
+    search_space: SearchSpace = {**MASKNET_SPACE, "model.top_mlp": Layers(widths=(100, 200, 400, 800), depths=(1, 2, 3))}
 
     def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig, multi_valued: Sequence[MultiValuedField] = ()):
         super().__init__(cardinalities, cfg, multi_valued)

@@ -30,6 +30,7 @@ from .base import CTRModel
 from .dnn import DNNTower
 from .layers import FieldEmbedding
 from .lr import LinearTerm
+from .search import DNN, EMBEDDING, TRAINING, Layers, SearchSpace
 
 
 class CINLayer(nn.Module):
@@ -75,6 +76,8 @@ class CIN(nn.Module):
 
 
 class XDeepFM(CTRModel):
+    search_space: SearchSpace = {**TRAINING, **EMBEDDING, **DNN, "model.cin_layers": Layers(widths=(25, 50, 100, 200), depths=(1, 2, 3))}
+
     def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig, multi_valued: Sequence[MultiValuedField] = ()):
         super().__init__(cardinalities, cfg, multi_valued)
         if not cfg.cin_layers:

@@ -86,6 +86,7 @@ def export_onnx_bytes(bundle: Bundle, opset: int = OPSET) -> bytes:
     model = bundle.model.eval()
     for emb in model.embeddings():
         emb.sparse = False  # sparse gradients are a training concern
+        emb.lookup = "gather"  # static shapes: not the compact lookup's data-dependent sizes (models/layers.py)
     from ..data.batch import seq_width
 
     f = len(bundle.field_names)

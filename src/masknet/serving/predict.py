@@ -80,11 +80,11 @@ def reading_spec(bundle: Bundle, fmt: Optional[str] = None):
 def _has_label(spec, path: Path) -> Optional[list[str]]:
     """For header-less formats whose first column is the label: the column list for a file
     without it (e.g. Criteo's unlabelled test.txt), or None when the file has the label."""
-    from ..data.readers import _first_line
+    from ..data.readers import first_line
 
     if spec.header or not spec.columns or spec.label != spec.columns[0] or spec.file_type == "parquet":
         return None
-    line = _first_line(path).rstrip(b"\r").decode("utf-8", "replace")
+    line = first_line(path).rstrip(b"\r").decode("utf-8", "replace")
     n = len(line.split(spec.delimiter))
     if spec.file_type == "libfm":
         return spec.columns[1:] if n == len(spec.fields) else None

@@ -12,7 +12,7 @@ A run folder holds:
                       "tasks": {<label>: {"valid": {...}, "test": {...}}}, "calibration": {...}}
                      (the top-level valid/test/oracle_auc describe the first label; "tasks" every
                      label with calibration measures, training/evaluation.py)
-    log.jsonl        one line per epoch (and an {"event": "resume"} line where a resume changed settings;
+    log.jsonl        one line per evaluation (and an {"event": "resume"} line where a resume changed settings;
                      multi-task: each task's validation AUC and log loss too)
     reliability.png  reliability diagram of every task on the test split
     calibration.json (with train.calibration or negative down-sampling) how logits become the served
@@ -37,13 +37,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from ..config import MODEL_NAMES, ModelConfig, RunConfig, _from_dict, apply_override, load_config
+from ..config import MODEL_NAMES, ModelConfig, RunConfig, apply_override, from_dict, load_config
 from ..data.batch import MultiValuedField, check_multi_valued
 from ..data.dataset import MAX_CARDINALITY, CTRDataset, load_prepared
 from ..data.synthetic import generate
 from ..errors import ConfigError, UserError
 from ..integrity import write_atomic
-from ..models import CTRModel, build_model
+from ..models import REGISTRY, CTRModel, build_model
 from ..models.scoring import CALIBRATION_FILE
 from . import runfolder
 from .checkpoint import check_loadable, find_resumable, latest_checkpoint, remove_stale_temp
@@ -52,7 +52,7 @@ from .evaluation import TaskReport, reliability_png, report
 from .metrics import auc, relaimp
 from .tasks import check_tasks, select_tasks
 from .tracking import check_available as check_trackers, open_trackers
-from .trainer import TrainingDiverged, evaluate, fit, seed_everything
+from .trainer import TrainingDiverged, evaluate, fit, seed_everything, with_model_defaults
 
 
 @dataclass
@@ -109,6 +109,7 @@ def train_run(
     checkpoint; either holds the folder's lock until it returns (see training/runfolder.py for the
     rules). A relative `cfg.data.path` is resolved here (the run folder records the absolute one)."""
     cfg.validate()
+    cfg.train = with_model_defaults(cfg.train, REGISTRY[cfg.model.name])  # config.yaml records the values used
     check_trackers(cfg)  # a tracker that is not installed: one line, before the run folder exists
     base_auc = read_base_auc(cfg.base_run) if cfg.base_run else None  # fail before training, not after
     data = data if data is not None else load_data(cfg)  # a bad data path fails before the run folder is touched
@@ -207,7 +208,7 @@ def _train_locked(
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
             log(
-                f"epoch {record['epoch']}: train logloss {record['train_logloss']:.4f}  "
+                f"epoch {record['epoch']} step {record['step']}: train logloss {record['train_logloss']:.4f}  "
                 f"valid AUC {record['valid_auc']:.4f}  logloss {record['valid_logloss']:.4f}  "
                 f"({record['samples_per_second']:,.0f} samples/s)"
                 + "".join(f"; {t} AUC {m['valid_auc']:.4f}" for t, m in record.get("tasks", {}).items())
@@ -229,6 +230,8 @@ def _train_locked(
         "valid": _first_task(result.best_valid),
         "test": test,
         "best_epoch": result.best_epoch,
+        "best_step": result.best_step,
+        "batch_size": result.batch_size,
         "train_seconds": result.train_seconds,
         "samples_per_second": result.samples_per_second,
         "parameters": n_params,
@@ -276,7 +279,7 @@ def write_bundle(
 ) -> None:
     """The run folder's bundle files, each written atomically, and the manifest last. A full disk
     leaves an unsealed folder and the last checkpoint, from which --resume writes the bundle again."""
-    from ..serving.bundle import MANIFEST, write_manifest  # lazy: serving imports this module
+    from ..serving.bundle import MANIFEST, write_manifest  # the one upward import (issue #15 item 1)
 
     try:
         (out / MANIFEST).unlink(missing_ok=True)  # unsealed until every file is rewritten
@@ -365,6 +368,10 @@ def resume_run(run: str | Path, log: Any = print, overrides: Sequence[str] = ())
                 f"may set {', '.join(runfolder.RESUMABLE)}; to change anything else start a new run"
             )
         apply_override(cfg, assignment)
+    if any(a.split("=", 1)[0].strip() == "train.epochs" for a in overrides) and not any(
+        a.split("=", 1)[0].strip() == "train.min_steps" for a in overrides
+    ):
+        cfg.train.min_steps = 0  # a given epochs is an exact cap, as `masknet train --epochs N`
     cfg.output = str(run)
     return train_run(cfg, log=log, resume=True)
 
@@ -444,7 +451,7 @@ def read_model_spec(path: Path) -> dict[str, Any]:
 
 def model_config_of(path: Path, spec: dict[str, Any]) -> ModelConfig:
     try:
-        model_cfg = _from_dict(ModelConfig, spec["model_config"], prefix="model_config.")
+        model_cfg = from_dict(ModelConfig, spec["model_config"], prefix="model_config.")
         model_cfg.validate()
     except ConfigError as exc:
         raise UserError(f"{path}: {str(exc).replace('model.', 'model_config.', 1)}") from None

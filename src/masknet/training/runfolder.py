@@ -43,6 +43,7 @@ from ..data.integrity import fingerprint as record_fingerprint
 from ..errors import UserError
 from ..integrity import sha256_bytes, temp_target, write_atomic, writer_gone
 from .checkpoint import CHECKPOINT_DIR, STEP_NAME, TEMP_NAME, CheckpointError, Resumable, latest_checkpoint
+from .trainer import TrainState
 
 CONFIG_FILE = "config.yaml"
 LOCK_FILE = ".masknet-lock"  # a dot file: never part of the bundle's manifest
@@ -54,13 +55,13 @@ RUN_FILES = (
 )
 # Keys a resume may change: how long and how fast the run goes on, not what it trains.
 RESUMABLE = (
-    "train.lr", "train.epochs", "train.patience", "train.on_nan", "train.threads", "train.progress",
+    "train.lr", "train.epochs", "train.min_steps", "train.patience", "train.on_nan", "train.threads", "train.progress",
     "train.checkpoint_every_steps", "train.keep_checkpoints",
 )
 UNRECORDED = ("train.progress",)  # the progress bar changes nothing worth recording
 # what a finished run was trained with: changing one on a run with nothing left to train would
 # only make its record false (config.yaml would say what the weights were not trained with)
-TRAINED_WITH = ("train.lr", "train.epochs", "train.patience", "train.on_nan")
+TRAINED_WITH = ("train.lr", "train.epochs", "train.min_steps", "train.patience", "train.on_nan")
 IDENTIFIED_APART = ("data.path",)  # checked by the data's own identity (a dataset may move)
 
 
@@ -280,7 +281,7 @@ def check_resume(
         for k in RESUMABLE
         if k not in UNRECORDED and k in then and k in now and then[k] != now[k]
     }
-    completed = len(found.state["history"])
+    completed = TrainState.from_dict(found.state).completed_epochs()  # not len(history): one record per evaluation
     if cfg.train.epochs < completed:
         raise UserError(
             f"{out}: train.epochs={cfg.train.epochs} is fewer than the {completed} epochs the run has already "
@@ -297,6 +298,7 @@ def check_resume(
         )
     event = {
         "event": "resume", "checkpoint": found.path.name, "after_epoch": completed,
+        "after_evaluations": len(found.state.get("history", [])),  # where log.jsonl places it
         "global_step": found.state.get("global_step"), "changed": changed,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -350,10 +352,12 @@ def write_config(cfg: RunConfig, path: Path, resumes: list[dict[str, Any]]) -> N
 
 
 def log_records(history: list[dict[str, Any]], resumes: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The epoch records with each resume event placed after the epochs that preceded it."""
-    out, pending = [], sorted(resumes, key=lambda e: e["after_epoch"])
+    """The evaluation records with each resume event placed after the evaluations that preceded it
+    (events written before evaluations were on a step schedule count them as `after_epoch`)."""
+    placed = lambda e: e.get("after_evaluations", e["after_epoch"])  # noqa: E731
+    out, pending = [], sorted(resumes, key=placed)
     for i, record in enumerate(history):
-        while pending and pending[0]["after_epoch"] <= i:
+        while pending and placed(pending[0]) <= i:
             out.append(pending.pop(0))
         out.append(record)
     return out + pending

@@ -1,17 +1,20 @@
-"""The training loop: Adam on mini-batches, validation every epoch, early stopping on AUC.
+"""The training loop: Adam on mini-batches, validation on a step schedule, early stopping on AUC.
 
-Linear, top to bottom: loss, predict/evaluate, fit.
+Top to bottom: the objective (`loss_fn`), scoring (`predict`, `evaluate`), the optimizer, one
+training step (`train_step`), the schedule (when to validate, when to stop, the learning rate),
+the run's state (`TrainState`, everything a checkpoint holds), and `fit`, which strings them together.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -32,15 +35,57 @@ from .tasks import (
 )
 
 
+@dataclass
+class L2Prior:
+    """`train.l2_prior` = c: a Gaussian prior on every embedding row, in the mean-loss objective
+    (c / N) · Σ_j ||e_j||² over all rows of every table, N = train rows. For LR that is
+    scikit-learn's LogisticRegression penalty with C = 1 / (2c); its weight falls as the data
+    grows. Applied lazily, to the rows a batch looks up: each lookup of row j carries c / n_j
+    (n_j = the row's count in the train split), which is unbiased for the sum over all rows and
+    costs O(rows looked up), so rare rows are shrunk hard and frequent ones hardly at all.
+    Dense weights are left to `l2_dense`: a prior of the same strength on a deep network's
+    ~10^5-10^6 weights outweighs the log loss on small data (docs/model.md).
+    `c` is the current strength (a regularisation path changes it between stages)."""
+
+    inverse_counts: torch.Tensor  # [Σ cardinalities] 1 / n_j (0 for rows absent from train)
+    c: float = 0.0
+
+    @classmethod
+    def for_data(cls, train: Split, cardinalities: list[int], device: torch.device, chunk_rows: int = 1 << 20) -> "L2Prior":
+        offsets = np.concatenate([[0], np.cumsum(cardinalities)[:-1]]).astype(np.int64)
+        counts = np.zeros(int(sum(cardinalities)), dtype=np.int64)
+        for lo in range(0, len(train), chunk_rows):  # memory-mapped splits: one chunk in memory at a time
+            rows = np.asarray(train.x[lo : lo + chunk_rows]).astype(np.int64) + offsets
+            counts += np.bincount(rows.ravel(), minlength=len(counts))
+        inverse = np.divide(1.0, counts, out=np.zeros(len(counts)), where=counts > 0)
+        return cls(torch.tensor(inverse, dtype=torch.float32, device=device))
+
+    def penalty(self, model: CTRModel, x: Batch | torch.Tensor) -> torch.Tensor:
+        # the single-valued fields' rows (a multi-valued field's rows are not counted: no prior on them)
+        ids = x.x if isinstance(x, Batch) else x  # [B, f_s]
+        tables = model.embeddings()  # every table has the fields' layout (one row per category)
+        rows = ids + tables[0].offsets
+        per_lookup = self.inverse_counts[rows].unsqueeze(-1)  # [B, f_s, 1]
+        looked_up = (F.embedding(rows, table.weight, sparse=table.sparse) for table in tables)
+        return self.c * sum((per_lookup * e.pow(2)).sum() for e in looked_up) / ids.shape[0]
+
+
+def with_model_defaults(cfg: TrainConfig, model: type[CTRModel]) -> TrainConfig:
+    """`cfg` with every setting it leaves to the model (None) set to the model's `train_defaults`."""
+    filled = {k: copy.deepcopy(v) for k, v in model.train_defaults.items() if getattr(cfg, k) is None}
+    return dataclasses.replace(cfg, **filled) if filled else cfg
+
+
 def loss_fn(
-    model: CTRModel, x: Batch | torch.Tensor, y: torch.Tensor, cfg: TrainConfig, forward: Optional[torch.nn.Module] = None
+    model: CTRModel, x: Batch | torch.Tensor, y: torch.Tensor, cfg: TrainConfig, forward: Optional[torch.nn.Module] = None,
+    prior: Optional[L2Prior] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Objective (Eq. 18-19): mean log loss + L2. Returns (total, log loss alone).
 
-    The L2 term has two coefficients: `l2_embedding` on the embedding rows this batch
+    The L2 term has up to three coefficients: `l2_embedding` on the embedding rows this batch
     looks up (Σ over fields of ||e_i||², averaged over the batch: only touched rows, as
-    sparse CTR training does; a multi-valued field's e_i is its pooled embedding), and
-    `l2_dense` on every dense weight matrix.
+    sparse CTR training does; a multi-valued field's e_i is its pooled embedding), `l2_dense` on
+    every dense weight matrix, and the data-size-scaled `prior` (`train.l2_prior`, see L2Prior).
     `forward` is the module to call (the DistributedDataParallel wrapper in multi-process runs).
     Multi-task labels y [B, T] (training.tasks): the log loss is Σ_t w_t · task t's mean over its
     labelled rows, with w = `cfg.task_weights`.
@@ -59,6 +104,8 @@ def loss_fn(
         total = total + cfg.l2_embedding * emb_sq / len(x)
     if cfg.l2_dense > 0:
         total = total + cfg.l2_dense * sum(w.pow(2).sum() for w in model.dense_weights())
+    if prior is not None:
+        total = total + prior.penalty(model, x)
     return total, bce
 
 
@@ -121,6 +168,7 @@ class Optimizer:
     """
 
     def __init__(self, model: CTRModel, cfg: TrainConfig, sparse: Optional[bool] = None):
+        cfg = with_model_defaults(cfg, type(model))
         sparse = cfg.sparse_embeddings if sparse is None else sparse
         tables = model.embeddings()
         for table in tables:
@@ -134,6 +182,11 @@ class Optimizer:
         else:
             self.optimizers = [torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)]
 
+    def set_lr(self, lr: float) -> None:
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr
+
     def zero_grad(self) -> None:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
@@ -143,17 +196,153 @@ class Optimizer:
             opt.step()
 
 
+def finite_step(loss: torch.Tensor, model: CTRModel) -> bool:
+    """Whether the loss and every dense gradient are finite (an update with them is safe)."""
+    if not torch.isfinite(loss):
+        return False
+    grads = [p.grad for p in model.dense_weights() if p.grad is not None]
+    return not grads or bool(torch.isfinite(torch.stack([g.norm() for g in grads])).all())
+
+
 @dataclass
-class FitResult:
-    best_epoch: int
-    best_valid: dict[str, float]
-    history: list[dict] = field(default_factory=list)
+class StepResult:
+    loss: torch.Tensor  # the objective (log loss + L2) of the batch
+    bce: torch.Tensor  # its log loss alone
+    applied: bool  # False: the loss or a gradient was not finite and the update was skipped
+
+
+def train_step(
+    model: CTRModel, optimizer: Optimizer, x: Batch | torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
+    forward: Optional[torch.nn.Module] = None, prior: Optional[L2Prior] = None,
+) -> StepResult:
+    """One optimizer step on the batch (x, y): forward (bf16 autocast with `cfg.precision`),
+    loss, backward, and the update, unless the loss or a gradient is not finite.
+    The one step `fit` and `masknet bench` both run."""
+    device_type = y.device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        loss, bce = loss_fn(model, x, y, cfg, forward, prior)
+    optimizer.zero_grad()
+    loss.backward()
+    applied = finite_step(loss, model)
+    if applied:
+        optimizer.step()
+    return StepResult(loss, bce, applied)
+
+
+# ---------------------------------------------------------------------------
+# The schedule: when to validate, when to stop, which learning rate
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Validation on a step schedule (docs/model.md, "Training defaults"): every `eval_every`
+    optimizer steps and at the run's last step. With evals_per_epoch = 1 and eval_min_steps = 1
+    that is every epoch end."""
+
+    batch_size: int  # train.batch_size, halved until an epoch has min_batches_per_epoch steps
+    steps_per_epoch: int
+    eval_every: int
+    max_epochs: int
+    last_step: int  # the epoch cap (raised to reach min_steps) or max_steps, whichever comes first
+
+    @classmethod
+    def for_run(cls, cfg: TrainConfig, train_rows: int) -> "Schedule":
+        batch, min_batches = cfg.batch_size, cfg.min_batches_per_epoch or 0
+        while batch > MIN_AUTO_BATCH and math.ceil(train_rows / batch) < min_batches:
+            batch //= 2
+        per_epoch = math.ceil(train_rows / batch)
+        eval_every = max(cfg.eval_min_steps, math.ceil(per_epoch / cfg.evals_per_epoch))
+        max_epochs = max(cfg.epochs, math.ceil(cfg.min_steps / per_epoch))
+        last = max_epochs * per_epoch
+        if cfg.max_steps:
+            last = min(last, cfg.max_steps)
+        return cls(batch, per_epoch, eval_every, max_epochs, last)
+
+    def evaluates_at(self, global_step: int) -> bool:
+        return global_step % self.eval_every == 0 or global_step >= self.last_step
+
+
+MIN_AUTO_BATCH = 64  # min_batches_per_epoch never halves the batch below this
+
+
+def learning_rate(cfg: TrainConfig, global_step: int, plateau_scale: float) -> float:
+    """The rate for the next step: linear warm-up over `lr_warmup_steps`, then `lr`, times the
+    reductions on plateau so far."""
+    warm = min(1.0, (global_step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else 1.0
+    return cfg.lr * warm * plateau_scale
+
+
+# ---------------------------------------------------------------------------
+# The run's state
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: everything needed to continue it exactly (a checkpoint's state.json)."""
+
+    epoch: int = 1  # the epoch in progress, from 1
+    step: int = 0  # steps done in this epoch
+    global_step: int = 0
+    steps_per_epoch: int = 0  # the schedule's (0 in checkpoints written before it was recorded)
+    best_epoch: int = 0
+    best_step: int = 0
+    best_valid: dict[str, float] = field(default_factory=lambda: {"auc": -math.inf})
+    bad_evals: int = 0  # evaluations in a row without a better validation AUC
+    plateau_scale: float = 1.0  # product of the learning-rate reductions on plateau
+    prior_stage: int = 0  # which value of the l2_prior path is in force
+    history: list[dict] = field(default_factory=list)  # one record per evaluation
     train_seconds: float = 0.0
     samples_seen: int = 0
+    # the window since the last evaluation: its log loss, rows, training time and skipped batches
+    window_loss_sum: float = 0.0
+    window_seen: int = 0
+    window_seconds: float = 0.0
+    skipped_batches: int = 0
+    done: bool = False
 
-    @property
-    def samples_per_second(self) -> float:
-        return self.samples_seen / self.train_seconds if self.train_seconds > 0 else 0.0
+    # names in checkpoints written before evaluations were on a step schedule (one per epoch)
+    _OLD_NAMES = {"bad_epochs": "bad_evals", "epoch_loss_sum": "window_loss_sum", "epoch_seen": "window_seen",
+                  "epoch_seconds": "window_seconds"}
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> "TrainState":
+        names = {f.name for f in dataclasses.fields(cls)}
+        renamed = {cls._OLD_NAMES.get(k, k): v for k, v in saved.items()}
+        return cls(**{k: v for k, v in renamed.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def add_batch(self, bce: float, rows: int) -> None:
+        self.window_loss_sum += bce * rows
+        self.window_seen += rows
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.step = 0
+
+    def completed_epochs(self) -> int:
+        """Epochs trained to their end: a state at an epoch's last step has completed that epoch
+        (the next one starts lazily). Without a recorded steps_per_epoch (older checkpoints) the
+        epoch in progress counts as unfinished (one fewer at an epoch end: lenient, never more)."""
+        at_end = self.steps_per_epoch > 0 and self.step >= self.steps_per_epoch
+        return self.epoch if at_end else self.epoch - 1
+
+
+def _summed_over_ranks(state: TrainState, device: torch.device) -> tuple[float, int]:
+    """The window's running loss sum and row count over all ranks (collective)."""
+    totals = torch.tensor([state.window_loss_sum, float(state.window_seen)], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(totals)
+    return totals[0].item(), int(totals[1].item())
+
+
+class TrainingDiverged(UserError):
+    """The loss or a gradient became NaN or infinite. `where`: the step and the last good
+    checkpoint; train_run replaces the generic advice by a command for its run folder."""
+
+    def __init__(self, where: str, advice: str = "lower train.lr, or set train.on_nan=skip-batch to skip such batches"):
+        super().__init__(f"{where}; {advice}")
+        self.where = where
 
 
 def _training_head(cfg: TrainConfig) -> Optional[Any]:
@@ -171,48 +360,27 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % (2**32))
 
 
-class TrainingDiverged(UserError):
-    """The loss or a gradient became NaN or infinite. `where`: the step and the last good
-    checkpoint; train_run replaces the generic advice by a command for its run folder."""
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_valid: dict[str, float]
+    history: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+    samples_seen: int = 0
+    best_step: int = 0
+    steps: int = 0
+    batch_size: int = 0  # the batch the run used (train.batch_size or less, see Schedule)
 
-    def __init__(self, where: str, advice: str = "lower train.lr, or set train.on_nan=skip-batch to skip such batches"):
-        super().__init__(f"{where}; {advice}")
-        self.where = where
-
-
-def _finite_step(loss: torch.Tensor, model: CTRModel) -> bool:
-    if not torch.isfinite(loss):
-        return False
-    grads = [p.grad for p in model.dense_weights() if p.grad is not None]
-    return not grads or bool(torch.isfinite(torch.stack([g.norm() for g in grads])).all())
-
-
-def _summed_over_ranks(st: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """The epoch's running loss sum and row count over all ranks (collective)."""
-    totals = torch.tensor([st["epoch_loss_sum"], float(st["epoch_seen"])], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(totals)
-    return {"epoch_loss_sum": totals[0].item(), "epoch_seen": int(totals[1].item())}
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples_seen / self.train_seconds if self.train_seconds > 0 else 0.0
 
 
-def fit(
-    model: CTRModel,
-    data: CTRDataset,
-    cfg: TrainConfig,
-    on_epoch: Optional[Callable[[dict], None]] = None,
-    run_dir: Optional[Path] = None,
-    resume_from: Optional[Path] = None,
-    ctx: DistContext = DistContext(),
-    checkpoint_meta: Optional[dict[str, Any]] = None,
-) -> FitResult:
-    """Train on data.splits['train'], early-stop on validation AUC, restore the best epoch.
+# ---------------------------------------------------------------------------
+# fit and its parts
 
-    With `run_dir`, checkpoints are written at every epoch end (`cfg.checkpoints`) and every
-    `cfg.checkpoint_every_steps` steps; `resume_from` (a checkpoint folder) continues a run
-    exactly where it stopped: same batches, same RNG, same optimizer moments.
-    In a multi-process run (`ctx`), each rank trains on its slice of every global batch
-    through DistributedDataParallel, and only rank 0 writes checkpoints. `checkpoint_meta` is
-    stored in every checkpoint's manifest (train_run: the run's config and fingerprint).
-    """
+
+def _check_splits(data: CTRDataset) -> tuple[Split, Split]:
     train, valid = data.splits["train"], data.splits["valid"]
     if len(train) == 0:
         raise UserError("the train split is empty")
@@ -220,6 +388,136 @@ def fit(
         raise UserError("the valid split is empty: early stopping needs validation rows")
     if np.unique(np.asarray(valid.y)).size < 2:
         raise UserError("the valid split has only one class: validation AUC is undefined")
+    return train, valid
+
+
+def _epoch_batches(
+    train: Split, cfg: TrainConfig, batch_size: int, state: TrainState, ctx: DistContext, device: torch.device
+) -> Iterator[tuple[Batch, torch.Tensor]]:
+    """The rest of this epoch's batches (a pure function of seed and epoch), this rank's slice of each."""
+    for x, y in iterate_batches(train, batch_size, (cfg.seed, state.epoch), cfg.shuffle_block_rows, skip_batches=state.step):
+        if ctx.enabled:  # this rank's disjoint slice of the global batch
+            lo, hi = ctx.shard(len(y))
+            x, y = x[lo:hi], y[lo:hi]
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def _diverged(state: TrainState, loss: torch.Tensor, run_dir: Optional[Path], writing: bool) -> TrainingDiverged:
+    last = latest_checkpoint(run_dir) if writing else None
+    where = f"; the last good checkpoint is {last}" if last else ""
+    return TrainingDiverged(
+        f"non-finite loss or gradient at epoch {state.epoch}, step {state.step} (global step "
+        f"{state.global_step}, loss {loss.item()}){where}"
+    )
+
+
+def _validate(
+    model: CTRModel, valid: Split, cfg: TrainConfig, ctx: DistContext, state: TrainState, seconds: float, device: torch.device,
+    head: Optional[Any] = None, tasks: Optional[list[str]] = None,
+) -> dict:
+    """Score the valid split, close the window into a history record, and update early stopping
+    (on `selection_score`: the AUC, or with several tasks the one `train.early_stopping` names).
+    Returns the record; `state.done`'s early-stopping part is the caller's (it knows the schedule)."""
+    if ctx.enabled:  # the window's loss over all ranks' rows
+        state.window_loss_sum, state.window_seen = _summed_over_ranks(state, device)
+    state.train_seconds += seconds
+    state.samples_seen += state.window_seen
+    metrics = evaluate(model, valid, cfg.eval_batch_size, ctx, head, tasks)
+    record = {
+        "epoch": state.epoch,
+        "step": state.global_step,
+        "train_logloss": state.window_loss_sum / max(state.window_seen, 1),
+        "valid_auc": metrics["auc"],
+        "valid_logloss": metrics["logloss"],
+        "lr": learning_rate(cfg, state.global_step - 1, state.plateau_scale),
+        "seconds": seconds,
+        "samples_per_second": state.window_seen / seconds if seconds > 0 else 0.0,
+    }
+    if cfg.l2_prior:
+        record["l2_prior"] = cfg.l2_prior[state.prior_stage]
+    if state.skipped_batches:
+        record["skipped_batches"] = state.skipped_batches
+    if "tasks" in metrics:
+        record["tasks"] = {t: {"valid_auc": m["auc"], "valid_logloss": m["logloss"]} for t, m in metrics["tasks"].items()}
+        record["valid_score"] = selection_score(metrics, cfg)
+    if selection_score(metrics, cfg) > selection_score(state.best_valid, cfg):
+        state.best_epoch, state.best_step, state.best_valid = state.epoch, state.global_step, metrics
+        state.bad_evals = 0
+    else:
+        state.bad_evals += 1
+        state.plateau_scale *= cfg.lr_plateau_factor
+    record["best_epoch"] = state.best_epoch
+    state.history.append(record)
+    state.window_loss_sum, state.window_seen, state.window_seconds, state.skipped_batches = 0.0, 0, 0.0, 0
+    return record
+
+
+def _out_of_patience(state: TrainState, cfg: TrainConfig) -> bool:
+    """`patience` evaluations in a row without a better validation AUC: the run stops, unless an
+    l2_prior path has a weaker prior left, which then takes over (and patience starts again).
+    Not during the warm-up: a model judged at a fraction of its learning rate may just be slow
+    (AutoInt on criteo-8k stopped at step 75 of 300 with its best at step 15)."""
+    if state.bad_evals < cfg.patience or state.global_step < cfg.lr_warmup_steps:
+        return False
+    if state.prior_stage + 1 < len(cfg.l2_prior):
+        state.prior_stage += 1
+        state.bad_evals = 0
+        return False
+    return True
+
+
+class _Checkpointer:
+    """Writes checkpoints of a run (rank 0), when it has a run folder and checkpoints are on."""
+
+    def __init__(
+        self, run_dir: Optional[Path], cfg: TrainConfig, model: CTRModel, optimizer: Optimizer, ctx: DistContext,
+        device: torch.device, meta: Optional[dict[str, Any]] = None,
+    ):
+        self.run_dir, self.cfg, self.model, self.optimizer, self.ctx, self.device = run_dir, cfg, model, optimizer, ctx, device
+        self.meta = meta  # stored in every checkpoint's manifest (train_run: the run's config and fingerprint)
+        self.writing = run_dir is not None and ctx.is_main
+        self.enabled = run_dir is not None and (cfg.checkpoints or cfg.checkpoint_every_steps > 0)
+
+    def at_step_mark(self, state: TrainState) -> bool:
+        every = self.cfg.checkpoint_every_steps
+        return bool(every) and state.global_step % every == 0
+
+    def save(self, state: TrainState, best_weights: dict[str, torch.Tensor]) -> None:
+        if not self.enabled:
+            return
+        rng = rng_states(self.ctx)  # collective: every rank takes part, rank 0 writes
+        saved = state.to_dict()
+        if self.ctx.enabled:  # mid-window: the running loss over all ranks (rank 0 restores it)
+            saved["window_loss_sum"], saved["window_seen"] = _summed_over_ranks(state, self.device)
+        if self.writing:
+            save_checkpoint(
+                self.run_dir, self.model, self.optimizer.optimizers, best_weights, saved, self.cfg.keep_checkpoints, rng, self.meta
+            )
+
+
+def fit(
+    model: CTRModel,
+    data: CTRDataset,
+    cfg: TrainConfig,
+    on_eval: Optional[Callable[[dict], None]] = None,
+    run_dir: Optional[Path] = None,
+    resume_from: Optional[Path] = None,
+    ctx: DistContext = DistContext(),
+    checkpoint_meta: Optional[dict[str, Any]] = None,
+) -> FitResult:
+    """Train on data.splits['train'], validate on the schedule, early-stop on validation AUC and
+    restore the best evaluation's weights.
+
+    `on_eval(record)` is called after every evaluation (an exception it raises, e.g. a tuner's
+    pruning signal, ends the run). With `run_dir`, checkpoints are written after every evaluation
+    (`cfg.checkpoints`) and every `cfg.checkpoint_every_steps` steps; `resume_from` (a checkpoint
+    folder) continues a run exactly where it stopped: same batches, same RNG, same optimizer
+    moments. In a multi-process run (`ctx`), each rank trains on its slice of every global batch
+    through DistributedDataParallel, and only rank 0 writes checkpoints. `checkpoint_meta` is
+    stored in every checkpoint's manifest (train_run: the run's config and fingerprint).
+    """
+    train, valid = _check_splits(data)
+    cfg = with_model_defaults(cfg, type(model))
     check_tasks(data, cfg, multitask_model=getattr(model, "tasks", None) is not None)
     if cfg.negative_sampling_rate < 1:
         train = downsample_negatives(train, cfg.negative_sampling_rate, cfg.seed)
@@ -231,113 +529,63 @@ def fit(
     model.to(device)
     # NCCL cannot all-reduce sparse gradients: multi-GPU runs update the tables densely
     optimizer = Optimizer(model, cfg, sparse=cfg.sparse_embeddings and ctx.sparse_allreduce)  # before DDP
-    if ctx.enabled:
-        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    else:
-        forward = model
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    # progress: everything needed to continue exactly (saved in every checkpoint)
-    st: dict[str, Any] = {
-        "epoch": 1, "step": 0, "global_step": 0, "best_epoch": 0, "best_valid": {"auc": -math.inf},
-        "bad_epochs": 0, "history": [], "train_seconds": 0.0, "samples_seen": 0,
-        "epoch_loss_sum": 0.0, "epoch_seen": 0, "epoch_seconds": 0.0, "skipped_batches": 0, "done": False,
-    }
-    best_state = copy.deepcopy(model.state_dict())
+    forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.enabled else model
+    schedule = Schedule.for_run(cfg, len(train))
+    prior = L2Prior.for_data(train, data.cardinalities, device) if any(cfg.l2_prior) else None
+    state, best_weights = TrainState(), copy.deepcopy(model.state_dict())
     if resume_from is not None:
-        st, best_state = load_checkpoint(resume_from, model, optimizer.optimizers, ctx)
+        saved, best_weights = load_checkpoint(resume_from, model, optimizer.optimizers, ctx)
+        state = TrainState.from_dict(saved)
         if not ctx.is_main:  # the saved running loss is the sum over all ranks: count it once
-            st.update(epoch_loss_sum=0.0, epoch_seen=0)
-    writing = run_dir is not None and ctx.is_main
-
-    def checkpoint() -> Optional[Path]:
-        if run_dir is not None and (cfg.checkpoints or cfg.checkpoint_every_steps):
-            rng = rng_states(ctx)  # collective: every rank takes part, rank 0 writes
-            saved = st
-            if ctx.enabled:  # mid-epoch: the running loss over all ranks (rank 0 restores it)
-                saved = dict(st, **_summed_over_ranks(st, device))
-            if writing:
-                return save_checkpoint(
-                    run_dir, model, optimizer.optimizers, best_state, saved, cfg.keep_checkpoints, rng, checkpoint_meta
-                )
-        return None
-
-    while not st["done"] and st["epoch"] <= cfg.epochs:
-        epoch = st["epoch"]
-        model.train()
-        t0 = time.perf_counter() - st["epoch_seconds"]
-        bar = tqdm(
-            total=steps_per_epoch, initial=st["step"], desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
-            disable=not (cfg.progress and ctx.is_main), file=sys.stderr, leave=False, mininterval=0.5,
-        )
-        batches = iterate_batches(train, cfg.batch_size, (cfg.seed, epoch), cfg.shuffle_block_rows, skip_batches=st["step"])
-        for x, y in batches:
-            if ctx.enabled:  # this rank's disjoint slice of the global batch
-                lo, hi = ctx.shard(len(y))
-                x, y = x[lo:hi], y[lo:hi]
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                loss, bce = loss_fn(model, x, y, cfg, forward)
-            optimizer.zero_grad()
-            loss.backward()
-            st["step"] += 1
-            st["global_step"] += 1
-            if _finite_step(loss, model):
-                optimizer.step()
-                st["epoch_loss_sum"] += bce.item() * len(y)
-                st["epoch_seen"] += len(y)
+            state.window_loss_sum, state.window_seen = 0.0, 0
+    state.steps_per_epoch = schedule.steps_per_epoch
+    checkpointer = _Checkpointer(run_dir, cfg, model, optimizer, ctx, device, checkpoint_meta)
+    if not state.done and state.global_step >= schedule.last_step:
+        # a resume whose cap (train.epochs lowered to the epochs already trained) is behind it: stop here
+        state.done = True
+        checkpointer.save(state, best_weights)
+    bar = tqdm(total=schedule.last_step, initial=state.global_step, unit="step", disable=not (cfg.progress and ctx.is_main),
+               file=sys.stderr, leave=False, mininterval=0.5)
+    window_start = time.perf_counter() - state.window_seconds
+    model.train()
+    while not state.done:
+        if state.step >= schedule.steps_per_epoch:
+            state.next_epoch()
+        bar.set_description(f"epoch {state.epoch}/{schedule.max_epochs}")
+        for x, y in _epoch_batches(train, cfg, schedule.batch_size, state, ctx, device):
+            optimizer.set_lr(learning_rate(cfg, state.global_step, state.plateau_scale))
+            if prior is not None:
+                prior.c = cfg.l2_prior[state.prior_stage]
+            result = train_step(model, optimizer, x, y, cfg, forward, prior)
+            state.step += 1
+            state.global_step += 1
+            if result.applied:
+                state.add_batch(result.bce.item(), len(y))
             elif cfg.on_nan == "skip-batch":
-                st["skipped_batches"] += 1
+                state.skipped_batches += 1
             else:
-                last = latest_checkpoint(run_dir) if writing else None
-                where = f"; the last good checkpoint is {last}" if last else ""
-                raise TrainingDiverged(
-                    f"non-finite loss or gradient at epoch {epoch}, step {st['step']} (global step "
-                    f"{st['global_step']}, loss {loss.item()}){where}"
-                )
+                raise _diverged(state, result.loss, run_dir, checkpointer.writing)
             bar.update(1)
-            if st["step"] % 20 == 0:
-                seen = max(st["epoch_seen"], 1)
-                bar.set_postfix(loss=f"{st['epoch_loss_sum'] / seen:.4f}", samples_s=f"{seen / (time.perf_counter() - t0):,.0f}")
-            if cfg.checkpoint_every_steps and st["global_step"] % cfg.checkpoint_every_steps == 0 and st["step"] < steps_per_epoch:
-                st["epoch_seconds"] = time.perf_counter() - t0
-                checkpoint()
-        bar.close()
-        epoch_seconds = time.perf_counter() - t0
-        st["train_seconds"] += epoch_seconds
-        if ctx.enabled:  # the epoch's loss over all ranks' rows
-            st.update(_summed_over_ranks(st, device))
-        st["samples_seen"] += st["epoch_seen"]
-        valid_metrics = evaluate(model, valid, cfg.eval_batch_size, ctx, head, tasks)
-        record = {
-            "epoch": epoch,
-            "train_logloss": st["epoch_loss_sum"] / max(st["epoch_seen"], 1),
-            "valid_auc": valid_metrics["auc"],
-            "valid_logloss": valid_metrics["logloss"],
-            "epoch_seconds": epoch_seconds,
-            "samples_per_second": st["epoch_seen"] / epoch_seconds,
-        }
-        if st["skipped_batches"]:
-            record["skipped_batches"] = st["skipped_batches"]
-        if "tasks" in valid_metrics:
-            record["tasks"] = {t: {"valid_auc": m["auc"], "valid_logloss": m["logloss"]} for t, m in valid_metrics["tasks"].items()}
-            record["valid_score"] = selection_score(valid_metrics, cfg)
-        improved = selection_score(valid_metrics, cfg) > selection_score(st["best_valid"], cfg)
-        if improved:
-            st["best_epoch"], st["best_valid"] = epoch, valid_metrics
-            best_state = copy.deepcopy(model.state_dict())
-            st["bad_epochs"] = 0
-        else:
-            st["bad_epochs"] += 1
-        record["best_epoch"] = st["best_epoch"]
-        st["history"].append(record)
-        if on_epoch is not None:
-            on_epoch(record)
-        # patience epochs without a better validation AUC, or the last epoch: done
-        st["done"] = st["bad_epochs"] >= cfg.patience or epoch == cfg.epochs
-        st.update(epoch=epoch + 1, step=0, epoch_loss_sum=0.0, epoch_seen=0, epoch_seconds=0.0, skipped_batches=0)
-        checkpoint()
-    model.load_state_dict(best_state)
+            if schedule.evaluates_at(state.global_step):
+                record = _validate(model, valid, cfg, ctx, state, time.perf_counter() - window_start, device, head, tasks)
+                model.train()
+                state.done = _out_of_patience(state, cfg) or state.global_step >= schedule.last_step
+                bar.set_postfix(loss=f"{record['train_logloss']:.4f}", valid_auc=f"{record['valid_auc']:.4f}",
+                                best=f"{state.best_valid['auc']:.4f}")
+                if state.best_step == state.global_step:
+                    best_weights = copy.deepcopy(model.state_dict())
+                if on_eval is not None:
+                    on_eval(record)
+                checkpointer.save(state, best_weights)
+                window_start = time.perf_counter()
+                if state.done:
+                    break
+            elif checkpointer.at_step_mark(state):
+                state.window_seconds = time.perf_counter() - window_start
+                checkpointer.save(state, best_weights)
+    bar.close()
+    model.load_state_dict(best_weights)
     return FitResult(
-        best_epoch=st["best_epoch"], best_valid=st["best_valid"], history=st["history"],
-        train_seconds=st["train_seconds"], samples_seen=st["samples_seen"],
+        best_epoch=state.best_epoch, best_valid=state.best_valid, history=state.history, train_seconds=state.train_seconds,
+        samples_seen=state.samples_seen, best_step=state.best_step, steps=state.global_step, batch_size=schedule.batch_size,
     )

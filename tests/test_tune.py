@@ -1,0 +1,205 @@
+"""`masknet tune`: outputs, repeatability, resume after a kill, bad search spaces, and every
+registered model's declared search space."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("optuna", reason="masknet tune needs Optuna (pip install 'masknet[tune]')")
+
+from masknet.cli import main  # noqa: E402
+from masknet.config import RunConfig, load_config  # noqa: E402
+from masknet.models import REGISTRY  # noqa: E402
+from masknet.tuning import check_space  # noqa: E402
+
+# LR on 3,000 built-in rows, at most 24 steps per trial: a trial takes well under a second
+TINY = ["--model", "lr", "--set", "data.synthetic.rows=3000", "--set", "train.threads=1", "--max-steps", "24", "--quiet"]
+
+
+def trials_of(out: Path) -> list[dict]:
+    with open(out / "trials.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def finished(rows: list[dict]) -> list[tuple]:
+    """(parameters, value) of the trials that finished, in order: what a study decided."""
+    keys = [k for k in rows[0] if k.startswith("train.") or k.startswith("model.")]
+    return [(tuple(r[k] for k in keys), r["valid_auc"]) for r in rows if r["state"] in ("COMPLETE", "PRUNED")]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tune") / "study"
+    assert main(["tune", *TINY, "--trials", "4", "--seed", "3", "--output", str(out)]) == 0
+    return out
+
+
+def test_outputs(study):
+    names = {p.name for p in study.iterdir()}
+    assert {"study.db", "best.yaml", "trials.csv", "trials.parquet", "history.png", "importances.png", "summary.json"} <= names
+    rows = trials_of(study)
+    assert [r["number"] for r in rows] == ["0", "1", "2", "3"]
+    assert all(r["state"] in ("COMPLETE", "PRUNED") for r in rows)
+    assert len({r["train.lr"] for r in rows}) == 4  # the sampler varied the parameters
+    for r in rows:
+        assert 0.5 < float(r["valid_auc"]) <= 1 and int(r["steps"]) <= 24  # the per-trial cap held
+    for png in ("history.png", "importances.png"):
+        assert (study / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((study / "summary.json").read_text())
+    assert summary["best_valid_auc"] == max(float(r["valid_auc"]) for r in rows if r["state"] == "COMPLETE")
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(study / "trials.parquet").num_rows == 4
+
+
+def test_pruner_is_fed_every_evaluation(study):
+    import optuna
+
+    s = optuna.load_study(study_name="masknet", storage=f"sqlite:///{study / 'study.db'}")
+    for t in s.trials:
+        assert len(t.intermediate_values) == t.user_attrs["evaluations"] > 1
+        values = [t.intermediate_values[k] for k in sorted(t.intermediate_values)]
+        assert values == sorted(values)  # the best validation AUC so far, at each evaluation
+
+
+def test_best_yaml_trains_to_the_best_trials_validation_auc(study, tmp_path):
+    cfg = load_config(study / "best.yaml")
+    assert cfg.model.name == "lr" and cfg.train.max_steps == 24 and cfg.output is None
+    best = max((r for r in trials_of(study) if r["state"] == "COMPLETE"), key=lambda r: float(r["valid_auc"]))
+    assert cfg.train.lr == pytest.approx(float(best["train.lr"]))
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(study / "best.yaml"), "--output", str(run), "--quiet"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["valid"]["auc"] == pytest.approx(float(best["valid_auc"]), abs=1e-12)
+
+
+def test_same_seed_same_trials_other_seed_other_trials(study, tmp_path):
+    again = tmp_path / "again"
+    assert main(["tune", *TINY, "--trials", "4", "--seed", "3", "--output", str(again)]) == 0
+    assert finished(trials_of(again)) == finished(trials_of(study))
+    other = tmp_path / "other"
+    assert main(["tune", *TINY, "--trials", "2", "--seed", "4", "--output", str(other)]) == 0
+    assert finished(trials_of(other))[0] != finished(trials_of(study))[0]
+
+
+def test_more_trials_continue_the_study(study, tmp_path):
+    import shutil
+
+    more = tmp_path / "more"
+    shutil.copytree(study, more)
+    assert main(["tune", *TINY, "--trials", "5", "--seed", "3", "--output", str(more)]) == 0
+    rows = trials_of(more)
+    assert len(rows) == 5 and finished(rows)[:4] == finished(trials_of(study))
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: not an Exception, so Optuna neither records nor fails the trial; the
+    trial stays RUNNING in study.db, exactly as a killed process leaves it."""
+
+
+def test_killed_tune_resumes_to_the_uninterrupted_study(study, tmp_path, monkeypatch):
+    from masknet.tuning import study as study_module
+
+    calls, original = [0], study_module.run_trial
+
+    def run_trial(cfg, data, on_eval=None):
+        calls[0] += 1
+        if calls[0] != 3:
+            return original(cfg, data, on_eval)
+
+        def dying(record):  # the third trial dies at its second evaluation, after reporting it
+            on_eval(record)
+            if record["step"] > 5:
+                raise Killed
+
+        return original(cfg, data, dying)
+
+    monkeypatch.setattr(study_module, "run_trial", run_trial)
+    out = tmp_path / "killed"
+    args = ["tune", *TINY, "--trials", "4", "--seed", "3", "--output", str(out)]
+    with pytest.raises(Killed):
+        main(args)
+    assert calls[0] == 3
+    before = trials_of(out)
+    assert [r["state"] for r in before] == ["COMPLETE", "COMPLETE"]  # the table of the trials that finished
+    import optuna
+
+    left = optuna.load_study(study_name="masknet", storage=f"sqlite:///{out / 'study.db'}")
+    assert [t.state.name for t in left.trials] == ["COMPLETE", "COMPLETE", "RUNNING"]  # what a SIGKILL leaves
+    monkeypatch.setattr(study_module, "run_trial", original)
+    assert main(args) == 0  # the same command continues the study
+    rows = trials_of(out)
+    assert [r["state"] for r in rows].count("FAIL") == 1  # the killed trial, run again as a new one
+    retried = next(r for r in rows if r["retry_of"])
+    assert rows[int(retried["retry_of"])]["state"] == "FAIL"
+    assert finished(rows) == finished(trials_of(study))  # same trials, same results as never killed
+
+
+def test_bad_search_space_key_is_one_line_exit_2(tmp_path, capsys):
+    space = tmp_path / "space.yaml"
+    space.write_text("train.lrr: {low: 1.0e-4, high: 1.0e-2, log: true}\n")
+    assert main(["tune", *TINY, "--trials", "2", "--space", str(space), "--output", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "train.lrr" in err and "unknown config key" in err
+    assert not (tmp_path / "s").exists()  # refused before any study was created
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("train.lr: {low: 0.1, high: 0.01}\n", "low < high"),
+        ("train.batch_size: {choices: [256, -1]}\n", "train.batch_size"),
+        ("model.dnn_hidden: {widths: [0], depths: [1]}\n", "widths and depths"),
+        ("train.lr: 0.01\n", "expected a mapping"),
+        ("output: {choices: [a, b]}\n", "only model.* and train.*"),
+    ],
+)
+def test_bad_ranges_are_one_line_exit_2(tmp_path, capsys, text, expected):
+    space = tmp_path / "space.yaml"
+    space.write_text(text)
+    assert main(["tune", *TINY, "--trials", "2", "--space", str(space), "--output", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err
+
+
+def test_unknown_model_is_one_line_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["tune", "--model", "nosuchnet", "--trials", "2"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nosuchnet" in err
+
+
+def test_other_study_in_output_is_refused(study, capsys):
+    assert main(["tune", *TINY, "--trials", "5", "--seed", "9", "--output", str(study)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "different seed" in err
+
+
+def test_missing_optuna_says_how_to_install(monkeypatch, tmp_path, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_optuna(name, *args, **kwargs):
+        if name == "optuna" or name.startswith("optuna."):
+            raise ImportError("No module named 'optuna'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_optuna)
+    assert main(["tune", *TINY, "--trials", "2", "--output", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'masknet[tune]'" in err
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_models_search_space_is_valid(name):
+    cfg = RunConfig()
+    cfg.model.name = name
+    space = REGISTRY[name].search_space
+    check_space(space, cfg)  # every key a config key, every edge of every range a valid value
+    assert "train.lr" in space
