@@ -44,7 +44,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import type_of_target
 from sklearn.utils.validation import check_array, check_is_fitted, column_or_1d
 
-from .config import MASKNET_MODELS, MODEL_NAMES
+from .config import MASKNET_MODELS, MODEL_NAMES, dotted_keys
 from .errors import UserError
 
 LABEL = "__masknet_label__"  # the label column of the Parquet files fit writes
@@ -165,16 +165,6 @@ def _fmt(value: Any) -> str:
     return "none" if value is None else str(value)
 
 
-def _flat(config: Optional[dict], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in (config or {}).items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 class CTRClassifier(ClassifierMixin, BaseEstimator):
     """A binary click-through-rate classifier: any masknet model behind the scikit-learn API.
 
@@ -250,7 +240,7 @@ class CTRClassifier(ClassifierMixin, BaseEstimator):
         cfg.train.progress = self.verbose >= 2
         cfg.train.seed = DEFAULT_SEED if self.random_state is None else int(self.random_state)
         explicit = {"train.epochs": self.epochs, "train.batch_size": self.batch_size, "train.lr": self.learning_rate}
-        extra = _flat(self.config)
+        extra = dotted_keys(self.config or {})
         for key, value in explicit.items():
             if value is not None:
                 if key in extra:

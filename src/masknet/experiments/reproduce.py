@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ..config import RunConfig, apply_override, load_config
+from ..config import RunConfig, apply_override, dotted_keys, load_config
 from ..errors import UserError
 from . import plots as plots_mod
 from . import report
@@ -19,17 +19,6 @@ from .plan import PRESETS, RQ4_MAX_INSTANCES, Plan, format_value, make_plan, pla
 from .rq4 import analyse as rq4_analyse
 from .runner import fmt_seconds, load_dataset, run_plan
 from .stats import auc_standard_error
-
-
-def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
-    out = []
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out += _flatten(v, key + ".")
-        else:
-            out.append((key, v))
-    return out
 
 
 def base_config(preset: str, config_file: Optional[str], data: Optional[str], sets: Sequence[str]) -> tuple[RunConfig, list[str]]:
@@ -45,7 +34,7 @@ def base_config(preset: str, config_file: Optional[str], data: Optional[str], se
         import yaml
 
         raw = yaml.safe_load(Path(config_file).read_text()) or {}
-        for key, value in _flatten(raw):
+        for key, value in dotted_keys(raw).items():
             if key in ("output", "base_run", "model.name", "train.seed"):
                 continue  # every cell sets its own model, seed and folder
             if value is None and key != "data.path":

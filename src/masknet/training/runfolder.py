@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import yaml
 
-from ..config import RunConfig
+from ..config import RunConfig, dotted_keys
 from ..data import dataset as prepared
 from ..data.integrity import fingerprint as record_fingerprint
 from ..errors import UserError
@@ -218,19 +218,9 @@ def config_record(cfg: RunConfig) -> dict[str, Any]:
     return d
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def fingerprint(record: dict[str, Any]) -> str:
     """SHA-256 of the canonical config without the keys a resume may change, and the data's path."""
-    kept = {k: v for k, v in _flat(record).items() if k not in RESUMABLE + IDENTIFIED_APART}
+    kept = {k: v for k, v in dotted_keys(record).items() if k not in RESUMABLE + IDENTIFIED_APART}
     return sha256_bytes(json.dumps(kept, sort_keys=True, separators=(",", ":")).encode())
 
 
@@ -263,7 +253,7 @@ def check_resume(
     if not isinstance(saved, dict):
         log(f"warning: {found.path} was written before checkpoints recorded their config: resuming it unchecked")
         return []
-    now, then = _flat(config_record(cfg)), _flat(saved)
+    now, then = dotted_keys(config_record(cfg)), dotted_keys(saved)
     if found.meta.get("config_sha256") != fingerprint(config_record(cfg)):
         # keys only one side has come from another masknet version (added with their default)
         differ = sorted(k for k in now.keys() & then.keys() if k not in RESUMABLE + IDENTIFIED_APART and now[k] != then[k])

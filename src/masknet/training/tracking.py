@@ -17,6 +17,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any, Optional
 
+from ..config import dotted_keys
 from ..errors import ConfigError
 
 NOT_LOGGED = ("epoch", "step", "best_epoch")  # positions, not measurements
@@ -69,7 +70,7 @@ class Trackers:
 
             self.mlflow = mlflow
             mlflow.start_run(run_name=Path(run_dir).name)
-            mlflow.log_params(_flat(cfg.to_dict()))
+            mlflow.log_params(dotted_keys(cfg.to_dict()))
             mlflow.set_tag("masknet.run_dir", str(Path(run_dir).resolve()))
 
     @property
@@ -107,12 +108,3 @@ def open_trackers(cfg: Any, run_dir: Path, enabled: bool = True):
         raise
     trackers.close()
 
-
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
