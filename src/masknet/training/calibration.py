@@ -177,6 +177,42 @@ def fit_platt(p: np.ndarray, y: np.ndarray, iterations: int = 100) -> tuple[floa
     return float(a), float(b)
 
 
+def fit_logit_offsets(logits: np.ndarray, labels: np.ndarray, rate: float, missing: int) -> list[float]:
+    """Per task t, the shift δ_t of its logits after which the down-sampling correction's mean over
+    the rows labelled for t equals their observed rate (models.scoring: why). logits, labels
+    [n, T] of unsampled rows (the validation split), `missing` marks an unknown label.
+
+    Task 0's corrected score is sigmoid(z_0 + δ_0 + log r), a task t's is sigmoid(z_t + δ_t) · c
+    with c = r / (1 − q_0 + r · q_0) fixed once δ_0 is: each mean rises monotonically with its δ,
+    so bisection finds it (to 1e-9 in 60 halvings of [-20, 20])."""
+    z = np.asarray(logits, np.float64).reshape(len(logits), -1)
+    lab = np.asarray(labels).reshape(len(labels), -1)
+    offsets: list[float] = []
+    c = None
+    for t in range(z.shape[1]):
+        known = lab[:, t] != missing
+        zt, target = z[known, t], float(lab[known, t].sum())
+
+        def corrected_sum(d: float) -> float:
+            if t == 0:
+                return float(_sigmoid(zt + d + np.log(rate)).sum())
+            return float((_sigmoid(zt + d) * c[known]).sum())
+
+        lo, hi = -20.0, 20.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if corrected_sum(mid) < target else (lo, mid)
+        offsets.append((lo + hi) / 2)
+        if t == 0:
+            q0 = _sigmoid(z[:, 0] + offsets[0])
+            c = rate / (1 - q0 + rate * q0)
+    return offsets
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1 + np.tanh(0.5 * z))  # no overflow warnings at large |z|
+
+
 def fit_calibrator(method: str, p: np.ndarray, y: np.ndarray, max_slope: float = np.inf) -> dict[str, Any]:
     """One task's calibrator entry (models.scoring) fitted on probabilities p and labels y."""
     if method == "isotonic":
@@ -188,7 +224,9 @@ def fit_calibrator(method: str, p: np.ndarray, y: np.ndarray, max_slope: float =
     return {"method": "none"}
 
 
-def calibration_spec(tasks: list[str], rate: float, method: str, calibrators: Optional[list[dict]] = None) -> dict[str, Any]:
+def calibration_spec(
+    tasks: list[str], rate: float, method: str, calibrators: Optional[list[dict]] = None, offsets: Optional[list[float]] = None,
+) -> dict[str, Any]:
     """The calibration.json of a run (models.scoring.ScoreHead reads it)."""
     entries = calibrators or [{"method": "none"} for _ in tasks]
     return {
@@ -196,6 +234,7 @@ def calibration_spec(tasks: list[str], rate: float, method: str, calibrators: Op
         "version": CALIBRATION_VERSION,
         "tasks": list(tasks),
         "negative_sampling_rate": float(rate),
+        **({"logit_offsets": list(offsets)} if offsets is not None else {}),
         "sampling_task": tasks[0],
         "method": method,
         "fitted_on": "valid" if method != "none" else None,
