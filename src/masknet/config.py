@@ -153,7 +153,9 @@ class TrainConfig:
     # --- several labels (docs/multitask.md) ---
     tasks: list[str] = field(default_factory=list)  # the labels to train on; empty: every label of the data
     task_weights: list[float] = field(default_factory=list)  # loss weight per task (in `tasks` order); empty: 1 each
-    early_stopping: str = "mean"  # "mean": loss-weighted mean of the tasks' validation AUCs; or one task's name
+    # "first": the first task's validation AUC (docs/multitask.md: the mean let a dense task overfit while a sparse
+    # one still improved); "mean": the loss-weighted mean of the tasks' validation AUCs; or one task's name
+    early_stopping: str = "first"
     # --- calibration (training/calibration.py, docs/calibration.md) ---
     calibration: str = "none"  # post-hoc, fitted on the validation split: none, isotonic or platt
     calibration_bins: int = 10  # equal-mass bins of ECE and the reliability diagram (docs: why 10)

@@ -3,7 +3,8 @@ and negative down-sampling.
 
     labels y [B, T] float, -1 where a row's label is unknown: `mask = y >= 0`
     loss  = Σ_t w_t · mean over the rows labelled for t of BCE(logit_t, y_t)
-    early stopping score: "mean" = Σ_t w_t AUC_t / Σ_t w_t over the validation split, or one task's AUC
+    early stopping score: "first" (default) = the first task's validation AUC; "mean" = Σ_t w_t AUC_t / Σ_t w_t
+    over the validation split; or a named task's AUC
 
 A single-label run never comes here for its loss (trainer.loss_fn keeps today's exact path).
 """
@@ -83,6 +84,8 @@ def selection_score(metrics: dict[str, Any], cfg: TrainConfig) -> float:
     tasks = metrics.get("tasks")
     if not tasks:
         return metrics["auc"]
+    if cfg.early_stopping == "first":
+        return next(iter(tasks.values()))["auc"]
     if cfg.early_stopping != "mean":
         return tasks[cfg.early_stopping]["auc"]
     weights = task_weights(cfg, len(tasks))
@@ -99,8 +102,10 @@ def check_tasks(data: CTRDataset, cfg: TrainConfig, multitask_model: bool) -> No
             f"the data has {len(names)} labels ({', '.join(names)}): train a multi-task model "
             f"(--set model.multitask=shared_bottom or mmoe) or pick one label (--set train.tasks={names[0]})"
         )
-    if cfg.early_stopping != "mean" and cfg.early_stopping not in names:
-        raise UserError(f"train.early_stopping: expected 'mean' or one of the tasks ({', '.join(names)}), got {cfg.early_stopping!r}")
+    if cfg.early_stopping not in ("first", "mean") and cfg.early_stopping not in names:
+        raise UserError(
+            f"train.early_stopping: expected 'first', 'mean' or one of the tasks ({', '.join(names)}), got {cfg.early_stopping!r}"
+        )
     if cfg.task_weights and len(cfg.task_weights) != len(names):
         raise UserError(f"train.task_weights: {len(cfg.task_weights)} weights for {len(names)} tasks ({', '.join(names)})")
     lab = valid.label_matrix()
