@@ -170,6 +170,18 @@ def test_downsampling_correction_is_exact_for_a_nested_task():
     np.testing.assert_allclose(u.numpy(), np.stack([p0, p1], axis=1), rtol=1e-9)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_platt_converges_on_an_overconfident_model(seed):
+    """Scores far more spread than the labels warrant (a true slope of 0.17, as a weak down-sampled
+    model's were): a full Newton step from a = 1 overshot to a ~ 1e15 before the line search."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 5, 1000)
+    y = (rng.random(1000) < 1 / (1 + np.exp(-(0.17 * z - 0.66)))).astype(float)
+    a, b = fit_platt(1 / (1 + np.exp(-z)), y)
+    ref = LogisticRegression(C=1e12, max_iter=1000).fit(z[:, None], y)
+    assert a == pytest.approx(ref.coef_[0][0], abs=1e-3) and b == pytest.approx(ref.intercept_[0], abs=1e-3)
+
+
 def test_downsampling_keeps_exactly_the_rate_of_negatives():
     """An independent coin per row realised 0.0991 of the built-in data's negatives at rate 0.1;
     the correction assumes the nominal rate, so the sample must have it exactly."""

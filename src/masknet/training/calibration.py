@@ -161,6 +161,11 @@ def fit_platt(p: np.ndarray, y: np.ndarray, iterations: int = 100) -> tuple[floa
     z = np.log(pc) - np.log1p(-pc)
     y = np.asarray(y, np.float64)
     a, b = 1.0, 0.0
+
+    def nll(a: float, b: float) -> float:  # the negative log-likelihood, stable for any a · z + b
+        t = a * z + b
+        return float(np.sum(np.logaddexp(0.0, t) - y * t))
+
     for _ in range(iterations):
         t = np.clip(a * z + b, -500, 500)
         q = 1.0 / (1.0 + np.exp(-t))
@@ -168,8 +173,13 @@ def fit_platt(p: np.ndarray, y: np.ndarray, iterations: int = 100) -> tuple[floa
         w = q * (1 - q)
         h = np.array([[np.dot(w, z * z), np.dot(w, z)], [np.dot(w, z), np.sum(w)]]) + 1e-12 * np.eye(2)
         step = np.linalg.solve(h, g)
-        a, b = a - step[0], b - step[1]
-        if np.max(np.abs(step)) < 1e-10:
+        # backtracking: a full Newton step can overshoot where the Hessian is nearly singular
+        # (measured: a = 2e15 on a 1,000-row validation split of a weak, down-sampled model)
+        current, scale = nll(a, b), 1.0
+        while scale > 1e-8 and not nll(a - scale * step[0], b - scale * step[1]) <= current:
+            scale /= 2
+        a, b = a - scale * step[0], b - scale * step[1]
+        if np.max(np.abs(scale * step)) < 1e-10:
             break
     if not (np.isfinite(a) and np.isfinite(b)) or a < 0:
         rate = np.clip(y.mean(), EPS, 1 - EPS)
