@@ -182,6 +182,26 @@ def test_body_is_the_single_task_model_without_its_prediction_layer(name):
     assert torch.allclose(got, want, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["shared_bottom", "mmoe"])
+def test_shared_gradient_first_keeps_the_other_tasks_out_of_the_shared_parts(kind):
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="sermasknet", multitask=kind, num_experts=2, block_dim=8, num_blocks=2, shared_gradient="first")
+    model = MultiTaskModel([5, 7, 9], cfg, ["click", "purchase"])
+    x = torch.randint(0, 5, (16, 3))
+    model(x)[:, 1].sum().backward()  # the second task's output alone
+    shared = list(model.embedding.parameters()) + list(model.experts.parameters())
+    assert all(p.grad is None or not p.grad.any() for p in shared)
+    assert any(p.grad is not None and p.grad.any() for p in model.towers[1].parameters())
+    model.zero_grad()
+    model(x)[:, 0].sum().backward()
+    assert any(p.grad is not None and p.grad.any() for p in model.experts.parameters())
+    all_cfg = ModelConfig(name="sermasknet", multitask=kind, num_experts=2, block_dim=8, num_blocks=2)
+    torch.manual_seed(0)
+    other = MultiTaskModel([5, 7, 9], all_cfg, ["click", "purchase"])
+    model.eval(), other.eval()
+    assert torch.equal(model(x), other(x))  # the same function; only training differs
+
+
 def test_mmoe_gates_are_distributions():
     model = build_model(_cfg("sermasknet", "mmoe"), CARDS, tasks=["a", "b"])
     x = torch.stack([torch.randint(0, c, (7,)) for c in CARDS], dim=1)
