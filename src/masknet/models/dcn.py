@@ -23,7 +23,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .base import CTRModel
-from .layers import MLP, FieldEmbedding
+from .layers import MLP, FieldEmbedding, dense
 
 
 class CrossLayer(nn.Module):
@@ -49,7 +49,7 @@ class CrossLayerV2(nn.Module):
         self.linear = nn.Linear(dim, dim)  # W_l [m, m] and b_l [m]
 
     def forward(self, x0: torch.Tensor, xl: torch.Tensor) -> torch.Tensor:
-        return x0 * self.linear(xl) + xl  # [B, m]
+        return torch.addcmul(xl, x0, dense(self.linear, xl))  # x_0 ⊙ (W x_l + b) + x_l, one pass: [B, m]
 
 
 class _CrossAndDeep(CTRModel):
@@ -70,7 +70,7 @@ class _CrossAndDeep(CTRModel):
         xl = x0
         for layer in self.cross:
             xl = layer(x0, xl)  # [B, m]
-        return self.output(torch.cat([xl, self.mlp(x0)], dim=1)).squeeze(-1)  # [B]
+        return dense(self.output, torch.cat([xl, self.mlp(x0)], dim=1)).squeeze(-1)  # [B]
 
 
 class DCN(_CrossAndDeep):
