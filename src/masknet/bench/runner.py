@@ -24,6 +24,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,6 +54,7 @@ class Job:
     quick: bool = False
     vocab_rows: int = 0  # > 0: vocabulary test, random indices over this many embedding rows
     seed: int = 2021
+    rounds: int = 5  # timed steps (and predictions) in this many rounds, each followed by a GEMM replay
 
 
 def _model_config(name: str, quick: bool):
@@ -85,6 +87,41 @@ def _percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, int(math.ceil(q / 100 * len(xs))) - 1))]
 
 
+def _median(xs: list[float]) -> Optional[float]:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def _train_batches(job: Job, data, cards: list[int], shuffle_block_rows: int):
+    """Endless training batches: the train split as `fit` reads it, or for the vocabulary test
+    uniformly random indices over the scaled vocabulary (the worst case for a sparse update)."""
+    import torch
+
+    from ..data.dataset import iterate_batches
+
+    if job.vocab_rows:
+        g = torch.Generator().manual_seed(job.seed)
+        while True:
+            x = torch.stack([torch.randint(0, c, (job.batch_size,), generator=g) for c in cards], dim=1)
+            yield x, (torch.rand(job.batch_size, generator=g) < 0.25).float()
+    epoch = 1
+    while True:
+        yield from iterate_batches(data.splits["train"], job.batch_size, (job.seed, epoch), shuffle_block_rows)
+        epoch += 1
+
+
+def _roofline_fields(prefix: str, rates: list[dict], measured: list[float], flops_per_sample: float) -> dict[str, Any]:
+    """Per round: roofline samples/s for each replay (best, step's layout, best aten) and the
+    measured rate's fraction of it; the report keeps the medians over rounds."""
+    out: dict[str, Any] = {}
+    for kind, suffix in (("best", ""), ("step", "_step_layout"), ("best_mkl", "_best_aten")):
+        roofs = [r[kind] * 1e9 / flops_per_sample for r in rates]
+        out[f"roofline_{prefix}_samples_per_s{suffix}"] = _median(roofs)
+        out[f"{prefix}_roofline_fraction{suffix}"] = _median([m / f for m, f in zip(measured, roofs)])
+        out[f"gemm_gflops_{prefix}{suffix}"] = _median([r[kind] for r in rates])
+    return out
+
+
 def run_job(job: Job) -> dict[str, Any]:
     import numpy as np
     import torch
@@ -92,12 +129,15 @@ def run_job(job: Job) -> dict[str, Any]:
     from ..config import TrainConfig
     from ..data.dataset import iterate_batches, load_prepared
     from ..models import build_model
+    from ..models.layers import gemm_backend
+    from ..training.memory import keep_freed_memory
     from ..training.metrics import auc
-    from ..training.trainer import Optimizer, _finite_step, loss_fn, seed_everything
+    from ..training.trainer import Optimizer, seed_everything, train_step
     from .flops import counted_flops_per_sample
-    from .matmul import gemm_rate, record_matmuls
+    from .matmul import Roofline, record_products
 
     torch.set_num_threads(job.threads)
+    keep_freed_memory()  # as fit does
     seed_everything(job.seed)
     data = load_prepared(job.data)
     cards = data.cardinalities
@@ -111,70 +151,65 @@ def run_job(job: Job) -> dict[str, Any]:
     res: dict[str, Any] = {"model": job.model, "precision": job.precision, "threads": torch.get_num_threads()}
     res["embedding_rows"] = sum(cards)
     res["parameters"] = sum(p.numel() for p in model.parameters())
-
-    # --- FLOPs and roofline
+    res["gemm_backend"] = gemm_backend()
     flops = counted_flops_per_sample(model, cards)
-    gen = torch.Generator().manual_seed(1)
-    x_rand = torch.stack([torch.randint(0, c, (job.batch_size,), generator=gen) for c in cards], dim=1)
-    matmuls = record_matmuls(model, x_rand)
-    replay = lambda: gemm_rate(matmuls, dtype, min_seconds=0.002 if job.quick else 0.05, repeats=1 if job.quick else 3)  # noqa: E731
-    rate = replay()  # measured again after training: the mean of both is used (a shared machine's load drifts)
-    res.update(
-        flops_forward_per_sample=flops.forward, flops_train_per_sample=flops.train,
-        gemm_gflops=rate.gflops if rate.shapes else None, roofline_train_samples_per_s=rate.gflops * 1e9 / flops.train if flops.train and rate.shapes else None,
-        roofline_predict_samples_per_s=rate.gflops * 1e9 / flops.forward if flops.forward and rate.shapes else None,
-    )
+    res.update(flops_forward_per_sample=flops.forward, flops_train_per_sample=flops.train)
+    has_matmuls = flops.train > 0 and not job.vocab_rows  # the vocabulary test measures the step only
+    timing = dict(rounds=1, min_seconds=0.001) if job.quick else dict(rounds=3, min_seconds=0.005)
 
-    # --- training: the trainer's step, data wait timed apart
+    # --- training: the trainer's own step (train_step), in rounds; after each round the step's
+    # matrix products are replayed (own layouts, best layouts), so that each fraction compares
+    # a step and a roofline measured under the same load
     optimizer = Optimizer(model, tcfg)
+    res["embedding_update"] = optimizer.embedding_update
     model.train()
-    if job.vocab_rows:  # random indices over the scaled vocabulary (worst case: few repeated rows)
-        def batches():
-            g = torch.Generator().manual_seed(job.seed)
-            while True:
-                x = torch.stack([torch.randint(0, c, (job.batch_size,), generator=g) for c in cards], dim=1)
-                yield x, (torch.rand(job.batch_size, generator=g) < 0.25).float()
-        it = batches()
-    else:
-        def batches():
-            epoch = 1
-            while True:
-                yield from iterate_batches(data.splits["train"], job.batch_size, (job.seed, epoch), tcfg.shuffle_block_rows)
-                epoch += 1
-        it = batches()
-    wait = step_time = step_cpu = 0.0
-    n_rows = 0
-    # the first steps allocate the optimizer state (SparseAdam's moments: 2x the table, page
-    # faults on first touch): the vocabulary test warms up longer so that it measures steady state
+    it = _train_batches(job, data, cards, tcfg.shuffle_block_rows)
+    # the first steps allocate the optimizer state (the moments: 2x the table, page faults on
+    # first touch): the vocabulary test warms up longer so that it measures steady state
     warmup = max(job.warmup, 3 if job.quick else 20) if job.vocab_rows else job.warmup
-    for i in range(warmup + job.steps):
-        t0 = time.perf_counter()
+    for _ in range(warmup):
         x, y = next(it)
-        t1 = time.perf_counter()
-        c1 = time.process_time()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss, _ = loss_fn(model, x, y, tcfg)
-        optimizer.zero_grad()
-        loss.backward()
-        if _finite_step(loss, model):
-            optimizer.step()
-        t2 = time.perf_counter()
-        if i >= warmup:
+        train_step(model, optimizer, x, y, tcfg)
+    roof = None
+    if has_matmuls:
+        x, y = next(it)
+        roof = Roofline(record_products(lambda: train_step(model, optimizer, x, y, tcfg)), dtype)
+        roof.choose(rounds=timing["rounds"] + 2, min_seconds=timing["min_seconds"])
+        res["train_products_flops_per_sample"] = roof.step_flops / job.batch_size  # = flops_train_per_sample (tested)
+        res["train_products"] = roof.layouts()
+    rounds = max(1, min(job.rounds, job.steps))
+    wait = step_time = step_cpu = 0.0
+    n_rows = n_steps = 0
+    round_rates, rates = [], []
+    for r in range(rounds):
+        r_time, r_rows = 0.0, 0
+        for _ in range(job.steps // rounds + (1 if r < job.steps % rounds else 0)):
+            t0 = time.perf_counter()
+            x, y = next(it)
+            t1 = time.perf_counter()
+            c1 = time.process_time()
+            step = train_step(model, optimizer, x, y, tcfg)
+            t2 = time.perf_counter()
             wait += t1 - t0
-            step_time += t2 - t1
+            r_time += t2 - t1
             step_cpu += time.process_time() - c1
-            n_rows += len(y)
+            r_rows += len(y)
+            n_steps += 1
+        step_time += r_time
+        n_rows += r_rows
+        round_rates.append(r_rows / r_time)
+        if roof is not None:
+            rates.append(roof.replay(**timing))
     res["train_samples_per_s"] = n_rows / step_time
-    rate_after = replay()
-    res["gemm_gflops_before_after_training"] = [rate.gflops, rate_after.gflops]
-    if rate.shapes:
-        gflops = (rate.gflops + rate_after.gflops) / 2
-        res.update(gemm_gflops=gflops, roofline_train_samples_per_s=gflops * 1e9 / flops.train,
-                   roofline_predict_samples_per_s=gflops * 1e9 / flops.forward)
-    res["train_step_ms"] = 1000 * step_time / job.steps
-    res["train_step_cpu_ms"] = 1000 * step_cpu / job.steps  # process CPU time (all threads): less sensitive to load
-    roof = res["roofline_train_samples_per_s"]
-    res["train_roofline_fraction"] = res["train_samples_per_s"] / roof if roof else None  # None: no matmuls (LR, FM)
+    res["train_samples_per_s_rounds"] = round_rates
+    res["train_step_ms"] = 1000 * step_time / n_steps
+    res["train_step_cpu_ms"] = 1000 * step_cpu / n_steps  # process CPU time (all threads): less sensitive to load
+    # None: no matmuls (LR, FM) or the vocabulary test
+    res.update(train_roofline_fraction=None, roofline_train_samples_per_s=None, gemm_gflops=None)
+    if roof is not None:
+        res.update(_roofline_fields("train", rates, round_rates, flops.train))
+        res["gemm_gflops"] = res["gemm_gflops_train"]
+        res["gemm_gflops_rounds"] = rates
     res["data_wait_fraction"] = wait / (wait + step_time)
     if not job.vocab_rows:
         train = data.splits["train"]
@@ -183,8 +218,8 @@ def run_job(job: Job) -> dict[str, Any]:
             nb += 1
         per_batch = (time.perf_counter() - t0) / max(nb, 1)
         res["data_ms_per_batch"] = 1000 * per_batch
-        res["data_cost_fraction"] = per_batch / (per_batch + step_time / job.steps)
-    res["final_train_loss"] = float(loss.item())
+        res["data_cost_fraction"] = per_batch / (per_batch + step_time / n_steps)
+    res["final_train_loss"] = float(step.loss.item())
     if job.vocab_rows:
         res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return res
@@ -212,20 +247,29 @@ def run_job(job: Job) -> dict[str, Any]:
                 f(c)
         return reps * n_pred / (time.perf_counter() - t0)
 
-    def latency(f) -> tuple[float, float]:
-        cand = x_test[:1000]
-        for _ in range(5):
-            f(cand)
-        ts = _time_reps(lambda: f(cand), job.latency_reps)
-        return 1000 * _percentile(ts, 50), 1000 * _percentile(ts, 99)
+    def predict_with_roofline(f, batch: int) -> tuple[float, dict[str, Any]]:
+        """samples/s at `batch` (median of rounds) and, with matmuls, its roofline at the
+        forward's own products (replayed after each round)."""
+        if not has_matmuls:
+            return _median([predict_rate(f, batch) for _ in range(rounds)]), {}
+        with torch.inference_mode():
+            pred_roof = Roofline(record_products(lambda: f(x_test[:batch])), dtype)
+        pred_roof.choose(rounds=timing["rounds"] + 2, min_seconds=timing["min_seconds"])
+        measured, pred_rates = [], []
+        for _ in range(rounds):
+            measured.append(predict_rate(f, batch))
+            pred_rates.append(pred_roof.replay(**timing))
+        return _median(measured), _roofline_fields(f"predict_{batch}", pred_rates, measured, flops.forward)
 
     f32 = forward_fn(model, False)
     ref = torch.sigmoid(torch.cat([f32(c) for c in x_test[: job.auc_rows].split(8192)])).double().numpy()
     ref_auc = auc(y_test[: len(ref)], ref) if 0 < y_test[: len(ref)].sum() < len(ref) else float("nan")
     main = forward_fn(model, bf16)
-    res["predict_samples_per_s"] = predict_rate(main, 8192)
-    res["predict_1024_samples_per_s"] = predict_rate(main, 1024)
-    res["latency_1000_p50_ms"], res["latency_1000_p99_ms"] = latency(main)
+    res["predict_samples_per_s"], roof_8k = predict_with_roofline(main, 8192)
+    res["predict_1024_samples_per_s"], roof_1k = predict_with_roofline(main, 1024)
+    res.update(roof_8k)
+    res.update(roof_1k)
+    res["latency_1000_p50_ms"], res["latency_1000_p99_ms"] = latency(main, x_test, job)
     res["test_auc_fp32_forward"] = ref_auc
     if bf16:
         p = torch.sigmoid(torch.cat([main(c) for c in x_test[: job.auc_rows].split(8192)])).double().numpy()
@@ -241,11 +285,20 @@ def run_job(job: Job) -> dict[str, Any]:
         fq = forward_fn(q, False)
         res["int8_predict_samples_per_s"] = predict_rate(fq, 8192)
         res["int8_predict_1024_samples_per_s"] = predict_rate(fq, 1024)
-        res["int8_latency_1000_p50_ms"], res["int8_latency_1000_p99_ms"] = latency(fq)
+        res["int8_latency_1000_p50_ms"], res["int8_latency_1000_p99_ms"] = latency(fq, x_test, job)
         p = torch.sigmoid(torch.cat([fq(c) for c in x_test[: job.auc_rows].split(8192)])).double().numpy()
         res["int8_test_auc_delta_vs_fp32"] = auc(y_test[: len(p)], p) - ref_auc
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return res
+
+
+def latency(f, x_test, job: Job) -> tuple[float, float]:
+    """p50 and p99 ms of one request: a forward of 1,000 candidate rows."""
+    cand = x_test[:1000]
+    for _ in range(5):
+        f(cand)
+    ts = _time_reps(lambda: f(cand), job.latency_reps)
+    return 1000 * _percentile(ts, 50), 1000 * _percentile(ts, 99)
 
 
 # ---------------------------------------------------------------------------

@@ -6,8 +6,9 @@ Shapes: B = batch, f = number of fields, k = embedding size.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,18 @@ def set_gemm_backend(name: Optional[str]) -> None:
     if name not in (None, "onednn", "torch"):
         raise ValueError(f"GEMM backend must be 'onednn' or 'torch', got {name!r}")
     _backend = name
+
+
+@contextlib.contextmanager
+def using_gemm_backend(name: Optional[str]) -> Iterator[None]:
+    """set_gemm_backend(name) for the duration of a with block (benchmarks, FLOP counting)."""
+    global _backend
+    saved = _backend
+    set_gemm_backend(name)
+    try:
+        yield
+    finally:
+        _backend = saved
 
 
 def gemm_backend() -> str:

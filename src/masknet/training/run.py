@@ -7,7 +7,8 @@ A run folder holds:
     model.safetensors the best epoch's weights (no pickle anywhere)
     dataset.json     the dataset's meta (fields, split sizes, source; the encoder for prepared data)
     metrics.json     {"valid": {auc, logloss}, "test": {auc, logloss}, "oracle_auc", "train_seconds",
-                      "samples_per_second", "best_epoch", "model", ["relaimp", "base_run"]}
+                      "samples_per_second", "best_epoch", "model", "kernels" (GEMM kernel and embedding
+                      update, docs/performance.md), ["relaimp", "base_run"]}
     log.jsonl        one line per epoch (and an {"event": "resume"} line where a resume changed settings)
     encoder.json     (prepared data only) the fitted encoder: turns raw rows into the model's inputs
     manifest.json    versions and the SHA-256 of every file above (masknet.serving.bundle), written last
@@ -33,11 +34,12 @@ from ..data.synthetic import generate
 from ..errors import ConfigError, UserError
 from ..integrity import write_atomic
 from ..models import CTRModel, build_model
+from ..models.layers import gemm_backend
 from . import runfolder
 from .checkpoint import find_resumable, latest_checkpoint, remove_stale_temp
 from .distributed import barrier, init_from_env
 from .metrics import auc, relaimp
-from .trainer import TrainingDiverged, evaluate, fit, seed_everything
+from .trainer import TrainingDiverged, embedding_update, evaluate, fit, seed_everything
 
 
 @dataclass
@@ -172,6 +174,11 @@ def train_run(
             "sparse_embedding_gradients": ctx.sparse_allreduce and cfg.train.sparse_embeddings,
         }
     metrics["device"] = ctx.device
+    # what ran the step (docs/performance.md): the GEMM kernel and the embedding tables' update
+    metrics["kernels"] = {
+        "gemm": gemm_backend() if ctx.device == "cpu" else "torch",
+        "embedding_update": embedding_update(cfg.train.sparse_embeddings and ctx.sparse_allreduce),
+    }
     if not ctx.is_main:  # only rank 0 writes the run folder and the bundle
         return RunResult(out, metrics, model)
     write_bundle(out, model, cfg, data, metrics)

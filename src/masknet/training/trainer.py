@@ -25,6 +25,8 @@ from ..errors import UserError
 from ..models.base import CTRModel
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import DistContext, gather_concat, rng_states
+from .embedding_update import LazyAdam
+from .memory import keep_freed_memory
 from .metrics import auc, logloss
 
 
@@ -73,14 +75,16 @@ def evaluate(model: CTRModel, split: Split, batch_size: int = 8192, ctx: DistCon
 
 
 class Optimizer:
-    """Adam for the dense parameters, plus, with `sparse_embeddings`, SparseAdam for the tables.
+    """Adam for the dense parameters, plus, with `sparse_embeddings`, lazy Adam for the tables.
 
-    SparseAdam is "lazy" Adam: only the rows a batch looked up have their moments and values
-    updated, so a step costs O(rows touched) instead of O(vocabulary). Rows not in the batch
-    keep their moments unchanged (dense Adam would decay them); this is the usual choice for
-    CTR embeddings (TensorFlow's LazyAdam, TorchRec's fused row-wise optimizers).
+    Lazy Adam (SparseAdam's update, run by embedding_update.LazyAdam in fewer passes): only
+    the rows a batch looked up have their moments and values updated, so a step costs
+    O(rows touched) instead of O(vocabulary). Rows not in the batch keep their moments
+    unchanged (dense Adam would decay them); this is the usual choice for CTR embeddings
+    (TensorFlow's LazyAdam, TorchRec's fused row-wise optimizers).
     Adam runs fused (one pass over each tensor instead of one per arithmetic op: same update,
     about 6x less optimizer time on CPU, docs/performance.md).
+    `embedding_update` names what updates the tables (recorded in metrics.json).
     """
 
     def __init__(self, model: CTRModel, cfg: TrainConfig, sparse: Optional[bool] = None):
@@ -91,11 +95,12 @@ class Optimizer:
         if sparse:
             table_ids = {id(t.weight) for t in tables}
             dense = [p for p in model.parameters() if id(p) not in table_ids]
-            self.optimizers = [torch.optim.SparseAdam([t.weight for t in tables], lr=cfg.lr)]
+            self.optimizers = [LazyAdam([t.weight for t in tables], lr=cfg.lr)]
             if dense:
                 self.optimizers.append(torch.optim.Adam(dense, lr=cfg.lr, fused=True))
         else:
             self.optimizers = [torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)]
+        self.embedding_update = embedding_update(sparse)
 
     def zero_grad(self) -> None:
         for opt in self.optimizers:
@@ -104,6 +109,11 @@ class Optimizer:
     def step(self) -> None:
         for opt in self.optimizers:
             opt.step()
+
+
+def embedding_update(sparse: bool) -> str:
+    """What updates the embedding tables: row-wise lazy Adam with sparse gradients, else dense Adam."""
+    return "lazy-adam-row-wise" if sparse else "adam-dense"
 
 
 @dataclass
@@ -137,7 +147,32 @@ def _finite_step(loss: torch.Tensor, model: CTRModel) -> bool:
     if not torch.isfinite(loss):
         return False
     grads = [p.grad for p in model.dense_weights() if p.grad is not None]
-    return not grads or bool(torch.isfinite(torch.stack([g.norm() for g in grads])).all())
+    # one multi-tensor kernel for all the norms (a NaN or inf anywhere makes its norm non-finite)
+    return not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # the objective (log loss + L2) of the batch
+    bce: torch.Tensor  # its log loss alone
+    applied: bool  # False: the loss or a gradient was not finite and the update was skipped
+
+
+def train_step(
+    model: CTRModel, optimizer: Optimizer, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
+    forward: Optional[torch.nn.Module] = None,
+) -> StepResult:
+    """One optimizer step on the batch (x, y): forward (bf16 autocast with `cfg.precision`),
+    loss, backward, and the update, unless the loss or a gradient is not finite.
+    The one step `fit` and `masknet bench` both run."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        loss, bce = loss_fn(model, x, y, cfg, forward)
+    optimizer.zero_grad()
+    loss.backward()
+    applied = _finite_step(loss, model)
+    if applied:
+        optimizer.step()
+    return StepResult(loss, bce, applied)
 
 
 def _summed_over_ranks(st: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -175,6 +210,7 @@ def fit(
         raise UserError("the valid split has only one class: validation AUC is undefined")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    keep_freed_memory()  # every step allocates the same tensors again: no page faults for them
     device = torch.device(ctx.device)
     model.to(device)
     # NCCL cannot all-reduce sparse gradients: multi-GPU runs update the tables densely
@@ -223,14 +259,11 @@ def fit(
                 lo, hi = ctx.shard(len(y))
                 x, y = x[lo:hi], y[lo:hi]
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                loss, bce = loss_fn(model, x, y, cfg, forward)
-            optimizer.zero_grad()
-            loss.backward()
+            result = train_step(model, optimizer, x, y, cfg, forward)
+            loss, bce = result.loss, result.bce
             st["step"] += 1
             st["global_step"] += 1
-            if _finite_step(loss, model):
-                optimizer.step()
+            if result.applied:
                 st["epoch_loss_sum"] += bce.item() * len(y)
                 st["epoch_seen"] += len(y)
             elif cfg.on_nan == "skip-batch":
