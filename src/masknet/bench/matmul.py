@@ -154,18 +154,23 @@ def _calls_for(fn: Callable[[], object], min_seconds: float) -> int:
     return max(1, int(min_seconds / once + 0.999))
 
 
-def time_interleaved(fns: dict, rounds: int, min_seconds: float) -> dict:
+def time_interleaved(fns: dict, rounds: int, min_seconds: float, cpu: bool = False) -> dict:
     """Median seconds per call of each fn, timed in `rounds` interleaved rounds (a shared
-    machine's load drifts: every candidate sees the same drift)."""
+    machine's load drifts: every candidate sees the same drift). With `cpu`, the medians of
+    process CPU seconds per call as well: {k: (wall, cpu)}."""
     calls = {k: _calls_for(f, min_seconds) for k, f in fns.items()}
-    times: dict = {k: [] for k in fns}
+    wall: dict = {k: [] for k in fns}
+    cpu_s: dict = {k: [] for k in fns}
     for _ in range(rounds):
         for k, f in fns.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             for _ in range(calls[k]):
                 f()
-            times[k].append((time.perf_counter() - t0) / calls[k])
-    return {k: statistics.median(v) for k, v in times.items()}
+            wall[k].append((time.perf_counter() - t0) / calls[k])
+            cpu_s[k].append((time.process_time() - c0) / calls[k])
+    if not cpu:
+        return {k: statistics.median(v) for k, v in wall.items()}
+    return {k: (statistics.median(wall[k]), statistics.median(cpu_s[k])) for k in fns}
 
 
 @dataclass
@@ -177,6 +182,7 @@ class Roofline:
     dtype: torch.dtype
     best: Optional[dict] = None  # Product -> fastest candidate
     best_mkl: Optional[dict] = None
+    times: Optional[dict] = None  # Product -> {"step", "best", "best_mkl"}: median seconds in choose()
 
     @property
     def step_flops(self) -> float:
@@ -184,7 +190,7 @@ class Roofline:
 
     def choose(self, rounds: int = 5, min_seconds: float = 0.01) -> None:
         """Time every candidate of every distinct shape (interleaved rounds, medians) and keep the fastest."""
-        self.best, self.best_mkl = {}, {}
+        self.best, self.best_mkl, self.times = {}, {}, {}
         by_shape: dict = {}
         for p in self.products:
             by_shape.setdefault(p.shape_key(), []).append(p)
@@ -195,32 +201,37 @@ class Roofline:
             best_mkl = min((c for c in cands if c.kernel == "mkl"), key=t.get)
             for p in same_shape:
                 self.best[p], self.best_mkl[p] = best, best_mkl
+                self.times[p] = {"step": t[p], "best": t[best], "best_mkl": t[best_mkl]}
 
     def replay(self, rounds: int = 3, min_seconds: float = 0.005) -> dict[str, float]:
-        """GFLOP/s over the step's products: in the step's layouts, the best ones, the best MKL
-        ones (each product's three versions timed in interleaved rounds, medians)."""
+        """GFLOP/s over the step's products: in the step's layouts ("step"), the best ones
+        ("best"), the best MKL ones ("best_mkl"); each product's three versions timed in
+        interleaved rounds (medians). The same three per process-CPU second: "step_cpu", ...
+        (with one thread, the figure a shared machine's load disturbs least)."""
         if self.best is None:
             self.choose()
-        total = {"step": 0.0, "best": 0.0, "best_mkl": 0.0}
+        total = {k: 0.0 for k in ("step", "best", "best_mkl", "step_cpu", "best_cpu", "best_mkl_cpu")}
         for p, count in self.products.items():
             versions = {"step": p, "best": self.best[p], "best_mkl": self.best_mkl[p]}
-            fns = {k: _runner(v, self.dtype) for k, v in versions.items()}
-            t = time_interleaved(fns, rounds, min_seconds)
+            t = time_interleaved({k: _runner(v, self.dtype) for k, v in versions.items()}, rounds, min_seconds, cpu=True)
             # the step's own layout is a candidate too: where this round timed it (or the MKL
             # choice) faster than the chosen best, the choice was load noise and the faster counts
-            t["best"] = min(t.values())
-            if p.kernel == "mkl":
-                t["best_mkl"] = min(t["best_mkl"], t["step"])
-            for k in total:
-                total[k] += count * t[k]
+            for i, suffix in ((0, ""), (1, "_cpu")):
+                own = {k: v[i] for k, v in t.items()}
+                own["best"] = min(own.values())
+                if p.kernel == "mkl":
+                    own["best_mkl"] = min(own["best_mkl"], own["step"])
+                for k in ("step", "best", "best_mkl"):
+                    total[k + suffix] += count * own[k]
         return {k: self.step_flops / v / 1e9 if v else 0.0 for k, v in total.items()}
 
     def layouts(self) -> list[dict]:
-        """Per product: shape, count, the step's layout and the best one (for the JSON report)."""
+        """Per product: shape, count, the step's layout, the best ones, and each one's time (ms, from choose)."""
         def name(p: Product) -> str:
             return f"{p.kernel}:{'At' if p.a_t else 'A'}{'Bt' if p.b_t else 'B'}{'->Ct' if p.out_t else ''}"
         return [
             {"m": p.m, "n": p.n, "k": p.k, "batch": p.batch, "count": n, "step": name(p),
-             "best": name(self.best[p]) if self.best else None, "best_mkl": name(self.best_mkl[p]) if self.best_mkl else None}
+             "best": name(self.best[p]) if self.best else None, "best_mkl": name(self.best_mkl[p]) if self.best_mkl else None,
+             **({f"{k}_ms": 1000 * v for k, v in self.times[p].items()} if self.times else {})}
             for p, n in self.products.items()
         ]

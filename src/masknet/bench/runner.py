@@ -110,15 +110,17 @@ def _train_batches(job: Job, data, cards: list[int], shuffle_block_rows: int):
         epoch += 1
 
 
-def _roofline_fields(prefix: str, rates: list[dict], measured: list[float], flops_per_sample: float) -> dict[str, Any]:
-    """Per round: roofline samples/s for each replay (best, step's layout, best aten) and the
-    measured rate's fraction of it; the report keeps the medians over rounds."""
+def _roofline_fields(prefix: str, rates: list[dict], measured: list[tuple[float, float]], flops_per_sample: float) -> dict[str, Any]:
+    """Per round: roofline samples/s for each replay (best, the step's layout, best on MKL) and
+    the measured rate's fraction of it, by wall time and by process CPU time (measured: per
+    round (samples per wall second, samples per CPU second)); the report keeps the medians."""
     out: dict[str, Any] = {}
     for kind, suffix in (("best", ""), ("step", "_step_layout"), ("best_mkl", "_best_aten")):
-        roofs = [r[kind] * 1e9 / flops_per_sample for r in rates]
-        out[f"roofline_{prefix}_samples_per_s{suffix}"] = _median(roofs)
-        out[f"{prefix}_roofline_fraction{suffix}"] = _median([m / f for m, f in zip(measured, roofs)])
-        out[f"gemm_gflops_{prefix}{suffix}"] = _median([r[kind] for r in rates])
+        for clock, i, tag in (("", 0, ""), ("_cpu", 1, "_cpu")):
+            roofs = [r[kind + clock] * 1e9 / flops_per_sample for r in rates]
+            out[f"roofline_{prefix}_samples_per_s{suffix}{tag}"] = _median(roofs)
+            out[f"{prefix}_roofline_fraction{suffix}{tag}"] = _median([m[i] / f for m, f in zip(measured, roofs)])
+            out[f"gemm_gflops_{prefix}{suffix}{tag}"] = _median([r[kind + clock] for r in rates])
     return out
 
 
@@ -180,9 +182,9 @@ def run_job(job: Job) -> dict[str, Any]:
     rounds = max(1, min(job.rounds, job.steps))
     wait = step_time = step_cpu = 0.0
     n_rows = n_steps = 0
-    round_rates, rates = [], []
+    round_rates, rates = [], []  # per round: (samples per second, samples per CPU second)
     for r in range(rounds):
-        r_time, r_rows = 0.0, 0
+        r_time, r_cpu, r_rows = 0.0, 0.0, 0
         for _ in range(job.steps // rounds + (1 if r < job.steps % rounds else 0)):
             t0 = time.perf_counter()
             x, y = next(it)
@@ -192,16 +194,18 @@ def run_job(job: Job) -> dict[str, Any]:
             t2 = time.perf_counter()
             wait += t1 - t0
             r_time += t2 - t1
-            step_cpu += time.process_time() - c1
+            r_cpu += time.process_time() - c1
             r_rows += len(y)
             n_steps += 1
         step_time += r_time
+        step_cpu += r_cpu
         n_rows += r_rows
-        round_rates.append(r_rows / r_time)
+        round_rates.append((r_rows / r_time, r_rows / r_cpu))
         if roof is not None:
             rates.append(roof.replay(**timing))
     res["train_samples_per_s"] = n_rows / step_time
-    res["train_samples_per_s_rounds"] = round_rates
+    res["train_samples_per_s_rounds"] = [r[0] for r in round_rates]
+    res["train_samples_per_cpu_s"] = n_rows / step_cpu
     res["train_step_ms"] = 1000 * step_time / n_steps
     res["train_step_cpu_ms"] = 1000 * step_cpu / n_steps  # process CPU time (all threads): less sensitive to load
     # None: no matmuls (LR, FM) or the vocabulary test
@@ -237,15 +241,19 @@ def run_job(job: Job) -> dict[str, Any]:
                 return m(x).float()
         return f
 
-    def predict_rate(f, batch: int) -> float:
+    def predict_rates(f, batch: int) -> tuple[float, float]:
+        """(samples per second, samples per process-CPU second) over the test rows at `batch`."""
         chunks = list(x_test.split(batch))
         f(chunks[0])  # warm-up
         reps = 1 if job.quick else max(1, (32768 + n_pred - 1) // n_pred)
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         for _ in range(reps):
             for c in chunks:
                 f(c)
-        return reps * n_pred / (time.perf_counter() - t0)
+        return reps * n_pred / (time.perf_counter() - t0), reps * n_pred / max(time.process_time() - c0, 1e-9)
+
+    def predict_rate(f, batch: int) -> float:
+        return predict_rates(f, batch)[0]
 
     def predict_with_roofline(f, batch: int) -> tuple[float, dict[str, Any]]:
         """samples/s at `batch` (median of rounds) and, with matmuls, its roofline at the
@@ -257,9 +265,11 @@ def run_job(job: Job) -> dict[str, Any]:
         pred_roof.choose(rounds=timing["rounds"] + 2, min_seconds=timing["min_seconds"])
         measured, pred_rates = [], []
         for _ in range(rounds):
-            measured.append(predict_rate(f, batch))
+            measured.append(predict_rates(f, batch))
             pred_rates.append(pred_roof.replay(**timing))
-        return _median(measured), _roofline_fields(f"predict_{batch}", pred_rates, measured, flops.forward)
+        fields = _roofline_fields(f"predict_{batch}", pred_rates, measured, flops.forward)
+        fields[f"predict_{batch}_samples_per_cpu_s"] = _median([m[1] for m in measured])
+        return _median([m[0] for m in measured]), fields
 
     f32 = forward_fn(model, False)
     ref = torch.sigmoid(torch.cat([f32(c) for c in x_test[: job.auc_rows].split(8192)])).double().numpy()
