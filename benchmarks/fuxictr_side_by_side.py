@@ -66,6 +66,7 @@ def fuxictr_model(masknet_cls, cards: list[int], name: str, model_root: str):
         model_type="SerialMaskNet" if name == "sermasknet" else "ParallelMaskNet", parallel_num_blocks=3,
         parallel_block_dim=400, reduction_ratio=2, net_dropout=0, emb_layernorm=True, net_layernorm=True,
         optimizer="adam", loss="binary_crossentropy", task="binary_classification", model_root=model_root,
+        verbose=0, metrics=["AUC"],
     )
     model._max_gradient_norm = 10.0  # what its fit() sets before training
     return model
