@@ -27,11 +27,16 @@ def test_masknet_flops_match_closed_form():
     assert abs(linear_flops_per_sample(ser) / 1e6 - 4.7) < 0.05  # the paper config: ~4.7 MFLOP per row forward
 
 
-def test_bench_quick(tmp_path):
+def test_bench_quick(tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = main(["bench", "--quick", "--models", "fm,sermasknet", "--precisions", "fp32", "--threads", "1", "--output", str(out)])
     assert rc == 0
     report = json.loads(out.read_text())
+    # the figures of a --quick run are labelled as a smoke test: above and below the table, last line, JSON
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[0].startswith("SMOKE TEST") and printed[-1].startswith("SMOKE TEST")
+    assert sum(line.startswith("SMOKE TEST") for line in printed) == 3
+    assert report["smoke_test"].startswith("SMOKE TEST")
     for model in ("fm", "sermasknet"):
         r = report["models"][model]["fp32"]
         assert "error" not in r, r

@@ -35,10 +35,34 @@ PLOTS = [
 ]
 
 
-def test_reproduce_end_to_end_and_resume(tmp_path, capsys):
+def test_reproduce_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
+    from masknet.experiments import plots
+
+    figures = {}
+    save = plots._save
+
+    def inspect_and_save(fig, path):
+        axes = fig.axes
+        twins = [ax for ax in axes if len(ax.get_shared_x_axes().get_siblings(ax)) > 1]
+        titles = [fig._suptitle.get_text() if fig._suptitle else ""] + [ax.get_title() for ax in axes]
+        figures[path.name] = {"axes": len(axes), "twins": len(twins), "title": " ".join(titles)}
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", inspect_and_save)
     out = tmp_path / "rep"
     assert main(["reproduce", *TINY, "--output", str(out)]) == 0
     report = (out / "report.md").read_text()
+    check_markdown_tables(report)
+    assert report.splitlines()[2].startswith("> **Smoke run.** The `quick` preset")
+    assert "issue" not in report.lower()
+    assert set(figures) == set(PLOTS)
+    for name, fig in figures.items():
+        assert fig["twins"] == 0, name  # no second y-axis anywhere
+        assert "synthetic-2k · 1 seed (2021) · preset quick" in fig["title"], (name, fig["title"])
+        if name.startswith("table"):
+            assert fig["axes"] == 1, name
+    assert figures["rq4_mask_heatmaps.png"]["axes"] == 3 * 3 * 2  # rows A, B, A − B; 3 blocks; each with a colour bar
+    assert "A − B" in figures["rq4_mask_heatmaps.png"]["title"]
     for section in SECTIONS:
         assert section in report, section
     for plot in PLOTS:
@@ -74,6 +98,45 @@ def test_reproduce_end_to_end_and_resume(tmp_path, capsys):
     assert (out / "cells" / victim / "result.json").is_file()
     assert kept.stat().st_mtime_ns == kept_mtime
     assert doc2["cells"]["dnn-base-s2021"] == doc["cells"]["dnn-base-s2021"]
+
+
+def check_markdown_tables(text: str) -> None:
+    """Render with a Markdown parser: every table block of the source is one table, and each of
+    its rows has the header's number of cells."""
+    from markdown_it import MarkdownIt
+
+    tokens = MarkdownIt("commonmark").enable("table").parse(text)
+    tables, cells, current = [], [], None
+    for t in tokens:
+        if t.type == "table_open":
+            current = []
+        elif t.type == "tr_open" and current is not None:
+            cells = []
+        elif t.type in ("th_open", "td_open"):
+            cells.append(t.type)
+        elif t.type == "tr_close" and current is not None:
+            current.append(len(cells))
+        elif t.type == "table_close":
+            tables.append(current)
+            current = None
+    blocks, in_block = 0, False
+    for line in text.splitlines():
+        starts = line.startswith("|")
+        blocks += starts and not in_block
+        in_block = starts
+    assert len(tables) == blocks, f"{blocks} pipe-table blocks in the source, {len(tables)} rendered as tables"
+    for rows in tables:
+        assert len(rows) >= 2 and len(set(rows)) == 1, rows
+
+
+def test_table_helper_escapes_pipes():
+    from masknet.experiments.report import md_table
+
+    lines = md_table(["share |v| < 0.1", "b"], [["x | y", "two\nlines"]])
+    check_markdown_tables("\n".join(lines))
+    assert lines[0] == "| share \\|v\\| < 0.1 | b |" and lines[2] == "| x \\| y | two lines |"
+    with pytest.raises(ValueError):
+        md_table(["a", "b"], [["only one"]])
 
 
 def test_tables_option_and_errors(capsys):

@@ -12,6 +12,21 @@ from .errors import UserError
 
 SubcommandSetup = Callable[[argparse._SubParsersAction], None]
 
+# What each optional part of masknet needs (pyproject.toml's extras): checked before the
+# command starts, so a base install says in one line what to install.
+EXTRAS = {
+    "serve": ("onnx", "onnxruntime", "fastapi", "uvicorn", "msgspec"),
+    "plots": ("matplotlib",),
+}
+
+
+def _require(extra: str, command: str) -> None:
+    import importlib.util
+
+    missing = [m for m in EXTRAS[extra] if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"{command} needs the [{extra}] extra ({', '.join(missing)} missing): pip install 'masknet[{extra}]'")
+
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from .config import MODEL_NAMES
@@ -70,6 +85,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="train with N processes (DistributedDataParallel; gloo on CPU, NCCL on CUDA): launches torchrun for you; "
         "needs --output. Equivalent to `torchrun --nproc_per_node=N -m masknet train ...`",
     )
+    p.add_argument(
+        "--log",
+        action="append",
+        default=[],
+        choices=("tensorboard", "mlflow"),
+        help="also log loss, AUC, learning rate and samples/s per evaluation to TensorBoard (RUN/tensorboard; "
+        "pip install tensorboard) or MLflow (MLFLOW_TRACKING_URI; pip install mlflow); repeatable. "
+        "Same as --set train.tensorboard=true / train.mlflow=true",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_train)
 
@@ -104,6 +128,8 @@ def _run_train(args: argparse.Namespace) -> int:
         cfg.base_run = args.base_run
     if args.quiet:
         cfg.train.progress = False
+    for tracker in args.log:
+        setattr(cfg.train, tracker, True)
     for assignment in args.set:
         apply_override(cfg, assignment)
     if saved_run and cfg.output is None and os.environ.get("WORLD_SIZE", "1") == "1":
@@ -394,6 +420,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    _require("serve", "masknet export")
     from .serving.bundle import verify_and_load
     from .serving.export import export_onnx
 
@@ -432,6 +459,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    _require("serve", "masknet serve")
     from .serving.bundle import verify_and_load
     from .serving.service import serve
 
@@ -489,6 +517,7 @@ def _run_reproduce(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
+    _require("plots", "masknet reproduce")
     from .experiments.plan import PRESETS, parse_tables
     from .experiments.reproduce import base_config, reproduce
 
@@ -528,14 +557,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--auc-data", action="append", default=[], metavar="DIR", help="another prepared dataset for the AUC check (repeatable)")
     p.add_argument("--vocab", default="100000,10000000", metavar="SMALL,LARGE", help="vocabulary sizes for the scaling test, or none")
     p.add_argument("--output", default="bench.json", metavar="FILE", help="JSON output (default bench.json)")
-    p.add_argument("--quick", action="store_true", help="tiny models and data (CI smoke test)")
+    p.add_argument("--quick", action="store_true", help="tiny models and data: a smoke test whose figures are noise (CI); labelled as such")
     p.set_defaults(func=_run_bench)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .bench.runner import format_table, run_bench
+    from .bench.runner import SMOKE_NOTE, format_table, run_bench
     from .config import MODEL_NAMES
 
     models = args.models.split(",") if args.models else list(MODEL_NAMES)
@@ -558,7 +587,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     report = run_bench(models, precisions, rows, steps, Path(args.output), quick=args.quick, threads=args.threads,
                        data=args.data, vocab=vocab, auc_rows=args.auc_rows, auc_data=args.auc_data, log=log,
                        job_options=dict(latency_reps=args.latency_reps, predict_rows=args.predict_rows))
-    print(format_table(report["results"]))
+    print(format_table(report["results"], quick=args.quick))
     vs = report.get("vocab_scaling")
     if vs and vs["ratio_large_over_small"] is not None:
         print(f"vocabulary {vocab[0]:,} -> {vocab[1]:,} rows: training samples/s ratio {vs['ratio_large_over_small']:.3f} "
@@ -566,6 +595,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     for c in report.get("auc_check", []):
         print(f"AUC check {c['data']}: fp32 {c['fp32']['test_auc']:.4f}, bf16 {c['bf16']['test_auc']:.4f}, delta {c['test_auc_delta']:+.4f}")
     print(f"load average {report['load_avg_1m_start']:.2f} -> {report['load_avg_1m_end']:.2f}; JSON: {args.output}")
+    if args.quick:
+        print(SMOKE_NOTE)
     return 0
 
 

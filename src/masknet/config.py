@@ -105,6 +105,8 @@ class TrainConfig:
     precision: str = "fp32"  # "bf16": autocast the forward to bfloat16 (weights, optimizer, loss stay fp32)
     on_nan: str = "stop"  # non-finite loss/gradient: "stop" (keep the last good checkpoint) or "skip-batch"
     device: str = "auto"  # "auto" (CUDA when present, else CPU), "cpu" or "cuda"; torchrun ranks use cuda:LOCAL_RANK
+    tensorboard: bool = False  # log every evaluation to RUN/tensorboard (needs `pip install tensorboard`)
+    mlflow: bool = False  # log every evaluation to an MLflow run (needs `pip install mlflow`; MLFLOW_TRACKING_URI)
 
     def validate(self) -> None:
         _positive("train.epochs", self.epochs)

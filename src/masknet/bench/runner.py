@@ -367,7 +367,13 @@ def _load() -> Optional[float]:
         return None
 
 
-def format_table(results: list[dict[str, Any]]) -> str:
+SMOKE_NOTE = (
+    "SMOKE TEST (--quick: tiny models, 20,000 rows, 3 timed steps, 5 latency requests): these figures only show "
+    "that the benchmark runs; they are noise, not measurements. Run `masknet bench` without --quick for numbers."
+)
+
+
+def format_table(results: list[dict[str, Any]], quick: bool = False) -> str:
     head = (
         f"{'model':<12}{'prec':<6}{'train/s':>9}{'roofline/s':>11}{'frac':>6}{'GFLOP/s':>9}{'pred@1k/s':>11}"
         f"{'pred@8k/s':>11}{'int8@8k/s':>11}{'p50 ms':>8}{'p99 ms':>8}{'RSS MB':>8}{'wait%':>7}"
@@ -385,6 +391,8 @@ def format_table(results: list[dict[str, Any]]) -> str:
             f"{r['predict_samples_per_s']:>11,.0f}{(f'{i8:,.0f}' if i8 else '-'):>11}{r['latency_1000_p50_ms']:>8.2f}"
             f"{r['latency_1000_p99_ms']:>8.2f}{r['peak_rss_mb']:>8.0f}{100 * r['data_wait_fraction']:>7.2f}"
         )
+    if quick:  # above and below the table: a screenshot of either part still says so
+        lines = [SMOKE_NOTE, *lines, SMOKE_NOTE]
     return "\n".join(lines)
 
 
@@ -400,6 +408,8 @@ def run_bench(
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_avg_1m_start": _load(),
         "threads": threads, "quick": quick, "cpu_capability": None, "torch": None,
     }
+    if quick:
+        report["smoke_test"] = SMOKE_NOTE
     import torch
 
     report["torch"] = torch.__version__

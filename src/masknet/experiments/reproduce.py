@@ -129,7 +129,7 @@ def reproduce(
         "preset": preset,
         "tables": tables,
         "seeds": plan.seeds,
-        "seeds_note": (f"The `{preset}` preset defaults to {PRESETS[preset]['seeds']} seeds (the issue's default is 3)"
+        "seeds_note": (f"The `{preset}` preset defaults to {PRESETS[preset]['seeds']} seeds (the `paper` preset: 3)"
                        if PRESETS[preset]["seeds"] != 3 and seeds == PRESETS[preset]["seeds"] else ""),
         "overrides": applied,
         "data": info,
@@ -147,7 +147,7 @@ def reproduce(
         "rq4_cell": rq4_cell,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
-    plot_files = plots_mod.make_all(analysis, rq4, out, info["name"])
+    plot_files = plots_mod.make_all(analysis, rq4, out, info["name"], plan.seeds, preset, rq4_cell)
     meta["wall"] = fmt_seconds(time.perf_counter() - t0)
     report.write(out, meta, plan, results, analysis, rq4, plot_files)
     log(f"reproduce: wrote {out / 'report.md'}, {out / 'results.json'} and {len(plot_files)} plots in {meta['wall']}")

@@ -39,6 +39,7 @@ from . import runfolder
 from .checkpoint import find_resumable, latest_checkpoint, remove_stale_temp
 from .distributed import barrier, init_from_env
 from .metrics import auc, relaimp
+from .tracking import check_available as check_trackers, open_trackers
 from .trainer import TrainingDiverged, embedding_update, evaluate, fit, seed_everything
 
 
@@ -81,12 +82,13 @@ def read_base_auc(base_run: str) -> float:
 def train_run(
     cfg: RunConfig, data: Optional[CTRDataset] = None, log: Any = print, resume: bool = False, overwrite: bool = False
 ) -> RunResult:
-    """Train `cfg.model` on `cfg.data` and write the run folder. Returns its metrics.
+    """Train `cfg.model` on `cfg.data` and write the run folder. Returns a RunResult(path, metrics, model).
 
     A new run refuses an output folder that holds an earlier run unless `overwrite` (then that run's
     files are deleted first); `resume` continues the run in `cfg.output` from its newest intact
     checkpoint (see training/runfolder.py for both rules)."""
     cfg.validate()
+    check_trackers(cfg)  # a tracker that is not installed: one line, before the run folder exists
     base_auc = read_base_auc(cfg.base_run) if cfg.base_run else None  # fail before training, not after
     data = data if data is not None else load_data(cfg)  # a bad data path fails before the run folder is touched
     ctx = init_from_env(cfg.train.device)  # rank 0 of 1 unless launched by torchrun
@@ -130,7 +132,7 @@ def train_run(
         changed = resumes[-1]["changed"] if resumes != found.meta.get("resumes", []) else {}
         changes = "".join(f"; {k}: {c['from']!r} -> {c['to']!r}" for k, c in changed.items())
         log(f"resuming from {found.path}{changes}")
-    with open(out / "log.jsonl", "w") if ctx.is_main else open(os.devnull, "w") as log_file:
+    with open_trackers(cfg, out, ctx.is_main) as trackers, open(out / "log.jsonl", "w") if ctx.is_main else open(os.devnull, "w") as log_file:
         if found is not None:  # the log is rewritten from the checkpoint's own history
             log_file.writelines(json.dumps(r) + "\n" for r in runfolder.log_records(found.state["history"], resumes))
             log_file.flush()
@@ -143,6 +145,7 @@ def train_run(
                 f"valid AUC {record['valid_auc']:.4f}  logloss {record['valid_logloss']:.4f}  "
                 f"({record['samples_per_second']:,.0f} samples/s)"
             )
+            trackers.log(record)  # TensorBoard / MLflow, when the config asks (training/tracking.py)
 
         try:
             result = fit(
