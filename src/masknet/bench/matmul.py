@@ -54,7 +54,7 @@ class Product:
     k: int
     batch: int  # > 1 only for bmm
     bias: bool
-    kernel: str  # "mkl" | "onednn"
+    kernel: str  # "mkl": aten mm / addmm / bmm / linear (MKL for fp32, oneDNN for bf16); "onednn": mkldnn linear
     a_t: bool
     b_t: bool
     out_t: bool = False  # C^T written (C^T = B^T A^T): a candidate layout, never recorded
@@ -83,6 +83,11 @@ class _Recorder(TorchDispatchMode):
             a, b = args[1:3] if op == "addmm" else args[0:2]
             batch = a.shape[0] if op == "bmm" else 1
             self.products[Product(a.shape[-2], b.shape[-1], a.shape[-1], batch, op == "addmm", "mkl", _transposed(a), _transposed(b))] += 1
+        elif func is aten.linear.default:  # bf16 under inference_mode dispatches linear itself
+            x, w = args[0], args[1]
+            bias = args[2] if len(args) > 2 else None
+            m = x.numel() // x.shape[-1]
+            self.products[Product(m, w.shape[0], x.shape[-1], 1, bias is not None, "mkl", x.dim() == 2 and _transposed(x), w.is_contiguous())] += 1
         elif func in _ONEDNN_OPS:
             x, w, bias, attr = args[0], args[1], args[2], args[3]
             m = x.numel() // x.shape[-1]

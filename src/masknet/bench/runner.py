@@ -2,17 +2,22 @@
 
 A job (one model, one precision) builds the model with the paper's config, then measures:
 
-- training: `warmup` steps, then `steps` timed steps of exactly the trainer's step (loss_fn,
-  zero_grad, backward, finite check, Optimizer.step: SparseAdam on the table, Adam on the rest,
-  bf16 autocast for precision bf16) on the prepared data through `iterate_batches`. The time
-  spent in the batch iterator is timed apart from the step: train samples/s excludes it and
+- training: `warmup` steps, then `steps` timed steps of exactly the trainer's step
+  (`trainer.train_step`: loss, backward, finite check, Optimizer.step = LazyAdam on the table and
+  fused Adam on the rest, bf16 autocast for precision bf16) on the prepared data through
+  `iterate_batches`, in `rounds` rounds. After each round the step's matrix products are
+  replayed (matmul.Roofline: in the step's own layouts, the best layouts, the best MKL layouts),
+  so that every roofline fraction compares a step and a GEMM rate measured under the same load;
+  the report keeps the medians over rounds, by wall time and by process CPU time. The time spent
+  in the batch iterator is timed apart from the step: train samples/s excludes it and
   `data_wait_fraction` reports it (wait / (wait + step)). Because the iterator loads and shuffles
   a block of rows every `shuffle_block_rows` rows, `data_cost_fraction` also reports the amortised
   cost: one full pass of the iterator over the train split, per batch, over the step time.
-- prediction: eval mode, inference_mode, batches of 1024 and 8192 rows already in memory.
-  fp32 jobs also measure int8 dynamic quantization (every nn.Linear, torch.ao quantize_dynamic)
-  and bf16 jobs the bf16-autocast forward; both report the test AUC difference against the
-  fp32 forward of the same weights (those of the training measurement).
+- prediction: eval mode, inference_mode, batches of 1024 and 8192 rows already in memory, in
+  rounds each followed by a replay of the forward's products at that batch (the prediction
+  roofline). fp32 jobs also measure int8 dynamic quantization (every nn.Linear, torch.ao
+  quantize_dynamic) and bf16 jobs the bf16-autocast forward; both report the test AUC difference
+  against the fp32 forward of the same weights (those of the training measurement).
 - latency: one request = score 1,000 candidates (one forward of 1,000 rows), p50 / p99.
 - peak RSS: the job process's ru_maxrss (the data is memory-mapped, so it counts the pages read).
 - roofline: FLOPs per sample (flops.py) and the GEMM rate at the model's shapes (matmul.py).
@@ -119,7 +124,7 @@ def _roofline_fields(prefix: str, rates: list[dict], measured: list[tuple[float,
         for clock, i, tag in (("", 0, ""), ("_cpu", 1, "_cpu")):
             roofs = [r[kind + clock] * 1e9 / flops_per_sample for r in rates]
             out[f"roofline_{prefix}_samples_per_s{suffix}{tag}"] = _median(roofs)
-            out[f"{prefix}_roofline_fraction{suffix}{tag}"] = _median([m[i] / f for m, f in zip(measured, roofs)])
+            out[f"{prefix}_roofline_fraction{suffix}{tag}"] = _median([m[i] / f if f else None for m, f in zip(measured, roofs)])
             out[f"gemm_gflops_{prefix}{suffix}{tag}"] = _median([r[kind + clock] for r in rates])
     return out
 
@@ -374,9 +379,12 @@ SMOKE_NOTE = (
 
 
 def format_table(results: list[dict[str, Any]], quick: bool = False) -> str:
+    """One line per model x precision. frac: training samples/s over the best-layout roofline
+    (wall time), cpu: the same by process CPU time, mkl: over the best MKL-only roofline;
+    f@1k: prediction at batch 1024 over its roofline."""
     head = (
-        f"{'model':<12}{'prec':<6}{'train/s':>9}{'roofline/s':>11}{'frac':>6}{'GFLOP/s':>9}{'pred@1k/s':>11}"
-        f"{'pred@8k/s':>11}{'int8@8k/s':>11}{'p50 ms':>8}{'p99 ms':>8}{'RSS MB':>8}{'wait%':>7}"
+        f"{'model':<12}{'prec':<6}{'train/s':>9}{'roofline/s':>11}{'frac':>6}{'cpu':>6}{'mkl':>6}{'GFLOP/s':>9}"
+        f"{'pred@1k/s':>11}{'f@1k':>6}{'pred@8k/s':>11}{'int8@8k/s':>11}{'p50 ms':>8}{'p99 ms':>8}{'RSS MB':>8}{'wait%':>7}"
     )
     lines = [head, "-" * len(head)]
     for r in results:
@@ -387,7 +395,9 @@ def format_table(results: list[dict[str, Any]], quick: bool = False) -> str:
         num = lambda v, fmt: format(v, fmt) if v is not None else "-"  # noqa: E731
         lines.append(
             f"{r['model']:<12}{r['precision']:<6}{r['train_samples_per_s']:>9,.0f}{num(r['roofline_train_samples_per_s'], ',.0f'):>11}"
-            f"{num(r['train_roofline_fraction'], '.2f'):>6}{num(r['gemm_gflops'], '.1f'):>9}{r['predict_1024_samples_per_s']:>11,.0f}"
+            f"{num(r['train_roofline_fraction'], '.2f'):>6}{num(r.get('train_roofline_fraction_cpu'), '.2f'):>6}"
+            f"{num(r.get('train_roofline_fraction_best_aten'), '.2f'):>6}{num(r['gemm_gflops'], '.1f'):>9}"
+            f"{r['predict_1024_samples_per_s']:>11,.0f}{num(r.get('predict_1024_roofline_fraction'), '.2f'):>6}"
             f"{r['predict_samples_per_s']:>11,.0f}{(f'{i8:,.0f}' if i8 else '-'):>11}{r['latency_1000_p50_ms']:>8.2f}"
             f"{r['latency_1000_p99_ms']:>8.2f}{r['peak_rss_mb']:>8.0f}{100 * r['data_wait_fraction']:>7.2f}"
         )
