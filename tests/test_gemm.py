@@ -75,6 +75,19 @@ def test_onednn_path_equals_torch_path(name):
 
 
 @needs_onednn
+@needs_onednn
+@pytest.mark.parametrize("fin,fout", [(13, 29), (29, 13), (16, 16)])  # widening (X^T dY), narrowing, square
+def test_weight_gradient_in_either_layout_is_dy_t_x(fin, fout):
+    from masknet.models.layers import _weight_grad, weight_grad_as_xt_dy
+
+    g = torch.Generator().manual_seed(0)
+    gy, x = torch.randn(37, fout, generator=g), torch.randn(37, fin, generator=g)
+    gw = _weight_grad(gy, x)
+    assert weight_grad_as_xt_dy(fin, fout) == (fout > fin)
+    assert gw.shape == (fout, fin) and gw.is_contiguous()  # W's layout: no copy at accumulation
+    torch.testing.assert_close(gw, gy.t() @ x, rtol=1e-5, atol=1e-5)
+
+
 def test_dense_falls_back_where_onednn_does_not_apply():
     model = small_model("sermasknet").double()
     x = rows()

@@ -79,8 +79,14 @@ class _OneDnnLinear(torch.autograd.Function):
 
         dX = dY W           [B, out] @ [out, in]   (W is read as is: no copy)
         dW = dY^T X         [out, B] @ [B, in]     (transposed views: written in W's layout)
+           = (X^T dY)^T     when out > in: oneDNN's faster layout for wide layers (below)
         db = Σ_rows dY
     with dY masked by y > 0 first when the ReLU is fused.
+
+    Where a layer widens (out > in: the masks' aggregation layers, 390 -> 780/800), oneDNN
+    runs dW as X^T dY (X copied to [in, B], the result transposed back into W's layout)
+    1.1-1.2x faster than as dY^T X, copies included; elsewhere dY^T X is as fast or faster
+    (benchmarks/backward_layouts.py, docs/performance.md).
     """
 
     @staticmethod
@@ -97,9 +103,21 @@ class _OneDnnLinear(torch.autograd.Function):
             gy = torch.ops.aten.threshold_backward(gy, y, 0)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gx = _onednn(gy, weight.t()) if need_x else None
-        gw = _onednn(gy.t(), x.t()) if need_w else None
+        gw = _weight_grad(gy, x) if need_w else None
         gb = gy.sum(0) if need_b and ctx.has_bias else None
         return gx, gw, gb, None
+
+
+def weight_grad_as_xt_dy(in_features: int, out_features: int) -> bool:
+    """Whether dW runs as (X^T dY)^T rather than dY^T X: for widening layers (_OneDnnLinear)."""
+    return out_features > in_features
+
+
+def _weight_grad(gy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """dY^T X [out, in], contiguous, in the faster of the two layouts (see _OneDnnLinear)."""
+    if weight_grad_as_xt_dy(x.shape[1], gy.shape[1]):
+        return _onednn(x.t().contiguous(), gy.t()).t().contiguous()
+    return _onednn(gy.t(), x.t())
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, relu: bool = False) -> torch.Tensor:
