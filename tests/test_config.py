@@ -237,3 +237,69 @@ def test_set_then_validate_catches_range():
     apply_override(cfg, "model.dropout=1.0")
     with pytest.raises(ConfigError, match=r"^model\.dropout:"):
         cfg.validate()
+
+
+# ---------------------------------------------------------------------------
+# issue 14 review: non-finite numbers, unreadable files, one-line YAML errors
+
+
+@pytest.mark.parametrize("assignment", ["train.lr=inf", "train.lr=nan", "train.lr=-inf", "model.dropout=nan",
+                                        "train.l2_dense=inf", "model.reduction_ratio=Infinity"])
+def test_non_finite_numbers_are_refused_by_set(assignment):
+    key = assignment.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{key}: expected a finite number"):
+        apply_override(RunConfig(), assignment)
+
+
+def test_non_finite_numbers_are_refused_in_yaml_and_by_validate(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  lr: .inf\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: train\.lr: expected a finite number"):
+        load_config(p)
+    cfg = RunConfig()
+    cfg.train.lr = float("inf")  # set from Python, past the parser
+    with pytest.raises(ConfigError, match=r"^train\.lr: must be a finite number, got inf"):
+        cfg.validate()
+    cfg = RunConfig()
+    cfg.model.dropout = float("nan")
+    with pytest.raises(ConfigError, match=r"^model\.dropout: must be a finite number"):
+        cfg.validate()
+
+
+def test_a_config_that_is_not_text_is_one_line(tmp_path):
+    p = tmp_path / "bin.yaml"
+    p.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    assert str(err.value).startswith(f"{p}: not UTF-8 text") and "\n" not in str(err.value)
+
+
+def test_an_unreadable_config_is_one_line(tmp_path, monkeypatch):
+    import errno
+    import os
+    from pathlib import Path
+
+    p = tmp_path / "c.yaml"
+    p.write_text("train: {}\n")
+
+    def denied(self):  # as root here, permissions are not enforced: fail the read itself
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    assert str(err.value) == f"{p}: cannot read it: Permission denied"
+
+
+@pytest.mark.parametrize("text, where", [
+    ("model: [1, 2\n", "line 2, column 1"),
+    ("train:\n  lr: 1\n   bad: x\n", "line 3, column "),
+    ("a: 'x\n", "line 2, column 1"),
+])
+def test_yaml_errors_are_one_line_with_line_and_column(tmp_path, text, where):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"{p}: {where}") and "not valid YAML" in msg, msg

@@ -373,3 +373,58 @@ def test_find_long_line_counts_lines_across_reads(tmp_path):
     gz = tmp_path / "f.txt.gz"
     gz.write_bytes(gzip.compress(b"x\n" * 3 + b"y" * 40 + b"\n"))
     assert find_long_line(gz, 20) == (4, 41)
+
+
+# ---------------------------------------------------------------------------
+# The header line (review of issue 14, item 13): linear-time, capped like data lines, one-line errors
+
+
+def _avazu_file(path: Path, header: str) -> Path:
+    path.write_text(header + "\n" + "\n".join(f"{i},{i % 2},14102100,1005,0" for i in range(50)) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["avazu", "criteo-csv"])
+def test_a_header_name_over_the_csv_field_limit_is_one_line(tmp_path, capsys, fmt):
+    """Before: `_csv.Error: field larger than field limit (131072)` traceback."""
+    src = _avazu_file(tmp_path / "in.csv", "id,click," + "n" * 200_000 + ",x")
+    code, _, err = _prepare(capsys, "--format", fmt, "--input", str(src), "--output", str(tmp_path / "o"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"{src}: line 1: the header cannot be read: field larger than field limit" in err
+
+
+def test_a_header_over_the_line_cap_is_refused_after_reading_just_past_it(tmp_path, monkeypatch):
+    """Before: `_first_line` grew its buffer with `buf += part` (a 100 MB header took 94 s and
+    762 MB) and read the whole line whatever its length; the line cap did not apply to it."""
+    from masknet.data import readers
+    from masknet.data.prepare import prepare
+    from masknet.data.schema import builtin_spec
+
+    monkeypatch.setattr(readers, "MAX_BLOCK_BYTES", 256 << 10)
+    src = tmp_path / "in.csv"
+    src.write_bytes(b"id,click," + b"n" * (3 << 20))  # 3 MB, no newline
+    read = [0]
+    real_open = readers.open_stream
+
+    class Counting:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def read(self, n=-1):
+            data = self.fh.read(n)
+            read[0] += len(data)
+            return data
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+    monkeypatch.setattr(readers, "open_stream", lambda path: Counting(real_open(path)))
+    with pytest.raises(DataError, match=r"in\.csv: line 1: the header is over 262,144 bytes long; the longest line masknet reads is 262,144"):
+        prepare(builtin_spec("avazu"), tmp_path / "o", input=src)
+    assert read[0] <= (256 << 10) + (1 << 20)  # read up to the cap, plus one read block; not the 3 MB
+    # a header just under the cap is read
+    header = "id,click,hour,C1," + "n" * ((256 << 10) - 100)
+    assert readers._first_line(_avazu_file(tmp_path / "ok.csv", header)) == header.encode()

@@ -173,3 +173,47 @@ def test_generated_data_is_checked_too(tmp_path):
     poke(tmp_path / "syn", "train", 0, 2, card)
     with pytest.raises(DataError, match=r"train\.x\.bin: field 'I3'"):
         load_prepared(tmp_path / "syn")
+
+
+# ---------------------------------------------------------------------------
+# Review of issue 14, item 6: meta.json itself is checked, structurally
+
+
+@pytest.mark.parametrize("edit, key", [
+    (lambda m: m["fields"][2].update(cardinality=10**12), "fields[2].cardinality"),
+    (lambda m: m["fields"][2].update(cardinality=0), "fields[2].cardinality"),
+    (lambda m: m["fields"][2].update(cardinality="34"), "fields[2].cardinality"),
+    (lambda m: m["fields"][2].update(cardinality=True), "fields[2].cardinality"),
+    (lambda m: m["fields"].__setitem__(1, ["I2", 3]), "fields[1]"),
+    (lambda m: m["splits"]["valid"].update(rows=-1), "splits.valid.rows"),
+    (lambda m: m["splits"]["train"].update(x_min="x"), "splits.train.x_min"),
+    (lambda m: m["files"].update({"train.x.bin": ["x"]}), "files.train.x.bin"),
+    (lambda m: m["files"]["test.y.bin"].update(bytes="x"), "files.test.y.bin.bytes"),
+    (lambda m: m["files"].update({"../notes.txt": {"bytes": 1, "sha256": "0"}}), "files.../notes.txt"),
+    (lambda m: m.update(has_prob="yes"), "has_prob"),
+])
+def test_a_malformed_meta_json_is_one_line_naming_the_key(data, edit, key):
+    meta = meta_of(data)
+    edit(meta)
+    (data / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError) as err:
+        load_prepared(data)
+    msg = str(err.value)
+    assert msg.startswith(f"{data / 'meta.json'}: malformed: {key}: expected") and "\n" not in msg, msg
+
+
+def test_train_on_a_huge_cardinality_is_one_line_not_an_allocator_traceback(tmp_path, capsys, data):
+    meta = meta_of(data)
+    meta["fields"][2]["cardinality"] = 10**12
+    (data / "meta.json").write_text(json.dumps(meta))
+    rc = main(["train", "--data", str(data), "--output", str(tmp_path / "run"), "--quiet", "--epochs", "1",
+               "--set", "model.block_dim=8", "--set", "model.num_blocks=1", "--set", "train.threads=1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "fields[2].cardinality" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_meta_json_that_is_not_text_is_one_line(data):
+    (data / "meta.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(DataError, match=r"meta\.json: not valid JSON"):
+        load_prepared(data)

@@ -412,3 +412,57 @@ def hooked(*args, **kwargs):
     r = subprocess.run(_child(out, src_b, code), cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == -signal.SIGKILL, r.stderr
     assert _assert_old_or_new(out, a, b) == expect
+
+
+# ---------------------------------------------------------------------------
+# Review of issue 14, item 1: --overwrite deletes only the files a prepare wrote (exact names)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("name, kind", [
+    ("train.notes.bin", "file"),  # looks like an array file: the old pattern took it
+    ("train.x.orig.bin", "file"),  # a backup
+    ("valid.p.bin", "file"),  # an array name, but this dataset has no probabilities
+    (".prepare-tmp", "folder"),  # the old in-place spill folder's name, holding the user's work
+    (".masknet-build", "folder"),  # the swap mark's name, as a folder
+])
+def test_overwrite_refuses_user_files_that_only_look_like_dataset_files(tmp_path, capsys, dataset_a, raw, name, kind, overwrite):
+    out, _ = dataset_a
+    if kind == "file":
+        (out / name).write_text("mine")
+    else:
+        (out / name).mkdir()
+        (out / name / "mywork.txt").write_text("mine")
+    before = snapshot_tree(out)
+    rc, err = run_prepare(capsys, "--input", str(raw["b"]), "--output", str(out), *(["--overwrite"] if overwrite else []))
+    assert rc == 2
+    assert_one_line(err, str(out), repr(name), "not a prepared dataset")
+    assert snapshot_tree(out) == before
+
+
+def test_an_array_name_that_is_a_link_or_folder_is_not_ours(tmp_path, capsys, dataset_a, raw):
+    out, _ = dataset_a
+    mine = tmp_path / "mine.bin"
+    mine.write_text("mine")
+    (out / "encoder.json").unlink()
+    (out / "encoder.json").symlink_to(mine)
+    rc, err = run_prepare(capsys, "--input", str(raw["b"]), "--output", str(out), "--overwrite")
+    assert rc == 2
+    assert_one_line(err, "'encoder.json'")
+    assert mine.read_text() == "mine" and (out / "encoder.json").is_symlink()
+
+
+def test_a_build_folder_whose_mark_is_not_its_own_is_kept(tmp_path, capsys, raw):
+    other = tmp_path / f"{outmod.TMP_PREFIX}data-123-abcd"  # our name, but the mark names another build
+    other.mkdir()
+    (other / outmod.BUILD_MARK).write_text("999-ffff")
+    (other / "mywork.txt").write_text("mine")
+    named = tmp_path / f"{outmod.TMP_PREFIX}mywork"  # our prefix, not our name pattern, with a mark file
+    named.mkdir()
+    (named / outmod.BUILD_MARK).write_text("x")
+    assert run_prepare(capsys, "--input", str(raw["a"]), "--output", str(tmp_path / "data"))[0] == 0
+    assert (other / "mywork.txt").read_text() == "mine" and named.is_dir()
+
+
+def snapshot_tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else b"<dir>" for p in sorted(folder.rglob("*"))}

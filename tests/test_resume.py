@@ -474,3 +474,354 @@ def test_disk_full_while_writing_the_bundle_fails_cleanly_and_resume_finishes(re
     assert main(["train", "--resume", str(out), "--quiet"]) == 0
     verify_manifest(out)
     assert_same_run(reference, out)
+
+
+# ---------------------------------------------------------------------------
+# Review of issue 14: one process per run folder, a resume changes the record only once its
+# checkpoint has loaded, the data is part of the run's identity, corrupt manifests, killed prunes
+
+
+PAUSE_DRIVER = textwrap.dedent(
+    """
+    import os, sys, time
+    from masknet.training import trainer
+    marker, n, args = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    calls = [0]
+    original_step = trainer.Optimizer.step
+    def step(self):
+        calls[0] += 1
+        if calls[0] == n:  # a live run, mid-training: say so, then wait to be killed
+            open(marker, "w").write(str(os.getpid()))
+            time.sleep(600)
+        original_step(self)
+    trainer.Optimizer.step = step
+    from masknet.cli import main
+    sys.exit(main(args))
+    """
+)
+
+
+def test_a_live_run_folder_refuses_a_second_train_or_resume_naming_its_pid(reference, tmp_path, capsys):
+    """Before: two `--overwrite` runs into one folder interleaved (config.yaml of one, weights of the
+    other), and a resume of a live run rewrote its config.yaml before failing."""
+    out = tmp_path / "run"
+    marker = tmp_path / "paused"
+    driver = tmp_path / "pause.py"
+    driver.write_text(PAUSE_DRIVER)
+    live = subprocess.Popen([sys.executable, str(driver), str(marker), str(STEPS_PER_EPOCH + 2), *ARGS, "--output", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(1200):
+            if marker.exists() or live.poll() is not None:
+                break
+            import time
+
+            time.sleep(0.1)
+        assert marker.exists(), live.stderr.read()[-2000:] if live.poll() is not None else "the live run did not start"
+        pid = marker.read_text()
+        before = snapshot(out)
+        for argv in (ARGS + ["--output", str(out), "--overwrite", "--set", "train.lr=1e-4"],
+                     ["train", "--resume", str(out), "--quiet", "--set", "train.lr=1e-4"]):
+            assert main(argv) == 2
+            err = one_line_error(capsys)
+            assert f"{out}: in use by another masknet train (pid {pid})" in err, err
+            assert snapshot(out) == before  # nothing written, nothing deleted
+    finally:
+        live.kill()
+        live.wait()
+    # the kernel released the dead run's lock: it resumes, and ends like an uninterrupted run
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    assert_same_run(reference, out)
+    assert not (out / ".masknet-lock").exists()
+
+
+def test_a_checkpoint_that_cannot_load_leaves_the_record_unchanged(reference, tmp_path, capsys):
+    """Before: config.yaml (with the new lr and a "resumed from" comment) and log.jsonl were
+    rewritten before the checkpoint loaded, and the load error took two lines."""
+    from safetensors.torch import load as st_load, save as st_save
+
+    out = copy_run(reference, tmp_path / "run", up_to_step=16, keep=1, bundle=False)
+    ck = out / "checkpoints" / "step-000000016"
+    weights = st_load((ck / "model.safetensors").read_bytes())
+    name = next(k for k, v in weights.items() if v.dim() == 2)
+    weights[name] = weights[name][:-1].clone()  # another shape: intact by its manifest, but not this model's
+    data = st_save(weights)
+    (ck / "model.safetensors").write_bytes(data)
+    manifest = json.loads((ck / "manifest.json").read_text())
+    manifest["files"]["model.safetensors"] = {"sha256": __import__("hashlib").sha256(data).hexdigest(), "bytes": len(data)}
+    (ck / "manifest.json").write_text(json.dumps(manifest))
+    before = snapshot(out)
+    assert main(["train", "--resume", str(out), "--quiet", "--set", "train.lr=1e-4"]) == 2
+    err = one_line_error(capsys)
+    assert f"{ck}: unreadable checkpoint" in err and "size mismatch" in err, err
+    assert snapshot(out) == before
+
+
+def test_resume_refuses_fewer_epochs_than_the_run_has_trained(reference, tmp_path, capsys):
+    """Before: `--set train.epochs=1` after 2 epochs was accepted: config.yaml said 1 epoch, the run
+    held 2."""
+    out = cut_back(reference, tmp_path / "run", 30)  # 2 epochs done, 4 steps into the third
+    before = snapshot(out)
+    assert main(["train", "--resume", str(out), "--quiet", "--set", "train.epochs=1"]) == 2
+    err = one_line_error(capsys)
+    assert "train.epochs=1 is fewer than the 2 epochs the run has already trained" in err, err
+    assert snapshot(out) == before
+    assert main(["train", "--resume", str(out), "--quiet", "--set", "train.epochs=2"]) == 0  # as many: it stops there
+    assert [json.loads(line).get("epoch") for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, None]
+
+
+@pytest.mark.parametrize("setting", ["train.lr=1e-4", "train.lr=inf", "train.on_nan=skip-batch"])
+def test_a_finished_run_refuses_settings_it_was_not_trained_with(reference, tmp_path, capsys, setting):
+    """Before: on a finished run, `--resume --set train.lr=...` trained nothing but wrote the new
+    value and a resume comment into config.yaml (inf too, which then advised `train.lr=inf`)."""
+    out = cut_back(reference, tmp_path / "run", 39)  # the final checkpoint
+    before = snapshot(out)
+    assert main(["train", "--resume", str(out), "--quiet", "--set", setting]) == 2
+    err = one_line_error(capsys)
+    assert ("finished training" in err) or ("expected a finite number" in err), err
+    assert snapshot(out) == before
+
+
+def test_a_corrupt_newest_manifest_falls_back_with_a_warning(reference, tmp_path, capsys):
+    """Before: an unparsable manifest sorted as the oldest checkpoint, so the fallback was silent."""
+    out = cut_back(reference, tmp_path / "run", 20)
+    manifest = out / "checkpoints" / "step-000000020" / "manifest.json"
+    raw = bytearray(manifest.read_bytes())
+    raw[0] ^= 0x01
+    manifest.write_bytes(bytes(raw))
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    warnings = [line for line in printed.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "step-000000020/manifest.json: unreadable" in warnings[0], printed
+    assert "resuming from " + str(out / "checkpoints" / "step-000000016") in printed
+    assert_same_run(reference, out)
+
+
+def test_a_manifest_with_wrong_types_is_a_fallback_not_a_traceback(reference, tmp_path, capsys):
+    out = cut_back(reference, tmp_path / "run", 20)
+    manifest = out / "checkpoints" / "step-000000020" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["resumes"] = 7
+    manifest.write_text(json.dumps(m))
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "step-000000020/manifest.json: resumes: expected a list" in printed
+    assert_same_run(reference, out)
+
+
+PRUNE_DRIVER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    from masknet.training import checkpoint
+    args = sys.argv[1:]
+    real = checkpoint.shutil.rmtree
+    def rmtree(path, *a, **k):  # die halfway through deleting the first pruned checkpoint
+        path = Path(path)
+        if "step-" in path.name and (path / "best.safetensors").exists():
+            (path / "best.safetensors").unlink()
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(path, *a, **k)
+    checkpoint.shutil.rmtree = rmtree
+    from masknet.cli import main
+    sys.exit(main(args))
+    """
+)
+
+
+def test_a_kill_while_pruning_leaves_no_partial_checkpoint_and_resume_cleans_up(reference, tmp_path):
+    """Before: a kill -9 while pruning left a partial step-* folder that nothing ever removed."""
+    out = tmp_path / "run"
+    driver = tmp_path / "prune.py"
+    driver.write_text(PRUNE_DRIVER)
+    proc = subprocess.run([sys.executable, str(driver), *ARGS, "--output", str(out)], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    root = out / "checkpoints"
+    partial = [p.name for p in root.iterdir() if p.name.startswith("step-") and not (p / "best.safetensors").exists()]
+    assert partial == []  # the checkpoint being pruned had been renamed away first
+    assert [p.name for p in root.iterdir() if p.name.startswith(".tmp-step-")]
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    assert not [p.name for p in root.iterdir() if p.name.startswith(".tmp-")]
+    assert_same_run(reference, out)
+
+
+def test_partial_step_folders_are_removed_on_resume(reference, tmp_path):
+    """What an older masknet killed while pruning left: a step-* folder missing files."""
+    out = cut_back(reference, tmp_path / "run", 20)
+    partial = out / "checkpoints" / "step-000000008"
+    shutil.copytree(reference / "checkpoints" / "step-000000008", partial)
+    (partial / "best.safetensors").unlink()
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    assert not partial.exists()
+    assert_same_run(reference, out)
+
+
+# ---------------------------------------------------------------------------
+# The data is part of the run's identity
+
+
+SMALL = ["train", "--quiet", "--epochs", "2", "--seed", "3", "--set", "model.block_dim=8", "--set", "model.num_blocks=1",
+         "--set", "train.batch_size=256", "--set", "train.threads=1", "--set", "train.patience=3",
+         "--set", "train.keep_checkpoints=20"]
+
+
+@pytest.fixture(scope="module")
+def prepared_run(tmp_path_factory):
+    """A run on a prepared dataset given by a RELATIVE path, and that dataset with valid and test swapped."""
+    from masknet.data.synthetic import write_synthetic
+
+    root = tmp_path_factory.mktemp("datarun")
+    write_synthetic(root / "d", 3000, seed=11)
+    swapped = root / "w" / "d"  # same name, other folder: what a relative path finds from `w`
+    shutil.copytree(root / "d", swapped)
+    meta = json.loads((swapped / "meta.json").read_text())
+    for kind in ("x", "y", "p"):
+        a, b = swapped / f"valid.{kind}.bin", swapped / f"test.{kind}.bin"
+        a.rename(swapped / "tmp.bin")
+        b.rename(a)
+        (swapped / "tmp.bin").rename(b)
+        meta["files"][a.name], meta["files"][b.name] = meta["files"][b.name], meta["files"][a.name]
+    meta["splits"]["valid"], meta["splits"]["test"] = meta["splits"]["test"], meta["splits"]["valid"]
+    (swapped / "meta.json").write_text(json.dumps(meta))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        assert main(SMALL + ["--data", "d", "--output", str(root / "ref")]) == 0
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+def test_the_run_records_the_resolved_data_path_and_its_fingerprint(prepared_run):
+    import yaml
+
+    from masknet.data.dataset import identity
+
+    ref = prepared_run / "ref"
+    assert yaml.safe_load((ref / "config.yaml").read_text())["data"]["path"] == str(prepared_run / "d")
+    data = json.loads((ckpt.latest_checkpoint(ref) / "manifest.json").read_text())["data"]
+    meta = json.loads((prepared_run / "d" / "meta.json").read_text())
+    assert data["path"] == str(prepared_run / "d") and data["given"] == "d"
+    assert data["fingerprint"] == identity(prepared_run / "d", meta)["fingerprint"]
+
+
+def test_a_resume_from_another_directory_trains_on_the_same_data(prepared_run, tmp_path, monkeypatch):
+    """Before: `data.path: d` was resolved against the current directory, so `cd w; masknet train
+    --resume RUN` trained on w/d (valid and test swapped) without a word."""
+    out = cut_back(prepared_run / "ref", tmp_path / "run", 10)  # 10 steps per epoch: killed after epoch 1
+    monkeypatch.chdir(prepared_run / "w")
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    assert_same_run(prepared_run / "ref", out)
+
+
+def test_a_resume_on_other_data_is_refused_naming_what_differs(prepared_run, tmp_path, capsys):
+    import yaml
+
+    out = cut_back(prepared_run / "ref", tmp_path / "run", 10)
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    cfg["data"]["path"] = str(prepared_run / "w" / "d")
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    before = snapshot(out)
+    assert main(["train", "--resume", str(out), "--quiet"]) == 2
+    err = one_line_error(capsys)
+    assert "was trained on other data" in err and f"then the prepared dataset {prepared_run / 'd'}" in err, err
+    assert f"now the prepared dataset {prepared_run / 'w' / 'd'}" in err
+    assert "files that differ: test.p.bin, test.x.bin, test.y.bin, valid.p.bin, valid.x.bin, valid.y.bin" in err
+    assert snapshot(out) == before
+    # the same content at another path resumes (a dataset may move)
+    moved = tmp_path / "moved"
+    shutil.copytree(prepared_run / "d", moved)
+    cfg["data"]["path"] = str(moved)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    assert "note: the data moved" in capsys.readouterr().out
+    assert_same_run(prepared_run / "ref", out)
+
+
+def test_checkpoints_of_synthetic_runs_record_the_generator(reference):
+    data = json.loads((ckpt.latest_checkpoint(reference) / "manifest.json").read_text())["data"]
+    assert data["synthetic"]["rows"] == 4000 and data["synthetic"]["seed"] == 7
+    assert data["synthetic"]["generator"].startswith("masknet.data.synthetic")
+
+
+# ---------------------------------------------------------------------------
+# Creating and writing the run folder: one line, naming the path
+
+
+def test_run_folder_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    """Before: FileNotFoundError, NotADirectoryError, OSError (disk full) tracebacks."""
+    import masknet.training.runfolder as rf
+
+    (tmp_path / "file.txt").write_text("x")
+    for output, expect in ((tmp_path / "file.txt" / "x", "Not a directory"), ("/proc/nope", "/proc/nope")):
+        assert main(ARGS[:3] + ["1"] + ARGS[4:] + ["--output", str(output)]) == 2
+        assert expect in one_line_error(capsys)
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(rf, "write_atomic", full)
+    out = tmp_path / "run"
+    assert main(ARGS[:3] + ["1"] + ARGS[4:] + ["--output", str(out)]) == 2
+    err = one_line_error(capsys)
+    assert f"{out / 'config.yaml'}: cannot write the run folder {out}: No space left on device" in err, err
+
+
+def test_resume_with_an_unwritable_log_or_a_binary_config_is_one_line(reference, tmp_path, capsys):
+    out = cut_back(reference, tmp_path / "run", 16)
+    (out / "log.jsonl").unlink()
+    (out / "log.jsonl").mkdir()  # as unwritable as an immutable file, for root too
+    assert main(["train", "--resume", str(out), "--quiet"]) == 2
+    assert f"{out / 'log.jsonl'}: cannot write the run folder" in one_line_error(capsys)
+    (out / "log.jsonl").rmdir()
+    (out / "config.yaml").write_bytes(b"\xff\xfe")
+    assert main(["train", "--resume", str(out), "--quiet"]) == 2
+    assert f"{out / 'config.yaml'}: not UTF-8 text" in one_line_error(capsys)
+
+
+def test_rerunning_a_saved_config_from_inside_its_folder_leaves_it_alone(reference, tmp_path, monkeypatch, capsys):
+    """Before: `cd RUN && masknet train --config config.yaml` created RUN/runs/..., although it said
+    the folder was left alone."""
+    saved = copy_run(reference, tmp_path / "saved", keep=1)
+    before = snapshot(saved)
+    monkeypatch.chdir(saved)
+    assert main(["train", "--config", "config.yaml", "--epochs", "1", "--set", "train.threads=1", "--quiet"]) == 0
+    assert snapshot(saved) == before and not (saved / "runs").exists()
+    (rerun,) = [p for p in tmp_path.iterdir() if p.name.startswith("sermasknet-")]  # beside the saved run
+    assert (rerun / "metrics.json").is_file()
+    assert f"this run goes to {rerun}" in capsys.readouterr().err
+    # an explicit --output inside a run folder is refused too
+    assert main(["train", "--config", "config.yaml", "--output", "sub"]) == 2
+    assert f"is inside the run folder {saved}" in one_line_error(capsys)
+    assert snapshot(saved) == before
+
+
+def test_a_model_too_large_for_memory_is_one_line(tmp_path, capsys, monkeypatch):
+    """Cardinalities within meta.json's bounds can still ask for more memory than there is (the
+    review's 10^12 rows gave an allocator traceback)."""
+    import masknet.training.run as run_mod
+
+    def too_large(cfg, cardinalities):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 85899346280 bytes.\nError code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(run_mod, "build_model", too_large)
+    assert main(ARGS[:3] + ["1"] + ARGS[4:] + ["--output", str(tmp_path / "run")]) == 2
+    err = one_line_error(capsys)
+    assert "the model does not fit in memory" in err and "embedding rows" in err and "can't allocate memory" in err
+
+
+def test_overwrite_replaces_a_run_that_logged_to_tensorboard(tmp_path, capsys):
+    """The tensorboard/ folder `--log tensorboard` writes is part of a run (was: "tensorboard is
+    nothing masknet train writes"); a file of the user's in it is not."""
+    pytest.importorskip("tensorboard")
+    tiny = ARGS[:3] + ["1"] + ARGS[4:] + ["--set", "data.synthetic.rows=1000"]
+    out = tmp_path / "run"
+    assert main(tiny + ["--log", "tensorboard", "--output", str(out)]) == 0
+    assert any((out / "tensorboard").iterdir())
+    assert main(tiny + ["--output", str(out), "--overwrite"]) == 0
+    assert not (out / "tensorboard").exists()
+    assert main(tiny + ["--log", "tensorboard", "--output", str(out), "--overwrite"]) == 0
+    (out / "tensorboard" / "notes.txt").write_text("mine")
+    assert main(tiny + ["--output", str(out), "--overwrite"]) == 2
+    assert "tensorboard/notes.txt is nothing masknet train writes" in one_line_error(capsys)

@@ -104,7 +104,9 @@ def test_edited_manifest_is_refused(run):
     (bad / MANIFEST).write_text(json.dumps(m))
     with pytest.raises(UserError, match="bundle_sha256 does not match"):
         verify_manifest(bad)
-    write_manifest(bad)  # an explicit reseal is accepted (and changes the bundle hash)
+    with pytest.raises(UserError, match="already sealed, and no longer matches its manifest"):
+        write_manifest(bad)  # sealing again would bless the change
+    write_manifest(bad, reseal=True)  # an explicit reseal is accepted (and changes the bundle hash)
     assert verify_manifest(bad)["bundle_sha256"] != json.loads((run / MANIFEST).read_text())["bundle_sha256"]
 
 
@@ -124,6 +126,117 @@ def test_weights_that_do_not_fit_are_a_user_error(run):
     spec = json.loads((bad / "model.json").read_text())
     spec["model_config"]["block_dim"] = 24
     (bad / "model.json").write_text(json.dumps(spec))
-    write_manifest(bad)
+    write_manifest(bad, reseal=True)
     with pytest.raises(UserError, match="weights do not fit model.json"):
         verify_and_load(bad)
+
+
+# ---------------------------------------------------------------------------
+# Review of issue 14, items 5 and 14: sealing never blesses a change; manifests and model.json are
+# checked for their structure, in one line
+
+
+def test_sealing_refuses_a_sealed_folder_whose_weights_changed(run, capsys):
+    """Before: `python -m masknet.serving.bundle RUN` re-sealed a flipped bit in the weights, and
+    evaluate and --verify then accepted the corrupt weights."""
+    from masknet.serving.bundle import main as bundle_main
+
+    bad = copy_run(run, "resealed")
+    manifest = (bad / MANIFEST).read_bytes()
+    _flip_byte(bad / "model.safetensors")
+    assert bundle_main([str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "already sealed, and no longer matches its manifest" in err, err
+    assert "model.safetensors: SHA-256 does not match" in err and "--reseal" in err
+    assert (bad / MANIFEST).read_bytes() == manifest
+    with pytest.raises(UserError, match="SHA-256 does not match"):
+        verify_and_load(bad)
+    assert bundle_main(["--reseal", str(bad)]) == 0  # explicit: the user changed the weights on purpose
+    verify_manifest(bad)
+    # a sealed folder that still matches seals again (the same files, the same bundle hash)
+    good = copy_run(run, "sealed-again")
+    assert bundle_main([str(good)]) == 0
+    assert verify_manifest(good)["bundle_sha256"] == json.loads((run / MANIFEST).read_text())["bundle_sha256"]
+
+
+def test_sealing_refuses_a_garbled_manifest_unless_resealed(run):
+    bad = copy_run(run, "garbled-seal")
+    (bad / MANIFEST).write_text("{not json")
+    with pytest.raises(UserError, match="already sealed.*not valid JSON"):
+        write_manifest(bad)
+    write_manifest(bad, reseal=True)
+    verify_manifest(bad)
+
+
+def test_manifest_json_that_is_a_folder_is_one_line_when_sealing(run):
+    bad = copy_run(run, "manifest-folder")
+    (bad / MANIFEST).unlink()
+    (bad / MANIFEST).mkdir()
+    with pytest.raises(UserError, match=r"manifest\.json: exists and is not a file"):
+        write_manifest(bad, reseal=True)
+
+
+def _edit_manifest(r, edit):
+    m = json.loads((r / MANIFEST).read_text())
+    edit(m)
+    (r / MANIFEST).write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("edit, key", [
+    (lambda m: m["files"]["model.json"].update(bytes="x"), "files.model.json.bytes"),
+    (lambda m: m["files"].update({"model.json": ["a", 1]}), "files.model.json"),
+    (lambda m: m["files"]["encoder.json"].update(sha256=12), "files.encoder.json.sha256"),
+    (lambda m: m["files"]["model.json"].pop("bytes"), "files.model.json.bytes"),
+    (lambda m: m.update(files=[1, 2]), "files"),
+    (lambda m: m.update(encoder=["x"]), "encoder"),
+])
+def test_a_manifest_with_wrong_types_is_one_line_everywhere(run, tmp_path, capsys, edit, key):
+    """Before: TypeError / AttributeError tracebacks in --verify, evaluate and serve."""
+    from masknet.serving.bundle import main as bundle_main
+
+    bad = copy_run(run, "typed-manifest")
+    _edit_manifest(bad, lambda m: edit(m))
+    with pytest.raises(UserError) as err:
+        verify_and_load(bad)  # what serve and export load through
+    assert f"manifest.json: {key}: expected" in str(err.value) and "\n" not in str(err.value)
+    assert bundle_main(["--verify", str(bad)]) == 2
+    assert f"{key}: expected" in capsys.readouterr().err
+    assert main(["evaluate", "--model", str(bad), "--data", str(prepared("criteo8k"))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{key}: expected" in err, err
+    with pytest.raises(UserError, match=f"{key}: expected"):
+        load_model(bad)
+
+
+@pytest.mark.parametrize("edit, key", [
+    (lambda s: s.update(cardinalities=["abc"] * len(s["cardinalities"])), "cardinalities"),
+    (lambda s: s.update(cardinalities=s["cardinalities"][:-1]), "cardinalities"),
+    (lambda s: s.update(cardinalities=[10**12] * len(s["cardinalities"])), "cardinalities"),
+    (lambda s: s.update(field_names="C1"), "field_names"),
+    (lambda s: s.update(model="nope"), "model"),
+    (lambda s: s.update(encoder="../encoder.json"), "encoder"),
+    (lambda s: s["model_config"].update(block_dim="wide"), "model_config.block_dim"),
+    (lambda s: s["model_config"].update(num_blocks=0), "model_config.num_blocks"),
+])
+def test_sealing_and_loading_check_model_json(run, edit, key):
+    """Before: sealing accepted `cardinalities: ["abc", ...]`; evaluate and serve then failed with a
+    ValueError traceback."""
+    bad = copy_run(run, "garbled-spec")
+    spec = json.loads((bad / "model.json").read_text())
+    edit(spec)
+    (bad / "model.json").write_text(json.dumps(spec))
+    with pytest.raises(UserError, match=rf"model\.json: {key}: expected|model\.json: {key}: must be"):
+        write_manifest(bad, reseal=True)
+    # sealed by another tool: loading refuses it the same way
+    m = json.loads((bad / MANIFEST).read_text())
+    import hashlib
+
+    from masknet.serving.bundle import _bundle_hash
+
+    m["files"]["model.json"] = {"sha256": hashlib.sha256((bad / "model.json").read_bytes()).hexdigest(),
+                                "bytes": (bad / "model.json").stat().st_size}
+    m["bundle_sha256"] = _bundle_hash(m["files"])
+    (bad / MANIFEST).write_text(json.dumps(m))
+    for load in (verify_and_load, load_model):
+        with pytest.raises(UserError, match=rf"model\.json: {key}"):
+            load(bad)

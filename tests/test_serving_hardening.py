@@ -260,3 +260,139 @@ def test_random_unicode_reached_both_outcomes_with_flat_memory():
     assert s.get(200, 0) > 0 and sum(v for k, v in s.items() if 400 <= k < 500) > 0, s
     growth = FUZZ["peak"][-1] - FUZZ["peak"][0]
     assert growth < 60, f"server peak RSS grew {growth:.0f} MB over {sum(s.values())} hostile requests ({s})"
+
+
+# ---------------------------------------------------------------------------
+# Random numbers and random JSON structures anywhere in a request: no 5xx, /health answers
+# during each one, bounded memory
+
+_BODY_LIMIT = 2_000_000  # the structure fuzz's server: arrays up to this size fit in a body
+_NUMBERS = st.one_of(
+    st.integers().map(str),
+    st.tuples(st.sampled_from(["", "-"]), st.integers(4_000, 60_000)).map(lambda t: t[0] + "9" * t[1]),  # over 4,300 digits
+    st.floats(allow_nan=False, allow_infinity=False).map(repr),
+    st.sampled_from(["NaN", "Infinity", "-Infinity", "1e400", "-1e400", "1e-400", "-0", "0.0e0", "1E+2", "123456789.123456789e-5"]),
+    st.integers(1, 400_000).map(lambda n: "1." + "5" * n),  # a long fraction
+)
+_ELEMENTS = st.sampled_from(["0", "[]", "{}", "null", '"a"', "1.5", "[[]]", '{"C1":1}', "true"])
+
+
+@st.composite
+def _structure(draw) -> str:
+    """Raw JSON text: deep nesting, an array of up to the body limit, an object of many keys, or a
+    random small value."""
+    kind = draw(st.sampled_from(["deep", "array", "keys", "value"]))
+    if kind == "deep":
+        depth = draw(st.integers(1, 300_000))
+        opener, closer = draw(st.sampled_from([("[", "]"), ('{"a":', "}")]))
+        return opener * depth + "0" + closer * depth
+    if kind == "array":
+        elem = draw(_ELEMENTS)
+        n = draw(st.integers(0, _BODY_LIMIT // (len(elem) + 1) - 20))
+        return "[" + ",".join([elem] * n) + "]"
+    if kind == "keys":
+        n = draw(st.integers(0, 150_000))
+        key = draw(st.sampled_from(["k{}", "I{}", "C{}", "{}"]))
+        return "{" + ",".join(f'"{key.format(i)}":{draw(_ELEMENTS) if i == 0 else 0}' for i in range(n)) + "}"
+    return json.dumps(draw(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+                                        lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=3), c, max_size=3),
+                                        max_leaves=10)))
+
+
+@st.composite
+def _hostile_json(draw, rows: list[dict]):
+    """A /rank or /predict body with a random number or a random JSON structure put, as raw JSON
+    text, in one place: a feature, the context, a candidate id, the candidate or row list, a
+    candidate's features, a top-level key of its own, or the whole body."""
+    row = dict(draw(st.sampled_from(rows)))
+    hole = "HOLE_1234567"  # replaced by the raw text
+    raw = draw(st.one_of(_NUMBERS, _structure()))
+    place = draw(st.sampled_from(["row value", "context value", "feature", "id", "candidates", "rows", "features",
+                                  "context", "top key", "body"]))
+    ctx = {c: row[c] for c in CTX_COLS}
+    feats = {c: row[c] for c in CAND_COLS}
+    column = draw(st.sampled_from(CRITEO_COLUMNS))
+    path, body = {
+        "row value": ("/predict", {"rows": [row | {column: hole}]}),
+        "context value": ("/rank", {"context": ctx | {draw(st.sampled_from(CTX_COLS)): hole}, "candidates": [{"features": feats}]}),
+        "feature": ("/rank", {"context": ctx, "candidates": [{"features": feats | {draw(st.sampled_from(CAND_COLS)): hole}}]}),
+        "id": ("/rank", {"context": ctx, "candidates": [{"id": hole, "features": feats}]}),
+        "candidates": ("/rank", {"context": ctx, "candidates": hole}),
+        "rows": ("/predict", {"rows": hole}),
+        "features": ("/rank", {"context": ctx, "candidates": [{"features": hole}]}),
+        "context": ("/rank", {"context": hole, "candidates": [{"features": feats}]}),
+        "top key": (draw(st.sampled_from(["/rank", "/predict"])), {"rows": [row], "candidates": [], "extra": hole}),
+        "body": (draw(st.sampled_from(["/rank", "/predict"])), hole),
+    }[place]
+    if place == "top key":
+        body.pop("candidates" if path == "/predict" else "rows")
+    text = json.dumps(body).replace(json.dumps(hole), raw)
+    return path, text.encode()[: _BODY_LIMIT]
+
+
+@pytest.fixture(scope="module")
+def structure_server(tmp_path_factory):
+    log = tmp_path_factory.mktemp("structures") / "server.log"
+    with running_server(trained("criteo8k"), log, "--threads", "1", "--max-body-bytes", str(_BODY_LIMIT)) as (port, proc):
+        yield port, proc
+
+
+STRUCT = {"statuses": {}, "peak": [], "health_ms": []}
+
+
+def _health_ms(port: int) -> float:
+    import time
+
+    t0 = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("GET", "/health")
+        assert conn.getresponse().status == 200
+    finally:
+        conn.close()
+    return (time.perf_counter() - t0) * 1000
+
+
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_random_numbers_and_structures_never_get_a_server_error(structure_server, data):
+    """Huge integers, NaN/Infinity literals, deep nesting, arrays up to the body limit and many
+    keys, anywhere in a request: a 4xx or a 200, never a 5xx, while /health keeps answering."""
+    import threading
+    import time
+
+    port, proc = structure_server
+    if not STRUCT["peak"]:
+        _send(port, "/predict", json.dumps({"rows": criteo_rows(20)}).encode())  # warm up
+        STRUCT["peak"].append(_peak_rss_mb(proc.pid))
+    path, body = data.draw(_hostile_json(criteo_rows(20)))
+    out = {}
+    sender = threading.Thread(target=lambda: out.update(zip(("status", "payload"), _send(port, path, body))))
+    sender.start()
+    while sender.is_alive():
+        STRUCT["health_ms"].append(_health_ms(port))
+        time.sleep(0.02)
+    sender.join()
+    status, payload = out["status"], out["payload"]
+    STRUCT["statuses"][status] = STRUCT["statuses"].get(status, 0) + 1
+    assert status < 500, (path, body[:200], status, payload[:300])
+    if status != 200:
+        msg = json.loads(payload)["error"]
+        assert isinstance(msg, str) and "\n" not in msg and len(msg) < 1_000
+    STRUCT["peak"].append(_peak_rss_mb(proc.pid))
+
+
+def test_random_structures_left_health_answering_and_memory_bounded():
+    """Runs after the test above (file order). /health answered within 5 s during every hostile
+    request (the review's bodies once held it 4 to 41 s), and the server's peak memory grew by less
+    than 25 times the body limit over all of them (decoding JSON into Python objects costs up to
+    ~25 bytes per byte of body; bodies are decoded one at a time)."""
+    if not STRUCT["statuses"]:
+        pytest.skip("run together with test_random_numbers_and_structures_never_get_a_server_error")
+    s = STRUCT["statuses"]
+    assert sum(v for k, v in s.items() if 400 <= k < 500) > 0, s
+    worst = max(STRUCT["health_ms"], default=0)
+    growth = STRUCT["peak"][-1] - STRUCT["peak"][0]
+    print(f"statuses {s}; /health worst {worst:.0f} ms over {len(STRUCT['health_ms'])} probes; peak RSS growth {growth:.0f} MB")
+    assert worst < 5_000, f"/health took {worst:.0f} ms during a hostile request"
+    assert growth < 25 * _BODY_LIMIT / 1e6, f"server peak RSS grew {growth:.0f} MB ({s})"

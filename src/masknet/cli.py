@@ -133,7 +133,7 @@ def _run_train(args: argparse.Namespace) -> int:
     for assignment in args.set:
         apply_override(cfg, assignment)
     if saved_run and cfg.output is None and os.environ.get("WORLD_SIZE", "1") == "1":
-        cfg.output = str(default_output(cfg))
+        cfg.output = str(default_output(cfg, saved_run=Path(args.config).parent))
         print(
             f"masknet train: {args.config} is a saved run's config; its folder is left alone and this run goes to "
             f"{cfg.output} (--output chooses another)", file=sys.stderr,
@@ -454,7 +454,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue-rows", type=int, default=8192, metavar="N",
                    help="rows that may wait for the model; a request beyond gets 503 + Retry-After (default 8192)")
     p.add_argument("--max-pending", type=int, default=16, metavar="N",
-                   help="requests in the server at once (reading, decoding, waiting, scored); beyond: 503 + Retry-After (default 16)")
+                   help="requests in the server at once (from their headers to their answer); beyond: 503 + Retry-After "
+                        "before the body is read (default 16)")
+    p.add_argument("--max-body-buffer", type=int, default=32 << 20, metavar="N",
+                   help="bytes of request bodies held in memory at once; beyond: 503 + Retry-After (default 32 MiB)")
+    p.add_argument("--body-timeout", type=float, default=10.0, metavar="S",
+                   help="seconds a request's whole body may take to arrive; beyond: 408 (default 10)")
     p.set_defaults(func=_run_serve)
 
 
@@ -463,16 +468,19 @@ def _run_serve(args: argparse.Namespace) -> int:
     from .serving.bundle import verify_and_load
     from .serving.service import serve
 
-    for name in ("max_candidates", "max_body_bytes", "max_value_chars", "max_batch_rows", "max_queue_rows", "max_pending"):
+    for name in ("max_candidates", "max_body_bytes", "max_value_chars", "max_batch_rows", "max_queue_rows", "max_pending",
+                 "max_body_buffer"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_wait_ms < 0 or (args.threads is not None and args.threads < 1):
         raise UserError("--max-wait-ms must be >= 0 and --threads >= 1")
+    if not args.body_timeout > 0:
+        raise UserError("--body-timeout must be > 0")
     bundle = verify_and_load(args.model, threads=args.threads)
     serve(bundle, args.host, args.port, runtime=args.runtime, precision=args.precision, threads=args.threads,
           max_candidates=args.max_candidates, max_body_bytes=args.max_body_bytes, max_value_chars=args.max_value_chars,
           max_batch_rows=args.max_batch_rows, max_wait_ms=args.max_wait_ms, max_queue_rows=args.max_queue_rows,
-          max_pending=args.max_pending)
+          max_pending=args.max_pending, max_body_buffer=args.max_body_buffer, body_timeout_s=args.body_timeout)
     return 0
 
 

@@ -12,6 +12,7 @@ open are marked "OPEN" in the field comments and listed in docs/model.md.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -162,6 +163,7 @@ class RunConfig:
     base_run: Optional[str] = None  # a finished run folder: RelaImp (Eq. 20) is reported against it
 
     def validate(self) -> "RunConfig":
+        _check_finite(self)  # first: inf passes every "> 0" check, nan fails them with a puzzling message
         self.model.validate()
         self.train.validate()
         self.data.validate()
@@ -173,6 +175,19 @@ class RunConfig:
 
 # ---------------------------------------------------------------------------
 # Loading, overriding, saving
+
+
+def _check_finite(section: Any, prefix: str = "") -> None:
+    """Refuse inf and nan in every float setting (and list of floats), naming the key."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{prefix}{f.name}.")
+            continue
+        for i, v in enumerate(value if isinstance(value, list) else [value]):
+            if isinstance(v, float) and not math.isfinite(v):
+                where = f"{prefix}{f.name}" + (f"[{i}]" if isinstance(value, list) else "")
+                raise ConfigError(f"{where}: must be a finite number, got {v}")
 
 
 def _positive(key: str, value: int) -> None:
@@ -223,14 +238,19 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        number: Optional[float] = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # YAML's .inf / .nan, or --set x=inf: no setting takes one
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -259,15 +279,28 @@ def load_config(path: str | Path) -> RunConfig:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); a config is a YAML text file") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        raise ConfigError(f"{path}: {_yaml_error(exc)}") from None
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     try:
         return config_from_dict(data or {})
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def _yaml_error(exc: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: where, then what."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    what = " ".join(str(p) for p in (getattr(exc, "context", None), getattr(exc, "problem", None)) if p)
+    what = " ".join((what or str(exc)).split())
+    return f"{where}not valid YAML ({what})"
 
 
 def apply_override(cfg: RunConfig, assignment: str) -> None:

@@ -30,6 +30,9 @@ if TYPE_CHECKING:  # torch is imported lazily: `masknet prepare` never needs it
 SPLITS = ("train", "valid", "test")
 FORMAT_NAME = "masknet-prepared"
 FORMAT_VERSION = 1
+# Indices are int32, so no field can have more categories than this; a larger cardinality in
+# meta.json is corruption (it would reach the embedding allocator as a traceback).
+MAX_CARDINALITY = 2**31 - 1
 X_DTYPE = np.dtype("<i4")
 Y_DTYPE = np.dtype("u1")
 P_DTYPE = np.dtype("<f4")
@@ -133,6 +136,11 @@ class PreparedWriter:
         return out
 
 
+def array_file_names(with_prob: bool) -> list[str]:
+    """The array files a prepared folder holds (the names `array_files` uses)."""
+    return [f"{s}.{k}.bin" for s in SPLITS for k in ("x", "y", "p")[: 3 if with_prob else 2]]
+
+
 def array_files(path: Path, num_fields: int, with_prob: bool) -> list[integrity.ArrayFile]:
     files = []
     for s in SPLITS:
@@ -170,18 +178,14 @@ def load_prepared(path: str | Path, verify: bool = False) -> CTRDataset:
     if not meta_path.is_file():
         raise DataError(f"{path}: not a prepared dataset (no meta.json); create one with `masknet prepare`")
     try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
+        meta = json.loads(meta_path.read_bytes())
+    except OSError as exc:
+        raise DataError(f"{meta_path}: cannot read it: {exc.strerror or exc}") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
         raise DataError(f"{meta_path}: not valid JSON ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
         raise DataError(f"{meta_path}: not a masknet prepared dataset of version {FORMAT_VERSION}")
-    try:
-        fields = meta["fields"]
-        names = [str(fd["name"]) for fd in fields]
-        cards = [int(fd["cardinality"]) for fd in fields]
-        rows = {s: int(meta["splits"][s]["rows"]) for s in SPLITS}
-    except (KeyError, TypeError, ValueError) as exc:
-        raise DataError(f"{meta_path}: malformed ({type(exc).__name__}: {exc}); prepare the dataset again") from None
+    fields, names, cards, rows = check_meta(meta_path, meta)
     f = len(fields)
     splits = {}
     for s in SPLITS:
@@ -194,6 +198,68 @@ def load_prepared(path: str | Path, verify: bool = False) -> CTRDataset:
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(f"{meta_path}: malformed ({type(exc).__name__}: {exc}); prepare the dataset again") from None
     return CTRDataset(field_names=names, cardinalities=cards, splits=splits, meta=meta)
+
+
+def check_meta(meta_path: Path, meta: dict[str, Any]) -> tuple[list, list[str], list[int], dict[str, int]]:
+    """Refuse (DataError naming the key) a meta.json whose structure is not what prepare writes:
+    wrong types, a cardinality outside 1..MAX_CARDINALITY, negative counts. Returns (fields, names,
+    cardinalities, rows per split)."""
+
+    def bad(key: str, want: str, got: Any = ...) -> DataError:
+        shown = "missing" if got is ... else f"got {json.dumps(got)[:60]}"
+        return DataError(f"{meta_path}: malformed: {key}: expected {want}, {shown}; prepare the dataset again")
+
+    def integer(key: str, v: Any, lo: int, hi: int) -> int:
+        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+            raise bad(key, f"an integer in {lo}..{hi:,}", v)
+        return v
+
+    fields = meta.get("fields", ...)
+    if not isinstance(fields, list) or not fields:
+        raise bad("fields", "a non-empty list", fields)
+    for i, fd in enumerate(fields):
+        if not isinstance(fd, dict) or not isinstance(fd.get("name"), str) or not fd["name"]:
+            raise bad(f"fields[{i}]", 'an object with a "name" string', fd)
+        integer(f"fields[{i}].cardinality", fd.get("cardinality"), 1, MAX_CARDINALITY)
+    splits = meta.get("splits", ...)
+    if not isinstance(splits, dict):
+        raise bad("splits", "an object", splits)
+    rows = {}
+    for s in SPLITS:
+        info = splits.get(s, ...)
+        if not isinstance(info, dict):
+            raise bad(f"splits.{s}", "an object", info)
+        rows[s] = integer(f"splits.{s}.rows", info.get("rows", ...), 0, 2**62)
+        for key in ("x_min", "x_max"):
+            if key in info and not (isinstance(info[key], list) and all(isinstance(v, int) and not isinstance(v, bool) for v in info[key])):
+                raise bad(f"splits.{s}.{key}", "a list of integers", info[key])
+    if not isinstance(meta.get("has_prob", False), bool):
+        raise bad("has_prob", "true or false", meta["has_prob"])
+    files = meta.get("files", {})
+    if not isinstance(files, dict):
+        raise bad("files", "an object", files)
+    for name, entry in files.items():
+        if name not in array_file_names(bool(meta.get("has_prob"))):
+            raise bad(f"files.{name}", "only the array files of the dataset", entry)
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+            raise bad(f"files.{name}", 'an object with a "sha256" string', entry)
+        integer(f"files.{name}.bytes", entry.get("bytes", ...), 0, 2**62)
+    return fields, [fd["name"] for fd in fields], [fd["cardinality"] for fd in fields], rows
+
+
+def identity(path: str | Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """What identifies a prepared dataset's content: its fields and each array file's SHA-256
+    (from meta.json, which `load_prepared(verify=True)` checked against the files; hashed now for
+    folders prepared before meta.json recorded them) and one fingerprint over both."""
+    path = Path(path)
+    files = array_files(path, len(meta["fields"]), bool(meta.get("has_prob")))
+    recorded = meta.get("files") or {}
+    if all(f.path.name in recorded for f in files):
+        shas = {f.path.name: recorded[f.path.name]["sha256"] for f in files}
+    else:
+        shas = dict(zip((f.path.name for f in files), integrity.sha256_files([f.path for f in files])))
+    fields = [[fd["name"], fd.get("kind"), fd["cardinality"]] for fd in meta["fields"]]
+    return {"fingerprint": integrity.fingerprint({"fields": fields, "files": shas}), "files": shas}
 
 
 def _map(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:

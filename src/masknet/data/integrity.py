@@ -23,6 +23,7 @@ GIL). Costs are in docs/data.md ("Integrity checks").
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -102,6 +103,11 @@ def scan_files(jobs: list[tuple[Path, np.dtype, int, bool, bool]]) -> list[FileS
 
 def sha256_files(paths: list[Path]) -> list[str]:
     return [s.sha256 for s in scan_files([(p, np.dtype("u1"), 1, False, True) for p in paths])]
+
+
+def fingerprint(record: dict) -> str:
+    """SHA-256 of a JSON-able record in canonical form (sorted keys, compact): a dataset's identity."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------

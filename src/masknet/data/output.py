@@ -24,7 +24,9 @@ A run killed at any moment leaves one of four states, which `recover` (the first
 
 A build folder is stale when no process holds the lock on its BUILD_MARK: flock locks are released
 by the kernel when their process dies, however it dies. Only folders this module names and marks
-are ever deleted, and an output is replaced only if it holds nothing but a prepared dataset's files.
+are ever deleted (the mark holds the <id> the folder is named with), and an output is replaced only
+if it holds nothing but the files its own meta.json says prepare wrote there (`dataset_files`):
+exact names, regular files, never a pattern, so no file of the user's can look like one of ours.
 """
 
 from __future__ import annotations
@@ -43,14 +45,12 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from ..errors import UserError
-from .dataset import FORMAT_NAME
+from .dataset import FORMAT_NAME, array_file_names
 
 TMP_PREFIX = ".prepare-tmp-"
 OLD_PREFIX = ".prepare-old-"
 BUILD_MARK = ".masknet-build"
-# What a prepared folder may hold: anything else in an output folder is the user's, so the folder is
-# never replaced. `.prepare-tmp` is the spill folder of versions that built in place.
-DATASET_ENTRY = re.compile(r"^(meta\.json|encoder\.json|(train|valid|test)\.[A-Za-z0-9_.]+\.bin|\.prepare-tmp|" + re.escape(BUILD_MARK) + r")$")
+BUILD_ID = re.compile(r"^\d+-[0-9a-f]+$")  # <pid>-<random hex>: what a build folder's name ends with
 
 
 @dataclass
@@ -117,13 +117,13 @@ def check_output(output: Path, overwrite: bool) -> None:
     entries = sorted(os.listdir(output))
     if not entries:
         return
-    foreign = [e for e in entries if not DATASET_ENTRY.match(e)]
-    if not foreign and "meta.json" in entries and not _is_dataset_meta(output / "meta.json"):
-        foreign = ["meta.json"]
+    ours = dataset_files(output)
+    foreign = [e for e in entries if e not in ours or output.joinpath(e).is_symlink() or not output.joinpath(e).is_file()]
     if foreign:
+        first = "meta.json" if ours == set() and "meta.json" in entries else foreign[0]
         raise UserError(
-            f"{output}: exists, is not empty and is not a prepared dataset (it holds {foreign[0]!r}); "
-            "choose another --output"
+            f"{output}: exists, is not empty and is not a prepared dataset (it holds {first!r}, which prepare did not "
+            "write there); choose another --output"
         )
     if not overwrite:
         raise UserError(
@@ -132,11 +132,16 @@ def check_output(output: Path, overwrite: bool) -> None:
         )
 
 
-def _is_dataset_meta(meta: Path) -> bool:
+def dataset_files(folder: Path) -> set[str]:
+    """The names a prepare wrote in `folder`, as its meta.json tells: meta.json, encoder.json,
+    the array files of its splits, and the swap's mark. Empty when there is no meta.json of ours."""
     try:
-        return json.loads(meta.read_text()).get("format") == FORMAT_NAME
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return False
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return set()
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        return set()
+    return {"meta.json", "encoder.json", BUILD_MARK, *array_file_names(bool(meta.get("has_prob")))}
 
 
 # ---------------------------------------------------------------------------
@@ -240,9 +245,19 @@ def _siblings(parent: Path, prefix: str) -> list[Path]:
 
 
 def _stale_build(folder: Path) -> bool:
+    """A build folder of a run that is gone: its name ends with the build id its own mark holds and
+    no process holds the mark's lock (or, killed between mkdir and the mark, it is empty)."""
+    build_id = folder.name.rsplit("-", 2)[-2:]
+    if len(build_id) != 2 or not BUILD_ID.match("-".join(build_id)):
+        return False
     mark = folder / BUILD_MARK
-    if not mark.is_file():
-        return not any(folder.iterdir())  # killed between mkdir and the mark: empty
+    if not mark.is_file() or mark.is_symlink():
+        return not any(folder.iterdir())
+    try:
+        if mark.read_text().strip() != "-".join(build_id):
+            return False  # not the mark of this folder's build
+    except (OSError, UnicodeDecodeError):
+        return False
     fd = _try_lock(mark)
     if fd is None:
         return False  # its run is alive

@@ -124,17 +124,30 @@ def open_stream(path: str | Path) -> pa.NativeFile:
 
 
 def _first_line(path: Path) -> bytes:
+    """Line 1 without its newline, read in blocks (linear time: no growing buffer) and no longer
+    than the longest line masknet reads (MAX_BLOCK_BYTES, as for data lines); a longer one is a
+    DataError naming line 1, found after reading just past the cap."""
+    parts: list[bytes] = []
+    size = 0  # bytes of line 1 so far, its newline included once found
     with open_stream(path) as fh:
-        buf = b""
-        while b"\n" not in buf:
+        while size <= MAX_BLOCK_BYTES:
             try:
-                part = fh.read(1 << 16)
+                part = fh.read(1 << 20)
             except OSError as exc:
                 raise DataError(f"{path}: unreadable: {exc}") from None
             if not part:
                 break
-            buf += part
-    return buf.split(b"\n", 1)[0]
+            end = part.find(b"\n")
+            parts.append(part if end < 0 else part[:end])
+            size += len(part) if end < 0 else end + 1
+            if end >= 0:
+                break
+    if size > MAX_BLOCK_BYTES:
+        raise DataError(
+            f"{path}: line 1: the header is over {MAX_BLOCK_BYTES:,} bytes long; the longest line masknet reads is "
+            f"{MAX_BLOCK_BYTES:,} bytes ({MAX_BLOCK_BYTES >> 20} MiB)"
+        )
+    return b"".join(parts)
 
 
 def check_not_empty(path: str | Path) -> None:
@@ -175,7 +188,11 @@ def file_columns(spec: DatasetSpec, path: str | Path) -> list[str]:
     if not text.strip():
         raise DataError(f"{path}: line 1: empty header")
     if spec.quoting:
-        names = next(csv.reader(io.StringIO(text), delimiter=spec.delimiter), [])
+        try:
+            names = next(csv.reader(io.StringIO(text), delimiter=spec.delimiter), [])
+        except csv.Error as exc:  # e.g. a column name over the csv module's field size limit
+            limit = f" (the csv module reads names up to {csv.field_size_limit():,} bytes)" if "field limit" in str(exc) else ""
+            raise DataError(f"{path}: line 1: the header cannot be read: {exc}{limit}") from None
     else:
         names = text.split(spec.delimiter)
     return [n.strip() for n in names]

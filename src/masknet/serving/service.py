@@ -12,24 +12,27 @@ Avazu `hour`, `site_id`, ...; strings, numbers or null for missing); the bundle'
 all preprocessing (features.py), unseen categories are out-of-vocabulary. In /rank a candidate's
 features override the shared context's.
 
-A request's path: the body is read by a size-limiting middleware, decoded, validated and
-encoded on the event loop (requests.py: msgspec, a few ms for 1,000 candidates), then its rows
-join the dynamic batcher's queue (batching.py), whose one inference thread runs the forward
-pass for every request that arrived meanwhile; the endpoint awaits its scores without blocking
-the loop. The pydantic models below document the API (OpenAPI schema) and validate the requests
-that msgspec refuses, so that the answer names the problem.
+A request's path: admission (admission.py) lets it in or refuses it before its body is read,
+then reads the body within the size, memory and time limits; the decode thread decodes,
+validates and encodes it (requests.py: msgspec, a few ms for 1,000 candidates; sizes checked
+first), off the event loop; then its rows join the dynamic batcher's queue (batching.py), whose
+one inference thread runs the forward pass for every request that arrived meanwhile; the
+endpoint awaits its scores without blocking the loop. The pydantic models below document the
+API (OpenAPI schema) and validate the requests that msgspec refuses, so that the answer names
+the problem.
 
 Errors are 4xx with {"error": "<one line naming the problem>", "status": N}: malformed JSON (400),
-body over the size limit (413), missing/unknown field, wrong type, too many candidates or rows,
-a value the encoder rejects (422); 503 with Retry-After when the batcher's queue is full.
+a body too slow to arrive (408), body over the size limit (413), missing/unknown field, wrong
+type, too many candidates or rows, a value the encoder rejects (422); 503 with Retry-After when
+too many requests or too many body bytes are in the server, or the batcher's queue is full.
 Never a 5xx for bad input.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional, Union
 
 import msgspec
@@ -37,6 +40,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 from starlette.requests import Request  # at module level: FastAPI resolves the endpoints' annotations here
 
+from .admission import Admission, Gate
 from .batching import Batcher, Overloaded
 from .bundle import Bundle
 from .features import DEFAULT_MAX_VALUE_CHARS, FeatureEncoder, RequestError
@@ -49,6 +53,8 @@ DEFAULT_MAX_BATCH_ROWS = 2048  # forward rows/CPU-s flat from 1,000 rows up (doc
 DEFAULT_MAX_WAIT_MS = 2.0
 DEFAULT_MAX_QUEUE_ROWS = 8192  # four full passes waiting, at most
 DEFAULT_MAX_PENDING = 16  # requests inside the server (read, decoded, waiting or scored) at once
+DEFAULT_MAX_BODY_BUFFER = 32 << 20  # bytes of request bodies held at once: four of the largest, 50 of 1,000 candidates
+DEFAULT_BODY_TIMEOUT_S = 10.0  # an 8 MiB body at 1 MB/s takes 8.4 s; on loopback 650 kB takes milliseconds
 
 
 class Candidate(BaseModel):
@@ -104,11 +110,11 @@ def _json(payload: Any, status: int = 200, headers: Optional[dict] = None):
 MAX_MESSAGE_CHARS = 500  # an error message never echoes a whole (say 1 MB) bad key or value back
 
 
-def _error(message: str, status: int):
+def _error(message: str, status: int, headers: Optional[dict] = None):
     if len(message) > MAX_MESSAGE_CHARS:
         message = f"{message[:MAX_MESSAGE_CHARS]}... ({len(message):,} characters)"
     message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate from a bad key
-    return _json({"error": message, "status": status}, status)
+    return _json({"error": message, "status": status}, status, headers)
 
 
 def _loc(loc: tuple) -> str:
@@ -118,52 +124,6 @@ def _loc(loc: tuple) -> str:
             continue
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "body"
-
-
-class BodyLimit:
-    """ASGI middleware: 413 for a body over `max_bytes` (by Content-Length, or counted as it streams)."""
-
-    def __init__(self, app: Any, max_bytes: int):
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        msg = f"request body exceeds the limit of {self.max_bytes:,} bytes"
-        for k, v in scope.get("headers", []):
-            if k == b"content-length":
-                try:
-                    n = int(v)
-                except ValueError:
-                    n = 0
-                if n > self.max_bytes:
-                    return await _error(f"{msg} ({n:,} bytes)", 413)(scope, receive, send)
-        # Read the body up to the limit before the app sees it (bounded memory), then replay it.
-        parts, seen, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return await self.app(scope, _replay([message]), send)
-            parts.append(message.get("body", b""))
-            seen += len(parts[-1])
-            more = message.get("more_body", False)
-            if seen > self.max_bytes:
-                return await _error(msg, 413)(scope, receive, send)
-        await self.app(scope, _replay([{"type": "http.request", "body": b"".join(parts), "more_body": False}], receive), send)
-
-
-def _replay(messages: list, then: Any = None):
-    queue = list(messages)
-
-    async def receive():
-        if queue:
-            return queue.pop(0)
-        if then is not None:
-            return await then()
-        return {"type": "http.disconnect"}
-
-    return receive
 
 
 def _server_timing(decode_s: float, timing: Any) -> dict[str, str]:
@@ -229,6 +189,8 @@ def create_app(
     max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
     max_queue_rows: int = DEFAULT_MAX_QUEUE_ROWS,
     max_pending: int = DEFAULT_MAX_PENDING,
+    max_body_buffer: int = DEFAULT_MAX_BODY_BUFFER,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
     check_accuracy: Optional[bool] = None,
     log: Any = None,
 ):
@@ -255,8 +217,11 @@ def create_app(
     batcher = Batcher(scorer, max_batch_rows, max_wait_ms, max_queue_rows)
     model_name = bundle.spec["model"]
     started = time.time()
-    counters = {"requests": 0, "errors": 0, "pending": 0, "rejected_pending": 0}
-    lock = threading.Lock()
+    admission = Admission(max_pending, max_body_bytes, max_body_buffer, body_timeout_s)
+    counters = admission.stats
+    # one thread decodes every body, off the event loop (which keeps answering /health and refusing
+    # over-limit requests), and one at a time: at most one body's objects exist at once
+    decode_pool = ThreadPoolExecutor(1, thread_name_prefix="masknet-decode")
     example = {c: None for c in features.columns}
     metadata = {
         "model": model_name,
@@ -280,6 +245,8 @@ def create_app(
                    "max_value_chars": max_value_chars},
         "batching": {"max_batch_rows": max_batch_rows, "max_wait_ms": max_wait_ms, "max_queue_rows": max_queue_rows,
                      "max_pending": max_pending},
+        "admission": {"max_pending": max_pending, "max_body_buffer": admission.max_buffered_bytes,
+                      "body_timeout_s": body_timeout_s},
         "masknet": __version__,
     }
 
@@ -297,43 +264,16 @@ def create_app(
     async def on_http(request: Request, exc: StarletteHTTPException):
         return _error(str(exc.detail), exc.status_code)
 
-    def count(error: bool) -> None:
-        with lock:
-            counters["requests"] += 1
-            counters["errors"] += int(error)
-
-    def admit() -> bool:
-        with lock:
-            if counters["pending"] >= max_pending:
-                counters["rejected_pending"] += 1
-                return False
-            counters["pending"] += 1
-            return True
-
-    def leave() -> None:
-        with lock:
-            counters["pending"] -= 1
+    count = admission.count
 
     async def scored(request: Request, decode) -> Any:
-        """Admission, then decode + encode on the loop, then the batcher's scores: (encoded, scores,
-        timing headers) or an error Response. Beyond max_pending requests in the server, a request
-        is refused before its body is even read: under overload the work waiting on the event loop
-        (not only on the model) stays bounded, and so does p99."""
-        if not admit():
-            count(True)
-            return _json({"error": f"the server is overloaded ({max_pending} requests in progress); retry in 1 s",
-                          "status": 503}, 503, {"Retry-After": "1"})
-        try:
-            return await _scored(request, decode)
-        finally:
-            leave()
-
-    async def _scored(request: Request, decode) -> Any:
+        """Decode + encode on the decode thread, then the batcher's scores: (encoded, scores, timing
+        headers) or an error Response. Admission (Gate) has let the request in and read its body."""
         body = await request.body()
         try:
             t0 = time.perf_counter()
             with batcher.arriving():
-                enc = decode(body)
+                enc = await asyncio.get_running_loop().run_in_executor(decode_pool, decode, body)
             decode_s = time.perf_counter() - t0
             if len(enc.x):
                 scores, timing = await asyncio.wrap_future(batcher.submit(enc.x))
@@ -380,7 +320,7 @@ def create_app(
         return _json({"model": model_name, "scores": out[1].tolist()}, headers=out[2])
 
     _with_schemas(app, [RankRequest, PredictRequest])
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(Gate, admission=admission, error=_error)
     app.state.bundle = bundle
     app.state.features = features
     app.state.decoder = decoder

@@ -11,12 +11,16 @@ A checkpoint is a folder `RUN/checkpoints/step-<global step>/` holding
 Atomicity: the folder is written under a temporary name (`.tmp-step-<step>-<pid>`), every file
 is fsync'ed, the manifest last, then the folder is renamed into place (and the parent fsync'ed).
 A crash at any moment leaves either the complete new checkpoint or none of it (plus a temporary
-folder that `remove_stale_temp` deletes when the run starts or resumes). Older checkpoints are
-deleted only after the new one is in place, and only the last `keep` in write order are kept:
-`seq` orders checkpoints, not the step number, so a run's newest checkpoint is never pruned in
-favour of an older one with a higher step. `find_resumable` verifies checkpoints newest first
-against their manifests and falls back past a corrupt one with a warning. The data position needs
-no state of its own: batch order is a pure function of (seed, epoch) (see iterate_batches).
+folder that `remove_stale_temp` deletes when the run resumes). Older checkpoints are deleted
+only after the new one is in place, and only the last `keep` in write order are kept: `seq`
+orders checkpoints, not the step number, so a run's newest checkpoint is never pruned in favour of
+an older one with a higher step. A pruned checkpoint is first renamed to a temporary name, then
+deleted, so a kill while pruning never leaves a partial `step-*` folder (`remove_stale_temp` also
+deletes the incomplete ones older versions left). `find_resumable` verifies checkpoints newest first
+against their manifests and falls back past a corrupt one with a warning; one whose manifest
+cannot be read (so its `seq` is unknown) is tried first when its step number is at least the
+newest readable one's. The data position needs no state of its own: batch order is a pure
+function of (seed, epoch) (see iterate_batches).
 """
 
 from __future__ import annotations
@@ -155,49 +159,118 @@ def save_checkpoint(
         kept = f"; the previous checkpoint {previous} is intact" if previous else ""
         raise CheckpointError(f"could not write checkpoint {final}: {exc.strerror or exc}{kept}") from None
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _delete(old)
     return final
+
+
+def _delete(checkpoint: Path) -> None:
+    """Delete a checkpoint folder: renamed first (atomic), so that a kill leaves a temporary folder
+    that `remove_stale_temp` deletes, never a partial `step-*` one."""
+    doomed = checkpoint.with_name(f".tmp-{checkpoint.name}-{os.getpid()}")
+    try:
+        os.rename(checkpoint, doomed)
+    except OSError:
+        doomed = checkpoint
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _read_manifest(path: Path) -> Optional[dict[str, Any]]:
     """The checkpoint's manifest; None if it has none (written before checkpoints had manifests).
-    Raises CheckpointError if it is unreadable."""
+    Raises CheckpointError if it is unreadable or not shaped like one."""
     p = path / MANIFEST
-    if not p.is_file():
+    if not p.exists():
         return None
     try:
-        manifest = json.loads(p.read_text())
+        manifest = json.loads(p.read_bytes())
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{p}: unreadable ({exc})") from None
+        raise CheckpointError(f"{p}: unreadable ({_first_line(exc)})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{p}: not a masknet checkpoint manifest")
     if manifest.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"{p}: checkpoint format version {manifest.get('version')!r}; this masknet reads {CHECKPOINT_VERSION}")
+    _check_manifest(p, manifest)
     return manifest
 
 
-def _seq(path: Path) -> int:
-    """Write order: the manifest's sequence number; -1 (oldest) without a readable one."""
+def _check_manifest(p: Path, m: dict[str, Any]) -> None:
+    """Types of the keys a resume reads (a manifest that parses may still be garbled)."""
+
+    def bad(key: str, want: str) -> CheckpointError:
+        return CheckpointError(f"{p}: {key}: expected {want}, got {json.dumps(_get(m, key))[:60]}")
+
+    if not isinstance(m.get("seq"), int) or isinstance(m["seq"], bool):
+        raise bad("seq", "an integer")
+    files = m.get("files")
+    if not isinstance(files, dict):
+        raise bad("files", "an object")
+    for name, entry in files.items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and isinstance(entry.get("bytes"), int)):
+            raise bad(f"files.{name}", 'an object with "sha256" and "bytes"')
+    for key in ("config", "data"):
+        if key in m and not isinstance(m[key], dict):
+            raise bad(key, "an object")
+    resumes = m.get("resumes", [])
+    if not isinstance(resumes, list) or not all(
+        isinstance(e, dict) and isinstance(e.get("changed"), dict) and isinstance(e.get("after_epoch"), int) for e in resumes
+    ):
+        raise bad("resumes", 'a list of resume events ({"changed": {...}, "after_epoch": N, ...})')
+
+
+def _get(m: dict[str, Any], key: str) -> Any:
+    """m["a"]["b.c"] for key "a.b.c" (file names hold dots)."""
+    head, _, rest = key.partition(".")
+    value = m.get(head)
+    return value.get(rest) if rest and isinstance(value, dict) else value
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    """The error's message on one line (torch's load errors span several), cut at `limit` characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _seq(path: Path) -> Optional[int]:
+    """Write order: the manifest's sequence number; -1 (oldest) without a manifest (an older
+    masknet's checkpoint); None when the manifest cannot be read."""
     try:
         manifest = _read_manifest(path)
     except CheckpointError:
-        return -1
-    seq = manifest.get("seq") if manifest else None
-    return seq if isinstance(seq, int) else -1
+        return None
+    return -1 if manifest is None else manifest["seq"]
+
+
+def _step(path: Path) -> int:
+    return int(path.name.split("-", 1)[1])
 
 
 def _next_seq(run_dir: Path) -> int:
-    return max((_seq(p) for p in list_checkpoints(run_dir)), default=0) + 1
+    return max((s for s in map(_seq, list_checkpoints(run_dir)) if s is not None), default=0) + 1
+
+
+def _complete(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and STEP_NAME.match(path.name) is not None and all((path / f).is_file() for f in FILES)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first in write order (temporary folders of interrupted writes
-    are ignored). Checkpoints without a readable manifest come first, by step."""
+    are ignored). Checkpoints whose manifest cannot be read come first (they are pruned first and
+    never reported as the latest), then those without one, by step."""
     root = Path(run_dir) / CHECKPOINT_DIR
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.is_dir() and STEP_NAME.match(p.name) and all((p / f).is_file() for f in FILES)]
-    return sorted(done, key=lambda p: (_seq(p), p.name))
+    seqs = {p: _seq(p) for p in root.iterdir() if _complete(p)}
+    return sorted(seqs, key=lambda p: (seqs[p] is not None, seqs[p] or 0, _step(p)))
+
+
+def resume_candidates(run_dir: Path) -> list[Path]:
+    """Checkpoints newest first, as a resume tries them: a checkpoint with an unreadable manifest
+    (its write order unknown) first when its step is at least the newest readable one's (the
+    newest, corrupted: it gets its warning), then the readable ones by write order."""
+    found = list_checkpoints(run_dir)
+    readable = [p for p in found if _seq(p) is not None]
+    top = _step(readable[-1]) if readable else -1
+    garbled = sorted((p for p in found if p not in readable and _step(p) >= top), key=_step, reverse=True)
+    return garbled + readable[::-1]
 
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
@@ -207,12 +280,16 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
 
 def remove_stale_temp(run_dir: Path) -> list[Path]:
     """Delete the temporary folders of checkpoint writes whose process is gone (a killed run
-    leaves one, as large as a checkpoint). Only names `save_checkpoint` uses are touched."""
+    leaves one, as large as a checkpoint), and incomplete `step-*` folders (an older masknet
+    killed while pruning left them). Only names `save_checkpoint` uses are touched; complete
+    checkpoints never are. Call it with the run folder locked."""
     root = Path(run_dir) / CHECKPOINT_DIR
     removed = []
     for p in sorted(root.iterdir()) if root.is_dir() else []:
         m = TEMP_NAME.match(p.name)
-        if m and p.is_dir() and writer_gone(int(m.group(1))):
+        stale = m and p.is_dir() and writer_gone(int(m.group(1)))
+        partial = STEP_NAME.match(p.name) and p.is_dir() and not p.is_symlink() and not _complete(p)
+        if stale or partial:
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
@@ -255,18 +332,31 @@ def verify_checkpoint(path: Path) -> Resumable:
 def find_resumable(run_dir: Path, warn: Callable[[str], None] = print) -> Optional[Resumable]:
     """The newest intact checkpoint, verified; past a corrupt or unreadable one it falls back to
     the previous one with a one-line warning. None when the run has no checkpoint at all."""
-    found = list_checkpoints(run_dir)
+    found = resume_candidates(run_dir)
     problems = []
-    for path in reversed(found):
+    for path in found:
         try:
             return verify_checkpoint(path)
         except CheckpointError as exc:
             problems.append(str(exc))
-            if path != found[0]:
+            if path != found[-1]:
                 warn(f"warning: {exc}; falling back to the previous checkpoint")
     if problems:
         raise CheckpointError(f"{run_dir}: no intact checkpoint to resume from (the newest: {problems[0]})")
     return None
+
+
+def check_loadable(path: Path, model: torch.nn.Module) -> None:
+    """Deserialise every file of checkpoint `path` and load its weights into `model`, as `fit` will:
+    a resume calls this before it changes the run's record (config.yaml, log.jsonl), so a
+    checkpoint that cannot continue this model leaves the record as it was."""
+    try:
+        json.loads((path / STATE_FILE).read_bytes())["optimizers"]
+        load((path / "optim.safetensors").read_bytes())
+        model.load_state_dict(load((path / "best.safetensors").read_bytes()))
+        model.load_state_dict(load((path / "model.safetensors").read_bytes()))
+    except (OSError, ValueError, SafetensorError, RuntimeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({_first_line(exc)})") from None
 
 
 def load_checkpoint(
@@ -281,7 +371,7 @@ def load_checkpoint(
         optim = load((path / "optim.safetensors").read_bytes())
         optim_meta = state.pop("optimizers")
     except (OSError, ValueError, SafetensorError, RuntimeError, KeyError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"{path}: unreadable checkpoint ({exc})") from None
+        raise CheckpointError(f"{path}: unreadable checkpoint ({_first_line(exc)})") from None
     set_rng_states({k: optim.pop(k) for k in list(optim) if k.startswith("rng.")}, ctx or DistContext())
     _unflatten_optimizers(optimizers, optim, optim_meta)
     return state, best

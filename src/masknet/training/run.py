@@ -26,18 +26,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from ..config import ModelConfig, RunConfig, _from_dict, apply_override, load_config
-from ..data.dataset import CTRDataset, load_prepared
+from ..config import MODEL_NAMES, ModelConfig, RunConfig, _from_dict, apply_override, load_config
+from ..data.dataset import MAX_CARDINALITY, CTRDataset, load_prepared
 from ..data.synthetic import generate
 from ..errors import ConfigError, UserError
 from ..integrity import write_atomic
 from ..models import CTRModel, build_model
 from ..models.layers import gemm_backend
 from . import runfolder
-from .checkpoint import find_resumable, latest_checkpoint, remove_stale_temp
-from .distributed import barrier, init_from_env
+from .checkpoint import check_loadable, find_resumable, latest_checkpoint, remove_stale_temp
+from .distributed import DistContext, barrier, init_from_env
 from .metrics import auc, relaimp
 from .tracking import check_available as check_trackers, open_trackers
 from .trainer import TrainingDiverged, embedding_update, evaluate, fit, seed_everything
@@ -56,13 +58,20 @@ def load_data(cfg: RunConfig) -> CTRDataset:
     return generate(cfg.data.synthetic.rows, cfg.data.synthetic.seed)
 
 
-def default_output(cfg: RunConfig) -> Path:
+def default_output(cfg: RunConfig, saved_run: Optional[Path] = None) -> Path:
+    """runs/<model>-<timestamp>, a new folder. Re-running `saved_run`'s config from inside that
+    folder would put runs/ into it: the new run goes beside it instead."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = Path("runs") / f"{cfg.model.name}-{stamp}"
+    base = Path("runs")
+    if saved_run is not None:
+        saved = Path(os.path.realpath(saved_run))
+        if saved == Path(os.path.realpath(base)) or saved in Path(os.path.realpath(base)).parents:
+            base = saved.parent
+    path = base / f"{cfg.model.name}-{stamp}"
     n = 1
     while path.exists():
         n += 1
-        path = Path("runs") / f"{cfg.model.name}-{stamp}-{n}"
+        path = base / f"{cfg.model.name}-{stamp}-{n}"
     return path
 
 
@@ -86,39 +95,81 @@ def train_run(
 
     A new run refuses an output folder that holds an earlier run unless `overwrite` (then that run's
     files are deleted first); `resume` continues the run in `cfg.output` from its newest intact
-    checkpoint (see training/runfolder.py for both rules)."""
+    checkpoint; either holds the folder's lock until it returns (see training/runfolder.py for the
+    rules). A relative `cfg.data.path` is resolved here (the run folder records the absolute one)."""
     cfg.validate()
     check_trackers(cfg)  # a tracker that is not installed: one line, before the run folder exists
     base_auc = read_base_auc(cfg.base_run) if cfg.base_run else None  # fail before training, not after
     data = data if data is not None else load_data(cfg)  # a bad data path fails before the run folder is touched
+    given = cfg.data.path
+    if cfg.data.path:
+        cfg.data.path = os.path.realpath(cfg.data.path)  # a resume from another directory finds the same data
+    identity = runfolder.data_identity(cfg, data, given)
     ctx = init_from_env(cfg.train.device)  # rank 0 of 1 unless launched by torchrun
     if not ctx.is_main:
         log = _quiet
     if ctx.enabled and not cfg.output:
         raise UserError("a multi-process run needs --output (every rank must agree on the run folder)")
     out = Path(cfg.output) if cfg.output else default_output(cfg)
+    lock = _claim(out, ctx, resume)
+    try:
+        return _train_locked(cfg, data, identity, ctx, out, log, resume, overwrite, base_auc)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _claim(out: Path, ctx: DistContext, resume: bool) -> Optional[runfolder.RunLock]:
+    """Rank 0 takes the run folder's lock (creating the folder for a new run); every rank learns
+    whether it could, so that all stop alike."""
+    lock, error = None, None
+    if ctx.is_main:
+        try:
+            if not resume:
+                runfolder.check_new_run_folder(out, overwrite=True)  # a file, or inside a run: refused before mkdir
+                with runfolder.folder_errors(out):
+                    out.mkdir(parents=True, exist_ok=True)
+            lock = runfolder.lock_run_folder(out)
+        except UserError as exc:
+            error = exc
+    if ctx.enabled:
+        failed = torch.tensor([error is not None], dtype=torch.int32, device=ctx.device if ctx.backend == "nccl" else "cpu")
+        torch.distributed.broadcast(failed, 0)
+        if failed.item() and error is None:
+            raise UserError(f"{out}: rank 0 could not take the run folder (its message says why)")
+    if error is not None:
+        raise error
+    return lock
+
+
+def _train_locked(
+    cfg: RunConfig, data: CTRDataset, identity: dict[str, Any], ctx: DistContext, out: Path, log: Any,
+    resume: bool, overwrite: bool, base_auc: Optional[float],
+) -> RunResult:
     # every rank checks (and refuses) alike, then rank 0 alone changes the folder
     found, resumes, earlier = None, [], []
     if resume:
         found = find_resumable(out, warn=log)  # every rank reads the same checkpoint
         if found is None:
             raise UserError(f"{out}: no complete checkpoint to resume from")
-        resumes = runfolder.check_resume(cfg, found, out, log)
+        resumes = runfolder.check_resume(cfg, found, out, identity, log)
     else:
         earlier = runfolder.check_new_run_folder(out, overwrite)
     barrier(ctx)
-    if ctx.is_main and resume:
-        for p in remove_stale_temp(out) + runfolder.remove_stale_bundle_temp(out):
-            log(f"removed {p}, left by a write that was killed")
-        if resumes != found.meta.get("resumes", []):
-            runfolder.write_config(cfg, out / runfolder.CONFIG_FILE, resumes)
-    elif ctx.is_main:
-        runfolder.clear_earlier_run(out, earlier, log)
-        out.mkdir(parents=True, exist_ok=True)
-        runfolder.write_config(cfg, out / runfolder.CONFIG_FILE, [])
-
     seed_everything(cfg.train.seed)
-    model = build_model(cfg.model, data.cardinalities)  # identical on every rank
+    model = _build(cfg, data)  # identical on every rank
+    if found is not None:  # before the record changes: a checkpoint that cannot load leaves it as it was
+        check_loadable(found.path, model)
+    with runfolder.folder_errors(out):
+        if ctx.is_main and resume:
+            for p in remove_stale_temp(out) + runfolder.remove_stale_bundle_temp(out):
+                log(f"removed {p}, left by a write that was killed")
+            if resumes != found.meta.get("resumes", []):
+                runfolder.write_config(cfg, out / runfolder.CONFIG_FILE, resumes)
+        elif ctx.is_main:
+            runfolder.clear_earlier_run(out, earlier, log)
+            runfolder.write_config(cfg, out / runfolder.CONFIG_FILE, [])
+        log_file = open(out / "log.jsonl", "w") if ctx.is_main else open(os.devnull, "w")
     rank_seeds = [cfg.train.seed + 1_000_003 * r for r in range(ctx.world_size)]
     if ctx.enabled:
         seed_everything(rank_seeds[ctx.rank])  # dropout differs per rank, repeatably
@@ -132,14 +183,16 @@ def train_run(
         changed = resumes[-1]["changed"] if resumes != found.meta.get("resumes", []) else {}
         changes = "".join(f"; {k}: {c['from']!r} -> {c['to']!r}" for k, c in changed.items())
         log(f"resuming from {found.path}{changes}")
-    with open_trackers(cfg, out, ctx.is_main) as trackers, open(out / "log.jsonl", "w") if ctx.is_main else open(os.devnull, "w") as log_file:
+    with log_file, open_trackers(cfg, out, ctx.is_main) as trackers:
         if found is not None:  # the log is rewritten from the checkpoint's own history
-            log_file.writelines(json.dumps(r) + "\n" for r in runfolder.log_records(found.state["history"], resumes))
-            log_file.flush()
+            with runfolder.folder_errors(out):
+                log_file.writelines(json.dumps(r) + "\n" for r in runfolder.log_records(found.state["history"], resumes))
+                log_file.flush()
 
         def on_epoch(record: dict) -> None:
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
+            with runfolder.folder_errors(out):
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
             log(
                 f"epoch {record['epoch']}: train logloss {record['train_logloss']:.4f}  "
                 f"valid AUC {record['valid_auc']:.4f}  logloss {record['valid_logloss']:.4f}  "
@@ -150,7 +203,7 @@ def train_run(
         try:
             result = fit(
                 model, data, cfg.train, on_epoch, run_dir=out, resume_from=found.path if found else None, ctx=ctx,
-                checkpoint_meta=runfolder.checkpoint_meta(cfg, resumes),
+                checkpoint_meta=runfolder.checkpoint_meta(cfg, resumes, identity),
             )
         except TrainingDiverged as exc:  # advice that works for this run folder
             raise TrainingDiverged(exc.where, runfolder.nan_advice(out, cfg, ctx.world_size)) from None
@@ -189,6 +242,19 @@ def train_run(
     rel = f"  RelaImp {metrics['relaimp']:+.2%}" if "relaimp" in metrics else ""
     log(f"best epoch {result.best_epoch}: test AUC {test['auc']:.4f}  logloss {test['logloss']:.4f}{oracle}{rel}")
     return RunResult(out, metrics, model)
+
+
+def _build(cfg: RunConfig, data: CTRDataset) -> CTRModel:
+    try:
+        return build_model(cfg.model, data.cardinalities)
+    except RuntimeError as exc:  # the allocator: tables larger than this machine's memory
+        if "alloc" not in str(exc).lower():
+            raise
+        rows = sum(data.cardinalities)
+        raise UserError(
+            f"the model does not fit in memory: {rows:,} embedding rows (the sum of the fields' cardinalities) x "
+            f"model.embedding_dim={cfg.model.embedding_dim} ({str(exc).strip().splitlines()[0]})"
+        ) from None
 
 
 def write_bundle(out: Path, model: CTRModel, cfg: RunConfig, data: CTRDataset, metrics: dict[str, Any]) -> None:
@@ -266,9 +332,58 @@ def load_model(run: str | Path, verify: bool = True) -> CTRModel:
     for p in (spec_path, weights):
         if not p.is_file():
             raise UserError(f"{p}: missing; is {run} a finished run folder?")
-    spec = json.loads(spec_path.read_text())
-    model_cfg = _from_dict(ModelConfig, spec["model_config"], prefix="model.")
-    model = build_model(model_cfg, spec["cardinalities"])
-    model.load_state_dict(load_file(str(weights)))
+    spec = read_model_spec(spec_path)
+    model = build_model(model_config_of(spec_path, spec), spec["cardinalities"])
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except (SafetensorError, RuntimeError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{weights}: weights do not fit model.json ({first})") from None
     model.eval()
     return model
+
+
+def read_model_spec(path: Path) -> dict[str, Any]:
+    """model.json, checked key by key (a UserError naming the file and key): sealing, loading and
+    serving all read it through here, so a garbled one is refused before it builds anything."""
+    try:
+        spec = json.loads(Path(path).read_bytes())
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, not model.json") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+
+    def bad(key: str, want: str) -> UserError:
+        got = f"got {json.dumps(spec.get(key))[:60]}" if key in spec else "missing"
+        return UserError(f"{path}: {key}: expected {want}, {got}")
+
+    if not isinstance(spec, dict):
+        raise UserError(f"{path}: not a JSON object")
+    if spec.get("model") not in MODEL_NAMES:
+        raise bad("model", f"one of {', '.join(MODEL_NAMES)}")
+    if not isinstance(spec.get("model_config"), dict):
+        raise bad("model_config", "an object")
+    names, cards = spec.get("field_names"), spec.get("cardinalities")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise bad("field_names", "a non-empty list of names")
+    if not isinstance(cards, list) or len(cards) != len(names) or not all(
+        isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= MAX_CARDINALITY for c in cards
+    ):
+        raise bad("cardinalities", f"{len(names)} integers in 1..{MAX_CARDINALITY:,} (one per field name)")
+    encoder = spec.get("encoder")
+    if encoder is not None and not (isinstance(encoder, str) and encoder and "/" not in encoder and "\\" not in encoder
+                                    and encoder not in (".", "..")):
+        raise bad("encoder", "null or a file name in the bundle")
+    model_config_of(path, spec)
+    return spec
+
+
+def model_config_of(path: Path, spec: dict[str, Any]) -> ModelConfig:
+    try:
+        model_cfg = _from_dict(ModelConfig, spec["model_config"], prefix="model_config.")
+        model_cfg.validate()
+    except ConfigError as exc:
+        raise UserError(f"{path}: {str(exc).replace('model.', 'model_config.', 1)}") from None
+    return model_cfg
