@@ -1,7 +1,8 @@
 """The embedding tables' update by table size: which one the trainer should run (issue 21, item 1).
 
 For tables of 10k to 3M rows (k = 10) and one batch's lookups (1024 rows x 39 fields = 39,936
-indices, Zipf-like: many repeats, as CTR data has), it times one optimizer step, in interleaved
+indices: a batch of the built-in synthetic data, its rows scaled proportionally to the table
+size, as the bench's vocabulary test does), it times one optimizer step, in interleaved
 rounds (medians), of
 
 - lazy:       embedding_update.LazyAdam on the sparse row gradient (what the trainer runs);
@@ -25,6 +26,7 @@ import time
 
 import torch
 
+from masknet.data.synthetic import cardinalities, generate
 from masknet.training.embedding_update import LazyAdam
 
 LOOKUPS = 1024 * 39
@@ -41,11 +43,14 @@ def main(argv=None) -> int:
     clock = time.process_time if args.threads == 1 else time.perf_counter
     load_start = os.getloadavg()[0]
     g = torch.Generator().manual_seed(0)
+    cards = cardinalities()
+    total = sum(cards)
+    batch = torch.from_numpy(generate(2000, seed=0).splits["train"].x[:1024].astype("int64"))
+    lookups = (batch + torch.tensor([0] + cards[:-1]).cumsum(0)).flatten()  # rows of the 683,161-row table
     print(f"ms per step, median of {args.rounds} rounds, {LOOKUPS:,} lookups, k = {K}, {args.threads} thread(s)")
     print(f"{'rows':>10}{'unique':>8}{'lazy':>8}{'sparseadam':>11}{'dense':>8}{'lazy/sparse':>12}{'lazy/dense':>11}")
     for rows in (int(r) for r in args.rows.split(",")):
-        zipf = torch.distributions.Pareto(1.0, 1.2).sample((LOOKUPS,)).long()
-        idx = (zipf * 7919) % rows
+        idx = lookups * rows // total  # the batch's rows, scaled to this table size
         grad = torch.sparse_coo_tensor(idx[None], torch.randn(LOOKUPS, K, generator=g), (rows, K))
         dense_grad = grad.to_dense()
         cases = {}

@@ -83,7 +83,7 @@ def test_weight_gradient_in_either_layout_is_dy_t_x(fin, fout):
     g = torch.Generator().manual_seed(0)
     gy, x = torch.randn(37, fout, generator=g), torch.randn(37, fin, generator=g)
     gw = _weight_grad(gy, x)
-    assert weight_grad_as_xt_dy(fin, fout) == (fout > fin)
+    assert weight_grad_as_xt_dy(fin, fout) == (fout >= 1.5 * fin)
     assert gw.shape == (fout, fin) and gw.is_contiguous()  # W's layout: no copy at accumulation
     torch.testing.assert_close(gw, gy.t() @ x, rtol=1e-5, atol=1e-5)
 

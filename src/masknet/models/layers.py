@@ -79,11 +79,11 @@ class _OneDnnLinear(torch.autograd.Function):
 
         dX = dY W           [B, out] @ [out, in]   (W is read as is: no copy)
         dW = dY^T X         [out, B] @ [B, in]     (transposed views: written in W's layout)
-           = (X^T dY)^T     when out > in: oneDNN's faster layout for wide layers (below)
+           = (X^T dY)^T     when out >= 1.5 in: oneDNN's faster layout for wide layers (below)
         db = Σ_rows dY
     with dY masked by y > 0 first when the ReLU is fused.
 
-    Where a layer widens (out > in: the masks' aggregation layers, 390 -> 780/800), oneDNN
+    Where a layer widens (out >= 1.5 in: the masks' aggregation layers, 390 -> 780/800), oneDNN
     runs dW as X^T dY (X copied to [in, B], the result transposed back into W's layout)
     1.1-1.2x faster than as dY^T X, copies included; elsewhere dY^T X is as fast or faster
     (benchmarks/backward_layouts.py, docs/performance.md).
@@ -110,7 +110,7 @@ class _OneDnnLinear(torch.autograd.Function):
 
 def weight_grad_as_xt_dy(in_features: int, out_features: int) -> bool:
     """Whether dW runs as (X^T dY)^T rather than dY^T X: for widening layers (_OneDnnLinear)."""
-    return out_features > in_features
+    return out_features >= 1.5 * in_features  # near-square layers: a wash, so the copy-free layout
 
 
 def _weight_grad(gy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
