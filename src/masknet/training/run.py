@@ -8,7 +8,8 @@ A run folder holds:
     model.safetensors the best epoch's weights (no pickle anywhere)
     dataset.json     the dataset's meta (fields, split sizes, source; the encoder for prepared data)
     metrics.json     {"valid": {auc, logloss}, "test": {auc, logloss}, "oracle_auc", "train_seconds",
-                      "samples_per_second", "best_epoch", "model", ["relaimp", "base_run"],
+                      "samples_per_second", "best_epoch", "model", "kernels" (GEMM kernel and embedding
+                      update, docs/performance.md), ["relaimp", "base_run"],
                       "tasks": {<label>: {"valid": {...}, "test": {...}}}, "calibration": {...}}
                      (the top-level valid/test/oracle_auc describe the first label; "tasks" every
                      label with calibration measures, training/evaluation.py)
@@ -44,6 +45,7 @@ from ..data.synthetic import generate
 from ..errors import ConfigError, UserError
 from ..integrity import write_atomic
 from ..models import REGISTRY, CTRModel, build_model
+from ..models.layers import gemm_backend
 from ..models.scoring import CALIBRATION_FILE
 from . import runfolder
 from .checkpoint import check_loadable, find_resumable, latest_checkpoint, remove_stale_temp
@@ -52,7 +54,7 @@ from .evaluation import TaskReport, reliability_png, report
 from .metrics import auc, relaimp
 from .tasks import check_tasks, select_tasks
 from .tracking import check_available as check_trackers, open_trackers
-from .trainer import TrainingDiverged, evaluate, fit, seed_everything, with_model_defaults
+from .trainer import TrainingDiverged, embedding_update, evaluate, fit, seed_everything, with_model_defaults
 
 
 @dataclass
@@ -250,6 +252,11 @@ def _train_locked(
     metrics["device"] = ctx.device
     metrics["tasks"] = tasks_report.tasks
     metrics["calibration"] = dict(tasks_report.summary, reliability_png="reliability.png")
+    # what ran the step (docs/performance.md): the GEMM kernel and the embedding tables' update
+    metrics["kernels"] = {
+        "gemm": gemm_backend() if ctx.device == "cpu" else "torch",
+        "embedding_update": embedding_update(cfg.train.sparse_embeddings and ctx.sparse_allreduce),
+    }
     if not ctx.is_main:  # only rank 0 writes the run folder and the bundle
         return RunResult(out, metrics, model)
     write_bundle(out, model, cfg, data, metrics, tasks_report)

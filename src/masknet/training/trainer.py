@@ -29,6 +29,8 @@ from ..errors import UserError
 from ..models.base import CTRModel
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import DistContext, gather_concat, rng_states
+from .embedding_update import LazyAdam
+from .memory import keep_freed_memory
 from .metrics import auc, logloss
 from .tasks import (
     check_tasks, downsample_negatives, multitask_loss, optional_head_spec, selection_score, task_metrics, task_weights,
@@ -157,14 +159,16 @@ def evaluate(
 
 
 class Optimizer:
-    """Adam for the dense parameters, plus, with `sparse_embeddings`, SparseAdam for the tables.
+    """Adam for the dense parameters, plus, with `sparse_embeddings`, lazy Adam for the tables.
 
-    SparseAdam is "lazy" Adam: only the rows a batch looked up have their moments and values
-    updated, so a step costs O(rows touched) instead of O(vocabulary). Rows not in the batch
-    keep their moments unchanged (dense Adam would decay them); this is the usual choice for
-    CTR embeddings (TensorFlow's LazyAdam, TorchRec's fused row-wise optimizers).
+    Lazy Adam (SparseAdam's update, run by embedding_update.LazyAdam in fewer passes): only
+    the rows a batch looked up have their moments and values updated, so a step costs
+    O(rows touched) instead of O(vocabulary). Rows not in the batch keep their moments
+    unchanged (dense Adam would decay them); this is the usual choice for CTR embeddings
+    (TensorFlow's LazyAdam, TorchRec's fused row-wise optimizers).
     Adam runs fused (one pass over each tensor instead of one per arithmetic op: same update,
     about 6x less optimizer time on CPU, docs/performance.md).
+    `embedding_update` names what updates the tables (recorded in metrics.json).
     """
 
     def __init__(self, model: CTRModel, cfg: TrainConfig, sparse: Optional[bool] = None):
@@ -176,11 +180,12 @@ class Optimizer:
         if sparse:
             table_ids = {id(t.weight) for t in tables}
             dense = [p for p in model.parameters() if id(p) not in table_ids]
-            self.optimizers = [torch.optim.SparseAdam([t.weight for t in tables], lr=cfg.lr)]
+            self.optimizers = [LazyAdam([t.weight for t in tables], lr=cfg.lr)]
             if dense:
                 self.optimizers.append(torch.optim.Adam(dense, lr=cfg.lr, fused=True))
         else:
             self.optimizers = [torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)]
+        self.embedding_update = embedding_update(sparse)
 
     def set_lr(self, lr: float) -> None:
         for opt in self.optimizers:
@@ -201,7 +206,13 @@ def finite_step(loss: torch.Tensor, model: CTRModel) -> bool:
     if not torch.isfinite(loss):
         return False
     grads = [p.grad for p in model.dense_weights() if p.grad is not None]
-    return not grads or bool(torch.isfinite(torch.stack([g.norm() for g in grads])).all())
+    # one multi-tensor kernel for all the norms (a NaN or inf anywhere makes its norm non-finite)
+    return not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+
+
+def embedding_update(sparse: bool) -> str:
+    """What updates the embedding tables: row-wise lazy Adam with sparse gradients, else dense Adam."""
+    return "lazy-adam-row-wise" if sparse else "adam-dense"
 
 
 @dataclass
@@ -525,6 +536,7 @@ def fit(
     tasks = data.task_names
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    keep_freed_memory()  # every step allocates the same tensors again: no page faults for them
     device = torch.device(ctx.device)
     model.to(device)
     # NCCL cannot all-reduce sparse gradients: multi-GPU runs update the tables densely
