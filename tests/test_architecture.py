@@ -187,3 +187,34 @@ def test_the_checker_finds_each_kind_of_violation(tmp_path):
     assert any("prepare.py:2: _helper from masknet.config" in p for p in private)
     assert any("other.py:2: readers._first (masknet.data.readers)" in p for p in private)
     assert unplaced == ["masknet.newpkg: a subpackage with no layer in LAYERS"]
+
+
+LONG_FUNCTION_LINES = 80
+SHORT_FUNCTION_PACKAGES = ("training", "bench", "serving", "runs.py")  # issue #15: each concern a named helper
+
+
+def long_functions(src: Path = SRC, packages: tuple[str, ...] = SHORT_FUNCTION_PACKAGES) -> list[str]:
+    """Functions over LONG_FUNCTION_LINES lines (decorators excluded) whose docstring does not say
+    why ("long because ...")."""
+    out = []
+    for pkg in packages:
+        root = src / "masknet" / pkg
+        for path in sorted(root.rglob("*.py") if root.is_dir() else [root] if root.exists() else []):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    lines = node.end_lineno - node.lineno + 1
+                    why = "long because" in (ast.get_docstring(node) or "")
+                    if lines > LONG_FUNCTION_LINES and not why:
+                        out.append(f"{path.relative_to(src)}:{node.lineno} {node.name}: {lines} lines")
+    return out
+
+
+def test_no_function_over_80_lines_in_training_bench_serving_and_runs():
+    assert not long_functions(), "\n".join(long_functions())
+
+
+def test_the_length_check_finds_a_long_function(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(LONG_FUNCTION_LINES))
+    src = _package(tmp_path, {"masknet/training/long.py": f"def f():\n{body}\n",
+                              "masknet/training/why.py": f'def g():\n    """long because: one table."""\n{body}\n'})
+    assert long_functions(src, ("training",)) == [f"masknet/training/long.py:1 f: {LONG_FUNCTION_LINES + 1} lines"]

@@ -132,19 +132,44 @@ def _roofline_fields(prefix: str, rates: list[dict], measured: list[tuple[float,
     return out
 
 
+@dataclass
+class _Bench:
+    """One job's model, data and settings, built once by `_setup` and read by each measurement."""
+
+    job: Job
+    model: Any
+    data: Any
+    cards: list[int]
+    multi: list
+    tcfg: Any  # TrainConfig
+    dtype: Any  # torch.float32 or torch.bfloat16
+    flops: Any  # flops.Flops
+    has_matmuls: bool
+    timing: dict[str, Any]
+    rounds: int
+
+
 def run_job(job: Job) -> dict[str, Any]:
-    import numpy as np
+    """Every measurement of one job (model x precision), in this process: training with the
+    trainer's own step, then (except the vocabulary test) prediction, latency and int8/bf16."""
+    b, res = _setup(job)
+    _measure_training(b, res)
+    if not job.vocab_rows:
+        _measure_prediction(b, res)
+    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return res
+
+
+def _setup(job: Job) -> tuple[_Bench, dict[str, Any]]:
     import torch
 
     from ..config import TrainConfig
-    from ..data.dataset import iterate_batches, load_prepared
+    from ..data.dataset import load_prepared
     from ..models import build_model
     from ..models.layers import gemm_backend
     from ..training.memory import keep_freed_memory
-    from ..training.metrics import auc
-    from ..training.trainer import Optimizer, seed_everything, train_step
-    from .flops import counted_flops_per_sample, random_batch
-    from .matmul import Roofline, record_products
+    from ..training.trainer import seed_everything
+    from .flops import counted_flops_per_sample
 
     torch.set_num_threads(job.threads)
     keep_freed_memory()  # as fit does
@@ -157,8 +182,7 @@ def run_job(job: Job) -> dict[str, Any]:
     multi = data.multi_valued  # multi-valued fields (bench --multi-valued), pooled by the embedding
     model = build_model(mcfg, cards, multi)
     tcfg = TrainConfig(batch_size=job.batch_size, precision=job.precision, seed=job.seed, threads=job.threads)
-    bf16 = job.precision == "bf16"
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    dtype = torch.bfloat16 if job.precision == "bf16" else torch.float32
     res: dict[str, Any] = {"model": job.model, "precision": job.precision, "threads": torch.get_num_threads()}
     res["embedding_rows"] = sum(cards) + sum(m.cardinality for m in multi)
     res["multi_valued_fields"] = len(multi)
@@ -168,14 +192,22 @@ def run_job(job: Job) -> dict[str, Any]:
     res.update(flops_forward_per_sample=flops.forward, flops_train_per_sample=flops.train)
     has_matmuls = flops.train > 0 and not job.vocab_rows  # the vocabulary test measures the step only
     timing = dict(rounds=1, min_seconds=0.001) if job.quick else dict(rounds=3, min_seconds=0.005)
+    rounds = max(1, min(job.rounds, job.steps))
+    return _Bench(job, model, data, cards, multi, tcfg, dtype, flops, has_matmuls, timing, rounds), res
 
-    # --- training: the trainer's own step (train_step), in rounds; after each round the step's
-    # matrix products are replayed (own layouts, best layouts), so that each fraction compares
-    # a step and a roofline measured under the same load
+
+def _measure_training(b: _Bench, res: dict[str, Any]) -> None:
+    """The trainer's own step (train_step), in rounds; after each round the step's matrix products
+    are replayed (own layouts, best layouts), so that each fraction compares a step and a roofline
+    measured under the same load. Steps and rows are counted in a TrainState, as fit counts them."""
+    from ..training.trainer import Optimizer, TrainState, train_step
+    from .matmul import Roofline, record_products
+
+    job, model, tcfg = b.job, b.model, b.tcfg
     optimizer = Optimizer(model, tcfg)
     res["embedding_update"] = optimizer.embedding_update
     model.train()
-    it = _train_batches(job, data, cards, multi, tcfg.shuffle_block_rows)
+    it = _train_batches(job, b.data, b.cards, b.multi, tcfg.shuffle_block_rows)
     # the first steps allocate the optimizer state (the moments: 2x the table, page faults on
     # first touch): the vocabulary test warms up longer so that it measures steady state
     warmup = max(job.warmup, 3 if job.quick else 20) if job.vocab_rows else job.warmup
@@ -183,19 +215,18 @@ def run_job(job: Job) -> dict[str, Any]:
         x, y = next(it)
         train_step(model, optimizer, x, y, tcfg)
     roof = None
-    if has_matmuls:
+    if b.has_matmuls:
         x, y = next(it)
-        roof = Roofline(record_products(lambda: train_step(model, optimizer, x, y, tcfg)), dtype)
-        roof.choose(rounds=timing["rounds"] + 2, min_seconds=timing["min_seconds"])
+        roof = Roofline(record_products(lambda: train_step(model, optimizer, x, y, tcfg)), b.dtype)
+        roof.choose(rounds=b.timing["rounds"] + 2, min_seconds=b.timing["min_seconds"])
         res["train_products_flops_per_sample"] = roof.step_flops / job.batch_size  # = flops_train_per_sample (tested)
         res["train_products"] = roof.layouts()
-    rounds = max(1, min(job.rounds, job.steps))
+    state = TrainState()
     wait = step_time = step_cpu = 0.0
-    n_rows = n_steps = 0
     round_rates, rates = [], []  # per round: (samples per second, samples per CPU second)
-    for r in range(rounds):
+    for r in range(b.rounds):
         r_time, r_cpu, r_rows = 0.0, 0.0, 0
-        for _ in range(job.steps // rounds + (1 if r < job.steps % rounds else 0)):
+        for _ in range(job.steps // b.rounds + (1 if r < job.steps % b.rounds else 0)):
             t0 = time.perf_counter()
             x, y = next(it)
             t1 = time.perf_counter()
@@ -206,13 +237,14 @@ def run_job(job: Job) -> dict[str, Any]:
             r_time += t2 - t1
             r_cpu += time.process_time() - c1
             r_rows += len(y)
-            n_steps += 1
+            state.global_step += 1
         step_time += r_time
         step_cpu += r_cpu
-        n_rows += r_rows
+        state.samples_seen += r_rows
         round_rates.append((r_rows / r_time, r_rows / r_cpu))
         if roof is not None:
-            rates.append(roof.replay(**timing))
+            rates.append(roof.replay(**b.timing))
+    n_rows, n_steps = state.samples_seen, state.global_step
     res["train_samples_per_s"] = n_rows / step_time
     res["train_samples_per_s_rounds"] = [r[0] for r in round_rates]
     res["train_samples_per_cpu_s"] = n_rows / step_cpu
@@ -221,98 +253,119 @@ def run_job(job: Job) -> dict[str, Any]:
     # None: no matmuls (LR, FM) or the vocabulary test
     res.update(train_roofline_fraction=None, roofline_train_samples_per_s=None, gemm_gflops=None)
     if roof is not None:
-        res.update(_roofline_fields("train", rates, round_rates, flops.train))
+        res.update(_roofline_fields("train", rates, round_rates, b.flops.train))
         res["gemm_gflops"] = res["gemm_gflops_train"]
         res["gemm_gflops_rounds"] = rates
     res["data_wait_fraction"] = wait / (wait + step_time)
     if not job.vocab_rows:
-        train = data.splits["train"]
-        t0, nb = time.perf_counter(), 0
-        for _ in iterate_batches(train, job.batch_size, (job.seed, 99), tcfg.shuffle_block_rows):
-            nb += 1
-        per_batch = (time.perf_counter() - t0) / max(nb, 1)
+        per_batch = _data_seconds_per_batch(b)
         res["data_ms_per_batch"] = 1000 * per_batch
         res["data_cost_fraction"] = per_batch / (per_batch + step_time / n_steps)
     res["final_train_loss"] = float(step.loss.item())
-    if job.vocab_rows:
-        res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return res
 
-    # --- prediction and latency (weights = those after the training measurement)
+
+def _data_seconds_per_batch(b: _Bench) -> float:
+    """One full pass of the batch iterator over the train split, per batch (the amortised data cost)."""
+    from ..data.dataset import iterate_batches
+
+    t0, nb = time.perf_counter(), 0
+    for _ in iterate_batches(b.data.splits["train"], b.job.batch_size, (b.job.seed, 99), b.tcfg.shuffle_block_rows):
+        nb += 1
+    return (time.perf_counter() - t0) / max(nb, 1)
+
+
+def _split(x: Any, size: int) -> list:
+    """A Batch (or tensor) in chunks of `size` rows."""
+    return [x[i : i + size] for i in range(0, len(x), size)]
+
+
+def _forward_fn(m: Any, autocast: bool):
+    import torch
+
+    def f(x):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return m(x).float()
+    return f
+
+
+def _measure_prediction(b: _Bench, res: dict[str, Any]) -> None:
+    """Prediction and latency with the weights after the training measurement, then the test AUC
+    of bf16 (bf16 jobs) or int8 dynamic quantization (fp32 jobs) against the fp32 forward."""
+    import numpy as np
+    import torch
+
+    from ..training.metrics import auc
+
+    job, model = b.job, b.model
     model.eval()
-    test = data.splits["test"]
+    test = b.data.splits["test"]
     n_pred = min(job.predict_rows, len(test))
     x_test = test.rows(0, n_pred).to_batch()  # a Batch: single- and multi-valued ids
     y_test = np.asarray(test.y[:n_pred])
 
-    def forward_fn(m, autocast: bool):
-        def f(x):
-            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                return m(x).float()
-        return f
+    def probabilities(f) -> np.ndarray:
+        return torch.sigmoid(torch.cat([f(c) for c in _split(x_test[: job.auc_rows], 8192)])).double().numpy()
 
-    def split(b, size: int) -> list:
-        return [b[i : i + size] for i in range(0, len(b), size)]
-
-    def predict_rates(f, batch: int) -> tuple[float, float]:
-        """(samples per second, samples per process-CPU second) over the test rows at `batch`."""
-        chunks = split(x_test, batch)
-        f(chunks[0])  # warm-up
-        reps = 1 if job.quick else max(1, (32768 + n_pred - 1) // n_pred)
-        c0, t0 = time.process_time(), time.perf_counter()
-        for _ in range(reps):
-            for c in chunks:
-                f(c)
-        return reps * n_pred / (time.perf_counter() - t0), reps * n_pred / max(time.process_time() - c0, 1e-9)
-
-    def predict_rate(f, batch: int) -> float:
-        return predict_rates(f, batch)[0]
-
-    def predict_with_roofline(f, batch: int) -> tuple[float, dict[str, Any]]:
-        """samples/s at `batch` (median of rounds) and, with matmuls, its roofline at the
-        forward's own products (replayed after each round)."""
-        if not has_matmuls:
-            return _median([predict_rate(f, batch) for _ in range(rounds)]), {}
-        with torch.inference_mode():
-            pred_roof = Roofline(record_products(lambda: f(x_test[:batch])), dtype)
-        pred_roof.choose(rounds=timing["rounds"] + 2, min_seconds=timing["min_seconds"])
-        measured, pred_rates = [], []
-        for _ in range(rounds):
-            measured.append(predict_rates(f, batch))
-            pred_rates.append(pred_roof.replay(**timing))
-        fields = _roofline_fields(f"predict_{batch}", pred_rates, measured, flops.forward)
-        fields[f"predict_{batch}_samples_per_cpu_s"] = _median([m[1] for m in measured])
-        return _median([m[0] for m in measured]), fields
-
-    f32 = forward_fn(model, False)
-    ref = torch.sigmoid(torch.cat([f32(c) for c in split(x_test[: job.auc_rows], 8192)])).double().numpy()
+    ref = probabilities(_forward_fn(model, False))
     ref_auc = auc(y_test[: len(ref)], ref) if 0 < y_test[: len(ref)].sum() < len(ref) else float("nan")
-    main = forward_fn(model, bf16)
-    res["predict_samples_per_s"], roof_8k = predict_with_roofline(main, 8192)
-    res["predict_1024_samples_per_s"], roof_1k = predict_with_roofline(main, 1024)
+    main = _forward_fn(model, job.precision == "bf16")
+    res["predict_samples_per_s"], roof_8k = _predict_with_roofline(b, main, x_test, 8192)
+    res["predict_1024_samples_per_s"], roof_1k = _predict_with_roofline(b, main, x_test, 1024)
     res.update(roof_8k)
     res.update(roof_1k)
     res["latency_1000_p50_ms"], res["latency_1000_p99_ms"] = latency(main, x_test, job)
     res["test_auc_fp32_forward"] = ref_auc
-    if bf16:
-        p = torch.sigmoid(torch.cat([main(c) for c in split(x_test[: job.auc_rows], 8192)])).double().numpy()
+    if job.precision == "bf16":
+        p = probabilities(main)
         res["test_auc_delta_vs_fp32_forward"] = auc(y_test[: len(p)], p) - ref_auc
-    else:  # int8 dynamic quantization of every nn.Linear (weights int8, activations quantized per batch)
-        import warnings
+        return
+    # int8 dynamic quantization of every nn.Linear (weights int8, activations quantized per batch)
+    import warnings
 
-        from torch.ao.quantization import quantize_dynamic
+    from torch.ao.quantization import quantize_dynamic
 
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=UserWarning, module="torch.ao")
-        q = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-        fq = forward_fn(q, False)
-        res["int8_predict_samples_per_s"] = predict_rate(fq, 8192)
-        res["int8_predict_1024_samples_per_s"] = predict_rate(fq, 1024)
-        res["int8_latency_1000_p50_ms"], res["int8_latency_1000_p99_ms"] = latency(fq, x_test, job)
-        p = torch.sigmoid(torch.cat([fq(c) for c in split(x_test[: job.auc_rows], 8192)])).double().numpy()
-        res["int8_test_auc_delta_vs_fp32"] = auc(y_test[: len(p)], p) - ref_auc
-    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return res
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch.ao")
+    fq = _forward_fn(quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8), False)
+    res["int8_predict_samples_per_s"] = _predict_rates(b, fq, x_test, 8192)[0]
+    res["int8_predict_1024_samples_per_s"] = _predict_rates(b, fq, x_test, 1024)[0]
+    res["int8_latency_1000_p50_ms"], res["int8_latency_1000_p99_ms"] = latency(fq, x_test, job)
+    p = probabilities(fq)
+    res["int8_test_auc_delta_vs_fp32"] = auc(y_test[: len(p)], p) - ref_auc
+
+
+def _predict_rates(b: _Bench, f, x_test: Any, batch: int) -> tuple[float, float]:
+    """(samples per second, samples per process-CPU second) over the test rows at `batch`."""
+    n_pred = len(x_test)
+    chunks = _split(x_test, batch)
+    f(chunks[0])  # warm-up
+    reps = 1 if b.job.quick else max(1, (32768 + n_pred - 1) // n_pred)
+    c0, t0 = time.process_time(), time.perf_counter()
+    for _ in range(reps):
+        for c in chunks:
+            f(c)
+    return reps * n_pred / (time.perf_counter() - t0), reps * n_pred / max(time.process_time() - c0, 1e-9)
+
+
+def _predict_with_roofline(b: _Bench, f, x_test: Any, batch: int) -> tuple[float, dict[str, Any]]:
+    """samples/s at `batch` (median of rounds) and, with matmuls, its roofline at the forward's
+    own products (replayed after each round)."""
+    import torch
+
+    from .matmul import Roofline, record_products
+
+    if not b.has_matmuls:
+        return _median([_predict_rates(b, f, x_test, batch)[0] for _ in range(b.rounds)]), {}
+    with torch.inference_mode():
+        pred_roof = Roofline(record_products(lambda: f(x_test[:batch])), b.dtype)
+    pred_roof.choose(rounds=b.timing["rounds"] + 2, min_seconds=b.timing["min_seconds"])
+    measured, pred_rates = [], []
+    for _ in range(b.rounds):
+        measured.append(_predict_rates(b, f, x_test, batch))
+        pred_rates.append(pred_roof.replay(**b.timing))
+    fields = _roofline_fields(f"predict_{batch}", pred_rates, measured, b.flops.forward)
+    fields[f"predict_{batch}_samples_per_cpu_s"] = _median([m[1] for m in measured])
+    return _median([m[0] for m in measured]), fields
 
 
 def latency(f, x_test, job: Job) -> tuple[float, float]:
@@ -476,19 +529,8 @@ def run_bench(
         if mv_data is not None:
             report["multi_valued"] = {"field": "T1", "mean_length": 10, "max_len": 20, "results": mv_results, "ratios": ratios}
         report["models"] = {m: {r["precision"]: r for r in results if r["model"] == m} for m in models}
-        # vocabulary scaling: SerMaskNet fp32, random indices, total vocabulary small vs large
-        vocab_model = "sermasknet" if "sermasknet" in models or not models else models[0]
-        vs = {}
-        for total in vocab:
-            log(f"vocabulary {total:,} rows ({vocab_model} fp32) ...")
-            vs[str(total)] = _run_child(Job(model=vocab_model, precision="fp32", vocab_rows=total, **base), log)
         if vocab:
-            small, large = (vs[str(v)].get("train_samples_per_s") for v in vocab)
-            cpu_small, cpu_large = (vs[str(v)].get("train_step_cpu_ms") for v in vocab)
-            report["vocab_scaling"] = {
-                "model": vocab_model, "results": vs, "ratio_large_over_small": large / small if small and large else None,
-                "cpu_time_ratio_large_over_small": cpu_small / cpu_large if cpu_small and cpu_large else None,
-            }
+            report["vocab_scaling"] = _vocab_scaling(models, vocab, base, log)
         if auc_rows:
             checks = []
             for d in [data, *(auc_data or [])]:
@@ -499,6 +541,21 @@ def run_bench(
     report["seconds"] = time.time() - t_start
     output.write_text(json.dumps(report, indent=2, default=float))
     return report
+
+
+def _vocab_scaling(models: list[str], vocab: tuple[int, int], base: dict[str, Any], log) -> dict[str, Any]:
+    """SerMaskNet fp32 (else the first model), random indices, total vocabulary small vs large."""
+    vocab_model = "sermasknet" if "sermasknet" in models or not models else models[0]
+    vs = {}
+    for total in vocab:
+        log(f"vocabulary {total:,} rows ({vocab_model} fp32) ...")
+        vs[str(total)] = _run_child(Job(model=vocab_model, precision="fp32", vocab_rows=total, **base), log)
+    small, large = (vs[str(v)].get("train_samples_per_s") for v in vocab)
+    cpu_small, cpu_large = (vs[str(v)].get("train_step_cpu_ms") for v in vocab)
+    return {
+        "model": vocab_model, "results": vs, "ratio_large_over_small": large / small if small and large else None,
+        "cpu_time_ratio_large_over_small": cpu_small / cpu_large if cpu_small and cpu_large else None,
+    }
 
 
 def _child_main(argv: list[str]) -> int:

@@ -21,7 +21,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import IO, Any, Optional, Sequence
 
 import torch
 
@@ -35,13 +35,13 @@ from ..models.scoring import CALIBRATION_FILE
 from ..runs import RELIABILITY, RunFolder
 from ..runs import load_model, read_model_spec  # noqa: F401 (masknet.runs' loader, imported from here by older code)
 from . import runfolder
-from .checkpoint import check_loadable, find_resumable, latest_checkpoint, remove_stale_temp
+from .checkpoint import Resumable, check_loadable, find_resumable, latest_checkpoint, remove_stale_temp
 from .distributed import DistContext, barrier, init_from_env
 from .evaluation import TaskReport, reliability_png, report
 from .metrics import auc, relaimp
 from .tasks import check_tasks, select_tasks
 from .tracking import check_available as check_trackers, open_trackers
-from .trainer import TrainingDiverged, embedding_update, evaluate, fit, seed_everything, with_model_defaults
+from .trainer import FitResult, TrainingDiverged, embedding_update, evaluate, fit, seed_everything, with_model_defaults
 
 
 @dataclass
@@ -149,33 +149,70 @@ def _train_locked(
     cfg: RunConfig, data: CTRDataset, identity: dict[str, Any], ctx: DistContext, out: Path, log: Any,
     resume: bool, overwrite: bool, base_auc: Optional[float],
 ) -> RunResult:
-    # every rank checks (and refuses) alike, then rank 0 alone changes the folder
-    found, resumes, earlier = None, [], []
-    if resume:
-        found = find_resumable(out, warn=log)  # every rank reads the same checkpoint
-        if found is None:
-            raise UserError(f"{out}: no complete checkpoint to resume from")
-        resumes = runfolder.check_resume(cfg, found, out, identity, log)
-    else:
-        earlier = runfolder.check_new_run_folder(out, overwrite)
+    """The run, once its folder is locked: check the folder, build the model, write the record,
+    fit, evaluate, write the bundle."""
+    found, resumes, earlier = _check_folder(cfg, out, identity, resume, overwrite, log)  # every rank alike
     barrier(ctx)
     seed_everything(cfg.train.seed)
     model = _build(cfg, data)  # identical on every rank
     if found is not None:  # before the record changes: a checkpoint that cannot load leaves it as it was
         check_loadable(found.path, model)
-    with runfolder.folder_errors(out):
-        if ctx.is_main and resume:
-            for p in remove_stale_temp(out) + runfolder.remove_stale_bundle_temp(out):
-                log(f"removed {p}, left by a write that was killed")
-            if resumes != found.meta.get("resumes", []):
-                runfolder.write_config(cfg, RunFolder(out).config, resumes)
-        elif ctx.is_main:
-            runfolder.clear_earlier_run(out, earlier, log)
-            runfolder.write_config(cfg, RunFolder(out).config, [])
-        log_file = open(RunFolder(out).log, "w") if ctx.is_main else open(os.devnull, "w")
+    log_file = _write_record(cfg, out, ctx, found, resumes, earlier, log)  # rank 0 alone changes the folder
     rank_seeds = [cfg.train.seed + 1_000_003 * r for r in range(ctx.world_size)]
     if ctx.enabled:
         seed_everything(rank_seeds[ctx.rank])  # dropout differs per rank, repeatably
+    _announce(cfg, data, model, out, found, resumes, log)
+    with log_file:
+        result = _fit_logged(cfg, data, model, out, ctx, found, resumes, identity, log_file, log)
+    tasks_report = report(model, data, cfg.train, ctx)
+    metrics = _run_metrics(cfg, data, model, result, tasks_report, ctx, base_auc, rank_seeds)
+    if not ctx.is_main:  # only rank 0 writes the run folder and the bundle
+        return RunResult(out, metrics, model)
+    write_bundle(out, model, cfg, data, metrics, tasks_report)
+    test = metrics["test"]
+    oracle = f"  (oracle {metrics['oracle_auc']:.4f})" if "oracle_auc" in metrics else ""
+    rel = f"  RelaImp {metrics['relaimp']:+.2%}" if "relaimp" in metrics else ""
+    log(f"best epoch {result.best_epoch}: test AUC {test['auc']:.4f}  logloss {test['logloss']:.4f}{oracle}{rel}")
+    for line in _task_lines(metrics):
+        log(line)
+    return RunResult(out, metrics, model)
+
+
+def _check_folder(
+    cfg: RunConfig, out: Path, identity: dict[str, Any], resume: bool, overwrite: bool, log: Any
+) -> tuple[Optional[Resumable], list[dict[str, Any]], list[Path]]:
+    """(the checkpoint to resume, the resume events, an earlier run's files to delete); refuses a
+    folder the run may not use (training/runfolder.py's rules). Reads only."""
+    if not resume:
+        return None, [], runfolder.check_new_run_folder(out, overwrite)
+    found = find_resumable(out, warn=log)  # every rank reads the same checkpoint
+    if found is None:
+        raise UserError(f"{out}: no complete checkpoint to resume from")
+    return found, runfolder.check_resume(cfg, found, out, identity, log), []
+
+
+def _write_record(
+    cfg: RunConfig, out: Path, ctx: DistContext, found: Optional[Resumable], resumes: list[dict[str, Any]],
+    earlier: list[Path], log: Any,
+) -> IO[str]:
+    """Rank 0: clear an earlier run or a killed write's leftovers, write config.yaml; the open
+    log.jsonl (os.devnull on other ranks)."""
+    folder = RunFolder(out)
+    with runfolder.folder_errors(out):
+        if ctx.is_main and found is not None:
+            for p in remove_stale_temp(out) + runfolder.remove_stale_bundle_temp(out):
+                log(f"removed {p}, left by a write that was killed")
+            if resumes != found.meta.get("resumes", []):
+                runfolder.write_config(cfg, folder.config, resumes)
+        elif ctx.is_main:
+            runfolder.clear_earlier_run(out, earlier, log)
+            runfolder.write_config(cfg, folder.config, [])
+        return open(folder.log, "w") if ctx.is_main else open(os.devnull, "w")
+
+
+def _announce(
+    cfg: RunConfig, data: CTRDataset, model: CTRModel, out: Path, found: Optional[Resumable], resumes: list[dict[str, Any]], log: Any
+) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     log(
         f"{cfg.model.name}: {n_params:,} parameters; data: {data.meta.get('source', {}).get('name', cfg.data.path)} "
@@ -186,13 +223,20 @@ def _train_locked(
         changed = resumes[-1]["changed"] if resumes != found.meta.get("resumes", []) else {}
         changes = "".join(f"; {k}: {c['from']!r} -> {c['to']!r}" for k, c in changed.items())
         log(f"resuming from {found.path}{changes}")
-    with log_file, open_trackers(cfg, out, ctx.is_main) as trackers:
+
+
+def _fit_logged(
+    cfg: RunConfig, data: CTRDataset, model: CTRModel, out: Path, ctx: DistContext, found: Optional[Resumable],
+    resumes: list[dict[str, Any]], identity: dict[str, Any], log_file: IO[str], log: Any,
+) -> FitResult:
+    """`fit`, each evaluation written to log.jsonl, the console and the trackers as it happens."""
+    with open_trackers(cfg, out, ctx.is_main) as trackers:
         if found is not None:  # the log is rewritten from the checkpoint's own history
             with runfolder.folder_errors(out):
                 log_file.writelines(json.dumps(r) + "\n" for r in runfolder.log_records(found.history, resumes))
                 log_file.flush()
 
-        def on_epoch(record: dict) -> None:
+        def on_eval(record: dict) -> None:
             with runfolder.folder_errors(out):
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
@@ -205,15 +249,21 @@ def _train_locked(
             trackers.log(record)  # TensorBoard / MLflow, when the config asks (training/tracking.py)
 
         try:
-            result = fit(
-                model, data, cfg.train, on_epoch, run_dir=out, resume_from=found.path if found else None, ctx=ctx,
+            return fit(
+                model, data, cfg.train, on_eval, run_dir=out, resume_from=found.path if found else None, ctx=ctx,
                 checkpoint_meta=runfolder.checkpoint_meta(cfg, resumes, identity),
             )
         except TrainingDiverged as exc:  # advice that works for this run folder
             raise TrainingDiverged(exc.where, runfolder.nan_advice(out, cfg, ctx.world_size)) from None
 
-    tasks_report = report(model, data, cfg.train, ctx)
-    test = _first_task(evaluate(model, data.splits["test"], cfg.train.eval_batch_size, ctx, tasks_report.head.without_calibrators(), data.task_names))
+
+def _run_metrics(
+    cfg: RunConfig, data: CTRDataset, model: CTRModel, result: FitResult, tasks_report: TaskReport, ctx: DistContext,
+    base_auc: Optional[float], rank_seeds: list[int],
+) -> dict[str, Any]:
+    """metrics.json: the best evaluation's validation metrics, the test split's, and how the run ran."""
+    head = tasks_report.head.without_calibrators()
+    test = _first_task(evaluate(model, data.splits["test"], cfg.train.eval_batch_size, ctx, head, data.task_names))
     metrics: dict[str, Any] = {
         "model": cfg.model.name,
         "valid": _first_task(result.best_valid),
@@ -223,7 +273,7 @@ def _train_locked(
         "batch_size": result.batch_size,
         "train_seconds": result.train_seconds,
         "samples_per_second": result.samples_per_second,
-        "parameters": n_params,
+        "parameters": sum(p.numel() for p in model.parameters()),
     }
     if data.has_oracle():
         split = data.splits["test"]
@@ -244,15 +294,7 @@ def _train_locked(
         "gemm": gemm_backend() if ctx.device == "cpu" else "torch",
         "embedding_update": embedding_update(cfg.train.sparse_embeddings and ctx.sparse_allreduce),
     }
-    if not ctx.is_main:  # only rank 0 writes the run folder and the bundle
-        return RunResult(out, metrics, model)
-    write_bundle(out, model, cfg, data, metrics, tasks_report)
-    oracle = f"  (oracle {metrics['oracle_auc']:.4f})" if "oracle_auc" in metrics else ""
-    rel = f"  RelaImp {metrics['relaimp']:+.2%}" if "relaimp" in metrics else ""
-    log(f"best epoch {result.best_epoch}: test AUC {test['auc']:.4f}  logloss {test['logloss']:.4f}{oracle}{rel}")
-    for line in _task_lines(metrics):
-        log(line)
-    return RunResult(out, metrics, model)
+    return metrics
 
 
 def _build(cfg: RunConfig, data: CTRDataset) -> CTRModel:
