@@ -31,7 +31,7 @@ from ..config import ModelConfig
 from ..data.batch import MultiValuedField
 from .base import CTRModel
 from .dcn import CrossLayerV2, cross_and_deep
-from .layers import MLP, FieldEmbedding
+from .layers import MLP, FieldEmbedding, dense
 from .masknet import parallel_blocks, parallel_forward, serial_blocks, serial_forward
 
 
@@ -101,7 +101,8 @@ class Tower(nn.Sequential):
         super().__init__(mlp, nn.Linear(mlp.output_dim, 1))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return super().forward(h).squeeze(-1)
+        mlp, output = self
+        return dense(output, mlp(h)).squeeze(-1)  # the output unit on the fast GEMM too (layers.dense)
 
 
 class MultiTaskModel(CTRModel):
@@ -145,11 +146,11 @@ class MultiTaskModel(CTRModel):
     def _mixture(gate: nn.Module, v_emb: torch.Tensor, h: torch.Tensor, detached: bool) -> torch.Tensor:
         if detached:
             v_emb, h = v_emb.detach(), h.detach()
-        return (torch.softmax(gate(v_emb), dim=-1).unsqueeze(-1) * h).sum(dim=1)
+        return (torch.softmax(dense(gate, v_emb), dim=-1).unsqueeze(-1) * h).sum(dim=1)
 
     def gate_weights(self, x: torch.Tensor) -> torch.Tensor:
         """MMoE's gate outputs [B, T, E] (which experts each task reads); for the analysis."""
         if self.gates is None:
             raise ValueError("a shared-bottom model has no gates")
         v_emb = self.embedding(x).flatten(1)
-        return torch.stack([torch.softmax(g(v_emb), dim=-1) for g in self.gates], dim=1)
+        return torch.stack([torch.softmax(dense(g, v_emb), dim=-1) for g in self.gates], dim=1)
