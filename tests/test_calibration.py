@@ -14,8 +14,8 @@ from sklearn.linear_model import LogisticRegression
 from masknet.cli import main
 from masknet.models.scoring import Isotonic, Platt, ScoreHead
 from masknet.training.calibration import (
-    ece, equal_mass_bins, fit_calibrator, fit_centered_isotonic, fit_isotonic, fit_platt, pool_steep, per_field_ratio, ratio,
-    reliability,
+    ece, equal_mass_bins, fit_calibrator, fit_centered_isotonic, fit_isotonic, fit_logit_offsets, fit_platt, pool_steep,
+    per_field_ratio, ratio, reliability,
 )
 
 TINY = ["--set", "model.block_dim=16", "--set", "model.num_blocks=2", "--set", "model.top_mlp=16",
@@ -170,6 +170,61 @@ def test_downsampling_correction_is_exact_for_a_nested_task():
     np.testing.assert_allclose(u.numpy(), np.stack([p0, p1], axis=1), rtol=1e-9)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_platt_converges_on_an_overconfident_model(seed):
+    """Scores far more spread than the labels warrant (a true slope of 0.17, as a weak down-sampled
+    model's were): a full Newton step from a = 1 overshot to a ~ 1e15 before the line search."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 5, 1000)
+    y = (rng.random(1000) < 1 / (1 + np.exp(-(0.17 * z - 0.66)))).astype(float)
+    a, b = fit_platt(1 / (1 + np.exp(-z)), y)
+    ref = LogisticRegression(C=1e12, max_iter=1000).fit(z[:, None], y)
+    assert a == pytest.approx(ref.coef_[0][0], abs=1e-3) and b == pytest.approx(ref.intercept_[0], abs=1e-3)
+
+
+def test_downsampling_keeps_exactly_the_rate_of_negatives():
+    """An independent coin per row realised 0.0991 of the built-in data's negatives at rate 0.1;
+    the correction assumes the nominal rate, so the sample must have it exactly."""
+    from masknet.data.dataset import Split
+    from masknet.training.tasks import downsample_negatives
+
+    rng = np.random.default_rng(3)
+    y = (rng.random(20_001) < 0.25).astype(np.float32)
+    split = Split(np.arange(len(y), dtype=np.int32).reshape(-1, 1), y)
+    negatives = int((y == 0).sum())
+    for rate, seed in [(0.1, 2021), (0.1, 1), (0.37, 5)]:
+        kept = downsample_negatives(split, rate, seed)
+        ids = np.asarray(kept.x)[:, 0]
+        assert (np.asarray(kept.y) == 0).sum() == round(rate * negatives)  # exactly, for every seed
+        assert np.all(np.diff(ids) > 0) and np.all(y[ids] == np.asarray(kept.y))  # rows in order, labels kept
+        assert (np.asarray(kept.y) == 1).sum() == int(y.sum())  # every positive
+    assert not np.array_equal(np.asarray(downsample_negatives(split, 0.1, 1).x), np.asarray(downsample_negatives(split, 0.1, 2).x))
+
+
+def test_logit_offsets_make_each_tasks_corrected_mean_its_observed_rate():
+    rng = np.random.default_rng(0)
+    r, n = 0.1, 50_000
+    z = rng.normal(0, 1.5, size=(n, 2))
+    labels = np.stack([rng.random(n) < 0.3, rng.random(n) < 0.05], axis=1).astype(np.float32)
+    labels[rng.random(n) < 0.4, 1] = 255  # the second task's label unknown on 40% of the rows
+    offsets = fit_logit_offsets(z, labels, r, missing=255)
+    head = ScoreHead({"negative_sampling_rate": r, "logit_offsets": offsets}, 2)
+    u = head.uncalibrated(torch.from_numpy(z)).numpy()
+    known = labels[:, 1] != 255
+    assert u[:, 0].mean() == pytest.approx(labels[:, 0].mean(), rel=1e-6)
+    assert u[known, 1].mean() == pytest.approx(labels[known, 1].mean(), rel=1e-6)
+    plain = ScoreHead({"negative_sampling_rate": r}, 2).uncalibrated(torch.from_numpy(z)).numpy()
+    assert abs(plain[:, 0].mean() / labels[:, 0].mean() - 1) > 0.05  # the shift did something here
+    # a single task: the offset of a logit shifted by a known amount is that amount back
+    z0 = rng.normal(-1, 1, n)
+    y0 = (rng.random(n) < 1 / (1 + np.exp(-(z0 + np.log(r))))).astype(np.float32)
+    (d,) = fit_logit_offsets(z0 + 0.7, y0, r, missing=255)
+    assert d == pytest.approx(-0.7, abs=0.05)
+    single = ScoreHead({"negative_sampling_rate": r, "logit_offsets": [d]}, 1)
+    assert single.uncalibrated(torch.zeros(3)).shape == (3,) and not single.identity
+    assert single.without_calibrators().offsets == [d]
+
+
 def test_head_applies_each_tasks_calibrator():
     spec = {"calibrators": [fit_calibrator("none", None, None), {"method": "platt", "a": 2.0, "b": -1.0}]}
     head = ScoreHead(spec, 2)
@@ -254,6 +309,12 @@ def test_negative_downsampling_keeps_served_probabilities_unbiased(tmp_path):
     observed = t["positives"] / t["rows"]
     assert served / observed == pytest.approx(t["ratio"], rel=1e-5)
     assert raw / observed > 2.0 and abs(served / observed - 1) < 0.08  # corrected (measured: 1.004)
+    # the intercepts are re-estimated on the (unsampled) validation split: its corrected mean is its rate
+    assert len(spec["logit_offsets"]) == 1 and m["calibration"]["logit_offsets"] == spec["logit_offsets"]
+    valid = data.splits["valid"]
+    with torch.no_grad():
+        valid_served = b.head(b.model(torch.from_numpy(np.asarray(valid.x, np.int64))))[0].double().mean().item()
+    assert valid_served == pytest.approx(float(np.mean(valid.y)), rel=1e-5)
 
 
 def test_downsampling_refuses_a_task_it_would_bias(tmp_path, capsys):

@@ -182,6 +182,26 @@ def test_body_is_the_single_task_model_without_its_prediction_layer(name):
     assert torch.allclose(got, want, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["shared_bottom", "mmoe"])
+def test_shared_gradient_first_keeps_the_other_tasks_out_of_the_shared_parts(kind):
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="sermasknet", multitask=kind, num_experts=2, block_dim=8, num_blocks=2, shared_gradient="first")
+    model = MultiTaskModel([5, 7, 9], cfg, ["click", "purchase"])
+    x = torch.randint(0, 5, (16, 3))
+    model(x)[:, 1].sum().backward()  # the second task's output alone
+    shared = list(model.embedding.parameters()) + list(model.experts.parameters())
+    assert all(p.grad is None or not p.grad.any() for p in shared)
+    assert any(p.grad is not None and p.grad.any() for p in model.towers[1].parameters())
+    model.zero_grad()
+    model(x)[:, 0].sum().backward()
+    assert any(p.grad is not None and p.grad.any() for p in model.experts.parameters())
+    all_cfg = ModelConfig(name="sermasknet", multitask=kind, num_experts=2, block_dim=8, num_blocks=2)
+    torch.manual_seed(0)
+    other = MultiTaskModel([5, 7, 9], all_cfg, ["click", "purchase"])
+    model.eval(), other.eval()
+    assert torch.equal(model(x), other(x))  # the same function; only training differs
+
+
 def test_mmoe_gates_are_distributions():
     model = build_model(_cfg("sermasknet", "mmoe"), CARDS, tasks=["a", "b"])
     x = torch.stack([torch.randint(0, c, (7,)) for c in CARDS], dim=1)
@@ -222,8 +242,9 @@ def test_masked_loss_ignores_unknown_labels():
 
 def test_selection_score():
     m = {"auc": 0.7, "tasks": {"click": {"auc": 0.7}, "buy": {"auc": 0.9}}}
-    assert selection_score(m, TrainConfig()) == pytest.approx(0.8)
-    assert selection_score(m, TrainConfig(tasks=["click", "buy"], task_weights=[1, 3])) == pytest.approx(0.85)
+    assert selection_score(m, TrainConfig()) == 0.7  # the default: the first task's AUC
+    assert selection_score(m, TrainConfig(early_stopping="mean")) == pytest.approx(0.8)
+    assert selection_score(m, TrainConfig(tasks=["click", "buy"], task_weights=[1, 3], early_stopping="mean")) == pytest.approx(0.85)
     assert selection_score(m, TrainConfig(early_stopping="buy")) == 0.9
     assert selection_score({"auc": 0.6, "logloss": 0.5}, TrainConfig()) == 0.6  # single task: its AUC, as before
 
@@ -253,9 +274,9 @@ def test_multitask_run_reports_every_task(tmp_path):
     assert m["tasks"]["purchase"]["test"]["positives"] < m["tasks"]["click"]["test"]["positives"]
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert all(set(r["tasks"]) == {"click", "purchase"} for r in log)
-    best = max(log, key=lambda r: r["valid_score"])  # early stopping on the mean of the tasks' AUCs
-    assert m["best_epoch"] == best["epoch"]
-    assert best["valid_score"] == pytest.approx((best["tasks"]["click"]["valid_auc"] + best["tasks"]["purchase"]["valid_auc"]) / 2)
+    best = max(log, key=lambda r: r["valid_score"])  # early stopping on the first task's AUC (the default)
+    assert m["best_epoch"] == best["epoch"] and m["best_step"] == best["step"]
+    assert all(r["valid_score"] == r["tasks"]["click"]["valid_auc"] for r in log)
     spec = json.loads((out / "model.json").read_text())
     assert spec["tasks"] == ["click", "purchase"] and spec["model_config"]["multitask"] == "mmoe"
     assert (out / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -267,6 +288,15 @@ def test_early_stopping_on_a_named_task(tmp_path):
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     m = json.loads((out / "metrics.json").read_text())
     assert m["best_epoch"] == max(log, key=lambda r: r["tasks"]["purchase"]["valid_auc"])["epoch"]
+
+
+def test_early_stopping_on_the_mean(tmp_path):
+    out = _train(tmp_path, "mean", *MT_DATA, "--set", "model.multitask=shared_bottom", "--set", "train.early_stopping=mean")
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    m = json.loads((out / "metrics.json").read_text())
+    best = max(log, key=lambda r: r["valid_score"])
+    assert m["best_step"] == best["step"]
+    assert best["valid_score"] == pytest.approx((best["tasks"]["click"]["valid_auc"] + best["tasks"]["purchase"]["valid_auc"]) / 2)
 
 
 def test_one_task_of_multitask_data_is_the_single_task_run(tmp_path):

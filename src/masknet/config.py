@@ -67,6 +67,9 @@ class ModelConfig:
     multitask: str = "none"
     num_experts: int = 3  # mmoe: OPEN (MMoE's paper uses 8 small experts; 3 full MaskNets cost 3x)
     tower_hidden: list[int] = field(default_factory=lambda: [64])  # per-task tower, OPEN: one ReLU layer of 64
+    # which tasks' losses train the shared embedding and bottom: all, or first (the others' towers and
+    # gates read them detached: they learn from the first task's representation, never change it)
+    shared_gradient: str = "all"
 
     def validate(self) -> None:
 
@@ -90,6 +93,8 @@ class ModelConfig:
         _positive("model.attention_layers", self.attention_layers)
         _positive("model.attention_heads", self.attention_heads)
         _positive("model.attention_dim", self.attention_dim)
+        if self.shared_gradient not in ("all", "first"):
+            raise ConfigError(f"model.shared_gradient: expected 'all' or 'first', got {self.shared_gradient!r}")
         if self.multitask not in MULTITASK_KINDS:
             raise ConfigError(f"model.multitask: expected one of {', '.join(MULTITASK_KINDS)}, got {self.multitask!r}")
         if self.multitask != "none" and self.name not in MULTITASK_BACKBONES:
@@ -153,7 +158,9 @@ class TrainConfig:
     # --- several labels (docs/multitask.md) ---
     tasks: list[str] = field(default_factory=list)  # the labels to train on; empty: every label of the data
     task_weights: list[float] = field(default_factory=list)  # loss weight per task (in `tasks` order); empty: 1 each
-    early_stopping: str = "mean"  # "mean": loss-weighted mean of the tasks' validation AUCs; or one task's name
+    # "first": the first task's validation AUC (docs/multitask.md: the mean let a dense task overfit while a sparse
+    # one still improved); "mean": the loss-weighted mean of the tasks' validation AUCs; or one task's name
+    early_stopping: str = "first"
     # --- calibration (training/calibration.py, docs/calibration.md) ---
     calibration: str = "none"  # post-hoc, fitted on the validation split: none, isotonic or platt
     calibration_bins: int = 10  # equal-mass bins of ECE and the reliability diagram (docs: why 10)

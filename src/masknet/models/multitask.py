@@ -133,13 +133,20 @@ class MultiTaskModel(CTRModel):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         v_emb = self.embedding(x).flatten(1)  # [B, m]
+        detached = self.cfg.shared_gradient == "first" and self.training  # only task 0 trains the shared parts
         if self.gates is None:
             h = self.experts[0](v_emb)  # [B, d], the same input for every tower
-            inputs = [h] * self.num_tasks
+            inputs = [h] + [h.detach() if detached else h] * (self.num_tasks - 1)
         else:
             h = torch.stack([e(v_emb) for e in self.experts], dim=1)  # [B, E, d]
-            inputs = [(torch.softmax(dense(gate, v_emb), dim=-1).unsqueeze(-1) * h).sum(dim=1) for gate in self.gates]
+            inputs = [self._mixture(gate, v_emb, h, detached and t > 0) for t, gate in enumerate(self.gates)]
         return torch.stack([tower(i) for tower, i in zip(self.towers, inputs)], dim=1)  # [B, T]
+
+    @staticmethod
+    def _mixture(gate: nn.Module, v_emb: torch.Tensor, h: torch.Tensor, detached: bool) -> torch.Tensor:
+        if detached:
+            v_emb, h = v_emb.detach(), h.detach()
+        return (torch.softmax(dense(gate, v_emb), dim=-1).unsqueeze(-1) * h).sum(dim=1)
 
     def gate_weights(self, x: torch.Tensor) -> torch.Tensor:
         """MMoE's gate outputs [B, T, E] (which experts each task reads); for the analysis."""

@@ -2,7 +2,8 @@
 optional post-hoc calibrator per task (isotonic or Platt). One torch module, used alike by
 training-time evaluation, `masknet predict`, the service and the exported ONNX graph.
 
-    q_t = sigmoid(logit_t)                                  what the model learnt (on sampled data)
+    q_t = sigmoid(logit_t + δ_t)                            what the model learnt (on sampled data),
+                                                            δ_t: its intercept re-estimated (below)
     u_t = q_t · r / (1 − q_0 + r · q_0)                     "uncalibrated": corrected for keeping a
                                                             share r of the rows negative on task 0
     s_t = c_t(u_t)                                          "score": task t's calibrator (or u_t)
@@ -13,9 +14,16 @@ on task 0 scales every such task's odds of a kept row by the same factor (docs/c
 Isotonic: piecewise-linear through the fitted points, constant outside them (as scikit-learn's
 IsotonicRegression predicts); Platt: sigmoid(a · logit(u) + b).
 
+The formula assumes q is unbiased on unseen rows of the sampled distribution. An early-stopped
+model of the kept rows is not (it scores the negatives it never saw higher than those it trained
+on), and the correction multiplies a relative error in q by 1 / (1 − q_0 (1 − r)), about 3 at the
+built-in click's q_0 ≈ 0.77: so with down-sampling the bundle also stores `logit_offsets` δ_t, the
+intercept shift that makes task t's corrected mean equal its observed rate on the (unsampled)
+validation split (training/calibration.fit_logit_offsets; docs/calibration.md has the numbers).
+
 The spec is JSON (`calibration.json` in a run folder; training/calibration.py fits it):
     {"format": "masknet-calibration", "version": 1, "tasks": [...], "negative_sampling_rate": r,
-     "method": "isotonic" | "platt" | "none",
+     "logit_offsets": [δ_t, ...] (with r < 1; absent: 0), "method": "isotonic" | "platt" | "none",
      "calibrators": [{"task": ..., "method": "isotonic", "x": [...], "y": [...]} | {"method": "platt",
                      "a": ..., "b": ...} | {"method": "none"}, ...]}
 """
@@ -88,6 +96,12 @@ class ScoreHead(nn.Module):
         super().__init__()
         spec = spec or {}
         self.rate = float(spec.get("negative_sampling_rate", 1.0))
+        offsets = spec.get("logit_offsets")
+        if offsets is not None and len(offsets) != num_tasks:
+            raise ValueError(f"calibration: {len(offsets)} logit offsets for {num_tasks} tasks")
+        self.offsets = [float(o) for o in offsets] if offsets is not None else None
+        # [T] (a scalar shape for single-task logits [B]); None: no shift
+        self.register_buffer("offset", None if offsets is None else torch.tensor(self.offsets, dtype=torch.float32).reshape(-1 if num_tasks > 1 else ()))
         entries = spec.get("calibrators") or [{"method": "none"}] * num_tasks
         if len(entries) != num_tasks:
             raise ValueError(f"calibration: {len(entries)} calibrators for {num_tasks} tasks")
@@ -97,14 +111,16 @@ class ScoreHead(nn.Module):
 
     def without_calibrators(self) -> "ScoreHead":
         """The same down-sampling correction, no calibrators (the "uncalibrated" scores)."""
-        return ScoreHead({"negative_sampling_rate": self.rate}, len(self.calibrators))
+        return ScoreHead({"negative_sampling_rate": self.rate, "logit_offsets": self.offsets}, len(self.calibrators))
 
     @property
     def identity(self) -> bool:
         """True when scores are plain sigmoids of the logits (no correction, no calibrator)."""
-        return self.rate == 1.0 and not self.calibrated
+        return self.rate == 1.0 and self.offset is None and not self.calibrated
 
     def uncalibrated(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.offset is not None:
+            logits = logits + self.offset.to(logits.dtype)
         q = torch.sigmoid(logits)
         if self.rate == 1.0:
             return q

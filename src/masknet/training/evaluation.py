@@ -20,7 +20,7 @@ from ..data.dataset import MISSING_LABEL, CTRDataset, Split
 from ..errors import UserError
 from ..models.base import CTRModel
 from ..models.scoring import ScoreHead
-from .calibration import calibration_metrics, calibration_spec, fit_calibrator, per_field_ratio, reliability
+from .calibration import calibration_metrics, calibration_spec, fit_calibrator, fit_logit_offsets, per_field_ratio, reliability
 from .distributed import DistContext
 from .metrics import auc, logloss
 from .tasks import optional_head_spec, predictions_by_task
@@ -53,11 +53,25 @@ def _measures(y: np.ndarray, p: np.ndarray, bins: int, p_true: Optional[np.ndarr
     return out
 
 
+class _Logits:
+    """A head for trainer.predict that returns the logits themselves."""
+
+    def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor]:
+        return (logits,)
+
+
+_LOGITS = _Logits()
+
+
 def report(model: CTRModel, data: CTRDataset, cfg: TrainConfig, ctx: DistContext = DistContext()) -> TaskReport:
     """Score valid and test, fit the calibrators (cfg.calibration), measure every task."""
     names = data.task_names if data.splits["valid"].labels is not None else data.task_names[:1]
     valid, test = data.splits["valid"], data.splits["test"]
-    base = ScoreHead(optional_head_spec(cfg.negative_sampling_rate), len(names))
+    offsets = None
+    if cfg.negative_sampling_rate < 1:  # the intercepts on unsampled held-out rows (models.scoring: why)
+        logits = predictions_by_task(predict(model, valid, cfg.eval_batch_size, ctx, _LOGITS))
+        offsets = fit_logit_offsets(logits, valid.label_matrix()[:, : len(names)], cfg.negative_sampling_rate, MISSING_LABEL)
+    base = ScoreHead(optional_head_spec(cfg.negative_sampling_rate, offsets), len(names))
     u_valid = predictions_by_task(predict(model, valid, cfg.eval_batch_size, ctx, base))
     u_test = predictions_by_task(predict(model, test, cfg.eval_batch_size, ctx, base))
     calibrators = None
@@ -68,7 +82,7 @@ def report(model: CTRModel, data: CTRDataset, cfg: TrainConfig, ctx: DistContext
             calibrators.append(fit_calibrator(cfg.calibration, u_valid[k, t], valid.label_matrix()[k, t], cfg.calibration_max_slope))
     spec = None
     if cfg.calibration != "none" or cfg.negative_sampling_rate < 1:
-        spec = calibration_spec(names, cfg.negative_sampling_rate, cfg.calibration, calibrators)
+        spec = calibration_spec(names, cfg.negative_sampling_rate, cfg.calibration, calibrators, offsets)
     head = ScoreHead(spec, len(names))
     c_test = head.calibrate(torch.from_numpy(u_test.astype(np.float32))).double().numpy() if head.calibrated else None
     field_index, field_name = calibration_field(data, cfg)
@@ -99,6 +113,7 @@ def report(model: CTRModel, data: CTRDataset, cfg: TrainConfig, ctx: DistContext
         "binning": "equal-mass",
         "field": field_name,
         "negative_sampling_rate": cfg.negative_sampling_rate,
+        **({"logit_offsets": offsets} if offsets is not None else {}),
         "fitted_on": "valid" if cfg.calibration != "none" else None,
     }
     return TaskReport(tasks, summary, spec, head, curves)

@@ -3,7 +3,8 @@ and negative down-sampling.
 
     labels y [B, T] float, -1 where a row's label is unknown: `mask = y >= 0`
     loss  = Σ_t w_t · mean over the rows labelled for t of BCE(logit_t, y_t)
-    early stopping score: "mean" = Σ_t w_t AUC_t / Σ_t w_t over the validation split, or one task's AUC
+    early stopping score: "first" (default) = the first task's validation AUC; "mean" = Σ_t w_t AUC_t / Σ_t w_t
+    over the validation split; or a named task's AUC
 
 A single-label run never comes here for its loss (trainer.loss_fn keeps today's exact path).
 """
@@ -83,6 +84,8 @@ def selection_score(metrics: dict[str, Any], cfg: TrainConfig) -> float:
     tasks = metrics.get("tasks")
     if not tasks:
         return metrics["auc"]
+    if cfg.early_stopping == "first":
+        return next(iter(tasks.values()))["auc"]
     if cfg.early_stopping != "mean":
         return tasks[cfg.early_stopping]["auc"]
     weights = task_weights(cfg, len(tasks))
@@ -99,8 +102,10 @@ def check_tasks(data: CTRDataset, cfg: TrainConfig, multitask_model: bool) -> No
             f"the data has {len(names)} labels ({', '.join(names)}): train a multi-task model "
             f"(--set model.multitask=shared_bottom or mmoe) or pick one label (--set train.tasks={names[0]})"
         )
-    if cfg.early_stopping != "mean" and cfg.early_stopping not in names:
-        raise UserError(f"train.early_stopping: expected 'mean' or one of the tasks ({', '.join(names)}), got {cfg.early_stopping!r}")
+    if cfg.early_stopping not in ("first", "mean") and cfg.early_stopping not in names:
+        raise UserError(
+            f"train.early_stopping: expected 'first', 'mean' or one of the tasks ({', '.join(names)}), got {cfg.early_stopping!r}"
+        )
     if cfg.task_weights and len(cfg.task_weights) != len(names):
         raise UserError(f"train.task_weights: {len(cfg.task_weights)} weights for {len(names)} tasks ({', '.join(names)})")
     lab = valid.label_matrix()
@@ -120,10 +125,17 @@ def check_tasks(data: CTRDataset, cfg: TrainConfig, multitask_model: bool) -> No
 
 
 def downsample_negatives(split: Split, rate: float, seed: int) -> Split:
-    """Every row positive on the first task, and a share `rate` of the others (seeded): an
-    in-memory split. models.scoring corrects the scores for it."""
+    """Every row positive on the first task, and exactly round(rate · negatives) of the others
+    (a seeded choice without replacement), in their order: an in-memory split. Exactly, not each
+    with probability `rate`: models.scoring corrects the scores with the nominal rate, and an
+    independent coin per row realises rate ± sqrt(rate(1 − rate)/negatives) (0.0991 for 0.1 on the
+    built-in 96,000 training rows), a bias the correction passes on to every served probability."""
     y = np.asarray(split.y)
-    keep = (y == 1) | (np.random.default_rng([seed, 0x5A3]).random(len(y)) < rate)
+    negatives = np.flatnonzero(y != 1)
+    chosen = np.random.default_rng([seed, 0x5A3]).permutation(len(negatives))[: round(rate * len(negatives))]
+    keep = np.zeros(len(y), dtype=bool)
+    keep[y == 1] = True
+    keep[negatives[chosen]] = True
     return split.take(np.flatnonzero(keep))
 
 
@@ -136,6 +148,9 @@ def first_task(probs: np.ndarray) -> np.ndarray:
     return probs if probs.ndim == 1 else probs[:, 0]
 
 
-def optional_head_spec(rate: float) -> Optional[dict[str, Any]]:
-    """The ScoreHead spec of training-time evaluation: the down-sampling correction only."""
-    return {"negative_sampling_rate": rate} if rate < 1 else None
+def optional_head_spec(rate: float, offsets: Optional[list[float]] = None) -> Optional[dict[str, Any]]:
+    """The ScoreHead spec of the down-sampling correction alone (training-time evaluation: without
+    the intercepts, fitted after training)."""
+    if rate == 1:
+        return None
+    return {"negative_sampling_rate": rate} | ({"logit_offsets": offsets} if offsets is not None else {})
