@@ -23,11 +23,11 @@ from masknet.training.run import train_run
 
 
 def load(spec: str) -> CTRDataset:
-    """`builtin[:ROWS]`, a prepared folder, or `DIR@N`: the folder's first N train rows and the
+    """`builtin[:ROWS[:SEED]]` (SEED: another planted model, default 7), a prepared folder, or `DIR@N`: the folder's first N train rows and the
     first N/9 valid and test rows (prepared splits are in random order, so a head is a random subsample)."""
     if spec.startswith("builtin"):
-        _, _, rows = spec.partition(":")
-        return generate(int(rows) if rows else 120_000, 7)
+        rows, _, seed = spec.partition(":")[2].partition(":")
+        return generate(int(rows) if rows else 120_000, int(seed) if seed else 7)
     path, _, n = spec.partition("@")
     data = load_prepared(path)
     if not n:
@@ -69,9 +69,11 @@ def config_for(data: str, model: str, seed: int, sets: list[str], config: str | 
     cfg = load_config(config) if config else RunConfig()
     cfg.model.name = model
     if data.startswith("builtin"):
-        _, _, rows = data.partition(":")
+        rows, _, draw = data.partition(":")[2].partition(":")
         if rows:
             cfg.data.synthetic.rows = int(rows)
+        if draw:
+            cfg.data.synthetic.seed = int(draw)
     else:
         cfg.data.path = data.partition("@")[0]
     cfg.train.seed = seed
