@@ -147,6 +147,8 @@ class DatasetSpec:
             del d["multi_valued"]
         if not self.more_labels:  # a single-label spec is saved exactly as before multi-task data existed
             del d["more_labels"]
+        if self.small_file_min_count is None:  # likewise a spec without the small-file rule
+            del d["small_file_min_count"]
         return d
 
     @classmethod
