@@ -23,11 +23,11 @@ from masknet.training.run import train_run
 
 
 def load(spec: str) -> CTRDataset:
-    """`builtin[:ROWS]`, a prepared folder, or `DIR@N`: the folder's first N train rows and the
+    """`builtin[:ROWS[:SEED]]` (SEED: another planted model, default 7), a prepared folder, or `DIR@N`: the folder's first N train rows and the
     first N/9 valid and test rows (prepared splits are in random order, so a head is a random subsample)."""
     if spec.startswith("builtin"):
-        _, _, rows = spec.partition(":")
-        return generate(int(rows) if rows else 120_000, 7)
+        rows, _, seed = spec.partition(":")[2].partition(":")
+        return generate(int(rows) if rows else 120_000, int(seed) if seed else 7)
     path, _, n = spec.partition("@")
     data = load_prepared(path)
     if not n:
@@ -38,13 +38,42 @@ def load(spec: str) -> CTRDataset:
     return CTRDataset(data.field_names, data.cardinalities, splits, data.meta)
 
 
+def with_min_count(data: CTRDataset, min_count: int) -> CTRDataset:
+    """What `masknet prepare --min-count M` would have made of `data`: in every field, each value seen
+    fewer than M times in the train split is looked up as the field's out-of-vocabulary row (prepared
+    folders: index 1; the built-in data has none, so one is added after its last row)."""
+    if min_count <= 1:
+        return data
+    train = np.asarray(data.splits["train"].x)
+    prepared = data.meta.get("format") == "masknet-prepared"
+    cards, rare = [], []
+    for j, card in enumerate(data.cardinalities):
+        counts = np.bincount(train[:, j], minlength=card)
+        is_rare = counts < min_count
+        is_rare[0] = False  # missing keeps its row
+        if prepared:
+            is_rare[1] = False
+        rare.append(is_rare)
+        cards.append(card if prepared else card + 1)
+    splits = {}
+    for name, split in data.splits.items():
+        x = np.array(split.x)
+        for j, is_rare in enumerate(rare):
+            oov = 1 if prepared else cards[j] - 1
+            x[:, j] = np.where(is_rare[x[:, j]], oov, x[:, j])
+        splits[name] = Split(x, np.asarray(split.y), split.p)
+    return CTRDataset(data.field_names, cards, splits, data.meta)
+
+
 def config_for(data: str, model: str, seed: int, sets: list[str], config: str | None = None) -> RunConfig:
     cfg = load_config(config) if config else RunConfig()
     cfg.model.name = model
     if data.startswith("builtin"):
-        _, _, rows = data.partition(":")
+        rows, _, draw = data.partition(":")[2].partition(":")
         if rows:
             cfg.data.synthetic.rows = int(rows)
+        if draw:
+            cfg.data.synthetic.seed = int(draw)
     else:
         cfg.data.path = data.partition("@")[0]
     cfg.train.seed = seed
@@ -62,6 +91,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="1,2,3")
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--config", help="a YAML run config to start from (e.g. masknet tune's best.yaml)")
+    ap.add_argument("--min-count", type=int, default=1,
+                    help="also map each value seen fewer than this many times in train to out-of-vocabulary (as prepare --min-count)")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -71,7 +102,7 @@ def main() -> None:
     for seed in seeds:
         cfg = config_for(args.data, args.model, seed, args.set, args.config)
         if data is None:
-            data = load(args.data)
+            data = with_min_count(load(args.data), args.min_count)
         with tempfile.TemporaryDirectory() as tmp:
             cfg.output = tmp
             t0 = time.perf_counter()
@@ -81,6 +112,7 @@ def main() -> None:
         m = run.metrics
         rec = {
             "tag": args.tag, "data": args.data, "model": args.model, "seed": seed, "sets": args.set,
+            "min_count": args.min_count,
             "valid_auc": m["valid"]["auc"], "test_auc": m["test"]["auc"], "test_logloss": m["test"]["logloss"],
             "best_epoch": m["best_epoch"], "best_step": m.get("best_step"), "evaluations": len(history),
             "steps": history[-1].get("step") if history else None,

@@ -277,7 +277,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
         type=int,
         metavar="N",
         help="categories seen fewer than N times in train become out-of-vocabulary (default per format: "
-        "criteo 10, avazu 2, malware 10, frappe 1, schema files 1 or their min_count)",
+        "criteo 10 (30 below 100,000 train rows), avazu 2, malware 10, frappe 1, schema files 1 or their min_count)",
     )
     p.add_argument(
         "--hash",

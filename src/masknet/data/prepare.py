@@ -56,7 +56,7 @@ from .encoder import MISSING, OOV, Encoder, FieldEncoder, Tokens, TokenCounter, 
 from .output import build_folder
 from .readers import DEFAULT_BLOCK_BYTES, BadLine, NeedSerial, RawChunk, check_columns, count_data_rows, iter_chunks
 from .multivalued import LengthStats, MultiSpill, encode_chunk, fit_multi, meta_entry, token_counts, tokenize
-from .schema import DatasetSpec
+from .schema import SMALL_FILE_TRAIN_ROWS, DatasetSpec
 
 TRAIN, VALID, TEST = 0, 1, 2
 MAX_EXAMPLES = 20  # bad-line examples kept in the stats
@@ -406,6 +406,9 @@ def _prepare(
             _count_window(window, counters, spec, multi_counters)
         if train_rows == 0:
             raise DataError(f"{sources[0][0]}: no valid training rows")
+        if spec.apply_small_file_min_count(train_rows) and log is not None:
+            log(f"min count {spec.small_file_min_count} for every field: a small file ({train_rows:,} train rows, "
+                f"under {SMALL_FILE_TRAIN_ROWS:,}); --min-count N sets it")
         encoder = Encoder(
             spec, [fit_field(fs, c.result()) for fs, c in zip(spec.fields, counters)],
             [fit_multi(mv, c.result()) for mv, c in zip(spec.multi_valued, multi_counters)],

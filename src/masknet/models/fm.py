@@ -21,7 +21,7 @@ from ..config import ModelConfig
 from ..data.batch import MultiValuedField
 from .base import CTRModel
 from .layers import FieldEmbedding
-from .lr import LinearTerm
+from .lr import PRIOR_PATH, LinearTerm
 from .search import EMBEDDING, TRAINING, Float, SearchSpace
 
 
@@ -40,7 +40,7 @@ class FM(CTRModel):
 
     search_space: SearchSpace = {**TRAINING, "train.lr": Float(1e-3, 1e-1, log=True), **EMBEDDING}
     # trained as LR is (docs/model.md, "Training defaults"): the prior path keeps rare rows' factors small
-    train_defaults = {"lr": 1e-2, "l2_prior": [10.0, 1.0, 0.1, 0.01], "min_batches_per_epoch": 0}
+    train_defaults = {"lr": 1e-2, "l2_prior": PRIOR_PATH, "min_batches_per_epoch": 0}
 
     def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig, multi_valued: Sequence[MultiValuedField] = ()):
         super().__init__(cardinalities, cfg, multi_valued)
