@@ -51,7 +51,7 @@ SCHEMA_LIB = (
 
 def list_schemas(root: Path, tokens: int) -> dict[str, Path]:
     """Two schemas over the Criteo columns + `tags`: without and with the multi-valued field."""
-    from masknet.data.schema import CRITEO_COLUMNS
+    from masknet.data.formats import CRITEO_COLUMNS
 
     base = {
         "label": "label", "header": False, "delimiter": "\t", "quoting": False, "min_count": 10,

@@ -13,7 +13,8 @@ from masknet.data.dataset import load_prepared
 from masknet.data.encoder import Encoder, FieldEncoder, fit_field, fnv1a64, log_bucket, parse_numbers, transform
 from masknet.data.prepare import prepare, random_split
 from masknet.data.rawgen import write_criteo
-from masknet.data.schema import FieldSpec, builtin_spec, load_schema_file
+from masknet.data.formats import builtin_spec
+from masknet.data.schema import FieldSpec, load_schema_file
 from masknet.errors import DataError
 
 
@@ -244,7 +245,7 @@ def test_spill_windows_round_trip_with_growing_chunks(tmp_path, monkeypatch):
 
     import masknet.data.prepare as prep
     from masknet.data.encoder import Tokens
-    from masknet.data.schema import builtin_spec
+    from masknet.data.formats import builtin_spec
 
     monkeypatch.setattr(prep, "WINDOW_ROWS", 300)
     spec = builtin_spec("frappe")

@@ -14,7 +14,7 @@ from masknet.cli import main
 from masknet.data.dataset import load_prepared
 from masknet.data.encoder import Encoder
 from masknet.data.rawgen import write_avazu, write_criteo, write_malware
-from masknet.data.schema import AVAZU_COLUMNS, MALWARE_COLUMNS, MALWARE_NUMERIC
+from masknet.data.formats import AVAZU_COLUMNS, MALWARE_COLUMNS, MALWARE_NUMERIC
 
 TINY = ["--epochs", "1", "--quiet", "--set", "train.threads=1", "--set", "model.block_dim=16", "--set", "model.embedding_dim=4"]
 

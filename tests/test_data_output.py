@@ -27,7 +27,7 @@ from masknet.data import output as outmod
 from masknet.data.dataset import PreparedWriter, load_prepared
 from masknet.data.prepare import prepare
 from masknet.data.rawgen import write_criteo
-from masknet.data.schema import builtin_spec
+from masknet.data.formats import builtin_spec
 from masknet.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

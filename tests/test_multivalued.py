@@ -300,7 +300,7 @@ GOLDEN = {
 
 def test_single_valued_outputs_are_byte_identical(tmp_path):
     from masknet.data.rawgen import write_avazu, write_criteo
-    from masknet.data.schema import builtin_spec
+    from masknet.data.formats import builtin_spec
     from masknet.data.synthetic import generate, write_synthetic
 
     def h(p: Path) -> str:

@@ -25,13 +25,13 @@ Without it, `validation_fraction` (default 0.1) of the rows, stratified by class
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import re
 import shutil
 import tempfile
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -44,7 +44,8 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import type_of_target
 from sklearn.utils.validation import check_array, check_is_fitted, column_or_1d
 
-from .config import MASKNET_MODELS, MODEL_NAMES, dotted_keys
+from .config import dotted_keys
+from .registry import model_names, paper_masknets
 from .errors import UserError
 
 LABEL = "__masknet_label__"  # the label column of the Parquet files fit writes
@@ -232,8 +233,8 @@ class CTRClassifier(ClassifierMixin, BaseEstimator):
     def _run_config(self, work: Path):
         from .config import RunConfig, apply_override
 
-        if self.model not in MODEL_NAMES:
-            raise EstimatorInputError(f"model: unknown model {self.model!r}; choose one of {', '.join(MODEL_NAMES)}")
+        if self.model not in model_names():
+            raise EstimatorInputError(f"model: unknown model {self.model!r}; choose one of {', '.join(model_names())}")
         cfg = RunConfig()
         cfg.model.name = self.model
         cfg.train.checkpoints = False  # an in-memory fit has no --resume; the estimator keeps the best epoch
@@ -508,8 +509,7 @@ class CTRClassifier(ClassifierMixin, BaseEstimator):
         table = self._match_columns(_nan_to_null(table), named, columns, fitted_named, "X")
         if self.encoder_ is None:
             return self._indices(table)
-        spec = copy.deepcopy(self.encoder_.spec)
-        spec.file_type, spec.time, spec.label = "parquet", None, None
+        spec = replace(self.encoder_.spec, file_type="parquet", time=None, label=None)
         with tempfile.TemporaryDirectory(prefix="masknet-predict-") as tmp:
             path = Path(tmp) / "X.parquet"
             pq.write_table(table, path)
@@ -572,9 +572,9 @@ class MaskNetClassifier(CTRClassifier):
     (Its parameters are CTRClassifier's: scikit-learn reads them from the inherited __init__.)"""
 
     def _run_config(self, work: Path):
-        if self.model not in MASKNET_MODELS:
+        if self.model not in paper_masknets():
             raise EstimatorInputError(
-                f"model: MaskNetClassifier takes {' or '.join(MASKNET_MODELS)}, got {self.model!r}; "
+                f"model: MaskNetClassifier takes {' or '.join(paper_masknets())}, got {self.model!r}; "
                 f"use CTRClassifier(model={self.model!r}) for the other models"
             )
         return super()._run_config(work)

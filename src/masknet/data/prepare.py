@@ -730,17 +730,15 @@ def encode_file(
     (x and seq). Same reading, checks and indices as `prepare`; unseen categories
     map to out-of-vocabulary. `with_label=None`: use the label column if the file has one.
     Bad lines raise a DataError (`bad_lines="error"`) or are dropped (`"skip"`)."""
-    import copy
-
     from .readers import file_columns
 
     enc = encoder if isinstance(encoder, Encoder) else Encoder.load(encoder)  # with multi-valued fields x is an EncodedRows
-    spec = copy.deepcopy(enc.spec)
+    spec = enc.spec
     if with_label is None:
         present = file_columns(spec, path)
         with_label = bool(spec.labels) and all(lab.column in present for lab in spec.labels)
     if not with_label:
-        spec.without_labels()
+        spec = spec.without_labels()
     log = BadLineLog(bad_lines)
 
     # single-threaded parse: rows with a wrong number of columns get their line numbers at once

@@ -13,14 +13,15 @@ source column by one transform:
     weekend       Avazu's YYMMDDHH -> 1 on Saturday and Sunday, else 0
     libfm         libFM's `index:1` -> index
 
-Built-in specs: criteo, criteo-csv, avazu, malware, frappe. Anything else is described by
-a small YAML/JSON schema file (`load_schema_file`), so a user's own log needs no code.
+The built-in formats (criteo, criteo-csv, avazu, malware, frappe) are declared in formats.py.
+Anything else is described by a small YAML/JSON schema file (`load_schema_file`), so a user's own
+log needs no code.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -90,10 +91,8 @@ class DatasetSpec:
         return [LabelSpec(self.label, self.label_kind)] + list(self.more_labels)
 
     def without_labels(self) -> "DatasetSpec":
-        """This spec reading no label column (rows to predict on); changes it in place."""
-        self.label = None
-        self.more_labels = []
-        return self
+        """This spec reading no label column (rows to predict on), as a new spec."""
+        return replace(self, label=None, more_labels=[])
 
     def needed_columns(self) -> list[str]:
         cols = [lab.column for lab in self.labels] + [f.column for f in self.fields]
@@ -107,25 +106,29 @@ class DatasetSpec:
         return {c for mv in self.multi_valued for c in mv.columns()}
 
     def with_min_count(self, min_count: Optional[int]) -> "DatasetSpec":
-        if min_count is not None:
-            if min_count < 1:
-                raise UserError(f"--min-count: must be >= 1, got {min_count}")
-            for f in self.fields + self.multi_valued:
-                f.min_count = min_count
-        return self
+        """A new spec with every field's minimum count `min_count` (None: this spec, unchanged)."""
+        if min_count is None:
+            return self
+        if min_count < 1:
+            raise UserError(f"--min-count: must be >= 1, got {min_count}")
+        return replace(self, fields=[replace(f, min_count=min_count) for f in self.fields],
+                       multi_valued=[replace(m, min_count=min_count) for m in self.multi_valued])
 
     def with_hashing(self, buckets: dict[str, int]) -> "DatasetSpec":
-        names = {f.name: f for f in self.fields}
-        names.update({mv.name: mv for mv in self.multi_valued})
+        """A new spec with field `name` hashed into `buckets[name]` buckets (categorical and multi-valued fields)."""
+        by_name = {f.name: f for f in self.fields + self.multi_valued}
         for name, n in buckets.items():
-            if name not in names:
-                raise UserError(f"--hash {name}={n}: no field {name!r}; fields: {', '.join(names)}")
-            if names[name].kind not in ("categorical", "multi_valued"):
+            if name not in by_name:
+                raise UserError(f"--hash {name}={n}: no field {name!r}; fields: {', '.join(by_name)}")
+            if by_name[name].kind not in ("categorical", "multi_valued"):
                 raise UserError(f"--hash {name}={n}: only categorical fields can be hashed")
             if n < 1:
                 raise UserError(f"--hash {name}={n}: the number of buckets must be >= 1")
-            names[name].hash_buckets = n
-        return self
+
+        def hashed(f):
+            return replace(f, hash_buckets=buckets[f.name]) if f.name in buckets else f
+
+        return replace(self, fields=[hashed(f) for f in self.fields], multi_valued=[hashed(m) for m in self.multi_valued])
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -148,106 +151,9 @@ class DatasetSpec:
 
 
 # ---------------------------------------------------------------------------
-# Built-in formats
-
-CRITEO_COLUMNS = ["label"] + [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
-
-AVAZU_COLUMNS = [
-    "id", "click", "hour", "C1", "banner_pos", "site_id", "site_domain", "site_category", "app_id",
-    "app_domain", "app_category", "device_id", "device_ip", "device_model", "device_type",
-    "device_conn_type", "C14", "C15", "C16", "C17", "C18", "C19", "C20", "C21",
-]
-
-MALWARE_COLUMNS = [
-    "MachineIdentifier", "ProductName", "EngineVersion", "AppVersion", "AvSigVersion", "IsBeta",
-    "RtpStateBitfield", "IsSxsPassiveMode", "DefaultBrowsersIdentifier", "AVProductStatesIdentifier",
-    "AVProductsInstalled", "AVProductsEnabled", "HasTpm", "CountryIdentifier", "CityIdentifier",
-    "OrganizationIdentifier", "GeoNameIdentifier", "LocaleEnglishNameIdentifier", "Platform", "Processor",
-    "OsVer", "OsBuild", "OsSuite", "OsPlatformSubRelease", "OsBuildLab", "SkuEdition", "IsProtected",
-    "AutoSampleOptIn", "PuaMode", "SMode", "IeVerIdentifier", "SmartScreen", "Firewall", "UacLuaenable",
-    "Census_MDC2FormFactor", "Census_DeviceFamily", "Census_OEMNameIdentifier", "Census_OEMModelIdentifier",
-    "Census_ProcessorCoreCount", "Census_ProcessorManufacturerIdentifier", "Census_ProcessorModelIdentifier",
-    "Census_ProcessorClass", "Census_PrimaryDiskTotalCapacity", "Census_PrimaryDiskTypeName",
-    "Census_SystemVolumeTotalCapacity", "Census_HasOpticalDiskDrive", "Census_TotalPhysicalRAM",
-    "Census_ChassisTypeName", "Census_InternalPrimaryDiagonalDisplaySizeInInches",
-    "Census_InternalPrimaryDisplayResolutionHorizontal", "Census_InternalPrimaryDisplayResolutionVertical",
-    "Census_PowerPlatformRoleName", "Census_InternalBatteryType", "Census_InternalBatteryNumberOfCharges",
-    "Census_OSVersion", "Census_OSArchitecture", "Census_OSBranch", "Census_OSBuildNumber",
-    "Census_OSBuildRevision", "Census_OSEdition", "Census_OSSkuName", "Census_OSInstallTypeName",
-    "Census_OSInstallLanguageIdentifier", "Census_OSUILocaleIdentifier", "Census_OSWUAutoUpdateOptionsName",
-    "Census_IsPortableOperatingSystem", "Census_GenuineStateName", "Census_ActivationChannel",
-    "Census_IsFlightingInternal", "Census_IsFlightsDisabled", "Census_FlightRing", "Census_ThresholdOptIn",
-    "Census_FirmwareManufacturerIdentifier", "Census_FirmwareVersionIdentifier", "Census_IsSecureBootEnabled",
-    "Census_IsWIMBootEnabled", "Census_IsVirtualDevice", "Census_IsTouchEnabled", "Census_IsPenCapable",
-    "Census_IsAlwaysOnAlwaysConnectedCapable", "Wdft_IsGamer", "Wdft_RegionIdentifier", "HasDetections",
-]
-# The true numerics of the Malware data (sizes and counts); every other feature is categorical.
-MALWARE_NUMERIC = [
-    "Census_ProcessorCoreCount", "Census_PrimaryDiskTotalCapacity", "Census_SystemVolumeTotalCapacity",
-    "Census_TotalPhysicalRAM", "Census_InternalPrimaryDiagonalDisplaySizeInInches",
-    "Census_InternalPrimaryDisplayResolutionHorizontal", "Census_InternalPrimaryDisplayResolutionVertical",
-    "Census_InternalBatteryNumberOfCharges",
-]
-
-FRAPPE_FIELDS = ["user", "item", "daytime", "weekday", "isweekend", "homework", "cost", "weather", "country", "city"]
-
-# Default minimum counts (categories seen fewer times in train become out-of-vocabulary):
-#   criteo, criteo-csv: 10  (FuxiCTR/BARS Criteo_x4_001, the usual choice since the DeepFM/AutoInt papers)
-#   avazu: 2                (FuxiCTR/BARS Avazu_x4_001)
-#   malware: 10             (no standard in the CTR literature; we treat it like Criteo)
-#   frappe: 1               (FuxiCTR/BARS Frappe_x1: small and clean, every id kept)
-#   schema files: 1 unless the file says otherwise
-DEFAULT_MIN_COUNT = {"criteo": 10, "criteo-csv": 10, "avazu": 2, "malware": 10, "frappe": 1, "schema": 1}
-
-
-def _criteo_fields(min_count: int) -> list[FieldSpec]:
-    return [FieldSpec(f"I{i}", f"I{i}", "log_bucket", min_count) for i in range(1, 14)] + [
-        FieldSpec(f"C{i}", f"C{i}", "category", min_count) for i in range(1, 27)
-    ]
-
-
-def builtin_spec(name: str) -> DatasetSpec:
-    mc = DEFAULT_MIN_COUNT.get(name)
-    if name == "criteo":
-        return DatasetSpec(
-            name, "csv", "\t", header=False, columns=list(CRITEO_COLUMNS), quoting=False,
-            label="label", fields=_criteo_fields(mc),
-        )
-    if name == "criteo-csv":
-        return DatasetSpec(name, "csv", ",", header=True, label="label", fields=_criteo_fields(mc))
-    if name == "avazu":
-        fields = [
-            FieldSpec("hour_of_day", "hour", "hour_of_day", mc),
-            FieldSpec("weekday", "hour", "weekday", mc),
-            FieldSpec("weekend", "hour", "weekend", mc),
-        ] + [FieldSpec(c, c, "category", mc) for c in AVAZU_COLUMNS[3:]]
-        return DatasetSpec(name, "csv", ",", header=True, label="click", fields=fields, time="hour", time_kind="avazu_hour")
-    if name == "malware":
-        fields = [
-            FieldSpec(c, c, "log_bucket" if c in MALWARE_NUMERIC else "category", mc)
-            for c in MALWARE_COLUMNS[1:-1]
-        ]
-        return DatasetSpec(name, "csv", ",", header=True, label="HasDetections", fields=fields)
-    if name == "frappe":
-        return DatasetSpec(
-            name, "libfm", " ", header=False, columns=["label"] + FRAPPE_FIELDS, quoting=False,
-            label="label", label_kind="pm1", fields=[FieldSpec(f, f, "libfm", mc) for f in FRAPPE_FIELDS],
-        )
-    raise UserError(f"--format {name}: unknown format; choose criteo, criteo-csv, avazu, malware, frappe or schema:FILE")
-
-
-FORMATS = ("criteo", "criteo-csv", "avazu", "malware", "frappe")
-
-
-def spec_for_format(fmt: str) -> DatasetSpec:
-    """`criteo|criteo-csv|avazu|malware|frappe` or `schema:FILE`."""
-    if fmt.startswith("schema:"):
-        return load_schema_file(fmt[len("schema:"):])
-    return builtin_spec(fmt)
-
-
-# ---------------------------------------------------------------------------
 # Schema files
+
+SCHEMA_MIN_COUNT = 1  # a schema file keeps every category unless it says `min_count` (docs/data.md)
 
 SCHEMA_KEYS = {
     "file_type": "csv or parquet (default: from the input file name; .parquet -> parquet)",
@@ -297,7 +203,7 @@ def load_schema_file(path: str | Path) -> DatasetSpec:
             raise DataError(f"{path}: {key}: expected {tp.__name__}, got {v!r}")
         return v
 
-    min_count = get("min_count", int, DEFAULT_MIN_COUNT["schema"])
+    min_count = get("min_count", int, SCHEMA_MIN_COUNT)
     if min_count < 1:
         raise DataError(f"{path}: min_count: must be >= 1, got {min_count}")
     file_type = get("file_type", str, None)

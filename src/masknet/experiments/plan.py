@@ -15,10 +15,11 @@ from typing import Any, Optional
 
 from ..config import PAPER_PROTOCOL, RunConfig, apply_override
 from ..errors import UserError
+from ..registry import paper_masknets
 
 ALL_TABLES = ("2", "3", "4", "5", "6", "rq4")
 TABLE2_MODELS = ("fm", "dnn", "deepfm", "dcn", "xdeepfm", "autoint", "sermasknet", "paramasknet")
-MASKNETS = ("sermasknet", "paramasknet")
+MASKNETS = paper_masknets()  # the paper's two MaskNets (masknet.registry)
 
 # Table 3: the paper's ablations. "w/o LayerNorm" = both LayerNorms off (docs/model.md).
 ABLATIONS: dict[str, dict[str, Any]] = {

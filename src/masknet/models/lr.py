@@ -31,6 +31,8 @@ class LinearTerm(nn.Module):
 class LogisticRegression(CTRModel):
     """LR: logit = w_0 + Σ_i w[x_i] (no embeddings of size k, no interactions)."""
 
+    config_fields = ()  # one weight per category: no size to set
+
     # one weight per category: a linear model takes larger steps than a deep one
     search_space: SearchSpace = {**TRAINING, "train.lr": Float(1e-3, 1e-1, log=True)}
     # A linear model takes larger steps, and its L2 is found on validation along a path from strong

@@ -112,6 +112,7 @@ MASKNET_SPACE: SearchSpace = {
 
 
 class _MaskNet(CTRModel):
+    config_fields = ("embedding_dim", "dropout", "num_blocks", "block_dim", "reduction_ratio", "use_mask", "emb_layernorm", "block_layernorm", "block_ffn")  # the ModelConfig keys it reads
     search_space: SearchSpace = MASKNET_SPACE
 
     def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig, multi_valued: Sequence[MultiValuedField] = ()):
@@ -184,6 +185,7 @@ class ParallelMaskNet(_MaskNet):
     """ParaMaskNet: num_blocks MaskBlocks on feature embedding side by side, concat, top MLP."""
 
     search_space: SearchSpace = {**MASKNET_SPACE, "model.top_mlp": Layers(widths=(100, 200, 400, 800), depths=(1, 2, 3))}
+    config_fields = (*_MaskNet.config_fields, "top_mlp")
 
     def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig, multi_valued: Sequence[MultiValuedField] = ()):
         super().__init__(cardinalities, cfg, multi_valued)

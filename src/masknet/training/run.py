@@ -37,13 +37,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from ..config import MODEL_NAMES, ModelConfig, RunConfig, apply_override, from_dict, load_config
+from ..config import ModelConfig, RunConfig, apply_override, from_dict, load_config
 from ..data.batch import MultiValuedField, check_multi_valued
 from ..data.dataset import MAX_CARDINALITY, CTRDataset, load_prepared
 from ..data.synthetic import generate
 from ..errors import ConfigError, UserError
 from ..integrity import write_atomic
 from ..models import REGISTRY, CTRModel, build_model
+from ..registry import model_names
 from ..models.scoring import CALIBRATION_FILE
 from . import runfolder
 from .checkpoint import check_loadable, find_resumable, latest_checkpoint, remove_stale_temp
@@ -419,8 +420,8 @@ def read_model_spec(path: Path) -> dict[str, Any]:
 
     if not isinstance(spec, dict):
         raise UserError(f"{path}: not a JSON object")
-    if spec.get("model") not in MODEL_NAMES:
-        raise bad("model", f"one of {', '.join(MODEL_NAMES)}")
+    if spec.get("model") not in model_names():
+        raise bad("model", f"one of {', '.join(model_names())}")
     if not isinstance(spec.get("model_config"), dict):
         raise bad("model_config", "an object")
     names, cards = spec.get("field_names"), spec.get("cardinalities")
