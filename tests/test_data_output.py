@@ -252,9 +252,9 @@ def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, capsys, dataset_a, r
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     if where == "spill":
-        from masknet.data import prepare as prep
+        from masknet.data.spill import Spill
 
-        monkeypatch.setattr(prep._Spill, "flush", full)
+        monkeypatch.setattr(Spill, "flush", full)
     elif where == "writer":
         monkeypatch.setattr(PreparedWriter, "append", full)
     else:

@@ -8,7 +8,7 @@
 file (`masknet prepare --format schema:FILE`), runs `data.prepare.prepare` (the same encoder:
 vocabularies fitted on the training rows, Criteo log buckets for numbers, missing -> 0, unseen ->
 out-of-vocabulary), then `training.run.train_run` (the same trainer, early stopping and run
-folder). Prediction reads raw rows through `data.prepare.encode_file`, as `masknet predict` does.
+folder). Prediction reads raw rows through `data.rawrows.encode_file`, as `masknet predict` does.
 The fitted estimator keeps the run folder's files in memory (weights as safetensors, the rest
 JSON), so pickling it never pickles torch objects, and `save` writes them back as a bundle.
 
@@ -500,7 +500,7 @@ class CTRClassifier(ClassifierMixin, BaseEstimator):
 
     def _encoded(self, X: Any) -> np.ndarray:
         from .data.encoder import Encoder
-        from .data.prepare import encode_file
+        from .data.rawrows import encode_file
 
         check_is_fitted(self)
         table, named = as_table(X)

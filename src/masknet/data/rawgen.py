@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from .formats import MALWARE_COLUMNS, MALWARE_NUMERIC
+from .formats import MALWARE_COLUMNS
 
 CHUNK = 1 << 16
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import yaml
 
@@ -179,6 +179,60 @@ SCHEMA_KEYS = {
 def load_schema_file(path: str | Path) -> DatasetSpec:
     """Read a YAML (or JSON) schema file. Errors name the file and the key."""
     path = Path(path)
+    raw, text = _read_schema(path)
+    keys = _Keys(raw, path)
+    labels = parse_labels(raw["labels"], str(path)) if "labels" in raw else [LabelSpec(raw["label"])]
+    min_count = keys.get("min_count", int, SCHEMA_MIN_COUNT)
+    if min_count < 1:
+        raise DataError(f"{path}: min_count: must be >= 1, got {min_count}")
+    file_type = keys.get("file_type", str, None)
+    if file_type is not None and file_type not in ("csv", "parquet"):
+        raise DataError(f"{path}: file_type: expected csv or parquet, got {file_type!r}")
+    header = keys.get("header", bool, True)
+    columns = keys.get("columns", list, None)
+    if not header and not columns:
+        raise DataError(f"{path}: columns: required when header is false")
+    threshold = raw.get("label_threshold")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
+        raise DataError(f"{path}: label_threshold: expected a number, got {threshold!r}")
+    if threshold is not None and "labels" in raw:  # each of several labels says its own `positive`
+        raise DataError(f"{path}: label_threshold: goes with 'label'; with 'labels' give each label's 'positive' value")
+    time_format = keys.get("time_format", str, "number")
+    if time_format not in ("number", "iso"):
+        raise DataError(f"{path}: time_format: expected number or iso, got {time_format!r}")
+    fields = _feature_fields(keys, path, min_count)
+    multi = []
+    if "multi_valued" in raw:
+        from .multivalued import parse_schema_entries
+
+        delimiter = raw.get("delimiter", ",")
+        multi = parse_schema_entries(raw["multi_valued"], str(path), text, delimiter if isinstance(delimiter, str) else ",",
+                                     min_count, keys.get("quoting", bool, True))
+    _check_features(path, fields, multi, labels)
+    missing_values = keys.get("missing_values", list, [""])
+    spec = DatasetSpec(
+        name=f"schema:{path}",
+        file_type=file_type or "auto",
+        delimiter=keys.get("delimiter", str, ","),
+        header=header,
+        columns=[str(c) for c in columns] if columns else None,
+        quoting=keys.get("quoting", bool, True),
+        label=labels[0].column,
+        label_kind=labels[0].kind if threshold is None else f">={threshold:g}",
+        fields=fields,
+        time=keys.get("time", str, None),
+        time_kind=time_format,
+        missing_values=[str(v) for v in missing_values],
+        schema_path=str(path),
+        more_labels=labels[1:],
+        multi_valued=multi,
+    )
+    _check_layout(path, spec)
+    return spec
+
+
+def _read_schema(path: Path) -> tuple[dict[str, Any], str]:
+    """The schema file's mapping (known keys only, one label key) and its text."""
     if not path.is_file():
         raise DataError(f"{path}: schema file not found")
     try:
@@ -195,45 +249,45 @@ def load_schema_file(path: str | Path) -> DatasetSpec:
         raise DataError(f"{path}: give either 'label' (the 0/1 label column) or 'labels' (several label columns), not both or neither")
     if "label" in raw and not isinstance(raw["label"], str):
         raise DataError(f"{path}: label: expected the name of the 0/1 label column, got {raw['label']!r}")
-    labels = parse_labels(raw["labels"], str(path)) if "labels" in raw else [LabelSpec(raw["label"])]
+    return raw, text
 
-    def get(key: str, tp: type, default: Any) -> Any:
-        v = raw.get(key, default)
+
+class _Keys:
+    """A schema's top-level values, type-checked (a DataError names the file and the key)."""
+
+    def __init__(self, raw: dict[str, Any], path: Path):
+        self.raw, self.path = raw, path
+
+    def get(self, key: str, tp: type, default: Any) -> Any:
+        v = self.raw.get(key, default)
         if v is not None and not isinstance(v, tp):
-            raise DataError(f"{path}: {key}: expected {tp.__name__}, got {v!r}")
+            raise DataError(f"{self.path}: {key}: expected {tp.__name__}, got {v!r}")
         return v
 
-    min_count = get("min_count", int, SCHEMA_MIN_COUNT)
-    if min_count < 1:
-        raise DataError(f"{path}: min_count: must be >= 1, got {min_count}")
-    file_type = get("file_type", str, None)
-    if file_type is not None and file_type not in ("csv", "parquet"):
-        raise DataError(f"{path}: file_type: expected csv or parquet, got {file_type!r}")
-    header = get("header", bool, True)
-    columns = get("columns", list, None)
-    if not header and not columns:
-        raise DataError(f"{path}: columns: required when header is false")
-    threshold = raw.get("label_threshold")
-    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
-        raise DataError(f"{path}: label_threshold: expected a number, got {threshold!r}")
-    if threshold is not None and "labels" in raw:  # each of several labels says its own `positive`
-        raise DataError(f"{path}: label_threshold: goes with 'label'; with 'labels' give each label's 'positive' value")
-    time_format = get("time_format", str, "number")
-    if time_format not in ("number", "iso"):
-        raise DataError(f"{path}: time_format: expected number or iso, got {time_format!r}")
 
+def named_entries(entries: list, key: str, known: tuple[str, ...], path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """A schema list of columns (`categorical`, `numeric`, `labels`): each entry a column name or a
+    mapping with a `name` and only `known` keys. Yields (where, mapping), `where` naming the entry."""
+    for i, entry in enumerate(entries):
+        where = f"{path}: {key}[{i}]"
+        if isinstance(entry, str):
+            entry = {"name": entry}
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise DataError(f"{where}: expected a column name or a mapping with 'name'")
+        extra = sorted(set(entry) - set(known))
+        if extra:
+            raise DataError(f"{where}: unknown key {extra[0]!r}; known: {', '.join(known)}")
+        yield where, entry
+
+
+FEATURE_KEYS = ("name", "column", "min_count", "hash_buckets")
+
+
+def _feature_fields(keys: _Keys, path: Path, min_count: int) -> list[FieldSpec]:
+    """The `categorical` and `numeric` lists -> one FieldSpec each."""
     fields: list[FieldSpec] = []
     for key, transform in (("categorical", "category"), ("numeric", "log_bucket")):
-        entries = get(key, list, [])
-        for i, entry in enumerate(entries):
-            where = f"{path}: {key}[{i}]"
-            if isinstance(entry, str):
-                entry = {"name": entry}
-            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-                raise DataError(f"{where}: expected a column name or a mapping with 'name'")
-            extra = sorted(set(entry) - {"name", "column", "min_count", "hash_buckets"})
-            if extra:
-                raise DataError(f"{where}: unknown key {extra[0]!r}; known: name, column, min_count, hash_buckets")
+        for where, entry in named_entries(keys.get(key, list, []), key, FEATURE_KEYS, path):
             mc = entry.get("min_count", min_count)
             hb = entry.get("hash_buckets")
             if not isinstance(mc, int) or mc < 1:
@@ -246,13 +300,10 @@ def load_schema_file(path: str | Path) -> DatasetSpec:
             fields.append(FieldSpec(entry["name"], str(entry.get("column", entry["name"])), transform, mc, hb))
     if not fields:
         raise DataError(f"{path}: no features: list at least one column under 'categorical' or 'numeric'")
-    multi = []
-    if "multi_valued" in raw:
-        from .multivalued import parse_schema_entries
+    return fields
 
-        delimiter = raw.get("delimiter", ",")
-        multi = parse_schema_entries(raw["multi_valued"], str(path), text, delimiter if isinstance(delimiter, str) else ",",
-                                     min_count, get("quoting", bool, True))
+
+def _check_features(path: Path, fields: list[FieldSpec], multi: list, labels: list[LabelSpec]) -> None:
     names = [f.name for f in fields] + [m.name for m in multi]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -260,24 +311,9 @@ def load_schema_file(path: str | Path) -> DatasetSpec:
     for lab in labels:
         if lab.column in [f.column for f in fields] + [c for m in multi for c in m.columns()]:
             raise DataError(f"{path}: the label column {lab.column!r} is also listed as a feature")
-    missing_values = get("missing_values", list, [""])
-    spec = DatasetSpec(
-        name=f"schema:{path}",
-        file_type=file_type or "auto",
-        delimiter=get("delimiter", str, ","),
-        header=header,
-        columns=[str(c) for c in columns] if columns else None,
-        quoting=get("quoting", bool, True),
-        label=labels[0].column,
-        label_kind=labels[0].kind if threshold is None else f">={threshold:g}",
-        fields=fields,
-        time=get("time", str, None),
-        time_kind=time_format,
-        missing_values=[str(v) for v in missing_values],
-        schema_path=str(path),
-        more_labels=labels[1:],
-        multi_valued=multi,
-    )
+
+
+def _check_layout(path: Path, spec: DatasetSpec) -> None:
     if len(spec.delimiter) != 1:
         raise DataError(f"{path}: delimiter: expected one character, got {spec.delimiter!r}")
     if spec.columns:
@@ -285,7 +321,9 @@ def load_schema_file(path: str | Path) -> DatasetSpec:
         for col in spec.needed_columns():
             if col not in known:
                 raise DataError(f"{path}: column {col!r} is not among the schema's columns: {', '.join(spec.columns)}")
-    return spec
+
+
+LABEL_KEYS = ("name", "positive", "allow_missing")
 
 
 def parse_labels(entries: Any, path: str) -> list[LabelSpec]:
@@ -294,22 +332,14 @@ def parse_labels(entries: Any, path: str) -> list[LabelSpec]:
     if not isinstance(entries, list) or not entries:
         raise DataError(f"{path}: labels: expected a non-empty list of label columns")
     out = []
-    for i, entry in enumerate(entries):
-        where = f"{path}: labels[{i}]"
-        if isinstance(entry, str):
-            entry = {"name": entry}
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-            raise DataError(f"{where}: expected a column name or a mapping with 'name'")
-        extra = sorted(set(entry) - {"name", "positive", "allow_missing"})
-        if extra:
-            raise DataError(f"{where}: unknown key {extra[0]!r}; known: name, positive, allow_missing")
+    for where, entry in named_entries(entries, "labels", LABEL_KEYS, path):
         positive = entry.get("positive")
         if positive is not None and (isinstance(positive, bool) or not isinstance(positive, (str, int, float))):
             raise DataError(f"{where}: positive: expected the value (a string) that means positive, got {positive!r}")
         optional = entry.get("allow_missing", False)
         if not isinstance(optional, bool):
             raise DataError(f"{where}: allow_missing: expected true or false, got {optional!r}")
-        if optional and i == 0:
+        if optional and not out:
             raise DataError(f"{where}: allow_missing: the first label is the main task and must be known in every row")
         out.append(LabelSpec(entry["name"], "01" if positive is None else f"={str(positive).strip()}", optional))
     names = [lab.column for lab in out]

@@ -97,10 +97,10 @@ def encode_raw(
     model with multi-valued fields x is a data.batch.EncodedRows (x and the padded seq ids).
     `stats["skipped"]` gets the number of bad lines skipped (bad_lines="skip")."""
     from ..data.encoder import Encoder
-    from ..data.multivalued import encode_chunk
-    from ..data.prepare import BadLineLog, parse_chunk
     from ..data.formats import id_column as format_id_column
+    from ..data.rawrows import read_encoded
     from ..data.readers import file_columns, iter_chunks
+    from ..data.rows import BadLineLog
     from ..data.schema import FieldSpec
 
     _require_encoder(bundle, "predict")
@@ -119,7 +119,7 @@ def encode_raw(
     elif spec.label:
         spec = spec.without_labels()  # a label column, when present, is ignored (and not checked)
     if id_column is None:
-        id_column = format_id_column(fmt or spec.name)
+        id_column = format_id_column(spec.name if fmt is None else fmt)
     if id_column is not None and id_column not in present:
         id_column = None
     nf = len(bundle.encoder.fields)
@@ -129,19 +129,17 @@ def encode_raw(
     log = BadLineLog(bad_lines)
     kw = {"block_bytes": block_bytes} if block_bytes else {}
     hint = "" if fmt else f" (the model was trained on format {enc.spec.name}; give --format if this file has another layout)"
-    for raw in _hinted(iter_chunks(spec, input, serial=True, **kw), hint):
-        pc_ = parse_chunk(spec, raw, str(input))
+
+    def check(parsed: Any) -> None:
         try:
-            log.check(pc_, record=True)
+            log.check(parsed, record=True)
         except DataError as exc:
             layout = "wrong number of columns" in str(exc) or "empty line" in str(exc)
             raise DataError(f"{exc}{hint if layout else ''}") from None
+
+    chunks = _hinted(iter_chunks(spec, input, serial=True, **kw), hint)
+    for x, pc_ in read_encoded(enc, spec, input, check, chunks=chunks, dtype=np.int64):
         g = pc_.good
-        x = np.empty((int(g.sum()), nf), dtype=np.int64)
-        for j, (fe, (ix, tok)) in enumerate(zip(enc.fields, pc_.fields[:nf])):
-            x[:, j] = np.concatenate([fe.codes(tok.tokens), np.zeros(1, np.int32)])[ix[g]]
-        if enc.multi_valued:
-            x = EncodedRows(x, *encode_chunk(enc.multi_valued, pc_.multi, g))
         ids = None
         if id_column is not None:
             ix, tok = pc_.fields[nf]
