@@ -62,6 +62,13 @@ def test_a_model_registered_at_run_time_is_a_config_value_and_a_cli_choice(resto
         registry.register_model("twin", Twin, "again")
 
 
+def test_train_help_lists_every_model_with_its_summary():
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    action = next(a for a in train._actions if a.dest == "model")
+    for entry in registry.MODELS.values():
+        assert f"{entry.name}: {entry.summary}" in action.help
+
+
 def test_paper_masknets_and_backbones_come_from_the_table():
     from masknet.experiments import plan
 

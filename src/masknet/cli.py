@@ -30,7 +30,7 @@ def _require(extra: str, command: str) -> None:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from .registry import model_names
+    from .registry import model_help, model_names
 
     p = sub.add_parser(
         "train",
@@ -43,7 +43,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             "--config FILE, the options below, then each --set."
         ),
     )
-    p.add_argument("--model", choices=model_names(), help="model to train (default: sermasknet)")
+    p.add_argument("--model", choices=model_names(), metavar="MODEL", help=f"model to train (default: sermasknet): {model_help()}")
     p.add_argument(
         "--data",
         metavar="DIR",

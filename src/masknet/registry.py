@@ -55,6 +55,11 @@ def model_entry(name: str) -> ModelEntry:
     return entry
 
 
+def model_help() -> str:
+    """Every model with its summary, for the CLI's help."""
+    return "; ".join(f"{e.name}: {e.summary}" for e in MODELS.values())
+
+
 def multitask_backbones() -> tuple[str, ...]:
     return tuple(n for n, e in MODELS.items() if e.multitask_backbone)
 
@@ -65,9 +70,9 @@ def paper_masknets() -> tuple[str, ...]:
 
 # The built-in models, in the order the CLI lists them (and `masknet bench` runs them).
 _M = "masknet.models."
-register_model("sermasknet", _M + "masknet:SerialMaskNet", "SerMaskNet: MaskBlocks stacked in series (paper Fig. 4)",
+register_model("sermasknet", _M + "masknet:SerialMaskNet", "SerMaskNet: MaskBlocks stacked in series (the paper, section 3)",
                multitask_backbone=True, paper_masknet=True)
-register_model("paramasknet", _M + "masknet:ParallelMaskNet", "ParaMaskNet: MaskBlocks side by side, then an MLP (paper Fig. 5)",
+register_model("paramasknet", _M + "masknet:ParallelMaskNet", "ParaMaskNet: MaskBlocks side by side, then an MLP (the paper, section 3)",
                multitask_backbone=True, paper_masknet=True)
 # baselines of the paper's Table 2, plus LR and DCN-V2 (docs/baselines.md)
 register_model("lr", _M + "lr:LogisticRegression", "logistic regression on one-hot fields")
