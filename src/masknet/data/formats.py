@@ -4,7 +4,7 @@ A `Format` holds everything `masknet prepare --format NAME`, `masknet predict` a
 need: the reader settings (file type, delimiter, header, columns, quoting), the label, the time
 column (`--split time`), the row id column (written beside each score by `masknet predict`), the
 default minimum count and where that default comes from, and the fields. Adding a format is one
-`register_format(Format(...))` here (plus its test in tests/test_data_formats.py); anything else
+`register_format(Format(...))` here (plus its test in tests/data/test_data_formats.py); anything else
 is described by a schema file (`schema:FILE`, schema.load_schema_file).
 """
 

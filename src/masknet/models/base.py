@@ -24,7 +24,7 @@ class CTRModel(nn.Module):
     """
 
     search_space: SearchSpace = TRAINING
-    # the ModelConfig keys this model reads (every other key is ignored by it; tests/test_model_conformance.py checks both)
+    # the ModelConfig keys this model reads (every other key is ignored by it; tests/models/test_model_conformance.py checks both)
     config_fields: tuple[str, ...] = ("embedding_dim",)
     # what `train.lr` and `train.l2_prior` mean when a config leaves them unset (None); docs/model.md
     train_defaults: dict = {"lr": 1e-3, "l2_prior": [], "min_batches_per_epoch": 32}

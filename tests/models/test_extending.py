@@ -11,7 +11,7 @@ import pytest
 
 from masknet import registry
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "extending.md"
 
 
 def model_section_blocks() -> list[str]:

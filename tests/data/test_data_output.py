@@ -30,7 +30,7 @@ from masknet.data.rawgen import write_criteo
 from masknet.data.formats import builtin_spec
 from masknet.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
