@@ -3,7 +3,7 @@
 Two rules (the brief's style rules; issue #15, "Done when"):
   * a module never imports a layer above its own. Bottom to top:
         base (masknet's top-level modules: config, errors, integrity, the package itself)
-        < data < models < training < serving / experiments / bench / tuning < cli / estimator / __main__
+        < data < models < runs (the run folder) < training < serving / experiments / bench / tuning < cli / estimator / __main__
     (modules of one layer may import each other);
   * a module never imports another module's private name (`_name`; dunders such as
     `__version__` are public), nor reads one as an attribute of an imported masknet module.
@@ -21,6 +21,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS = {
     "data": 1,
     "models": 2,
+    "runs": 2.5,  # masknet.runs, the run folder: builds models, beneath everything that reads or writes runs
     "training": 3,
     "serving": 4,
     "experiments": 4,
@@ -30,14 +31,11 @@ LAYERS = {
     "estimator": 5,
     "__main__": 5,
 }
-LAYER_NAMES = {0: "base", 1: "data", 2: "models", 3: "training", 4: "serving/experiments/bench/tuning", 5: "cli"}
+LAYER_NAMES = {0: "base", 1: "data", 2: "models", 2.5: "runs", 3: "training", 4: "serving/experiments/bench/tuning", 5: "cli"}
 
-# The only upward import allowed, by (importer, imported). training/run.py seals and verifies a
-# run's manifest with serving.bundle; issue #15 item 1 (a run-folder layer beneath training and
-# serving that alone seals and verifies runs) removes it. Do not add to this list.
-ALLOWED_UPWARD = {
-    ("masknet.training.run", "masknet.serving.bundle"),
-}
+# No upward import is allowed: the last one (training.run -> serving.bundle, to seal a run) went
+# when masknet.runs became the run-folder layer beneath training and serving (issue #15 item 1).
+ALLOWED_UPWARD: set[tuple[str, str]] = set()
 
 
 @dataclass(frozen=True)
@@ -146,13 +144,17 @@ def test_no_module_imports_another_modules_private_name():
     assert not private, "private names used across modules:\n" + "\n".join(private)
 
 
-def test_the_allowed_upward_import_still_exists():
-    """The exception is listed by name: once issue #15 item 1 removes the import, this fails, so
-    the exception is deleted with it instead of outliving it."""
+def test_training_seals_runs_without_serving():
+    """Issue #15 item 1: training writes and seals its run folder through masknet.runs, and serving
+    loads through it: training imports nothing of serving, and there is one model loader."""
     modules = module_names(SRC)
-    for importer, imported in ALLOWED_UPWARD:
-        found, _ = imports_of(importer, modules[importer], modules)
-        assert any(i.target == imported for i in found), (importer, imported)
+    for name in ("masknet.training.run", "masknet.training.runfolder", "masknet.training.checkpoint"):
+        found, _ = imports_of(name, modules[name], modules)
+        assert not [i for i in found if i.target.startswith("masknet.serving")], name
+    loaders = [m for m, path in modules.items() if "def load_model(" in path.read_text() or "def verify_and_load(" in path.read_text()]
+    builds = [m for m, path in modules.items() if "load_state_dict(load_file(" in path.read_text()]
+    assert builds == ["masknet.runs"], builds  # the only place a bundle's weights are loaded into a model
+    assert set(loaders) <= {"masknet.runs", "masknet.serving.bundle"}, loaders
 
 
 def _package(tmp_path: Path, files: dict[str, str]) -> Path:
@@ -179,9 +181,40 @@ def test_the_checker_finds_each_kind_of_violation(tmp_path):
         "masknet/newpkg/x.py": "",
     })
     upward, private, unplaced = check(src)
-    assert [u.split(":")[0] for u in upward] == ["masknet/models/base.py"]  # training.run -> serving.bundle is allowed
+    assert sorted(u.split(":")[0] for u in upward) == ["masknet/models/base.py", "masknet/training/run.py"]
     assert "imports masknet.training.trainer (training)" in upward[0]
     assert len(private) == 2
     assert any("prepare.py:2: _helper from masknet.config" in p for p in private)
     assert any("other.py:2: readers._first (masknet.data.readers)" in p for p in private)
     assert unplaced == ["masknet.newpkg: a subpackage with no layer in LAYERS"]
+
+
+LONG_FUNCTION_LINES = 80
+SHORT_FUNCTION_PACKAGES = ("training", "bench", "serving", "runs.py")  # issue #15: each concern a named helper
+
+
+def long_functions(src: Path = SRC, packages: tuple[str, ...] = SHORT_FUNCTION_PACKAGES) -> list[str]:
+    """Functions over LONG_FUNCTION_LINES lines (decorators excluded) whose docstring does not say
+    why ("long because ...")."""
+    out = []
+    for pkg in packages:
+        root = src / "masknet" / pkg
+        for path in sorted(root.rglob("*.py") if root.is_dir() else [root] if root.exists() else []):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    lines = node.end_lineno - node.lineno + 1
+                    why = "long because" in (ast.get_docstring(node) or "")
+                    if lines > LONG_FUNCTION_LINES and not why:
+                        out.append(f"{path.relative_to(src)}:{node.lineno} {node.name}: {lines} lines")
+    return out
+
+
+def test_no_function_over_80_lines_in_training_bench_serving_and_runs():
+    assert not long_functions(), "\n".join(long_functions())
+
+
+def test_the_length_check_finds_a_long_function(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(LONG_FUNCTION_LINES))
+    src = _package(tmp_path, {"masknet/training/long.py": f"def f():\n{body}\n",
+                              "masknet/training/why.py": f'def g():\n    """long because: one table."""\n{body}\n'})
+    assert long_functions(src, ("training",)) == [f"masknet/training/long.py:1 f: {LONG_FUNCTION_LINES + 1} lines"]

@@ -62,6 +62,13 @@ SKLEARN_EXPECTED_FAILED_CHECKS = {
         "float32 GEMM: a row's logit can move by one float32 rounding step (~1e-7 relative) with its "
         "position in the batch; the check asks for rtol 1e-7"
     ),
+    # the same rounding with the batch's size: a row scored in a subset can differ by one step
+    # (1.1e-7 relative measured, on oneDNN and MKL alike); which of the two checks trips
+    # depends on the trained weights
+    "check_methods_subset_invariance": (
+        "float32 GEMM: a row's logit can move by one float32 rounding step (~1e-7 relative) with the "
+        "batch's size; the check asks for rtol 1e-7"
+    ),
 }
 
 

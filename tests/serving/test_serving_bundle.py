@@ -231,11 +231,11 @@ def test_sealing_and_loading_check_model_json(run, edit, key):
     m = json.loads((bad / MANIFEST).read_text())
     import hashlib
 
-    from masknet.serving.bundle import _bundle_hash
+    from masknet.runs import bundle_hash
 
     m["files"]["model.json"] = {"sha256": hashlib.sha256((bad / "model.json").read_bytes()).hexdigest(),
                                 "bytes": (bad / "model.json").stat().st_size}
-    m["bundle_sha256"] = _bundle_hash(m["files"])
+    m["bundle_sha256"] = bundle_hash(m["files"])
     (bad / MANIFEST).write_text(json.dumps(m))
     for load in (verify_and_load, load_model):
         with pytest.raises(UserError, match=rf"model\.json: {key}"):

@@ -16,6 +16,7 @@ from masknet.config import ModelConfig, TrainConfig, load_config
 from masknet.data.dataset import CTRDataset, Split
 from masknet.data.synthetic import generate
 from masknet.models import build_model
+from masknet.models.layers import gemm_backend
 from masknet.training import trainer
 from masknet.training.metrics import auc, logloss, relaimp
 from masknet.training.run import load_model
@@ -353,6 +354,7 @@ def test_run_folder_contents(runs):
     assert 0.8 < m["oracle_auc"] <= 1.0
     assert m["train_seconds"] > 0 and m["samples_per_second"] > 0
     assert "relaimp" not in m  # no base run given
+    assert m["kernels"] == {"gemm": gemm_backend(), "embedding_update": "lazy-adam-row-wise"}
 
     lines = (run / "log.jsonl").read_text().splitlines()
     records = [json.loads(ln) for ln in lines]  # one per evaluation: every 2 steps, 10 steps (2 epochs of 5)

@@ -8,7 +8,8 @@ Two counts that must agree where both apply (tests/bench/test_bench.py checks it
   are einsums, so for those this is a lower bound.
 - `counted_flops_per_sample`: every matrix multiply (mm, addmm, bmm, einsum, ...) the forward
   and the backward actually execute on a batch, counted by torch.utils.flop_counter at
-  2 * M * N * K each. This covers the model-specific terms (FM's and CIN's products, the
+  2 * M * N * K each. The count runs the models on PyTorch's own kernels (the flop counter
+  does not know oneDNN's op, models.layers.dense): the FLOPs are the model's, whatever runs them. This covers the model-specific terms (FM's and CIN's products, the
   attention scores of AutoInt) without a per-model formula. Elementwise work (LayerNorm,
   ReLU, the mask product, the optimizer) is not counted: the roofline is the matmul roofline.
 
@@ -26,6 +27,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..data.batch import Batch, MultiValuedField
+from ..models.layers import using_gemm_backend
 
 
 def linear_flops_per_sample(model: nn.Module) -> int:
@@ -63,9 +65,9 @@ def counted_flops_per_sample(
     x = random_batch(cardinalities, multi_valued, batch, gen)
     was_training = model.training
     model.train()
-    with FlopCounterMode(display=False) as fwd:
+    with using_gemm_backend("torch"), FlopCounterMode(display=False) as fwd:
         model(x)
-    with FlopCounterMode(display=False) as both:
+    with using_gemm_backend("torch"), FlopCounterMode(display=False) as both:
         model(x).sum().backward()
     model.zero_grad(set_to_none=True)
     model.train(was_training)

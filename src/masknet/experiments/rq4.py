@@ -20,7 +20,7 @@ def mask_values(run_dir: Path, data, max_instances: int, batch_size: int = 4096)
     """Each block's mask values [n, z_i] on the first `max_instances` test rows, and those rows' labels."""
     import torch
 
-    from ..training.run import load_model
+    from ..runs import load_model
 
     model = load_model(run_dir)
     split = data.splits["test"]

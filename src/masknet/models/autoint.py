@@ -26,7 +26,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..data.batch import MultiValuedField
 from .base import CTRModel
-from .layers import FieldEmbedding
+from .layers import FieldEmbedding, dense
 from .search import EMBEDDING, TRAINING, Choice, Int, SearchSpace
 
 
@@ -52,12 +52,12 @@ class InteractingLayer(nn.Module):
         return t.view(B, f, self.heads, self.head_dim).transpose(1, 2)  # [B, H, f, d']
 
     def forward(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q, k, v = (self._split_heads(proj(e)) for proj in (self.query, self.key, self.value))
+        q, k, v = (self._split_heads(dense(proj, e)) for proj in (self.query, self.key, self.value))
         scores = q @ k.transpose(-1, -2)  # [B, H, f, f]: <W_Q e_m, W_K e_j>
         attention = torch.softmax(scores, dim=-1)  # normalize over key fields j
         out = (attention @ v).transpose(1, 2).flatten(2)  # [B, H, f, d'] -> [B, f, H*d'] (heads concatenated)
         if self.residual is not None:
-            out = out + self.residual(e)
+            out = out + dense(self.residual, e)
         return torch.relu(out), attention
 
 
@@ -85,5 +85,5 @@ class AutoInt(CTRModel):
         for layer in self.layers:
             h, attention = layer(h)  # [B, f, H*d']
             attentions.append(attention)
-        logits = self.output(h.flatten(1)).squeeze(-1)  # [B]
+        logits = dense(self.output, h.flatten(1)).squeeze(-1)  # [B]
         return (logits, attentions) if return_attention else logits

@@ -24,7 +24,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..data.batch import MultiValuedField
 from .base import CTRModel
-from .layers import MLP, FieldEmbedding
+from .layers import MLP, FieldEmbedding, dense
 from .search import DNN, EMBEDDING, TRAINING, Int, SearchSpace
 
 
@@ -51,7 +51,7 @@ class CrossLayerV2(nn.Module):
         self.linear = nn.Linear(dim, dim)  # W_l [m, m] and b_l [m]
 
     def forward(self, x0: torch.Tensor, xl: torch.Tensor) -> torch.Tensor:
-        return x0 * self.linear(xl) + xl  # [B, m]
+        return torch.addcmul(xl, x0, dense(self.linear, xl))  # x_0 ⊙ (W x_l + b) + x_l, one pass: [B, m]
 
 
 class _CrossAndDeep(CTRModel):
@@ -72,7 +72,7 @@ class _CrossAndDeep(CTRModel):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x0 = self.embedding(x).flatten(1)  # [B, m]
-        return self.output(cross_and_deep(self.cross, self.mlp, x0)).squeeze(-1)  # [B]
+        return dense(self.output, cross_and_deep(self.cross, self.mlp, x0)).squeeze(-1)  # [B]
 
 
 def cross_and_deep(cross: nn.ModuleList, mlp: MLP, x0: torch.Tensor) -> torch.Tensor:

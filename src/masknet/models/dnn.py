@@ -16,7 +16,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..data.batch import MultiValuedField
 from .base import CTRModel
-from .layers import MLP, FieldEmbedding
+from .layers import MLP, FieldEmbedding, dense
 from .search import DNN as DNN_SPACE
 from .search import EMBEDDING, TRAINING, SearchSpace
 
@@ -34,7 +34,7 @@ class DNNTower(nn.Module):
         self.output = nn.Linear(self.mlp.output_dim, 1, bias=bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.output(self.mlp(h)).squeeze(-1)
+        return dense(self.output, self.mlp(h)).squeeze(-1)
 
 
 class DNN(CTRModel):

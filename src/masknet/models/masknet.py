@@ -16,6 +16,10 @@ e_i (layers.FieldEmbedding), so every equation below keeps its shape.
     prediction   : w_0 + Σ w_i x_i  (Eq. 17; the sigmoid is in the loss / predict path)
 
 Ablation switches (ModelConfig): use_mask, emb_layernorm, block_layernorm, block_ffn.
+
+How it is computed (the same function, docs/performance.md): every nn.Linear runs through
+layers.dense (oneDNN GEMMs, the ReLU after W_d1 fused into its GEMM), and ParaMaskNet's blocks
+share one per-field normalization of V_emb, each applying its own LN_EMB gain and bias.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..data.batch import MultiValuedField
 from .base import CTRModel
-from .layers import MLP, FieldEmbedding, FieldLayerNorm
+from .layers import MLP, FieldEmbedding, FieldLayerNorm, dense
 from .search import EMBEDDING, TRAINING, Choice, Float, Int, Layers, SearchSpace
 
 
@@ -49,7 +53,7 @@ class InstanceGuidedMask(nn.Module):
         self.projection = nn.Linear(self.aggregation.out_features, output_dim)
 
     def forward(self, v_emb: torch.Tensor) -> torch.Tensor:
-        return self.projection(torch.relu(self.aggregation(v_emb)))
+        return dense(self.projection, dense(self.aggregation, v_emb, relu=True))
 
 
 class MaskBlock(nn.Module):
@@ -59,7 +63,9 @@ class MaskBlock(nn.Module):
                           normalized per field (LN_EMB) before the mask multiplies it.
     on_embedding=False -> MaskBlock on MaskBlock (Eq. 13-14): the input is the previous block's output.
 
-    forward(v_emb [B, m], v_in [B, n]) -> (V_output [B, output_dim], V_mask [B, n] or None)
+    forward(v_emb [B, m], v_in [B, n], normed) -> (V_output [B, output_dim], V_mask [B, n] or None)
+    normed: optionally LN_EMB's normalization of v_in ([B, f, k], FieldLayerNorm.normalize),
+    when blocks on the same embedding share it.
     """
 
     def __init__(
@@ -88,18 +94,21 @@ class MaskBlock(nn.Module):
             self.output_dim = input_dim
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else None
 
-    def forward(self, v_emb: torch.Tensor, v_in: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(
+        self, v_emb: torch.Tensor, v_in: torch.Tensor, normed: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         if self.emb_norm is not None:
-            v_in = self.emb_norm(v_in.view(-1, self.num_fields, self.embedding_dim)).flatten(1)  # [B, m]
+            v_in = self.emb_norm(v_in.view(-1, self.num_fields, self.embedding_dim), normed).flatten(1)  # [B, m]
         v_mask = self.mask(v_emb) if self.mask is not None else None  # [B, n], from the RAW V_emb
         h = v_in * v_mask if v_mask is not None else v_in  # Eq. 6 / 11 / 13
-        if self.hidden is not None:
-            h = self.hidden(h)  # [B, q]
-            if self.hidden_norm is not None:
-                h = self.hidden_norm(h)  # LN before ReLU (Eq. 10)
-            h = torch.relu(h)
-            if self.dropout is not None:
-                h = self.dropout(h)
+        if self.hidden is None:
+            return h, v_mask
+        if self.hidden_norm is None:
+            h = dense(self.hidden, h, relu=True)  # ReLU(W_i h + b_i)
+        else:
+            h = torch.relu_(self.hidden_norm(dense(self.hidden, h)))  # LN before ReLU (Eq. 10); in place: LN's backward keeps its input, not its output
+        if self.dropout is not None:
+            h = self.dropout(h)
         return h, v_mask
 
 
@@ -162,8 +171,14 @@ def parallel_blocks(num_fields: int, cfg: ModelConfig) -> tuple[nn.ModuleList, M
 def parallel_forward(blocks: nn.ModuleList, top: MLP, v_emb: torch.Tensor) -> tuple[torch.Tensor, list]:
     """V_emb [B, m] -> (the top MLP's output, each block's V_mask)."""
     outputs, masks = [], []
+    first = blocks[0]
+    # LN_EMB's (x - mean) / std is the same for every block: computed once, each block
+    # applies its own gain and bias (the paper's per-block LN_EMB, computed once not u times)
+    normed = None
+    if first.emb_norm is not None:
+        normed = first.emb_norm.normalize(v_emb.view(-1, first.num_fields, first.embedding_dim))
     for block in blocks:
-        h, v_mask = block(v_emb, v_emb)
+        h, v_mask = block(v_emb, v_emb, normed)
         outputs.append(h)
         masks.append(v_mask)
     v_merge = torch.cat(outputs, dim=1)  # [B, u*q]
@@ -180,7 +195,7 @@ class SerialMaskNet(_MaskNet):
 
     def _forward_from_embedding(self, v_emb: torch.Tensor):
         h, masks = serial_forward(self.blocks, v_emb)
-        return self.prediction(h).squeeze(-1), masks
+        return dense(self.prediction, h).squeeze(-1), masks
 
 
 class ParallelMaskNet(_MaskNet):
@@ -196,4 +211,4 @@ class ParallelMaskNet(_MaskNet):
 
     def _forward_from_embedding(self, v_emb: torch.Tensor):
         h, masks = parallel_forward(self.blocks, self.top, v_emb)
-        return self.prediction(h).squeeze(-1), masks
+        return dense(self.prediction, h).squeeze(-1), masks

@@ -31,7 +31,7 @@ from ..config import ModelConfig
 from ..data.batch import MultiValuedField
 from .base import CTRModel
 from .dcn import CrossLayerV2, cross_and_deep
-from .layers import MLP, FieldEmbedding
+from .layers import MLP, FieldEmbedding, dense
 from .masknet import parallel_blocks, parallel_forward, serial_blocks, serial_forward
 
 
@@ -101,7 +101,8 @@ class Tower(nn.Sequential):
         super().__init__(mlp, nn.Linear(mlp.output_dim, 1))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return super().forward(h).squeeze(-1)
+        mlp, output = self
+        return dense(output, mlp(h)).squeeze(-1)  # the output unit on the fast GEMM too (layers.dense)
 
 
 class MultiTaskModel(CTRModel):
@@ -137,7 +138,7 @@ class MultiTaskModel(CTRModel):
             inputs = [h] * self.num_tasks
         else:
             h = torch.stack([e(v_emb) for e in self.experts], dim=1)  # [B, E, d]
-            inputs = [(torch.softmax(gate(v_emb), dim=-1).unsqueeze(-1) * h).sum(dim=1) for gate in self.gates]
+            inputs = [(torch.softmax(dense(gate, v_emb), dim=-1).unsqueeze(-1) * h).sum(dim=1) for gate in self.gates]
         return torch.stack([tower(i) for tower, i in zip(self.towers, inputs)], dim=1)  # [B, T]
 
     def gate_weights(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,4 +146,4 @@ class MultiTaskModel(CTRModel):
         if self.gates is None:
             raise ValueError("a shared-bottom model has no gates")
         v_emb = self.embedding(x).flatten(1)
-        return torch.stack([torch.softmax(g(v_emb), dim=-1) for g in self.gates], dim=1)
+        return torch.stack([torch.softmax(dense(g, v_emb), dim=-1) for g in self.gates], dim=1)

@@ -28,7 +28,7 @@ from ..data.batch import MultiValuedField
 from ..errors import ConfigError
 from .base import CTRModel
 from .dnn import DNNTower
-from .layers import FieldEmbedding
+from .layers import FieldEmbedding, dense, linear
 from .lr import LinearTerm
 from .search import DNN, EMBEDDING, TRAINING, Layers, SearchSpace
 
@@ -54,7 +54,7 @@ class CINLayer(nn.Module):
         # laid out as [B*k, H*f] so the compression by the H_out filters is one large GEMM
         # (about 10% faster on CPU than a batched [H_out, H*f] @ [B, H*f, k]).
         z = x_prev.transpose(1, 2).unsqueeze(3) * x0.transpose(1, 2).unsqueeze(2)  # [B, k, H, f]
-        out = z.reshape(B * k, H * f) @ self.weight.flatten(1).t()  # [B*k, H_out]
+        out = linear(z.reshape(B * k, H * f), self.weight.flatten(1))  # [B*k, H_out]
         return out.view(B, k, -1).transpose(1, 2)  # [B, H_out, k]
 
 
@@ -91,5 +91,5 @@ class XDeepFM(CTRModel):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         e = self.embedding(x)  # [B, f, k], shared by CIN and DNN
-        cin = self.cin_output(self.cin(e)).squeeze(-1)  # [B]
+        cin = dense(self.cin_output, self.cin(e)).squeeze(-1)  # [B]
         return self.linear(x) + cin + self.tower(e.flatten(1))  # [B]

@@ -186,8 +186,9 @@ def test_split(bundle: Bundle) -> tuple[Optional[Any], str]:
     import yaml
 
     from ..data.dataset import load_prepared
+    from ..runs import RunFolder
 
-    cfg_path = bundle.path / "config.yaml"
+    cfg_path = RunFolder(bundle.path).config
     try:
         cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
         data = ((cfg or {}).get("data") or {}).get("path")

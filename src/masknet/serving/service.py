@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import msgspec
@@ -197,6 +198,28 @@ def _with_schemas(app: Any, models: list[type[BaseModel]]) -> None:
     app.openapi = openapi
 
 
+@dataclass
+class _Service:
+    """What the routes of one app share: the bundle's pieces, the batcher, the admission counters."""
+
+    bundle: Bundle
+    features: Any  # FeatureEncoder
+    decoder: Any  # RequestDecoder
+    scorer: Any  # Scorer
+    batcher: Any  # Batcher
+    admission: Any  # Admission
+    base_weights: Optional[dict[str, float]]
+    max_candidates: int
+    started: float = field(default_factory=time.time)
+    # one thread decodes every body, off the event loop (which keeps answering /health and refusing
+    # over-limit requests), and one at a time: at most one body's objects exist at once
+    decode_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="masknet-decode"))
+
+    @property
+    def model_name(self) -> str:
+        return self.bundle.spec["model"]
+
+
 def create_app(
     bundle: Bundle,
     runtime: str = "torch",
@@ -220,35 +243,52 @@ def create_app(
     gets the start-up lines. `task_weights`: a multi-task bundle's start-up weights of the combined
     score (serving/tasks.py; default 1 per task)."""
     from fastapi import FastAPI
-    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from .. import __version__
 
     features = FeatureEncoder(bundle.encoder, bundle.field_names, bundle.cardinalities, max_value_chars, bundle.multi_valued)
-    decoder = RequestDecoder(features, max_value_chars, _validate)
     scorer = Scorer(bundle, runtime, precision, threads)
-    if check_accuracy is None:
-        check_accuracy = (runtime, precision) != ("torch", "fp32")
-    check = accuracy_check(bundle, scorer) if check_accuracy else {"measured": False, "why": "the reference (PyTorch fp32)"}
-    if log is not None:
-        chosen = "given" if not scorer.thread_timings_ms else (
-            "fastest of " + ", ".join(f"{t}: {ms} ms" for t, ms in scorer.thread_timings_ms.items()) + " per 1,000 rows")
-        log(f"runtime {scorer.name}: one inference thread, {scorer.threads} intra-op threads ({chosen})")
-        if check_accuracy:
-            log(describe_check(scorer, check))
-    batcher = Batcher(scorer, max_batch_rows, max_wait_ms, max_queue_rows)
-    model_name = bundle.spec["model"]
-    tasks = bundle.tasks
-    base_weights = dict(default_weights(tasks), **(task_weights or {})) if bundle.multitask else None
-    started = time.time()
-    admission = Admission(max_pending, max_body_bytes, max_body_buffer, body_timeout_s)
-    counters = admission.stats
-    # one thread decodes every body, off the event loop (which keeps answering /health and refusing
-    # over-limit requests), and one at a time: at most one body's objects exist at once
-    decode_pool = ThreadPoolExecutor(1, thread_name_prefix="masknet-decode")
-    example = {c: None for c in features.columns}
-    metadata = {
-        "model": model_name,
+    check = _start_up_check(bundle, scorer, runtime, precision, check_accuracy, log)
+    svc = _Service(
+        bundle, features, RequestDecoder(features, max_value_chars, _validate), scorer,
+        Batcher(scorer, max_batch_rows, max_wait_ms, max_queue_rows), Admission(max_pending, max_body_bytes, max_body_buffer, body_timeout_s),
+        dict(default_weights(bundle.tasks), **(task_weights or {})) if bundle.multitask else None, max_candidates,
+    )
+    metadata = _metadata(svc, runtime, precision, check, {
+        "limits": {"max_candidates": max_candidates, "max_rows": max_candidates, "max_body_bytes": max_body_bytes,
+                   "max_value_chars": max_value_chars},
+        "batching": {"max_batch_rows": max_batch_rows, "max_wait_ms": max_wait_ms, "max_queue_rows": max_queue_rows,
+                     "max_pending": max_pending},
+        "admission": {"max_pending": max_pending, "max_body_buffer": svc.admission.max_buffered_bytes,
+                      "body_timeout_s": body_timeout_s},
+    })
+    app = FastAPI(
+        title=f"masknet ranking service: {svc.model_name}",
+        version=__version__,
+        description=(
+            "Scores raw feature rows with a trained masknet bundle. Features are raw values by column name, as in "
+            f"the training data ({', '.join(features.columns[:6])}{', ...' if len(features.columns) > 6 else ''}); "
+            "null = missing; unseen categories are out-of-vocabulary. See GET /metadata for every column."
+        ),
+    )
+    _add_routes(app, svc, metadata)
+    _with_schemas(app, [RankRequest, PredictRequest])
+    app.add_middleware(Gate, admission=svc.admission, error=_error)
+    app.state.bundle = bundle
+    app.state.features = features
+    app.state.decoder = svc.decoder
+    app.state.batcher = svc.batcher
+    app.state.scorer = scorer
+    return app
+
+
+def _metadata(svc: _Service, runtime: str, precision: str, check: dict, settings: dict[str, Any]) -> dict[str, Any]:
+    """GET /metadata: the bundle, the runtime, the inputs, the training metrics and `settings` (limits, batching, admission)."""
+    from .. import __version__
+
+    bundle, features, scorer = svc.bundle, svc.features, svc.scorer
+    return {
+        "model": svc.model_name,
         "model_config": bundle.spec.get("model_config"),
         "bundle": str(bundle.path),
         "bundle_sha256": bundle.bundle_hash,
@@ -265,34 +305,40 @@ def create_app(
         },
         "fields": features.describe(),
         "training_metrics": bundle.metrics,
-        "tasks": tasks,
+        "tasks": bundle.tasks,
         "multitask": bundle.multitask,
-        "task_weights": base_weights,
+        "task_weights": svc.base_weights,
         "calibration": {"method": bundle.head_method, "negative_sampling_rate": bundle.head.rate},
-        "limits": {"max_candidates": max_candidates, "max_rows": max_candidates, "max_body_bytes": max_body_bytes,
-                   "max_value_chars": max_value_chars},
-        "batching": {"max_batch_rows": max_batch_rows, "max_wait_ms": max_wait_ms, "max_queue_rows": max_queue_rows,
-                     "max_pending": max_pending},
-        "admission": {"max_pending": max_pending, "max_body_buffer": admission.max_buffered_bytes,
-                      "body_timeout_s": body_timeout_s},
+        **settings,
         "masknet": __version__,
     }
 
-    app = FastAPI(
-        title=f"masknet ranking service: {model_name}",
-        version=__version__,
-        description=(
-            "Scores raw feature rows with a trained masknet bundle. Features are raw values by column name, as in "
-            f"the training data ({', '.join(features.columns[:6])}{', ...' if len(features.columns) > 6 else ''}); "
-            "null = missing; unseen categories are out-of-vocabulary. See GET /metadata for every column."
-        ),
-    )
+
+def _start_up_check(bundle: Bundle, scorer: Any, runtime: str, precision: str, check_accuracy: Optional[bool], log: Any) -> dict:
+    """The scorer's accuracy against PyTorch fp32 (when asked, or by default off the reference), and
+    the start-up lines."""
+    if check_accuracy is None:
+        check_accuracy = (runtime, precision) != ("torch", "fp32")
+    check = accuracy_check(bundle, scorer) if check_accuracy else {"measured": False, "why": "the reference (PyTorch fp32)"}
+    if log is not None:
+        chosen = "given" if not scorer.thread_timings_ms else (
+            "fastest of " + ", ".join(f"{t}: {ms} ms" for t, ms in scorer.thread_timings_ms.items()) + " per 1,000 rows")
+        log(f"runtime {scorer.name}: one inference thread, {scorer.threads} intra-op threads ({chosen})")
+        if check_accuracy:
+            log(describe_check(scorer, check))
+    return check
+
+
+def _add_routes(app: Any, svc: _Service, metadata: dict[str, Any]) -> None:
+    """/health, /metadata, /rank and /predict, and the HTTP error handler."""
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    count, counters, model_name = svc.admission.count, svc.admission.stats, svc.model_name
+    example = {c: None for c in svc.features.columns}
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException):
         return _error(str(exc.detail), exc.status_code)
-
-    count = admission.count
 
     async def scored(request: Request, decode) -> Any:
         """Decode + encode on the decode thread, then the batcher's scores: (encoded, scores, timing
@@ -300,14 +346,14 @@ def create_app(
         body = await request.body()
         try:
             t0 = time.perf_counter()
-            with batcher.arriving():
-                enc = await asyncio.get_running_loop().run_in_executor(decode_pool, decode, body)
+            with svc.batcher.arriving():
+                enc = await asyncio.get_running_loop().run_in_executor(svc.decode_pool, decode, body)
             decode_s = time.perf_counter() - t0
             if len(enc.x):
-                scores, timing = await asyncio.wrap_future(batcher.submit(enc.x))
+                scores, timing = await asyncio.wrap_future(svc.batcher.submit(enc.x))
             else:
-                scores, timing = scorer(enc.x), None
-            extra = _task_fields(enc, base_weights, tasks, scores)
+                scores, timing = svc.scorer(enc.x), None
+            extra = _task_fields(enc, svc.base_weights, svc.bundle.tasks, scores)
         except RequestError as exc:
             count(True)
             return _error(str(exc), exc.status)
@@ -319,7 +365,7 @@ def create_app(
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "model": model_name, "uptime_s": round(time.time() - started, 1), **counters, **batcher.stats}
+        return {"status": "ok", "model": model_name, "uptime_s": round(time.time() - svc.started, 1), **counters, **svc.batcher.stats}
 
     @app.get("/metadata")
     def get_metadata() -> dict:
@@ -330,7 +376,7 @@ def create_app(
 
     @app.post("/rank", response_model=RankResponse, responses=err, openapi_extra=rank_body)
     async def rank(request: Request):
-        out = await scored(request, lambda body: decoder.rank(body, max_candidates))
+        out = await scored(request, lambda body: svc.decoder.rank(body, svc.max_candidates))
         if not isinstance(out, tuple):
             return out
         enc, scores, extra, timing = out
@@ -346,19 +392,10 @@ def create_app(
     @app.post("/predict", response_model=PredictResponse, responses=err,
               openapi_extra=_openapi_body(PredictRequest, {"rows": [example]}))
     async def predict(request: Request):
-        out = await scored(request, lambda body: decoder.predict(body, max_candidates))
+        out = await scored(request, lambda body: svc.decoder.predict(body, svc.max_candidates))
         if not isinstance(out, tuple):
             return out
         return _json({"model": model_name, "scores": out[1].tolist(), **out[2]}, headers=out[3])
-
-    _with_schemas(app, [RankRequest, PredictRequest])
-    app.add_middleware(Gate, admission=admission, error=_error)
-    app.state.bundle = bundle
-    app.state.features = features
-    app.state.decoder = decoder
-    app.state.batcher = batcher
-    app.state.scorer = scorer
-    return app
 
 
 def _task_fields(enc: Any, base_weights: Optional[dict], tasks: list[str], scores: np.ndarray) -> dict[str, Any]:

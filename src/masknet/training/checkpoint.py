@@ -38,10 +38,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from ..errors import UserError
+from ..runs import CHECKPOINTS
 from ..integrity import entry_of, file_problem, writer_gone
 from .distributed import DistContext, set_rng_states
 
-CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_DIR = CHECKPOINTS  # RUN/checkpoints/ (masknet.runs names the run's files)
 STATE_FILE = "state.json"
 MANIFEST = "manifest.json"
 FILES = ("model.safetensors", "best.safetensors", "optim.safetensors", STATE_FILE)
@@ -306,6 +307,11 @@ class Resumable:
     @property
     def meta(self) -> dict[str, Any]:
         return self.manifest or {}
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """The evaluation records up to this checkpoint (what log.jsonl is rewritten from)."""
+        return list(self.state["history"])
 
 
 def verify_checkpoint(path: Path) -> Resumable:

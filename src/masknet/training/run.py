@@ -1,25 +1,15 @@
 """A training run: config in, run folder out.
 
-A run folder holds:
-    config.yaml      the resolved RunConfig (re-run with `masknet train --config RUN/config.yaml`; a resume
-                     that changes settings appends them as comments)
-    model.json       model name, model config, field names and cardinalities (rebuilds the model),
-                     and the multi-valued fields when the data has them
-    model.safetensors the best epoch's weights (no pickle anywhere)
-    dataset.json     the dataset's meta (fields, split sizes, source; the encoder for prepared data)
-    metrics.json     {"valid": {auc, logloss}, "test": {auc, logloss}, "oracle_auc", "train_seconds",
-                      "samples_per_second", "best_epoch", "model", ["relaimp", "base_run"],
-                      "tasks": {<label>: {"valid": {...}, "test": {...}}}, "calibration": {...}}
-                     (the top-level valid/test/oracle_auc describe the first label; "tasks" every
-                     label with calibration measures, training/evaluation.py)
-    log.jsonl        one line per evaluation (and an {"event": "resume"} line where a resume changed settings;
-                     multi-task: each task's validation AUC and log loss too)
-    reliability.png  reliability diagram of every task on the test split
-    calibration.json (with train.calibration or negative down-sampling) how logits become the served
-                     scores: models.scoring
-    encoder.json     (prepared data only) the fitted encoder: turns raw rows into the model's inputs
-    manifest.json    versions and the SHA-256 of every file above (masknet.serving.bundle), written last
-    checkpoints/     what --resume continues from (training/checkpoint.py)
+The run folder's files (config.yaml, model.json, model.safetensors, dataset.json, metrics.json,
+log.jsonl, encoder.json, calibration.json, reliability.png, manifest.json, checkpoints/) are
+described, written, sealed and loaded by masknet.runs (`RunFolder`); this module trains and writes
+through it. metrics.json holds {"valid": {auc, logloss}, "test": {auc, logloss}, "oracle_auc",
+"train_seconds", "samples_per_second", "best_epoch", "model", "kernels" (GEMM kernel and embedding
+update, docs/performance.md), ["relaimp", "base_run"], "tasks": {<label>: {"valid": {...}, "test":
+{...}}}, "calibration": {...}} (the top-level valid/test/oracle_auc describe the first label; "tasks"
+every label with calibration measures, training/evaluation.py). log.jsonl has one line per
+evaluation (and an {"event": "resume"} line where a resume changed settings; multi-task: each task's
+validation AUC and log loss too).
 
 When a folder may be used, overwritten or resumed: training/runfolder.py.
 """
@@ -29,31 +19,29 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import IO, Any, Optional, Sequence
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
 
-from ..config import ModelConfig, RunConfig, apply_override, from_dict, load_config
-from ..data.batch import MultiValuedField, check_multi_valued
-from ..data.dataset import MAX_CARDINALITY, CTRDataset, load_prepared
+from ..config import RunConfig, apply_override, load_config
+from ..data.dataset import CTRDataset, load_prepared
 from ..data.synthetic import generate
 from ..errors import ConfigError, UserError
-from ..integrity import write_atomic
 from ..models import REGISTRY, CTRModel, build_model
-from ..registry import model_names
+from ..models.layers import gemm_backend
 from ..models.scoring import CALIBRATION_FILE
+from ..runs import RELIABILITY, RunFolder
+from ..runs import load_model, read_model_spec  # noqa: F401 (masknet.runs' loader, imported from here by older code)
 from . import runfolder
-from .checkpoint import check_loadable, find_resumable, latest_checkpoint, remove_stale_temp
+from .checkpoint import Resumable, check_loadable, find_resumable, latest_checkpoint, remove_stale_temp
 from .distributed import DistContext, barrier, init_from_env
 from .evaluation import TaskReport, reliability_png, report
 from .metrics import auc, relaimp
 from .tasks import check_tasks, select_tasks
 from .tracking import check_available as check_trackers, open_trackers
-from .trainer import TrainingDiverged, evaluate, fit, seed_everything, with_model_defaults
+from .trainer import FitResult, TrainingDiverged, embedding_update, evaluate, fit, seed_everything, with_model_defaults
 
 
 @dataclass
@@ -88,7 +76,7 @@ def default_output(cfg: RunConfig, saved_run: Optional[Path] = None) -> Path:
 
 
 def read_base_auc(base_run: str) -> float:
-    path = Path(base_run) / "metrics.json"
+    path = RunFolder(base_run).metrics
     if not path.is_file():
         raise UserError(f"{path}: base run has no metrics.json (is {base_run} a finished run folder?)")
     try:
@@ -161,33 +149,70 @@ def _train_locked(
     cfg: RunConfig, data: CTRDataset, identity: dict[str, Any], ctx: DistContext, out: Path, log: Any,
     resume: bool, overwrite: bool, base_auc: Optional[float],
 ) -> RunResult:
-    # every rank checks (and refuses) alike, then rank 0 alone changes the folder
-    found, resumes, earlier = None, [], []
-    if resume:
-        found = find_resumable(out, warn=log)  # every rank reads the same checkpoint
-        if found is None:
-            raise UserError(f"{out}: no complete checkpoint to resume from")
-        resumes = runfolder.check_resume(cfg, found, out, identity, log)
-    else:
-        earlier = runfolder.check_new_run_folder(out, overwrite)
+    """The run, once its folder is locked: check the folder, build the model, write the record,
+    fit, evaluate, write the bundle."""
+    found, resumes, earlier = _check_folder(cfg, out, identity, resume, overwrite, log)  # every rank alike
     barrier(ctx)
     seed_everything(cfg.train.seed)
     model = _build(cfg, data)  # identical on every rank
     if found is not None:  # before the record changes: a checkpoint that cannot load leaves it as it was
         check_loadable(found.path, model)
-    with runfolder.folder_errors(out):
-        if ctx.is_main and resume:
-            for p in remove_stale_temp(out) + runfolder.remove_stale_bundle_temp(out):
-                log(f"removed {p}, left by a write that was killed")
-            if resumes != found.meta.get("resumes", []):
-                runfolder.write_config(cfg, out / runfolder.CONFIG_FILE, resumes)
-        elif ctx.is_main:
-            runfolder.clear_earlier_run(out, earlier, log)
-            runfolder.write_config(cfg, out / runfolder.CONFIG_FILE, [])
-        log_file = open(out / "log.jsonl", "w") if ctx.is_main else open(os.devnull, "w")
+    log_file = _write_record(cfg, out, ctx, found, resumes, earlier, log)  # rank 0 alone changes the folder
     rank_seeds = [cfg.train.seed + 1_000_003 * r for r in range(ctx.world_size)]
     if ctx.enabled:
         seed_everything(rank_seeds[ctx.rank])  # dropout differs per rank, repeatably
+    _announce(cfg, data, model, out, found, resumes, log)
+    with log_file:
+        result = _fit_logged(cfg, data, model, out, ctx, found, resumes, identity, log_file, log)
+    tasks_report = report(model, data, cfg.train, ctx)
+    metrics = _run_metrics(cfg, data, model, result, tasks_report, ctx, base_auc, rank_seeds)
+    if not ctx.is_main:  # only rank 0 writes the run folder and the bundle
+        return RunResult(out, metrics, model)
+    write_bundle(out, model, cfg, data, metrics, tasks_report)
+    test = metrics["test"]
+    oracle = f"  (oracle {metrics['oracle_auc']:.4f})" if "oracle_auc" in metrics else ""
+    rel = f"  RelaImp {metrics['relaimp']:+.2%}" if "relaimp" in metrics else ""
+    log(f"best epoch {result.best_epoch}: test AUC {test['auc']:.4f}  logloss {test['logloss']:.4f}{oracle}{rel}")
+    for line in _task_lines(metrics):
+        log(line)
+    return RunResult(out, metrics, model)
+
+
+def _check_folder(
+    cfg: RunConfig, out: Path, identity: dict[str, Any], resume: bool, overwrite: bool, log: Any
+) -> tuple[Optional[Resumable], list[dict[str, Any]], list[Path]]:
+    """(the checkpoint to resume, the resume events, an earlier run's files to delete); refuses a
+    folder the run may not use (training/runfolder.py's rules). Reads only."""
+    if not resume:
+        return None, [], runfolder.check_new_run_folder(out, overwrite)
+    found = find_resumable(out, warn=log)  # every rank reads the same checkpoint
+    if found is None:
+        raise UserError(f"{out}: no complete checkpoint to resume from")
+    return found, runfolder.check_resume(cfg, found, out, identity, log), []
+
+
+def _write_record(
+    cfg: RunConfig, out: Path, ctx: DistContext, found: Optional[Resumable], resumes: list[dict[str, Any]],
+    earlier: list[Path], log: Any,
+) -> IO[str]:
+    """Rank 0: clear an earlier run or a killed write's leftovers, write config.yaml; the open
+    log.jsonl (os.devnull on other ranks)."""
+    folder = RunFolder(out)
+    with runfolder.folder_errors(out):
+        if ctx.is_main and found is not None:
+            for p in remove_stale_temp(out) + runfolder.remove_stale_bundle_temp(out):
+                log(f"removed {p}, left by a write that was killed")
+            if resumes != found.meta.get("resumes", []):
+                runfolder.write_config(cfg, folder.config, resumes)
+        elif ctx.is_main:
+            runfolder.clear_earlier_run(out, earlier, log)
+            runfolder.write_config(cfg, folder.config, [])
+        return open(folder.log, "w") if ctx.is_main else open(os.devnull, "w")
+
+
+def _announce(
+    cfg: RunConfig, data: CTRDataset, model: CTRModel, out: Path, found: Optional[Resumable], resumes: list[dict[str, Any]], log: Any
+) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     log(
         f"{cfg.model.name}: {n_params:,} parameters; data: {data.meta.get('source', {}).get('name', cfg.data.path)} "
@@ -198,13 +223,20 @@ def _train_locked(
         changed = resumes[-1]["changed"] if resumes != found.meta.get("resumes", []) else {}
         changes = "".join(f"; {k}: {c['from']!r} -> {c['to']!r}" for k, c in changed.items())
         log(f"resuming from {found.path}{changes}")
-    with log_file, open_trackers(cfg, out, ctx.is_main) as trackers:
+
+
+def _fit_logged(
+    cfg: RunConfig, data: CTRDataset, model: CTRModel, out: Path, ctx: DistContext, found: Optional[Resumable],
+    resumes: list[dict[str, Any]], identity: dict[str, Any], log_file: IO[str], log: Any,
+) -> FitResult:
+    """`fit`, each evaluation written to log.jsonl, the console and the trackers as it happens."""
+    with open_trackers(cfg, out, ctx.is_main) as trackers:
         if found is not None:  # the log is rewritten from the checkpoint's own history
             with runfolder.folder_errors(out):
-                log_file.writelines(json.dumps(r) + "\n" for r in runfolder.log_records(found.state["history"], resumes))
+                log_file.writelines(json.dumps(r) + "\n" for r in runfolder.log_records(found.history, resumes))
                 log_file.flush()
 
-        def on_epoch(record: dict) -> None:
+        def on_eval(record: dict) -> None:
             with runfolder.folder_errors(out):
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
@@ -217,15 +249,21 @@ def _train_locked(
             trackers.log(record)  # TensorBoard / MLflow, when the config asks (training/tracking.py)
 
         try:
-            result = fit(
-                model, data, cfg.train, on_epoch, run_dir=out, resume_from=found.path if found else None, ctx=ctx,
+            return fit(
+                model, data, cfg.train, on_eval, run_dir=out, resume_from=found.path if found else None, ctx=ctx,
                 checkpoint_meta=runfolder.checkpoint_meta(cfg, resumes, identity),
             )
         except TrainingDiverged as exc:  # advice that works for this run folder
             raise TrainingDiverged(exc.where, runfolder.nan_advice(out, cfg, ctx.world_size)) from None
 
-    tasks_report = report(model, data, cfg.train, ctx)
-    test = _first_task(evaluate(model, data.splits["test"], cfg.train.eval_batch_size, ctx, tasks_report.head.without_calibrators(), data.task_names))
+
+def _run_metrics(
+    cfg: RunConfig, data: CTRDataset, model: CTRModel, result: FitResult, tasks_report: TaskReport, ctx: DistContext,
+    base_auc: Optional[float], rank_seeds: list[int],
+) -> dict[str, Any]:
+    """metrics.json: the best evaluation's validation metrics, the test split's, and how the run ran."""
+    head = tasks_report.head.without_calibrators()
+    test = _first_task(evaluate(model, data.splits["test"], cfg.train.eval_batch_size, ctx, head, data.task_names))
     metrics: dict[str, Any] = {
         "model": cfg.model.name,
         "valid": _first_task(result.best_valid),
@@ -235,7 +273,7 @@ def _train_locked(
         "batch_size": result.batch_size,
         "train_seconds": result.train_seconds,
         "samples_per_second": result.samples_per_second,
-        "parameters": n_params,
+        "parameters": sum(p.numel() for p in model.parameters()),
     }
     if data.has_oracle():
         split = data.splits["test"]
@@ -251,15 +289,12 @@ def _train_locked(
     metrics["device"] = ctx.device
     metrics["tasks"] = tasks_report.tasks
     metrics["calibration"] = dict(tasks_report.summary, reliability_png="reliability.png")
-    if not ctx.is_main:  # only rank 0 writes the run folder and the bundle
-        return RunResult(out, metrics, model)
-    write_bundle(out, model, cfg, data, metrics, tasks_report)
-    oracle = f"  (oracle {metrics['oracle_auc']:.4f})" if "oracle_auc" in metrics else ""
-    rel = f"  RelaImp {metrics['relaimp']:+.2%}" if "relaimp" in metrics else ""
-    log(f"best epoch {result.best_epoch}: test AUC {test['auc']:.4f}  logloss {test['logloss']:.4f}{oracle}{rel}")
-    for line in _task_lines(metrics):
-        log(line)
-    return RunResult(out, metrics, model)
+    # what ran the step (docs/performance.md): the GEMM kernel and the embedding tables' update
+    metrics["kernels"] = {
+        "gemm": gemm_backend() if ctx.device == "cpu" else "torch",
+        "embedding_update": embedding_update(cfg.train.sparse_embeddings and ctx.sparse_allreduce),
+    }
+    return metrics
 
 
 def _build(cfg: RunConfig, data: CTRDataset) -> CTRModel:
@@ -280,17 +315,16 @@ def write_bundle(
 ) -> None:
     """The run folder's bundle files, each written atomically, and the manifest last. A full disk
     leaves an unsealed folder and the last checkpoint, from which --resume writes the bundle again."""
-    from ..serving.bundle import MANIFEST, write_manifest  # the one upward import (issue #15 item 1)
-
+    folder = RunFolder(out)
     try:
-        (out / MANIFEST).unlink(missing_ok=True)  # unsealed until every file is rewritten
-        save_model(out, model, cfg.model, data, data_path=cfg.data.path)
+        folder.unseal()  # unsealed until every file is rewritten
+        folder.write_model(model, cfg.model, data, data_path=cfg.data.path)
         if tasks_report.spec is not None:
-            write_atomic(out / CALIBRATION_FILE, json.dumps(tasks_report.spec, indent=2).encode())
+            folder.write_json(CALIBRATION_FILE, tasks_report.spec)
         title = f"{cfg.model.name} on {_data_name(cfg, data)}: test split"
-        write_atomic(out / "reliability.png", reliability_png(tasks_report.curves, title))
-        write_atomic(out / "metrics.json", json.dumps(metrics, indent=2).encode())
-        write_manifest(out)
+        folder.write_bytes(RELIABILITY, reliability_png(tasks_report.curves, title))
+        folder.write_metrics(metrics)
+        folder.seal()
     except OSError as exc:
         last = latest_checkpoint(out)
         how = f"; the last checkpoint {last} is intact: make room, then `masknet train --resume {out}` writes it" if last else ""
@@ -324,43 +358,13 @@ def _quiet(*_: Any) -> None:
     pass
 
 
-def save_model(
-    out: Path, model: CTRModel, model_cfg: ModelConfig, data: CTRDataset, data_path: Optional[str | Path] = None
-) -> None:
-    """Write model.safetensors, model.json, dataset.json and, when the data is a prepared folder
-    with an encoder, a copy of its encoder.json (so the run folder alone can encode raw rows).
-    Each file atomically (a full disk leaves the old file or none, never a part). Raises OSError."""
-    encoder = Path(data_path) / "encoder.json" if data_path else None
-    spec = {
-        "model": model_cfg.name,
-        "model_config": asdict(model_cfg),
-        "field_names": data.field_names,
-        "cardinalities": data.cardinalities,
-        "encoder": "encoder.json" if encoder is not None and encoder.is_file() else None,
-        "tasks": data.task_names if data.splits["valid"].labels is not None else data.task_names[:1],
-    }
-    if data.multi_valued:  # pooled fields after the single-valued ones (data.batch.MultiValuedField)
-        spec["multi_valued"] = [m.to_dict() for m in data.multi_valued]
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    write_atomic(out / "model.safetensors", save(state))
-    if spec["encoder"]:
-        write_atomic(out / "encoder.json", encoder.read_bytes())
-    write_atomic(out / "model.json", json.dumps(spec, indent=2).encode())
-    write_atomic(out / "dataset.json", json.dumps(data.meta, indent=2, default=str).encode())
-
-
-def multi_valued_fields(spec: dict[str, Any]) -> list[MultiValuedField]:
-    """model.json's multi-valued fields (none for a model without them)."""
-    return [MultiValuedField.from_dict(m) for m in spec.get("multi_valued", [])]
-
-
 def resume_run(run: str | Path, log: Any = print, overrides: Sequence[str] = ()) -> RunResult:
     """Continue an interrupted run from its latest intact checkpoint, with its own saved config.
     `overrides` ("train.lr=1e-4", ...) may set the keys in runfolder.RESUMABLE, and only those."""
     run = Path(run)
-    if not (run / runfolder.CONFIG_FILE).is_file():
+    if not RunFolder(run).config.is_file():
         raise UserError(f"{run}: not a run folder (no config.yaml)")
-    cfg = load_config(run / runfolder.CONFIG_FILE)
+    cfg = load_config(RunFolder(run).config)
     for assignment in overrides:
         key = assignment.split("=", 1)[0].strip()
         if "=" in assignment and key not in runfolder.RESUMABLE:
@@ -375,85 +379,3 @@ def resume_run(run: str | Path, log: Any = print, overrides: Sequence[str] = ())
         cfg.train.min_steps = 0  # a given epochs is an exact cap, as `masknet train --epochs N`
     cfg.output = str(run)
     return train_run(cfg, log=log, resume=True)
-
-
-def load_model(run: str | Path, verify: bool = True) -> CTRModel:
-    """Rebuild a trained model from a run folder (model.json + model.safetensors).
-
-    With `verify` (default) and a manifest.json in the folder, every file's SHA-256 is checked
-    first (a UserError names the first modified, truncated or missing file)."""
-    run = Path(run)
-    if verify and (run / "manifest.json").is_file():
-        from ..serving.bundle import verify_manifest
-
-        verify_manifest(run)
-    spec_path, weights = run / "model.json", run / "model.safetensors"
-    for p in (spec_path, weights):
-        if not p.is_file():
-            raise UserError(f"{p}: missing; is {run} a finished run folder?")
-    spec = read_model_spec(spec_path)
-    model = build_model(model_config_of(spec_path, spec), spec["cardinalities"], multi_valued_fields(spec), tasks=spec.get("tasks"))
-    try:
-        model.load_state_dict(load_file(str(weights)))
-    except (SafetensorError, RuntimeError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{weights}: weights do not fit model.json ({first})") from None
-    model.eval()
-    return model
-
-
-def read_model_spec(path: Path) -> dict[str, Any]:
-    """model.json, checked key by key (a UserError naming the file and key): sealing, loading and
-    serving all read it through here, so a garbled one is refused before it builds anything."""
-    try:
-        spec = json.loads(Path(path).read_bytes())
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a folder, not model.json") from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read it: {exc.strerror or exc}") from None
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
-
-    def bad(key: str, want: str) -> UserError:
-        got = f"got {json.dumps(spec.get(key))[:60]}" if key in spec else "missing"
-        return UserError(f"{path}: {key}: expected {want}, {got}")
-
-    if not isinstance(spec, dict):
-        raise UserError(f"{path}: not a JSON object")
-    if spec.get("model") not in model_names():
-        raise bad("model", f"one of {', '.join(model_names())}")
-    if not isinstance(spec.get("model_config"), dict):
-        raise bad("model_config", "an object")
-    names, cards = spec.get("field_names"), spec.get("cardinalities")
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
-        raise bad("field_names", "a non-empty list of names")
-    if not isinstance(cards, list) or len(cards) != len(names) or not all(
-        isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= MAX_CARDINALITY for c in cards
-    ):
-        raise bad("cardinalities", f"{len(names)} integers in 1..{MAX_CARDINALITY:,} (one per field name)")
-    encoder = spec.get("encoder")
-    if encoder is not None and not (isinstance(encoder, str) and encoder and "/" not in encoder and "\\" not in encoder
-                                    and encoder not in (".", "..")):
-        raise bad("encoder", "null or a file name in the bundle")
-    if "multi_valued" in spec:
-        try:
-            check_multi_valued(spec["multi_valued"])
-        except ValueError as exc:
-            raise UserError(f"{path}: multi_valued{exc}") from None
-    tasks = spec.get("tasks")
-    if tasks is not None and not (isinstance(tasks, list) and tasks and all(isinstance(t, str) and t for t in tasks)
-                                  and len(set(tasks)) == len(tasks)):
-        raise bad("tasks", "a non-empty list of distinct task names")
-    if tasks is None and spec["model_config"].get("multitask", "none") != "none":
-        raise bad("tasks", "the task names of a multi-task model")
-    model_config_of(path, spec)
-    return spec
-
-
-def model_config_of(path: Path, spec: dict[str, Any]) -> ModelConfig:
-    try:
-        model_cfg = from_dict(ModelConfig, spec["model_config"], prefix="model_config.")
-        model_cfg.validate()
-    except ConfigError as exc:
-        raise UserError(f"{path}: {str(exc).replace('model.', 'model_config.', 1)}") from None
-    return model_cfg

@@ -40,19 +40,17 @@ import yaml
 from ..config import RunConfig, dotted_keys
 from ..data import dataset as prepared
 from ..data.integrity import fingerprint as record_fingerprint
+from .. import runs
 from ..errors import UserError
 from ..integrity import sha256_bytes, temp_target, write_atomic, writer_gone
 from .checkpoint import CHECKPOINT_DIR, STEP_NAME, TEMP_NAME, CheckpointError, Resumable, latest_checkpoint
 from .trainer import TrainState
 
-CONFIG_FILE = "config.yaml"
-LOCK_FILE = ".masknet-lock"  # a dot file: never part of the bundle's manifest
-# Everything a run writes at the top of its folder: `overwrite` deletes these and nothing else.
-TENSORBOARD_DIR = "tensorboard"  # train.tensorboard's event files (training/tracking.py)
-RUN_FILES = (
-    CONFIG_FILE, "log.jsonl", "model.json", "model.safetensors", "dataset.json", "metrics.json",
-    "encoder.json", "manifest.json", CHECKPOINT_DIR, TENSORBOARD_DIR, "calibration.json", "reliability.png",
-)
+# The run's files are masknet.runs'; these names are kept for this module's callers.
+CONFIG_FILE = runs.CONFIG
+LOCK_FILE = runs.LOCK  # a dot file: never part of the bundle's manifest
+TENSORBOARD_DIR = runs.TENSORBOARD  # train.tensorboard's event files (training/tracking.py)
+RUN_FILES = runs.RUN_FILES  # everything a run writes at the top of its folder: `overwrite` deletes these and nothing else
 # Keys a resume may change: how long and how fast the run goes on, not what it trains.
 RESUMABLE = (
     "train.lr", "train.epochs", "train.min_steps", "train.patience", "train.on_nan", "train.threads", "train.progress",
@@ -154,8 +152,8 @@ def is_run_folder(path: Path) -> bool:
 def _surely_a_run(path: Path) -> bool:
     """A run folder by more than two names (a project folder may hold a config.yaml and a
     checkpoints/ of its own): config.yaml, log.jsonl, and checkpoints/ or manifest.json."""
-    return (path / CONFIG_FILE).is_file() and (path / "log.jsonl").is_file() and (
-        (path / CHECKPOINT_DIR).is_dir() or (path / "manifest.json").is_file())
+    run = runs.RunFolder(path)
+    return run.config.is_file() and run.log.is_file() and (run.checkpoints.is_dir() or run.manifest.is_file())
 
 
 def check_new_run_folder(out: Path, overwrite: bool) -> list[Path]:
@@ -182,7 +180,7 @@ def check_new_run_folder(out: Path, overwrite: bool) -> list[Path]:
             "choose another --output (--overwrite only replaces an earlier run)"
         )
     if not overwrite:
-        unfinished = latest_checkpoint(out) and not (out / "metrics.json").exists()
+        unfinished = latest_checkpoint(out) and not runs.RunFolder(out).metrics.exists()
         resume = f", or continue it with `masknet train --resume {_q(out)}`" if unfinished else ""
         raise UserError(f"{out}: already holds a run; pass --overwrite to replace it (its checkpoints, metrics and weights are deleted first){resume}")
     return entries

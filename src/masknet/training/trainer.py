@@ -29,6 +29,8 @@ from ..errors import UserError
 from ..models.base import CTRModel
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import DistContext, gather_concat, rng_states
+from .embedding_update import LazyAdam
+from .memory import keep_freed_memory
 from .metrics import auc, logloss
 from .tasks import (
     check_tasks, downsample_negatives, multitask_loss, optional_head_spec, selection_score, task_metrics, task_weights,
@@ -157,14 +159,16 @@ def evaluate(
 
 
 class Optimizer:
-    """Adam for the dense parameters, plus, with `sparse_embeddings`, SparseAdam for the tables.
+    """Adam for the dense parameters, plus, with `sparse_embeddings`, lazy Adam for the tables.
 
-    SparseAdam is "lazy" Adam: only the rows a batch looked up have their moments and values
-    updated, so a step costs O(rows touched) instead of O(vocabulary). Rows not in the batch
-    keep their moments unchanged (dense Adam would decay them); this is the usual choice for
-    CTR embeddings (TensorFlow's LazyAdam, TorchRec's fused row-wise optimizers).
+    Lazy Adam (SparseAdam's update, run by embedding_update.LazyAdam in fewer passes): only
+    the rows a batch looked up have their moments and values updated, so a step costs
+    O(rows touched) instead of O(vocabulary). Rows not in the batch keep their moments
+    unchanged (dense Adam would decay them); this is the usual choice for CTR embeddings
+    (TensorFlow's LazyAdam, TorchRec's fused row-wise optimizers).
     Adam runs fused (one pass over each tensor instead of one per arithmetic op: same update,
     about 6x less optimizer time on CPU, docs/performance.md).
+    `embedding_update` names what updates the tables (recorded in metrics.json).
     """
 
     def __init__(self, model: CTRModel, cfg: TrainConfig, sparse: Optional[bool] = None):
@@ -176,11 +180,12 @@ class Optimizer:
         if sparse:
             table_ids = {id(t.weight) for t in tables}
             dense = [p for p in model.parameters() if id(p) not in table_ids]
-            self.optimizers = [torch.optim.SparseAdam([t.weight for t in tables], lr=cfg.lr)]
+            self.optimizers = [LazyAdam([t.weight for t in tables], lr=cfg.lr)]
             if dense:
                 self.optimizers.append(torch.optim.Adam(dense, lr=cfg.lr, fused=True))
         else:
             self.optimizers = [torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)]
+        self.embedding_update = embedding_update(sparse)
 
     def set_lr(self, lr: float) -> None:
         for opt in self.optimizers:
@@ -201,7 +206,13 @@ def finite_step(loss: torch.Tensor, model: CTRModel) -> bool:
     if not torch.isfinite(loss):
         return False
     grads = [p.grad for p in model.dense_weights() if p.grad is not None]
-    return not grads or bool(torch.isfinite(torch.stack([g.norm() for g in grads])).all())
+    # one multi-tensor kernel for all the norms (a NaN or inf anywhere makes its norm non-finite)
+    return not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+
+
+def embedding_update(sparse: bool) -> str:
+    """What updates the embedding tables: row-wise lazy Adam with sparse gradients, else dense Adam."""
+    return "lazy-adam-row-wise" if sparse else "adam-dense"
 
 
 @dataclass
@@ -495,6 +506,77 @@ class _Checkpointer:
             )
 
 
+class _Progress:
+    """The progress bar (rank 0, with `cfg.progress`): steps over the run's last step."""
+
+    def __init__(self, cfg: TrainConfig, ctx: DistContext, schedule: Schedule, state: TrainState):
+        self.schedule = schedule
+        self.bar = tqdm(total=schedule.last_step, initial=state.global_step, unit="step", disable=not (cfg.progress and ctx.is_main),
+                        file=sys.stderr, leave=False, mininterval=0.5)
+
+    def epoch(self, state: TrainState) -> None:
+        self.bar.set_description(f"epoch {state.epoch}/{self.schedule.max_epochs}")
+
+    def step(self) -> None:
+        self.bar.update(1)
+
+    def evaluated(self, record: dict, state: TrainState) -> None:
+        self.bar.set_postfix(loss=f"{record['train_logloss']:.4f}", valid_auc=f"{record['valid_auc']:.4f}",
+                             best=f"{state.best_valid['auc']:.4f}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _training_data(model: CTRModel, data: CTRDataset, cfg: TrainConfig) -> tuple[Split, Split, TrainConfig]:
+    """The train and valid splits (negatives down-sampled when asked) and the config with the
+    model's defaults filled in; refuses data the run cannot train on."""
+    train, valid = _check_splits(data)
+    cfg = with_model_defaults(cfg, type(model))
+    check_tasks(data, cfg, multitask_model=getattr(model, "tasks", None) is not None)
+    if cfg.negative_sampling_rate < 1:
+        train = downsample_negatives(train, cfg.negative_sampling_rate, cfg.seed)
+    return train, valid, cfg
+
+
+def _place(model: CTRModel, cfg: TrainConfig, ctx: DistContext) -> tuple[torch.device, Optimizer, torch.nn.Module]:
+    """Threads, allocator, device; the optimizer; the module to call (DDP in a multi-process run)."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    keep_freed_memory()  # every step allocates the same tensors again: no page faults for them
+    device = torch.device(ctx.device)
+    model.to(device)
+    # NCCL cannot all-reduce sparse gradients: multi-GPU runs update the tables densely
+    optimizer = Optimizer(model, cfg, sparse=cfg.sparse_embeddings and ctx.sparse_allreduce)  # before DDP
+    forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.enabled else model
+    return device, optimizer, forward
+
+
+def _start(
+    model: CTRModel, optimizer: Optimizer, resume_from: Optional[Path], ctx: DistContext
+) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    """A fresh state and the initial weights as the best so far, or both from checkpoint `resume_from`."""
+    if resume_from is None:
+        return TrainState(), copy.deepcopy(model.state_dict())
+    saved, best_weights = load_checkpoint(resume_from, model, optimizer.optimizers, ctx)
+    state = TrainState.from_dict(saved)
+    if not ctx.is_main:  # the saved running loss is the sum over all ranks: count it once
+        state.window_loss_sum, state.window_seen = 0.0, 0
+    return state, best_weights
+
+
+def _count_step(state: TrainState, result: StepResult, rows: int, cfg: TrainConfig, run_dir: Optional[Path], writing: bool) -> None:
+    """Book the step into the state; a non-finite step is skipped (on_nan=skip-batch) or ends the run."""
+    state.step += 1
+    state.global_step += 1
+    if result.applied:
+        state.add_batch(result.bce.item(), rows)
+    elif cfg.on_nan == "skip-batch":
+        state.skipped_batches += 1
+    else:
+        raise _diverged(state, result.loss, run_dir, writing)
+
+
 def fit(
     model: CTRModel,
     data: CTRDataset,
@@ -516,62 +598,37 @@ def fit(
     through DistributedDataParallel, and only rank 0 writes checkpoints. `checkpoint_meta` is
     stored in every checkpoint's manifest (train_run: the run's config and fingerprint).
     """
-    train, valid = _check_splits(data)
-    cfg = with_model_defaults(cfg, type(model))
-    check_tasks(data, cfg, multitask_model=getattr(model, "tasks", None) is not None)
-    if cfg.negative_sampling_rate < 1:
-        train = downsample_negatives(train, cfg.negative_sampling_rate, cfg.seed)
-    head = _training_head(cfg)
-    tasks = data.task_names
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    device = torch.device(ctx.device)
-    model.to(device)
-    # NCCL cannot all-reduce sparse gradients: multi-GPU runs update the tables densely
-    optimizer = Optimizer(model, cfg, sparse=cfg.sparse_embeddings and ctx.sparse_allreduce)  # before DDP
-    forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.enabled else model
+    train, valid, cfg = _training_data(model, data, cfg)
+    head, tasks = _training_head(cfg), data.task_names
+    device, optimizer, forward = _place(model, cfg, ctx)
     schedule = Schedule.for_run(cfg, len(train))
     prior = L2Prior.for_data(train, data.cardinalities, device) if any(cfg.l2_prior) else None
-    state, best_weights = TrainState(), copy.deepcopy(model.state_dict())
-    if resume_from is not None:
-        saved, best_weights = load_checkpoint(resume_from, model, optimizer.optimizers, ctx)
-        state = TrainState.from_dict(saved)
-        if not ctx.is_main:  # the saved running loss is the sum over all ranks: count it once
-            state.window_loss_sum, state.window_seen = 0.0, 0
+    state, best_weights = _start(model, optimizer, resume_from, ctx)
     state.steps_per_epoch = schedule.steps_per_epoch
     checkpointer = _Checkpointer(run_dir, cfg, model, optimizer, ctx, device, checkpoint_meta)
     if not state.done and state.global_step >= schedule.last_step:
         # a resume whose cap (train.epochs lowered to the epochs already trained) is behind it: stop here
         state.done = True
         checkpointer.save(state, best_weights)
-    bar = tqdm(total=schedule.last_step, initial=state.global_step, unit="step", disable=not (cfg.progress and ctx.is_main),
-               file=sys.stderr, leave=False, mininterval=0.5)
+    progress = _Progress(cfg, ctx, schedule, state)
     window_start = time.perf_counter() - state.window_seconds
     model.train()
     while not state.done:
         if state.step >= schedule.steps_per_epoch:
             state.next_epoch()
-        bar.set_description(f"epoch {state.epoch}/{schedule.max_epochs}")
+        progress.epoch(state)
         for x, y in _epoch_batches(train, cfg, schedule.batch_size, state, ctx, device):
             optimizer.set_lr(learning_rate(cfg, state.global_step, state.plateau_scale))
             if prior is not None:
                 prior.c = cfg.l2_prior[state.prior_stage]
             result = train_step(model, optimizer, x, y, cfg, forward, prior)
-            state.step += 1
-            state.global_step += 1
-            if result.applied:
-                state.add_batch(result.bce.item(), len(y))
-            elif cfg.on_nan == "skip-batch":
-                state.skipped_batches += 1
-            else:
-                raise _diverged(state, result.loss, run_dir, checkpointer.writing)
-            bar.update(1)
+            _count_step(state, result, len(y), cfg, run_dir, checkpointer.writing)
+            progress.step()
             if schedule.evaluates_at(state.global_step):
                 record = _validate(model, valid, cfg, ctx, state, time.perf_counter() - window_start, device, head, tasks)
                 model.train()
                 state.done = _out_of_patience(state, cfg) or state.global_step >= schedule.last_step
-                bar.set_postfix(loss=f"{record['train_logloss']:.4f}", valid_auc=f"{record['valid_auc']:.4f}",
-                                best=f"{state.best_valid['auc']:.4f}")
+                progress.evaluated(record, state)
                 if state.best_step == state.global_step:
                     best_weights = copy.deepcopy(model.state_dict())
                 if on_eval is not None:
@@ -583,7 +640,7 @@ def fit(
             elif checkpointer.at_step_mark(state):
                 state.window_seconds = time.perf_counter() - window_start
                 checkpointer.save(state, best_weights)
-    bar.close()
+    progress.close()
     model.load_state_dict(best_weights)
     return FitResult(
         best_epoch=state.best_epoch, best_valid=state.best_valid, history=state.history, train_seconds=state.train_seconds,
