@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 LIB = (
-    "import sys, time; from masknet.data.prepare import prepare; from masknet.data.schema import builtin_spec; "
+    "import sys, time; from masknet.data.prepare import prepare; from masknet.data.formats import builtin_spec; "
     "t = time.perf_counter(); prepare(builtin_spec('criteo'), sys.argv[2], input=sys.argv[1]); "
     "print('inner_seconds', time.perf_counter() - t)"
 )
@@ -51,7 +51,7 @@ SCHEMA_LIB = (
 
 def list_schemas(root: Path, tokens: int) -> dict[str, Path]:
     """Two schemas over the Criteo columns + `tags`: without and with the multi-valued field."""
-    from masknet.data.schema import CRITEO_COLUMNS
+    from masknet.data.formats import CRITEO_COLUMNS
 
     base = {
         "label": "label", "header": False, "delimiter": "\t", "quoting": False, "min_count": 10,

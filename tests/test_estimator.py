@@ -223,7 +223,7 @@ def test_load_reads_a_bundle_trained_by_the_cli(tmp_path):
 
 
 def read_criteo(path):
-    from masknet.data.schema import CRITEO_COLUMNS
+    from masknet.data.formats import CRITEO_COLUMNS
 
     return pl.read_csv(path, separator="\t", has_header=False, new_columns=CRITEO_COLUMNS,
                        schema_overrides={f"C{i}": pl.String for i in range(1, 27)})

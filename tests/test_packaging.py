@@ -35,7 +35,7 @@ def test_base_commands_import_no_extra():
     """`masknet train`/`predict`/`prepare` and the estimator never import an extra's package (pandas is left
     out: scikit-learn itself imports it when it is installed)."""
     code = (
-        "import sys, masknet.cli, masknet.training.run, masknet.serving.predict, masknet.data.prepare, masknet.estimator\n"
+        "import sys, masknet.cli, masknet.training.run, masknet.serving.predict, masknet.data.prepare, masknet.data.rawrows, masknet.estimator\n"
         "print(sorted(m for m in ('matplotlib', 'onnx', 'onnxruntime', 'fastapi', 'uvicorn', 'msgspec', 'optuna', 'polars') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()

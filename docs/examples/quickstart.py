@@ -7,7 +7,7 @@ import polars as pl
 from sklearn.model_selection import cross_val_score
 
 import masknet
-from masknet.data.schema import CRITEO_COLUMNS  # label, I1..I13 (numbers), C1..C26 (hashed strings)
+from masknet.data.formats import CRITEO_COLUMNS  # label, I1..I13 (numbers), C1..C26 (hashed strings)
 
 DATA = os.environ.get("MASKNET_DATA", "../shared/data") + "/criteo-8k"
 text = {f"C{i}": pl.String for i in range(1, 27)}  # hex ids stay strings even when they look numeric

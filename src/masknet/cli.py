@@ -30,7 +30,7 @@ def _require(extra: str, command: str) -> None:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from .config import MODEL_NAMES
+    from .registry import model_help, model_names
 
     p = sub.add_parser(
         "train",
@@ -43,7 +43,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             "--config FILE, the options below, then each --set."
         ),
     )
-    p.add_argument("--model", choices=MODEL_NAMES, help="model to train (default: sermasknet)")
+    p.add_argument("--model", choices=model_names(), metavar="MODEL", help=f"model to train (default: sermasknet): {model_help()}")
     p.add_argument(
         "--data",
         metavar="DIR",
@@ -232,9 +232,11 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    from .data.formats import FORMATS, format_help, min_count_help
+
     p = sub.add_parser(
         "prepare",
-        help="turn raw click logs (Criteo, Avazu, Malware, Frappe, any CSV/Parquet) into a prepared dataset",
+        help=f"turn raw click logs ({', '.join(FORMATS)}, any CSV/Parquet) into a prepared dataset",
         description=(
             "Read raw click logs (gzip read directly), fit the encoder (vocabulary with a minimum count, "
             "numeric discretization, optional hashing) on the training split only, and write compact "
@@ -246,8 +248,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
         "--format",
         required=True,
         metavar="FORMAT",
-        help="criteo (train.txt, tab-separated), criteo-csv (CSV with header), avazu, malware, frappe (libFM), "
-        "or schema:FILE (a YAML schema for any CSV or Parquet)",
+        help=format_help(),
     )
     p.add_argument("--input", metavar="FILE", help="one input file, split into train/valid/test (see --split)")
     p.add_argument(
@@ -276,8 +277,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
         "--min-count",
         type=int,
         metavar="N",
-        help="categories seen fewer than N times in train become out-of-vocabulary (default per format: "
-        "criteo 10 (30 below 100,000 train rows), avazu 2, malware 10, frappe 1, schema files 1 or their min_count)",
+        help=f"categories seen fewer than N times in train become out-of-vocabulary (default per format: {min_count_help()})",
     )
     p.add_argument(
         "--hash",
@@ -298,7 +298,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 
 def _run_prepare(args: argparse.Namespace) -> int:
     from .data.prepare import prepare
-    from .data.schema import spec_for_format
+    from .data.formats import spec_for_format
 
     spec = spec_for_format(args.format).with_min_count(args.min_count)
     buckets = {}
@@ -310,7 +310,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
             raise UserError(f"--hash {item!r}: expected FIELD=N, e.g. --hash device_ip=1000000") from None
         if not sep:
             raise UserError(f"--hash {item!r}: expected FIELD=N, e.g. --hash device_ip=1000000")
-    spec.with_hashing(buckets)
+    spec = spec.with_hashing(buckets)
     log = lambda msg: print(f"masknet prepare: {msg}", file=sys.stderr)  # noqa: E731
     stats = prepare(
         spec,
@@ -630,12 +630,12 @@ def _run_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .bench.runner import SMOKE_NOTE, format_table, run_bench
-    from .config import MODEL_NAMES
+    from .registry import model_names
 
-    models = args.models.split(",") if args.models else list(MODEL_NAMES)
-    bad = [m for m in models if m not in MODEL_NAMES]
+    models = args.models.split(",") if args.models else list(model_names())
+    bad = [m for m in models if m not in model_names()]
     if bad:
-        raise UserError(f"--models: unknown model {bad[0]!r}; choose from {', '.join(MODEL_NAMES)}")
+        raise UserError(f"--models: unknown model {bad[0]!r}; choose from {', '.join(model_names())}")
     precisions = [] if args.precisions == "none" else args.precisions.split(",")
     if any(p not in ("fp32", "bf16") for p in precisions):
         raise UserError(f"--precisions: use fp32 and/or bf16, got {args.precisions!r}")
@@ -675,7 +675,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 def _add_tune(sub: argparse._SubParsersAction) -> None:
-    from .config import MODEL_NAMES
+    from .registry import model_names
 
     p = sub.add_parser(
         "tune",
@@ -689,7 +689,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
             "Needs Optuna: pip install 'masknet[tune]'."
         ),
     )
-    p.add_argument("--model", required=True, choices=MODEL_NAMES, help="model to tune")
+    p.add_argument("--model", required=True, choices=model_names(), help="model to tune")
     p.add_argument("--data", metavar="DIR", help="a prepared dataset folder; default: the built-in synthetic data")
     p.add_argument("--trials", type=int, required=True, metavar="N", help="trials to finish (complete or pruned), resumed ones included")
     p.add_argument("--timeout", type=float, metavar="S", help="start no new trial after S seconds")

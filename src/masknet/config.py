@@ -22,14 +22,8 @@ from typing import Any, Optional
 import yaml
 
 from .errors import ConfigError
+from .registry import model_entry, multitask_backbones
 
-# Every model in masknet.models.REGISTRY (checked there). Kept here, free of torch, so that the
-# CLI can list the choices and validate a config without importing PyTorch (about 2 s).
-MODEL_NAMES = ("sermasknet", "paramasknet", "lr", "fm", "dnn", "deepfm", "dcn", "dcnv2", "xdeepfm", "autoint")
-
-MASKNET_MODELS = ("sermasknet", "paramasknet")
-# backbones a multi-task model (models/multitask.py) can be built on; kept here, free of torch
-MULTITASK_BACKBONES = ("sermasknet", "paramasknet", "dnn", "dcnv2")
 MULTITASK_KINDS = ("none", "shared_bottom", "mmoe")
 CALIBRATIONS = ("none", "isotonic", "platt")
 
@@ -73,10 +67,7 @@ class ModelConfig:
 
     def validate(self) -> None:
 
-        if self.name not in MODEL_NAMES:
-            raise ConfigError(
-                f"model.name: unknown model {self.name!r}; choose one of {', '.join(MODEL_NAMES)}"
-            )
+        entry = model_entry(self.name)  # the models are listed in masknet.registry (torch-free)
         _positive("model.embedding_dim", self.embedding_dim)
         _positive("model.num_blocks", self.num_blocks)
         _positive("model.block_dim", self.block_dim)
@@ -97,9 +88,9 @@ class ModelConfig:
             raise ConfigError(f"model.shared_gradient: expected 'all' or 'first', got {self.shared_gradient!r}")
         if self.multitask not in MULTITASK_KINDS:
             raise ConfigError(f"model.multitask: expected one of {', '.join(MULTITASK_KINDS)}, got {self.multitask!r}")
-        if self.multitask != "none" and self.name not in MULTITASK_BACKBONES:
+        if self.multitask != "none" and not entry.multitask_backbone:
             raise ConfigError(
-                f"model.multitask: {self.multitask} is built on {', '.join(MULTITASK_BACKBONES)}; got model.name={self.name!r}"
+                f"model.multitask: {self.multitask} is built on {', '.join(multitask_backbones())}; got model.name={self.name!r}"
             )
         _positive("model.num_experts", self.num_experts)
         for width in self.tower_hidden:

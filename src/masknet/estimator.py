@@ -8,7 +8,7 @@
 file (`masknet prepare --format schema:FILE`), runs `data.prepare.prepare` (the same encoder:
 vocabularies fitted on the training rows, Criteo log buckets for numbers, missing -> 0, unseen ->
 out-of-vocabulary), then `training.run.train_run` (the same trainer, early stopping and run
-folder). Prediction reads raw rows through `data.prepare.encode_file`, as `masknet predict` does.
+folder). Prediction reads raw rows through `data.rawrows.encode_file`, as `masknet predict` does.
 The fitted estimator keeps the run folder's files in memory (weights as safetensors, the rest
 JSON), so pickling it never pickles torch objects, and `save` writes them back as a bundle.
 
@@ -25,13 +25,13 @@ Without it, `validation_fraction` (default 0.1) of the rows, stratified by class
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import re
 import shutil
 import tempfile
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -44,7 +44,8 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import type_of_target
 from sklearn.utils.validation import check_array, check_is_fitted, column_or_1d
 
-from .config import MASKNET_MODELS, MODEL_NAMES, dotted_keys
+from .config import dotted_keys
+from .registry import model_names, paper_masknets
 from .errors import UserError
 
 LABEL = "__masknet_label__"  # the label column of the Parquet files fit writes
@@ -239,8 +240,8 @@ class CTRClassifier(ClassifierMixin, BaseEstimator):
     def _run_config(self, work: Path):
         from .config import RunConfig, apply_override
 
-        if self.model not in MODEL_NAMES:
-            raise EstimatorInputError(f"model: unknown model {self.model!r}; choose one of {', '.join(MODEL_NAMES)}")
+        if self.model not in model_names():
+            raise EstimatorInputError(f"model: unknown model {self.model!r}; choose one of {', '.join(model_names())}")
         cfg = RunConfig()
         cfg.model.name = self.model
         cfg.train.checkpoints = False  # an in-memory fit has no --resume; the estimator keeps the best epoch
@@ -506,7 +507,7 @@ class CTRClassifier(ClassifierMixin, BaseEstimator):
 
     def _encoded(self, X: Any) -> np.ndarray:
         from .data.encoder import Encoder
-        from .data.prepare import encode_file
+        from .data.rawrows import encode_file
 
         check_is_fitted(self)
         table, named = as_table(X)
@@ -515,8 +516,7 @@ class CTRClassifier(ClassifierMixin, BaseEstimator):
         table = self._match_columns(_nan_to_null(table), named, columns, fitted_named, "X")
         if self.encoder_ is None:
             return self._indices(table)
-        spec = copy.deepcopy(self.encoder_.spec)
-        spec.file_type, spec.time, spec.label = "parquet", None, None
+        spec = replace(self.encoder_.spec, file_type="parquet", time=None, label=None)
         with tempfile.TemporaryDirectory(prefix="masknet-predict-") as tmp:
             path = Path(tmp) / "X.parquet"
             pq.write_table(table, path)
@@ -579,9 +579,9 @@ class MaskNetClassifier(CTRClassifier):
     (Its parameters are CTRClassifier's: scikit-learn reads them from the inherited __init__.)"""
 
     def _run_config(self, work: Path):
-        if self.model not in MASKNET_MODELS:
+        if self.model not in paper_masknets():
             raise EstimatorInputError(
-                f"model: MaskNetClassifier takes {' or '.join(MASKNET_MODELS)}, got {self.model!r}; "
+                f"model: MaskNetClassifier takes {' or '.join(paper_masknets())}, got {self.model!r}; "
                 f"use CTRClassifier(model={self.model!r}) for the other models"
             )
         return super()._run_config(work)

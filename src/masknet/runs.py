@@ -35,11 +35,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import MODEL_NAMES, ModelConfig, from_dict
+from .config import ModelConfig, from_dict
 from .data.batch import MultiValuedField, check_multi_valued
 from .data.dataset import MAX_CARDINALITY
 from .errors import ConfigError, UserError
 from .integrity import sha256_file, write_atomic
+from .registry import model_names
 
 CONFIG = "config.yaml"
 MODEL_CONFIG = "model.json"
@@ -328,8 +329,8 @@ def _check_spec_fields(path: Path, spec: dict[str, Any]) -> None:
         got = f"got {json.dumps(spec.get(key))[:60]}" if key in spec else "missing"
         return UserError(f"{path}: {key}: expected {want}, {got}")
 
-    if spec.get("model") not in MODEL_NAMES:
-        raise bad("model", f"one of {', '.join(MODEL_NAMES)}")
+    if spec.get("model") not in model_names():
+        raise bad("model", f"one of {', '.join(model_names())}")
     if not isinstance(spec.get("model_config"), dict):
         raise bad("model_config", "an object")
     names, cards = spec.get("field_names"), spec.get("cardinalities")

@@ -1,6 +1,6 @@
 """FLOPs per sample of a model, from its architecture.
 
-Two counts that must agree where both apply (tests/test_bench.py checks it for MaskNet):
+Two counts that must agree where both apply (tests/bench/test_bench.py checks it for MaskNet):
 
 - `linear_flops_per_sample`: the closed form 2 * in * out summed over every nn.Linear the model
   instantiates. Exact for models whose Linear layers each run once per row (MaskNet, DNN,

@@ -292,6 +292,12 @@ class FieldEncoder:
         pos = pc.index_in(tokens, value_set=self.vocab)
         return _np(pc.fill_null(pos, -1)).astype(np.int32) + FIRST if pos.null_count else _np(pos).astype(np.int32) + FIRST
 
+    def lookup_table(self, tokens: pa.Array) -> np.ndarray:
+        """`codes(tokens)` and one last slot, 0, that index -1 reads: indexing it with a chunk's
+        per-row token index (-1 = missing) gives each row's code, missing -> MISSING (0)
+        (multi-valued ids: padding -> 0)."""
+        return np.concatenate([self.codes(tokens), np.zeros(1, np.int32)])
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.spec.name,

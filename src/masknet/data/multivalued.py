@@ -262,7 +262,7 @@ def _pad(codes: np.ndarray, lengths: np.ndarray, max_len: int, keep: str, fill: 
 
 def tokenize(mv: MultiValuedSpec, columns: dict[str, pa.Array], n: int) -> tuple[MultiChunk, list[tuple]]:
     """Tokenize one chunk's column for `mv`. Returns the chunk and its checks: (rows_bad, column,
-    kind, message, raw values, per-row index into them) for prepare.parse_chunk's flag()."""
+    kind, message, raw values, per-row index into them) for rows.parse_chunk's flag()."""
     lists = _lists(columns[mv.column], mv.separator, mv.column)
     checks: list[tuple] = []
     pieces, w_piece = lists.pieces, None
@@ -335,8 +335,7 @@ class MultiValuedEncoder:
 
     def lookup(self, chunk: MultiChunk) -> np.ndarray:
         """int32 [n, max_len]: the chunk's ids (0 = padding)."""
-        lut = np.concatenate([self.codes(chunk.tokens), np.zeros(1, np.int32)])  # last: padding
-        return lut[chunk.ids]
+        return self.values.lookup_table(chunk.tokens)[chunk.ids]  # -1 (padding) -> 0
 
     def field(self) -> MultiValuedField:
         return MultiValuedField(self.spec.name, self.cardinality, self.spec.max_len, self.spec.pooling, self.spec.weighted)
@@ -525,7 +524,7 @@ def token_counts(ids: np.ndarray, n_tokens: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------
-# prepare's spill (pass 1 -> pass 2), beside the single-valued fields' (prepare._Spill)
+# prepare's spill (pass 1 -> pass 2), beside the single-valued fields' (spill.Spill)
 
 
 @dataclass
@@ -604,7 +603,7 @@ class MultiSpill:
         wbufs = [np.empty((cap, s.max_len), np.float32) if s.weighted else None for s in self.specs]
         files = [open(self.folder / f"mv{j}.ids.bin", "rb") for j in range(len(self.specs))]
         wfiles = [open(self.folder / f"mv{j}.w.bin", "rb") if s.weighted else None for j, s in enumerate(self.specs)]
-        # plain file handles: a memory-mapped IPC file's pages would stay resident (see prepare._Spill)
+        # plain file handles: a memory-mapped IPC file's pages would stay resident (see spill.Spill)
         readers = [pa.ipc.open_stream(pa.OSFile(str(self.folder / f"mv{j}.tok.arrow"))) for j in range(len(self.specs))] if window_rows else []
         try:
             for rows in window_rows:

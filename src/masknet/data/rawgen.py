@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from .schema import MALWARE_COLUMNS, MALWARE_NUMERIC
+from .formats import MALWARE_COLUMNS
 
 CHUNK = 1 << 16
 
@@ -119,7 +119,7 @@ def _write_table(fh, table: pa.Table, header: bool) -> None:
 
 def write_avazu(path: str | Path, rows: int, seed: int = 0, gz: Optional[bool] = None, start_hour: int = 14102100) -> Path:
     """Avazu `train` CSV: 24 columns with header, rows in time order over 10 days from `start_hour`."""
-    from .schema import AVAZU_COLUMNS
+    from .formats import AVAZU_COLUMNS
 
     path = Path(path)
     gz = path.suffix == ".gz" if gz is None else gz

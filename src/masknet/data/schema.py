@@ -13,16 +13,17 @@ source column by one transform:
     weekend       Avazu's YYMMDDHH -> 1 on Saturday and Sunday, else 0
     libfm         libFM's `index:1` -> index
 
-Built-in specs: criteo, criteo-csv, avazu, malware, frappe. Anything else is described by
-a small YAML/JSON schema file (`load_schema_file`), so a user's own log needs no code.
+The built-in formats (criteo, criteo-csv, avazu, malware, frappe) are declared in formats.py.
+Anything else is described by a small YAML/JSON schema file (`load_schema_file`), so a user's own
+log needs no code.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import yaml
 
@@ -93,10 +94,8 @@ class DatasetSpec:
         return [LabelSpec(self.label, self.label_kind)] + list(self.more_labels)
 
     def without_labels(self) -> "DatasetSpec":
-        """This spec reading no label column (rows to predict on); changes it in place."""
-        self.label = None
-        self.more_labels = []
-        return self
+        """This spec reading no label column (rows to predict on), as a new spec."""
+        return replace(self, label=None, more_labels=[])
 
     def needed_columns(self) -> list[str]:
         cols = [lab.column for lab in self.labels] + [f.column for f in self.fields]
@@ -110,36 +109,40 @@ class DatasetSpec:
         return {c for mv in self.multi_valued for c in mv.columns()}
 
     def with_min_count(self, min_count: Optional[int]) -> "DatasetSpec":
-        if min_count is not None:
-            if min_count < 1:
-                raise UserError(f"--min-count: must be >= 1, got {min_count}")
-            for f in self.fields + self.multi_valued:
-                f.min_count = min_count
-            self.small_file_min_count = None  # the user's choice holds at any size
-        return self
+        """A new spec with every field's minimum count `min_count` (None: this spec, unchanged)."""
+        if min_count is None:
+            return self
+        if min_count < 1:
+            raise UserError(f"--min-count: must be >= 1, got {min_count}")
+        return replace(self, fields=[replace(f, min_count=min_count) for f in self.fields],
+                       multi_valued=[replace(m, min_count=min_count) for m in self.multi_valued],
+                       small_file_min_count=None)  # the user's choice holds at any size
 
-    def apply_small_file_min_count(self, train_rows: int) -> bool:
-        """The small-file rule (`small_file_min_count`), in place: below SMALL_FILE_TRAIN_ROWS train rows
-        every field's min count is raised to it; True if it was. Deterministic in the train split's row
-        count; the min count used is recorded per field in meta.json and encoder.json."""
+    def for_train_rows(self, train_rows: int) -> Optional["DatasetSpec"]:
+        """The small-file rule (`small_file_min_count`): below SMALL_FILE_TRAIN_ROWS train rows, a new spec
+        with every field's min count raised to it; None where the rule does not apply. Deterministic in
+        the train split's row count; the min count used is recorded per field in meta.json and encoder.json."""
         if self.small_file_min_count is None or train_rows >= SMALL_FILE_TRAIN_ROWS:
-            return False
-        for f in self.fields + self.multi_valued:
-            f.min_count = max(f.min_count, self.small_file_min_count)
-        return True
+            return None
+        rule = self.small_file_min_count
+        return replace(self, fields=[replace(f, min_count=max(f.min_count, rule)) for f in self.fields],
+                       multi_valued=[replace(m, min_count=max(m.min_count, rule)) for m in self.multi_valued])
 
     def with_hashing(self, buckets: dict[str, int]) -> "DatasetSpec":
-        names = {f.name: f for f in self.fields}
-        names.update({mv.name: mv for mv in self.multi_valued})
+        """A new spec with field `name` hashed into `buckets[name]` buckets (categorical and multi-valued fields)."""
+        by_name = {f.name: f for f in self.fields + self.multi_valued}
         for name, n in buckets.items():
-            if name not in names:
-                raise UserError(f"--hash {name}={n}: no field {name!r}; fields: {', '.join(names)}")
-            if names[name].kind not in ("categorical", "multi_valued"):
+            if name not in by_name:
+                raise UserError(f"--hash {name}={n}: no field {name!r}; fields: {', '.join(by_name)}")
+            if by_name[name].kind not in ("categorical", "multi_valued"):
                 raise UserError(f"--hash {name}={n}: only categorical fields can be hashed")
             if n < 1:
                 raise UserError(f"--hash {name}={n}: the number of buckets must be >= 1")
-            names[name].hash_buckets = n
-        return self
+
+        def hashed(f):
+            return replace(f, hash_buckets=buckets[f.name]) if f.name in buckets else f
+
+        return replace(self, fields=[hashed(f) for f in self.fields], multi_valued=[hashed(m) for m in self.multi_valued])
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -164,119 +167,14 @@ class DatasetSpec:
 
 
 # ---------------------------------------------------------------------------
-# Built-in formats
-
-CRITEO_COLUMNS = ["label"] + [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
-
-AVAZU_COLUMNS = [
-    "id", "click", "hour", "C1", "banner_pos", "site_id", "site_domain", "site_category", "app_id",
-    "app_domain", "app_category", "device_id", "device_ip", "device_model", "device_type",
-    "device_conn_type", "C14", "C15", "C16", "C17", "C18", "C19", "C20", "C21",
-]
-
-MALWARE_COLUMNS = [
-    "MachineIdentifier", "ProductName", "EngineVersion", "AppVersion", "AvSigVersion", "IsBeta",
-    "RtpStateBitfield", "IsSxsPassiveMode", "DefaultBrowsersIdentifier", "AVProductStatesIdentifier",
-    "AVProductsInstalled", "AVProductsEnabled", "HasTpm", "CountryIdentifier", "CityIdentifier",
-    "OrganizationIdentifier", "GeoNameIdentifier", "LocaleEnglishNameIdentifier", "Platform", "Processor",
-    "OsVer", "OsBuild", "OsSuite", "OsPlatformSubRelease", "OsBuildLab", "SkuEdition", "IsProtected",
-    "AutoSampleOptIn", "PuaMode", "SMode", "IeVerIdentifier", "SmartScreen", "Firewall", "UacLuaenable",
-    "Census_MDC2FormFactor", "Census_DeviceFamily", "Census_OEMNameIdentifier", "Census_OEMModelIdentifier",
-    "Census_ProcessorCoreCount", "Census_ProcessorManufacturerIdentifier", "Census_ProcessorModelIdentifier",
-    "Census_ProcessorClass", "Census_PrimaryDiskTotalCapacity", "Census_PrimaryDiskTypeName",
-    "Census_SystemVolumeTotalCapacity", "Census_HasOpticalDiskDrive", "Census_TotalPhysicalRAM",
-    "Census_ChassisTypeName", "Census_InternalPrimaryDiagonalDisplaySizeInInches",
-    "Census_InternalPrimaryDisplayResolutionHorizontal", "Census_InternalPrimaryDisplayResolutionVertical",
-    "Census_PowerPlatformRoleName", "Census_InternalBatteryType", "Census_InternalBatteryNumberOfCharges",
-    "Census_OSVersion", "Census_OSArchitecture", "Census_OSBranch", "Census_OSBuildNumber",
-    "Census_OSBuildRevision", "Census_OSEdition", "Census_OSSkuName", "Census_OSInstallTypeName",
-    "Census_OSInstallLanguageIdentifier", "Census_OSUILocaleIdentifier", "Census_OSWUAutoUpdateOptionsName",
-    "Census_IsPortableOperatingSystem", "Census_GenuineStateName", "Census_ActivationChannel",
-    "Census_IsFlightingInternal", "Census_IsFlightsDisabled", "Census_FlightRing", "Census_ThresholdOptIn",
-    "Census_FirmwareManufacturerIdentifier", "Census_FirmwareVersionIdentifier", "Census_IsSecureBootEnabled",
-    "Census_IsWIMBootEnabled", "Census_IsVirtualDevice", "Census_IsTouchEnabled", "Census_IsPenCapable",
-    "Census_IsAlwaysOnAlwaysConnectedCapable", "Wdft_IsGamer", "Wdft_RegionIdentifier", "HasDetections",
-]
-# The true numerics of the Malware data (sizes and counts); every other feature is categorical.
-MALWARE_NUMERIC = [
-    "Census_ProcessorCoreCount", "Census_PrimaryDiskTotalCapacity", "Census_SystemVolumeTotalCapacity",
-    "Census_TotalPhysicalRAM", "Census_InternalPrimaryDiagonalDisplaySizeInInches",
-    "Census_InternalPrimaryDisplayResolutionHorizontal", "Census_InternalPrimaryDisplayResolutionVertical",
-    "Census_InternalBatteryNumberOfCharges",
-]
-
-FRAPPE_FIELDS = ["user", "item", "daytime", "weekday", "isweekend", "homework", "cost", "weather", "country", "city"]
-
-# Default minimum counts (categories seen fewer times in train become out-of-vocabulary):
-#   criteo, criteo-csv: 10  (FuxiCTR/BARS Criteo_x4_001, the usual choice since the DeepFM/AutoInt papers)
-#   avazu: 2                (FuxiCTR/BARS Avazu_x4_001)
-#   malware: 10             (no standard in the CTR literature; we treat it like Criteo)
-#   frappe: 1               (FuxiCTR/BARS Frappe_x1: small and clean, every id kept)
-#   schema files: 1 unless the file says otherwise
-DEFAULT_MIN_COUNT = {"criteo": 10, "criteo-csv": 10, "avazu": 2, "malware": 10, "frappe": 1, "schema": 1}
-# Small Criteo files (issue 16; docs/model.md "Training defaults", docs/data.md): on a Criteo-like log of a
-# few thousand rows most ids seen 10 times are noise to a deep model, and min count 30 was worth
-# +0.02 test AUC to SerMaskNet on the built-in 10k rows (selection sets only). Large files keep the
-# BARS protocol's 10; the rule was measured up to 96k train rows, so it stops at 100k. Not for Frappe,
-# whose user and item ids are the signal (min count 5 already cost SerMaskNet 0.04 on Frappe-8k).
+# Small files (issue 16; docs/model.md "Training defaults", docs/data.md): a format may declare a
+# higher min count for files with fewer train rows than this (formats.Format.small_file_min_count).
 SMALL_FILE_TRAIN_ROWS = 100_000
-SMALL_FILE_MIN_COUNT = {"criteo": 30, "criteo-csv": 30}
 
 
-def _criteo_fields(min_count: int) -> list[FieldSpec]:
-    return [FieldSpec(f"I{i}", f"I{i}", "log_bucket", min_count) for i in range(1, 14)] + [
-        FieldSpec(f"C{i}", f"C{i}", "category", min_count) for i in range(1, 27)
-    ]
-
-
-def builtin_spec(name: str) -> DatasetSpec:
-    spec = _builtin_spec(name)
-    spec.small_file_min_count = SMALL_FILE_MIN_COUNT.get(name)
-    return spec
-
-
-def _builtin_spec(name: str) -> DatasetSpec:
-    mc = DEFAULT_MIN_COUNT.get(name)
-    if name == "criteo":
-        return DatasetSpec(
-            name, "csv", "\t", header=False, columns=list(CRITEO_COLUMNS), quoting=False,
-            label="label", fields=_criteo_fields(mc),
-        )
-    if name == "criteo-csv":
-        return DatasetSpec(name, "csv", ",", header=True, label="label", fields=_criteo_fields(mc))
-    if name == "avazu":
-        fields = [
-            FieldSpec("hour_of_day", "hour", "hour_of_day", mc),
-            FieldSpec("weekday", "hour", "weekday", mc),
-            FieldSpec("weekend", "hour", "weekend", mc),
-        ] + [FieldSpec(c, c, "category", mc) for c in AVAZU_COLUMNS[3:]]
-        return DatasetSpec(name, "csv", ",", header=True, label="click", fields=fields, time="hour", time_kind="avazu_hour")
-    if name == "malware":
-        fields = [
-            FieldSpec(c, c, "log_bucket" if c in MALWARE_NUMERIC else "category", mc)
-            for c in MALWARE_COLUMNS[1:-1]
-        ]
-        return DatasetSpec(name, "csv", ",", header=True, label="HasDetections", fields=fields)
-    if name == "frappe":
-        return DatasetSpec(
-            name, "libfm", " ", header=False, columns=["label"] + FRAPPE_FIELDS, quoting=False,
-            label="label", label_kind="pm1", fields=[FieldSpec(f, f, "libfm", mc) for f in FRAPPE_FIELDS],
-        )
-    raise UserError(f"--format {name}: unknown format; choose criteo, criteo-csv, avazu, malware, frappe or schema:FILE")
-
-
-FORMATS = ("criteo", "criteo-csv", "avazu", "malware", "frappe")
-
-
-def spec_for_format(fmt: str) -> DatasetSpec:
-    """`criteo|criteo-csv|avazu|malware|frappe` or `schema:FILE`."""
-    if fmt.startswith("schema:"):
-        return load_schema_file(fmt[len("schema:"):])
-    return builtin_spec(fmt)
-
-
-# ---------------------------------------------------------------------------
 # Schema files
+
+SCHEMA_MIN_COUNT = 1  # a schema file keeps every category unless it says `min_count` (docs/data.md)
 
 SCHEMA_KEYS = {
     "file_type": "csv or parquet (default: from the input file name; .parquet -> parquet)",
@@ -302,6 +200,60 @@ SCHEMA_KEYS = {
 def load_schema_file(path: str | Path) -> DatasetSpec:
     """Read a YAML (or JSON) schema file. Errors name the file and the key."""
     path = Path(path)
+    raw, text = _read_schema(path)
+    keys = _Keys(raw, path)
+    labels = parse_labels(raw["labels"], str(path)) if "labels" in raw else [LabelSpec(raw["label"])]
+    min_count = keys.get("min_count", int, SCHEMA_MIN_COUNT)
+    if min_count < 1:
+        raise DataError(f"{path}: min_count: must be >= 1, got {min_count}")
+    file_type = keys.get("file_type", str, None)
+    if file_type is not None and file_type not in ("csv", "parquet"):
+        raise DataError(f"{path}: file_type: expected csv or parquet, got {file_type!r}")
+    header = keys.get("header", bool, True)
+    columns = keys.get("columns", list, None)
+    if not header and not columns:
+        raise DataError(f"{path}: columns: required when header is false")
+    threshold = raw.get("label_threshold")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
+        raise DataError(f"{path}: label_threshold: expected a number, got {threshold!r}")
+    if threshold is not None and "labels" in raw:  # each of several labels says its own `positive`
+        raise DataError(f"{path}: label_threshold: goes with 'label'; with 'labels' give each label's 'positive' value")
+    time_format = keys.get("time_format", str, "number")
+    if time_format not in ("number", "iso"):
+        raise DataError(f"{path}: time_format: expected number or iso, got {time_format!r}")
+    fields = _feature_fields(keys, path, min_count)
+    multi = []
+    if "multi_valued" in raw:
+        from .multivalued import parse_schema_entries
+
+        delimiter = raw.get("delimiter", ",")
+        multi = parse_schema_entries(raw["multi_valued"], str(path), text, delimiter if isinstance(delimiter, str) else ",",
+                                     min_count, keys.get("quoting", bool, True))
+    _check_features(path, fields, multi, labels)
+    missing_values = keys.get("missing_values", list, [""])
+    spec = DatasetSpec(
+        name=f"schema:{path}",
+        file_type=file_type or "auto",
+        delimiter=keys.get("delimiter", str, ","),
+        header=header,
+        columns=[str(c) for c in columns] if columns else None,
+        quoting=keys.get("quoting", bool, True),
+        label=labels[0].column,
+        label_kind=labels[0].kind if threshold is None else f">={threshold:g}",
+        fields=fields,
+        time=keys.get("time", str, None),
+        time_kind=time_format,
+        missing_values=[str(v) for v in missing_values],
+        schema_path=str(path),
+        more_labels=labels[1:],
+        multi_valued=multi,
+    )
+    _check_layout(path, spec)
+    return spec
+
+
+def _read_schema(path: Path) -> tuple[dict[str, Any], str]:
+    """The schema file's mapping (known keys only, one label key) and its text."""
     if not path.is_file():
         raise DataError(f"{path}: schema file not found")
     try:
@@ -318,45 +270,45 @@ def load_schema_file(path: str | Path) -> DatasetSpec:
         raise DataError(f"{path}: give either 'label' (the 0/1 label column) or 'labels' (several label columns), not both or neither")
     if "label" in raw and not isinstance(raw["label"], str):
         raise DataError(f"{path}: label: expected the name of the 0/1 label column, got {raw['label']!r}")
-    labels = parse_labels(raw["labels"], str(path)) if "labels" in raw else [LabelSpec(raw["label"])]
+    return raw, text
 
-    def get(key: str, tp: type, default: Any) -> Any:
-        v = raw.get(key, default)
+
+class _Keys:
+    """A schema's top-level values, type-checked (a DataError names the file and the key)."""
+
+    def __init__(self, raw: dict[str, Any], path: Path):
+        self.raw, self.path = raw, path
+
+    def get(self, key: str, tp: type, default: Any) -> Any:
+        v = self.raw.get(key, default)
         if v is not None and not isinstance(v, tp):
-            raise DataError(f"{path}: {key}: expected {tp.__name__}, got {v!r}")
+            raise DataError(f"{self.path}: {key}: expected {tp.__name__}, got {v!r}")
         return v
 
-    min_count = get("min_count", int, DEFAULT_MIN_COUNT["schema"])
-    if min_count < 1:
-        raise DataError(f"{path}: min_count: must be >= 1, got {min_count}")
-    file_type = get("file_type", str, None)
-    if file_type is not None and file_type not in ("csv", "parquet"):
-        raise DataError(f"{path}: file_type: expected csv or parquet, got {file_type!r}")
-    header = get("header", bool, True)
-    columns = get("columns", list, None)
-    if not header and not columns:
-        raise DataError(f"{path}: columns: required when header is false")
-    threshold = raw.get("label_threshold")
-    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
-        raise DataError(f"{path}: label_threshold: expected a number, got {threshold!r}")
-    if threshold is not None and "labels" in raw:  # each of several labels says its own `positive`
-        raise DataError(f"{path}: label_threshold: goes with 'label'; with 'labels' give each label's 'positive' value")
-    time_format = get("time_format", str, "number")
-    if time_format not in ("number", "iso"):
-        raise DataError(f"{path}: time_format: expected number or iso, got {time_format!r}")
 
+def named_entries(entries: list, key: str, known: tuple[str, ...], path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """A schema list of columns (`categorical`, `numeric`, `labels`): each entry a column name or a
+    mapping with a `name` and only `known` keys. Yields (where, mapping), `where` naming the entry."""
+    for i, entry in enumerate(entries):
+        where = f"{path}: {key}[{i}]"
+        if isinstance(entry, str):
+            entry = {"name": entry}
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise DataError(f"{where}: expected a column name or a mapping with 'name'")
+        extra = sorted(set(entry) - set(known))
+        if extra:
+            raise DataError(f"{where}: unknown key {extra[0]!r}; known: {', '.join(known)}")
+        yield where, entry
+
+
+FEATURE_KEYS = ("name", "column", "min_count", "hash_buckets")
+
+
+def _feature_fields(keys: _Keys, path: Path, min_count: int) -> list[FieldSpec]:
+    """The `categorical` and `numeric` lists -> one FieldSpec each."""
     fields: list[FieldSpec] = []
     for key, transform in (("categorical", "category"), ("numeric", "log_bucket")):
-        entries = get(key, list, [])
-        for i, entry in enumerate(entries):
-            where = f"{path}: {key}[{i}]"
-            if isinstance(entry, str):
-                entry = {"name": entry}
-            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-                raise DataError(f"{where}: expected a column name or a mapping with 'name'")
-            extra = sorted(set(entry) - {"name", "column", "min_count", "hash_buckets"})
-            if extra:
-                raise DataError(f"{where}: unknown key {extra[0]!r}; known: name, column, min_count, hash_buckets")
+        for where, entry in named_entries(keys.get(key, list, []), key, FEATURE_KEYS, path):
             mc = entry.get("min_count", min_count)
             hb = entry.get("hash_buckets")
             if not isinstance(mc, int) or mc < 1:
@@ -369,13 +321,10 @@ def load_schema_file(path: str | Path) -> DatasetSpec:
             fields.append(FieldSpec(entry["name"], str(entry.get("column", entry["name"])), transform, mc, hb))
     if not fields:
         raise DataError(f"{path}: no features: list at least one column under 'categorical' or 'numeric'")
-    multi = []
-    if "multi_valued" in raw:
-        from .multivalued import parse_schema_entries
+    return fields
 
-        delimiter = raw.get("delimiter", ",")
-        multi = parse_schema_entries(raw["multi_valued"], str(path), text, delimiter if isinstance(delimiter, str) else ",",
-                                     min_count, get("quoting", bool, True))
+
+def _check_features(path: Path, fields: list[FieldSpec], multi: list, labels: list[LabelSpec]) -> None:
     names = [f.name for f in fields] + [m.name for m in multi]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -383,24 +332,9 @@ def load_schema_file(path: str | Path) -> DatasetSpec:
     for lab in labels:
         if lab.column in [f.column for f in fields] + [c for m in multi for c in m.columns()]:
             raise DataError(f"{path}: the label column {lab.column!r} is also listed as a feature")
-    missing_values = get("missing_values", list, [""])
-    spec = DatasetSpec(
-        name=f"schema:{path}",
-        file_type=file_type or "auto",
-        delimiter=get("delimiter", str, ","),
-        header=header,
-        columns=[str(c) for c in columns] if columns else None,
-        quoting=get("quoting", bool, True),
-        label=labels[0].column,
-        label_kind=labels[0].kind if threshold is None else f">={threshold:g}",
-        fields=fields,
-        time=get("time", str, None),
-        time_kind=time_format,
-        missing_values=[str(v) for v in missing_values],
-        schema_path=str(path),
-        more_labels=labels[1:],
-        multi_valued=multi,
-    )
+
+
+def _check_layout(path: Path, spec: DatasetSpec) -> None:
     if len(spec.delimiter) != 1:
         raise DataError(f"{path}: delimiter: expected one character, got {spec.delimiter!r}")
     if spec.columns:
@@ -408,7 +342,9 @@ def load_schema_file(path: str | Path) -> DatasetSpec:
         for col in spec.needed_columns():
             if col not in known:
                 raise DataError(f"{path}: column {col!r} is not among the schema's columns: {', '.join(spec.columns)}")
-    return spec
+
+
+LABEL_KEYS = ("name", "positive", "allow_missing")
 
 
 def parse_labels(entries: Any, path: str) -> list[LabelSpec]:
@@ -417,22 +353,14 @@ def parse_labels(entries: Any, path: str) -> list[LabelSpec]:
     if not isinstance(entries, list) or not entries:
         raise DataError(f"{path}: labels: expected a non-empty list of label columns")
     out = []
-    for i, entry in enumerate(entries):
-        where = f"{path}: labels[{i}]"
-        if isinstance(entry, str):
-            entry = {"name": entry}
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-            raise DataError(f"{where}: expected a column name or a mapping with 'name'")
-        extra = sorted(set(entry) - {"name", "positive", "allow_missing"})
-        if extra:
-            raise DataError(f"{where}: unknown key {extra[0]!r}; known: name, positive, allow_missing")
+    for where, entry in named_entries(entries, "labels", LABEL_KEYS, path):
         positive = entry.get("positive")
         if positive is not None and (isinstance(positive, bool) or not isinstance(positive, (str, int, float))):
             raise DataError(f"{where}: positive: expected the value (a string) that means positive, got {positive!r}")
         optional = entry.get("allow_missing", False)
         if not isinstance(optional, bool):
             raise DataError(f"{where}: allow_missing: expected true or false, got {optional!r}")
-        if optional and i == 0:
+        if optional and not out:
             raise DataError(f"{where}: allow_missing: the first label is the main task and must be known in every row")
         out.append(LabelSpec(entry["name"], "01" if positive is None else f"={str(positive).strip()}", optional))
     names = [lab.column for lab in out]

@@ -15,10 +15,11 @@ from typing import Any, Optional
 
 from ..config import PAPER_PROTOCOL, RunConfig, apply_override
 from ..errors import UserError
+from ..registry import paper_masknets
 
 ALL_TABLES = ("2", "3", "4", "5", "6", "rq4")
 TABLE2_MODELS = ("fm", "dnn", "deepfm", "dcn", "xdeepfm", "autoint", "sermasknet", "paramasknet")
-MASKNETS = ("sermasknet", "paramasknet")
+MASKNETS = paper_masknets()  # the paper's two MaskNets (masknet.registry)
 
 # Table 3: the paper's ablations. "w/o LayerNorm" = both LayerNorms off (docs/model.md).
 ABLATIONS: dict[str, dict[str, Any]] = {
@@ -50,7 +51,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
         "seeds": 2,  # a smoke run with a spread; --seeds 3 as the paper preset
         # With the built-in synthetic data: 10 of its 39 fields (both gate fields and the fields of
-        # 5 of the 6 planted pairs of data seed 7; tests/test_synthetic.py checks this), so the
+        # 5 of the 6 planted pairs of data seed 7; tests/data/test_synthetic.py checks this), so the
         # embedding mask at k = 80 (2·(f·k)² weights per mask) stays small.
         "synthetic_fields": ["I1", "I2", "I3", "C1", "C9", "C14", "C17", "C20", "C23", "C25"],
         "overrides": {

@@ -3,9 +3,12 @@ a multi-task model (model.multitask, models/multitask.py) -> logits [B, T], one 
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import importlib
+from collections.abc import Mapping
+from typing import Iterator, Optional, Sequence
 
-from ..config import MODEL_NAMES, ModelConfig
+from ..config import ModelConfig
+from ..registry import model_entry, model_names, register_model
 from ..data.batch import MultiValuedField
 from .base import CTRModel
 from .autoint import AutoInt
@@ -18,22 +21,35 @@ from .masknet import ParallelMaskNet, SerialMaskNet
 from .multitask import MultiTaskModel
 from .xdeepfm import XDeepFM
 
-REGISTRY: dict[str, type[CTRModel]] = {
-    "sermasknet": SerialMaskNet,
-    "paramasknet": ParallelMaskNet,
-    # baselines of the paper's Table 2, plus LR and DCN-V2 (docs/baselines.md)
-    "lr": LogisticRegression,
-    "fm": FM,
-    "dnn": DNN,
-    "deepfm": DeepFM,
-    "dcn": DCN,
-    "dcnv2": DCNV2,
-    "xdeepfm": XDeepFM,
-    "autoint": AutoInt,
-}
-# config.MODEL_NAMES is the torch-free copy the CLI and config validation use; keep them equal
-if tuple(REGISTRY) != MODEL_NAMES:
-    raise RuntimeError(f"config.MODEL_NAMES {MODEL_NAMES} must list the REGISTRY's models {tuple(REGISTRY)}")
+
+def model_class(name: str) -> type[CTRModel]:
+    """The class of the registered model `name` (masknet.registry); unknown names: a ConfigError."""
+    cls = model_entry(name).cls
+    if isinstance(cls, str):  # a built-in entry names its class; importing it is this layer's business
+        module, _, attr = cls.partition(":")
+        cls = getattr(importlib.import_module(module), attr)
+    if not (isinstance(cls, type) and issubclass(cls, CTRModel)):
+        raise TypeError(f"model {name!r}: {cls!r} is not a masknet.models.base.CTRModel subclass")
+    return cls
+
+
+class _Registry(Mapping):
+    """name -> model class, for every model in masknet.registry (read live: a model registered later
+    shows up)."""
+
+    def __getitem__(self, name: str) -> type[CTRModel]:
+        if name not in model_names():
+            raise KeyError(name)
+        return model_class(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(model_names())
+
+    def __len__(self) -> int:
+        return len(model_names())
+
+
+REGISTRY: Mapping[str, type[CTRModel]] = _Registry()
 
 
 def build_model(
@@ -45,10 +61,10 @@ def build_model(
         if not tasks:
             raise ValueError("a multi-task model needs the names of its tasks")
         return MultiTaskModel(cardinalities, cfg, tasks, tuple(multi_valued))
-    return REGISTRY[cfg.name](cardinalities, cfg, tuple(multi_valued))
+    return model_class(cfg.name)(cardinalities, cfg, tuple(multi_valued))
 
 
 __all__ = [
-    "CTRModel", "REGISTRY", "MODEL_NAMES", "build_model", "SerialMaskNet", "ParallelMaskNet", "LogisticRegression",
+    "CTRModel", "REGISTRY", "model_class", "model_names", "register_model", "build_model", "SerialMaskNet", "ParallelMaskNet", "LogisticRegression",
     "FM", "DNN", "DeepFM", "DCN", "DCNV2", "XDeepFM", "AutoInt", "MultiTaskModel",
 ]

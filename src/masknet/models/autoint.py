@@ -62,6 +62,7 @@ class InteractingLayer(nn.Module):
 
 
 class AutoInt(CTRModel):
+    config_fields = ("embedding_dim", "attention_layers", "attention_heads", "attention_dim", "attention_residual")
     search_space: SearchSpace = {
         **TRAINING, **EMBEDDING, "model.attention_layers": Int(1, 4), "model.attention_heads": Choice((1, 2, 4)),
         "model.attention_dim": Choice((8, 16, 32, 64)),

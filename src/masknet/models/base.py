@@ -20,10 +20,12 @@ class CTRModel(nn.Module):
 
     `cardinalities` are the single-valued fields'; `multi_valued` (data.batch.MultiValuedField) the
     multi-valued ones, each pooled to one field embedding by FieldEmbedding: `num_fields` counts both.
-    `search_space`: the config keys `masknet tune` varies for this model, and their ranges (models.search).
+    `config_fields`: the ModelConfig keys it reads. `search_space`: the config keys `masknet tune` varies for this model, and their ranges (models.search).
     """
 
     search_space: SearchSpace = TRAINING
+    # the ModelConfig keys this model reads (every other key is ignored by it; tests/models/test_model_conformance.py checks both)
+    config_fields: tuple[str, ...] = ("embedding_dim",)
     # what `train.lr` and `train.l2_prior` mean when a config leaves them unset (None); docs/model.md
     train_defaults: dict = {"lr": 1e-3, "l2_prior": [], "min_batches_per_epoch": 32}
 

@@ -57,6 +57,8 @@ class CrossLayerV2(nn.Module):
 class _CrossAndDeep(CTRModel):
     """Embedding -> (cross network ‖ DNN) -> concat -> linear output."""
 
+    config_fields = ("embedding_dim", "dnn_hidden", "dropout", "cross_layers")
+
     cross_layer: type[nn.Module]
     search_space: SearchSpace = {**TRAINING, **EMBEDDING, **DNN, "model.cross_layers": Int(1, 6)}
 

@@ -26,6 +26,7 @@ from .search import DNN, EMBEDDING, TRAINING, SearchSpace
 
 
 class DeepFM(CTRModel):
+    config_fields = ("embedding_dim", "dnn_hidden", "dropout")
     search_space: SearchSpace = {**TRAINING, **EMBEDDING, **DNN}
 
     def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig, multi_valued: Sequence[MultiValuedField] = ()):

@@ -40,6 +40,8 @@ class DNNTower(nn.Module):
 class DNN(CTRModel):
     """Embeddings -> MLP -> logit. No explicit interaction term: the MLP must learn them all."""
 
+    config_fields = ("embedding_dim", "dnn_hidden", "dropout")
+
     search_space: SearchSpace = {**TRAINING, **EMBEDDING, **DNN_SPACE}
 
     def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig, multi_valued: Sequence[MultiValuedField] = ()):

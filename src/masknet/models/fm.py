@@ -38,6 +38,8 @@ class FM(CTRModel):
     Parameters: Σ cardinalities (first order) + 1 (w_0) + k Σ cardinalities (factors).
     """
 
+    config_fields = ("embedding_dim",)
+
     search_space: SearchSpace = {**TRAINING, "train.lr": Float(1e-3, 1e-1, log=True), **EMBEDDING}
     # trained as LR is (docs/model.md, "Training defaults"): the prior path keeps rare rows' factors small
     train_defaults = {"lr": 1e-2, "l2_prior": PRIOR_PATH, "min_batches_per_epoch": 0}

@@ -174,7 +174,7 @@ class FieldEmbedding(nn.Embedding):
     tracing always uses; at no-grad scoring of up to a few hundred rows the faster one), or
     "auto" (the default): compact while autograd records, gather otherwise, so training gets
     the cheap sparse gradient and PyTorch scoring computes exactly what the ONNX graph does.
-    Both give the same outputs and gradients up to float rounding (tests/test_pooled_lookup.py).
+    Both give the same outputs and gradients up to float rounding (tests/models/test_pooled_lookup.py).
     """
 
     lookup = "auto"
@@ -339,7 +339,7 @@ class FieldEmbedding(nn.Embedding):
     @staticmethod
     def _segment_max(e: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         # scatter_reduce, not segment_reduce: the latter's backward misroutes the gradient of
-        # tied values (a value listed twice) in torch 2.13 (tests/test_pooled_lookup.py). It
+        # tied values (a value listed twice) in torch 2.13 (tests/models/test_pooled_lookup.py). It
         # starts from -inf, not zeros: amax's backward splits a tie's gradient over every
         # element equal to the max, the start value included even with include_self=False.
         bag = torch.repeat_interleave(torch.arange(len(lengths), device=e.device), lengths)

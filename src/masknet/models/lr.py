@@ -37,6 +37,8 @@ PRIOR_PATH = [500.0, 167.0, 50.0, 17.0, 5.0, 1.7, 0.5, 0.17, 0.05]
 class LogisticRegression(CTRModel):
     """LR: logit = w_0 + Σ_i w[x_i] (no embeddings of size k, no interactions)."""
 
+    config_fields = ()  # one weight per category: no size to set
+
     # one weight per category: a linear model takes larger steps than a deep one
     search_space: SearchSpace = {**TRAINING, "train.lr": Float(1e-3, 1e-1, log=True)}
     # A linear model takes larger steps, and its L2 is found on validation along a path from strong

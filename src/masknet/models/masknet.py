@@ -1,16 +1,18 @@
 """MaskNet (Wang, She, Zhang 2021), read like section 3 of the paper.
 
-Shapes: B = batch, f = fields, k = embedding size, m = f*k (width of V_emb),
-q = block width, z = width of the vector a mask multiplies, t = r*z.
+Shapes (the names the code below uses): B = batch, f = fields, k = embedding size, m = f*k (width
+of V_emb), q = block width, n = width of a block's input v_in, which its mask multiplies (the paper's
+z: m for a block on the embedding, q for one on a block), t = r*n the aggregation width
+(aggregation_width), u = num_blocks parallel blocks (ParaMaskNet).
 f counts single- and multi-valued fields: a multi-valued field's values are pooled into its one
 e_i (layers.FieldEmbedding), so every equation below keeps its shape.
 
     V_emb        = concat(e_1..e_f)                                   (Eq. 4)   [B, m]
-    V_mask       = W_d2 ReLU(W_d1 V_emb + b_d1) + b_d2                (Eq. 5)   [B, z]
+    V_mask       = W_d2 ReLU(W_d1 V_emb + b_d1) + b_d2                (Eq. 5)   [B, n]
     block on EMB : ReLU(LN(W_i (V_mask ⊙ LN_EMB(V_emb))))             (Eq. 11-12)
     block on MB  : ReLU(LN(W_i (V_mask ⊙ V_output^p)))                (Eq. 13-14)
     SerMaskNet   : blocks stacked, the first on the embedding
-    ParaMaskNet  : u = num_blocks blocks on the embedding, concat (Eq. 15), ReLU FFNs (Eq. 16)
+    ParaMaskNet  : u blocks on the embedding, concat [B, u*q] (Eq. 15), ReLU FFNs (Eq. 16)
     prediction   : w_0 + Σ w_i x_i  (Eq. 17; the sigmoid is in the loss / predict path)
 
 Ablation switches (ModelConfig): use_mask, emb_layernorm, block_layernorm, block_ffn.
@@ -121,6 +123,7 @@ MASKNET_SPACE: SearchSpace = {
 
 
 class _MaskNet(CTRModel):
+    config_fields = ("embedding_dim", "dropout", "num_blocks", "block_dim", "reduction_ratio", "use_mask", "emb_layernorm", "block_layernorm", "block_ffn")  # the ModelConfig keys it reads
     search_space: SearchSpace = MASKNET_SPACE
 
     def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig, multi_valued: Sequence[MultiValuedField] = ()):
@@ -199,6 +202,7 @@ class ParallelMaskNet(_MaskNet):
     """ParaMaskNet: num_blocks MaskBlocks on feature embedding side by side, concat, top MLP."""
 
     search_space: SearchSpace = {**MASKNET_SPACE, "model.top_mlp": Layers(widths=(100, 200, 400, 800), depths=(1, 2, 3))}
+    config_fields = (*_MaskNet.config_fields, "top_mlp")
 
     def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig, multi_valued: Sequence[MultiValuedField] = ()):
         super().__init__(cardinalities, cfg, multi_valued)

@@ -76,6 +76,7 @@ class CIN(nn.Module):
 
 
 class XDeepFM(CTRModel):
+    config_fields = ("embedding_dim", "cin_layers", "dnn_hidden", "dropout")
     search_space: SearchSpace = {**TRAINING, **EMBEDDING, **DNN, "model.cin_layers": Layers(widths=(25, 50, 100, 200), depths=(1, 2, 3))}
 
     def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig, multi_valued: Sequence[MultiValuedField] = ()):

@@ -14,7 +14,7 @@ belongs to.
 
 from __future__ import annotations
 
-import copy
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -26,7 +26,6 @@ from ..errors import DataError, UserError
 from ..data.dataset import MISSING_LABEL
 from .bundle import Bundle
 
-ID_COLUMNS = {"avazu": "id", "malware": "MachineIdentifier"}  # per built-in format: the row id column
 _ID_FIELD = "__row_id__"
 
 
@@ -42,10 +41,10 @@ def _require_encoder(bundle: Bundle, what: str) -> None:
 
 def reading_spec(bundle: Bundle, fmt: Optional[str] = None):
     """The DatasetSpec to read raw input with: the training format, or `fmt` if it has the same fields."""
-    from ..data.schema import spec_for_format
+    from ..data.formats import spec_for_format
 
     enc = bundle.encoder
-    spec = copy.deepcopy(enc.spec)
+    spec = enc.spec
     if fmt:
         other = spec_for_format(fmt)
         by_name = {f.name: f for f in other.fields}
@@ -58,23 +57,16 @@ def reading_spec(bundle: Bundle, fmt: Optional[str] = None):
                     f"{'is missing' if f is None else 'is transformed differently'}); the model was trained on "
                     f"{enc.spec.name}"
                 )
-            g = copy.deepcopy(fe.spec)
-            g.column = f.column
-            fields.append(g)
+            fields.append(replace(fe.spec, column=f.column))
         multi = []
         theirs = {m.name: m for m in other.multi_valued}
         for me in enc.multi_valued:
             m = theirs.get(me.spec.name)
             if m is None:
                 raise UserError(f"--format {fmt}: it has no multi-valued field {me.spec.name!r}; the model was trained on {enc.spec.name}")
-            g = copy.deepcopy(me.spec)
-            g.column, g.weight_column = m.column, (m.weight_column if g.weight_column else None)
-            multi.append(g)
-        spec = copy.deepcopy(other)
-        spec.fields = fields
-        spec.multi_valued = multi
-    spec.time = None  # ordering rows is a training concern; prediction does not need the column
-    return spec
+            multi.append(replace(me.spec, column=m.column, weight_column=m.weight_column if me.spec.weight_column else None))
+        spec = replace(other, fields=fields, multi_valued=multi)
+    return replace(spec, time=None)  # ordering rows is a training concern; prediction does not need the column
 
 
 def _has_label(spec, path: Path) -> Optional[list[str]]:
@@ -105,9 +97,10 @@ def encode_raw(
     model with multi-valued fields x is a data.batch.EncodedRows (x and the padded seq ids).
     `stats["skipped"]` gets the number of bad lines skipped (bad_lines="skip")."""
     from ..data.encoder import Encoder
-    from ..data.multivalued import encode_chunk
-    from ..data.prepare import BadLineLog, parse_chunk
+    from ..data.formats import id_column as format_id_column
+    from ..data.rawrows import read_encoded
     from ..data.readers import file_columns, iter_chunks
+    from ..data.rows import BadLineLog
     from ..data.schema import FieldSpec
 
     _require_encoder(bundle, "predict")
@@ -117,41 +110,36 @@ def encode_raw(
     spec = reading_spec(bundle, fmt)
     short = _has_label(spec, input) if input.is_file() else None
     if short is not None:
-        spec.columns = short
-        spec.without_labels()
+        spec = replace(spec, columns=short).without_labels()
     present = file_columns(spec, input)
     if with_label:
         if not spec.label or spec.label not in present:
             raise UserError(f"{input}: no label column {spec.label!r}; evaluation needs labelled rows")
-        _keep_model_labels(spec, bundle, present, input)
+        spec = _keep_model_labels(spec, bundle, present, input)
     elif spec.label:
-        spec.without_labels()  # a label column, when present, is ignored (and not checked)
-    if id_column is None and fmt is None:
-        id_column = ID_COLUMNS.get(spec.name)
-    elif id_column is None:
-        id_column = ID_COLUMNS.get(fmt)
+        spec = spec.without_labels()  # a label column, when present, is ignored (and not checked)
+    if id_column is None:
+        id_column = format_id_column(spec.name if fmt is None else fmt)
     if id_column is not None and id_column not in present:
         id_column = None
     nf = len(bundle.encoder.fields)
     if id_column is not None:
-        spec.fields = spec.fields + [FieldSpec(_ID_FIELD, id_column, "category")]
+        spec = replace(spec, fields=spec.fields + [FieldSpec(_ID_FIELD, id_column, "category")])
     enc = Encoder(spec, bundle.encoder.fields, bundle.encoder.multi_valued)
     log = BadLineLog(bad_lines)
     kw = {"block_bytes": block_bytes} if block_bytes else {}
     hint = "" if fmt else f" (the model was trained on format {enc.spec.name}; give --format if this file has another layout)"
-    for raw in _hinted(iter_chunks(spec, input, serial=True, **kw), hint):
-        pc_ = parse_chunk(spec, raw, str(input))
+
+    def check(parsed: Any) -> None:
         try:
-            log.check(pc_, record=True)
+            log.check(parsed, record=True)
         except DataError as exc:
             layout = "wrong number of columns" in str(exc) or "empty line" in str(exc)
             raise DataError(f"{exc}{hint if layout else ''}") from None
+
+    chunks = _hinted(iter_chunks(spec, input, serial=True, **kw), hint)
+    for x, pc_ in read_encoded(enc, spec, input, check, chunks=chunks, dtype=np.int64):
         g = pc_.good
-        x = np.empty((int(g.sum()), nf), dtype=np.int64)
-        for j, (fe, (ix, tok)) in enumerate(zip(enc.fields, pc_.fields[:nf])):
-            x[:, j] = np.concatenate([fe.codes(tok.tokens), np.zeros(1, np.int32)])[ix[g]]
-        if enc.multi_valued:
-            x = EncodedRows(x, *encode_chunk(enc.multi_valued, pc_.multi, g))
         ids = None
         if id_column is not None:
             ix, tok = pc_.fields[nf]
@@ -163,7 +151,7 @@ def encode_raw(
         stats["skipped"] = log.total
 
 
-def _keep_model_labels(spec: Any, bundle: Bundle, present: list[str], input: Path) -> None:
+def _keep_model_labels(spec: Any, bundle: Bundle, present: list[str], input: Path) -> Any:
     """Read the model's tasks as labels, in its order (a single-task model: its one label)."""
     from ..data.schema import LabelSpec
 
@@ -173,8 +161,8 @@ def _keep_model_labels(spec: Any, bundle: Bundle, present: list[str], input: Pat
         if t not in by_name or t not in present:
             raise UserError(f"{input}: no label column {t!r} for the model's task {t!r}; evaluation needs labelled rows")
     first = by_name[wanted[0]]
-    spec.label, spec.label_kind = first.column, first.kind
-    spec.more_labels = [LabelSpec(by_name[t].column, by_name[t].kind, by_name[t].optional) for t in wanted[1:]]
+    more = [LabelSpec(by_name[t].column, by_name[t].kind, by_name[t].optional) for t in wanted[1:]]
+    return replace(spec, label=first.column, label_kind=first.kind, more_labels=more)
 
 
 def _hinted(chunks: Iterator, hint: str) -> Iterator:

@@ -17,7 +17,8 @@ from masknet.cli import main
 from masknet.config import ModelConfig
 from masknet.data.batch import MultiValuedField
 from masknet.data.dataset import load_prepared
-from masknet.data.prepare import encode_file, random_split
+from masknet.data.rawrows import encode_file
+from masknet.data.splits import random_split
 from masknet.models import REGISTRY, build_model
 from masknet.serving.bundle import Bundle, verify_and_load
 from masknet.serving.export import export_onnx_bytes, parity, random_rows

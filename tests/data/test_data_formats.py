@@ -13,8 +13,9 @@ import pytest
 from masknet.cli import main
 from masknet.data.dataset import load_prepared
 from masknet.data.encoder import Encoder
+from masknet.errors import DataError
 from masknet.data.rawgen import write_avazu, write_criteo, write_malware
-from masknet.data.schema import AVAZU_COLUMNS, MALWARE_COLUMNS, MALWARE_NUMERIC
+from masknet.data.formats import AVAZU_COLUMNS, MALWARE_COLUMNS, MALWARE_NUMERIC
 
 TINY = ["--epochs", "1", "--quiet", "--set", "train.threads=1", "--set", "model.block_dim=16", "--set", "model.embedding_dim=4"]
 
@@ -238,3 +239,23 @@ def test_cli_hash_option(tmp_path, capsys):
     assert Encoder.load(out).fields[ds.field_names.index("C3")].vocab is None
     code = main(["prepare", "--format", "criteo", "--input", str(src), "--output", str(tmp_path / "x"), "--hash", "I1=5"])
     assert code == 2 and "only categorical" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key, bad, message", [
+    ("categorical", "[{column: C1}]", r"categorical\[0\]: expected a column name or a mapping with 'name'"),
+    ("numeric", "[{name: I1, hash_bucket: 3}]", r"numeric\[0\]: unknown key 'hash_bucket'; known: name, column, min_count, hash_buckets"),
+    ("labels", "[{column: y}]", r"labels\[0\]: expected a column name or a mapping with 'name'"),
+    ("labels", "[y, {name: z, positiv: 1}]", r"labels\[1\]: unknown key 'positiv'; known: name, positive, allow_missing"),
+])
+def test_schema_column_entries_are_checked_alike(tmp_path, key, bad, message):
+    """categorical, numeric and labels entries go through one normaliser (schema.named_entries)."""
+    from masknet.data.schema import load_schema_file
+
+    body = {"categorical": "categorical: [C1]", "numeric": "numeric: [I1]", "labels": "labels: [y]"}
+    body[key] = f"{key}: {bad}"
+    if key != "labels":
+        body["labels"] = "label: y"
+    path = tmp_path / "s.yaml"
+    path.write_text("\n".join(body.values()) + "\n")
+    with pytest.raises(DataError, match=message):
+        load_schema_file(path)

@@ -11,9 +11,11 @@ import pytest
 
 from masknet.data.dataset import load_prepared
 from masknet.data.encoder import Encoder, FieldEncoder, fit_field, fnv1a64, log_bucket, parse_numbers, transform
-from masknet.data.prepare import prepare, random_split
+from masknet.data.prepare import prepare
+from masknet.data.splits import random_split
 from masknet.data.rawgen import write_criteo
-from masknet.data.schema import FieldSpec, builtin_spec, load_schema_file
+from masknet.data.formats import builtin_spec
+from masknet.data.schema import FieldSpec, load_schema_file
 from masknet.errors import DataError
 
 
@@ -79,7 +81,7 @@ def _arrays(path: Path) -> dict:
 
 def test_block_size_does_not_change_the_result(tmp_path, criteo_file, monkeypatch):
     """Chunking (reader blocks and spill windows) is invisible in the output."""
-    import masknet.data.prepare as prep
+    import masknet.data.spill as prep
 
     prepare(builtin_spec("criteo"), tmp_path / "a", input=criteo_file)
     monkeypatch.setattr(prep, "WINDOW_ROWS", 500)
@@ -93,7 +95,7 @@ def test_block_size_does_not_change_the_result(tmp_path, criteo_file, monkeypatc
 
 def test_encoder_fitted_on_train_only_and_reapplied_identically(tmp_path, criteo_file):
     """Re-encoding every raw row with the saved encoder reproduces the prepared arrays."""
-    from masknet.data.prepare import parse_chunk
+    from masknet.data.rows import parse_chunk
     from masknet.data.readers import iter_chunks
 
     out = tmp_path / "p"
@@ -213,7 +215,7 @@ def test_transform_on_dictionary_values():
 
 def test_encode_file_with_saved_encoder_matches_prepared(tmp_path):
     """Prediction-time encoding of raw rows (with or without the label column) = the prepared arrays."""
-    from masknet.data.prepare import encode_file
+    from masknet.data.rawrows import encode_file
 
     rows = write_criteo(tmp_path / "all.txt", 900, seed=9).read_text().splitlines()
     tr, va, te = (tmp_path / f"{n}.txt" for n in ("tr", "va", "te"))
@@ -243,15 +245,15 @@ def test_spill_windows_round_trip_with_growing_chunks(tmp_path, monkeypatch):
     skipped bad rows and windows of every size come back exactly (tokens and indices)."""
     from types import SimpleNamespace
 
-    import masknet.data.prepare as prep
+    import masknet.data.spill as prep
     from masknet.data.encoder import Tokens
-    from masknet.data.schema import builtin_spec
+    from masknet.data.formats import builtin_spec
 
     monkeypatch.setattr(prep, "WINDOW_ROWS", 300)
     spec = builtin_spec("frappe")
     nf = len(spec.fields)
     rng = np.random.default_rng(3)
-    spill = prep._Spill(tmp_path / "spill", spec)
+    spill = prep.Spill(tmp_path / "spill", spec)
     expected, written = [], []  # per kept row: the token of every field (None = missing)
     for n in (40, 90, 700, 20, 1500, 5, 333):  # 700 and 1500 outgrow the buffer mid-window
         vocab = [pa.array([f"f{j}-{v}" for v in rng.integers(0, 50, size=17)]) for j in range(nf)]

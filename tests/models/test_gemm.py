@@ -15,7 +15,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from masknet.bench.flops import counted_flops_per_sample
 from masknet.bench.matmul import Roofline, record_products
 from masknet.bench.runner import QUICK_MODEL
-from masknet.config import MODEL_NAMES, ModelConfig
+from masknet.config import ModelConfig
+from masknet.registry import model_names
 from masknet.models import build_model
 from masknet.models.layers import MLP, dense, gemm_backend, using_gemm_backend
 from masknet.training.embedding_update import LazyAdam
@@ -54,7 +55,7 @@ def kernels_of(model, x) -> set[str]:
 
 
 @needs_onednn
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", model_names())
 def test_onednn_path_equals_torch_path(name):
     """Logits and every gradient agree to float32 rounding; models with matmuls do run on oneDNN."""
     model = small_model(name)

@@ -262,7 +262,7 @@ def test_not_utf8_lines_skipped_exactly_across_blocks(tmp_path, capsys, criteo_l
     """Skip mode, a small block size so the re-read starts after chunks were already used: every
     good row is kept exactly once, the three bad lines are counted with their numbers."""
     from masknet.data.prepare import prepare
-    from masknet.data.schema import builtin_spec
+    from masknet.data.formats import builtin_spec
 
     bad = {40: _undecodable_value(criteo_lines[39], 30), 200: b"0\t\xc3\x28", 250: _undecodable_value(criteo_lines[249], 1)}
     path = _bytes_file(tmp_path / "t.txt", criteo_lines, bad)
@@ -337,7 +337,7 @@ def test_a_10_mb_field_is_read(tmp_path, capsys, criteo_lines):
 def test_lines_grow_the_block_and_one_over_the_cap_is_refused_by_number(tmp_path, criteo_lines, monkeypatch):
     from masknet.data import readers
     from masknet.data.prepare import prepare
-    from masknet.data.schema import builtin_spec
+    from masknet.data.formats import builtin_spec
 
     monkeypatch.setattr(readers, "MAX_BLOCK_BYTES", 256 << 10)
     spec = builtin_spec("criteo").with_min_count(1)
@@ -398,7 +398,7 @@ def test_a_header_over_the_line_cap_is_refused_after_reading_just_past_it(tmp_pa
     762 MB) and read the whole line whatever its length; the line cap did not apply to it."""
     from masknet.data import readers
     from masknet.data.prepare import prepare
-    from masknet.data.schema import builtin_spec
+    from masknet.data.formats import builtin_spec
 
     monkeypatch.setattr(readers, "MAX_BLOCK_BYTES", 256 << 10)
     src = tmp_path / "in.csv"

@@ -26,18 +26,8 @@ CTX_COLS, CAND_COLS = CRITEO_COLUMNS[:13], CRITEO_COLUMNS[13:]
 
 
 @pytest.fixture(scope="module")
-def bundle():
-    return verify_and_load(trained("criteo8k"))
-
-
-@pytest.fixture(scope="module")
 def client(bundle):
     return TestClient(create_app(bundle, max_candidates=50))
-
-
-@pytest.fixture(scope="module")
-def row():
-    return criteo_rows(1)[0]
 
 
 def _post(client, path: str, body: dict):

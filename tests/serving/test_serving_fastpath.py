@@ -30,11 +30,6 @@ CTX_COLS, CAND_COLS = CRITEO_COLUMNS[:13], CRITEO_COLUMNS[13:]
 
 
 @pytest.fixture(scope="module")
-def bundle():
-    return verify_and_load(trained("criteo8k"))
-
-
-@pytest.fixture(scope="module")
 def app(bundle):
     return create_app(bundle, max_candidates=50, threads=1)
 

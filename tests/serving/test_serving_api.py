@@ -25,11 +25,6 @@ MAX_BODY = 200_000
 
 
 @pytest.fixture(scope="module")
-def bundle():
-    return verify_and_load(trained("criteo8k"))
-
-
-@pytest.fixture(scope="module")
 def client(bundle):
     return TestClient(create_app(bundle, max_candidates=MAX_CANDIDATES, max_body_bytes=MAX_BODY))
 

@@ -1,6 +1,6 @@
 """Unit tests of `masknet reproduce`'s parts on hand-made numbers (no training): the plan and its
 cells, the statistics and verdict thresholds, RelaImp, the tables' rows and claims, and the report's
-Markdown. tests/test_reproduce.py runs the whole command end to end."""
+Markdown. tests/experiments/test_reproduce.py runs the whole command end to end."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from masknet.cli import main
 from masknet.data.dataset import load_prepared
 from masknet.data.encoder import Encoder
 from masknet.data.prepare import prepare
-from masknet.data.schema import builtin_spec
+from masknet.data.formats import builtin_spec
 
 ROWS = 400  # all train (explicit files): C1 = "a" 200 times, "b" 20 times (kept at 10, not at 30), then 180 singletons
 
@@ -65,7 +65,7 @@ def test_rule_is_for_criteo_formats_only():
     for name in ("frappe", "avazu", "malware"):
         assert builtin_spec(name).small_file_min_count is None
     spec = builtin_spec("frappe")
-    assert not spec.apply_small_file_min_count(10)
+    assert spec.for_train_rows(10) is None
     assert {f.min_count for f in spec.fields} == {1}
 
 

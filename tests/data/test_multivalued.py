@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from masknet.config import ModelConfig, TrainConfig
-from masknet.data import prepare as prepare_mod
+from masknet.data import spill as spill_mod
 from masknet.data.batch import Batch, MultiValuedField
 from masknet.data.dataset import load_prepared
-from masknet.data.prepare import encode_file, prepare
+from masknet.data.prepare import prepare
+from masknet.data.rawrows import encode_file
 from masknet.data.schema import load_schema_file
 from masknet.errors import DataError, UserError
 from masknet.models import REGISTRY, build_model
@@ -268,7 +269,7 @@ def test_windows_and_chunks_do_not_change_the_result(tmp_path, monkeypatch):
     text = csv_rows([(u, "|".join(f"{t}#{len(t)}" for t in g.split("|") if t), y) for u, g, y in rows])
     data = write(tmp_path / "d.csv", text)
     prepare(load_schema_file(s), tmp_path / "one", input=data)
-    monkeypatch.setattr(prepare_mod, "WINDOW_ROWS", 257)
+    monkeypatch.setattr(spill_mod, "WINDOW_ROWS", 257)
     prepare(load_schema_file(s), tmp_path / "many", input=data, block_bytes=4096)
     a, b = load_prepared(tmp_path / "one"), load_prepared(tmp_path / "many")
     for split in ("train", "valid", "test"):
@@ -300,7 +301,7 @@ GOLDEN = {
 
 def test_single_valued_outputs_are_byte_identical(tmp_path):
     from masknet.data.rawgen import write_avazu, write_criteo
-    from masknet.data.schema import builtin_spec
+    from masknet.data.formats import builtin_spec
     from masknet.data.synthetic import generate, write_synthetic
 
     def h(p: Path) -> str:

@@ -27,10 +27,10 @@ from masknet.data import output as outmod
 from masknet.data.dataset import PreparedWriter, load_prepared
 from masknet.data.prepare import prepare
 from masknet.data.rawgen import write_criteo
-from masknet.data.schema import builtin_spec
+from masknet.data.formats import builtin_spec
 from masknet.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -252,9 +252,9 @@ def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, capsys, dataset_a, r
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     if where == "spill":
-        from masknet.data import prepare as prep
+        from masknet.data.spill import Spill
 
-        monkeypatch.setattr(prep._Spill, "flush", full)
+        monkeypatch.setattr(Spill, "flush", full)
     elif where == "writer":
         monkeypatch.setattr(PreparedWriter, "append", full)
     else:

@@ -19,7 +19,7 @@ from masknet.cli import main
 from masknet.data.dataset import X_DTYPE, load_prepared
 from masknet.data.prepare import prepare
 from masknet.data.rawgen import write_criteo
-from masknet.data.schema import builtin_spec
+from masknet.data.formats import builtin_spec
 from masknet.data.synthetic import write_synthetic
 from masknet.errors import DataError
 

@@ -17,7 +17,6 @@ from collections import Counter
 import pytest
 
 from masknet.serving import requests as requests_module
-from masknet.serving.bundle import verify_and_load
 from masknet.serving.service import create_app
 
 from serving_helpers import CRITEO_COLUMNS, criteo_rows, free_port, running_server, trained
@@ -31,18 +30,8 @@ MARK = 123456789  # replaced by the long literal in the JSON text
 
 
 @pytest.fixture(scope="module")
-def bundle():
-    return verify_and_load(trained("criteo8k"))
-
-
-@pytest.fixture(scope="module")
 def client(bundle):
     return TestClient(create_app(bundle, threads=1))
-
-
-@pytest.fixture(scope="module")
-def row():
-    return criteo_rows(1)[0]
 
 
 def _post(client, path: str, text: str):
