@@ -81,3 +81,17 @@ def test_load_requires_a_manifest_only_when_asked(tmp_path):
     folder.model_config.write_text(json.dumps({"model": "nope"}))
     with pytest.raises(UserError, match="model.json: model: expected one of"):
         folder.load(verify="no")
+
+
+def test_bundle_files_and_log_are_read_through_the_run_folder(tmp_path):
+    folder, _ = tiny_run(tmp_path)
+    assert folder.read_log() == [] and not folder.is_bundle()
+    folder.log.write_text('{"step": 1, "auc": 0.6}\n\n{"step": 2, "auc": 0.7}\n')
+    assert folder.read_log() == [{"step": 1, "auc": 0.6}, {"step": 2, "auc": 0.7}]
+    folder.seal()
+    assert folder.is_bundle()
+    files = folder.bundle_files()
+    listed = json.loads(folder.manifest.read_text())["files"]
+    assert set(files) == set(listed) | {runs.MANIFEST}
+    assert files[runs.WEIGHTS] == folder.weights.read_bytes()
+    assert runs.parse_log(files[runs.LOG]) == folder.read_log()

@@ -114,6 +114,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
     from .config import RunConfig, apply_override, apply_preset, load_config
     from .training.run import default_output, train_run
+    from .runs import CONFIG
     from .training.runfolder import is_run_folder
 
     if args.nproc is not None and "WORLD_SIZE" not in os.environ:
@@ -124,7 +125,7 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.config:
         cfg = load_config(args.config, base=cfg)
     # re-running a saved run must not write back into it: its config's `output` is not reused
-    saved_run = args.config is not None and Path(args.config).name == "config.yaml" and is_run_folder(Path(args.config).parent)
+    saved_run = args.config is not None and Path(args.config).name == CONFIG and is_run_folder(Path(args.config).parent)
     if saved_run:
         cfg.output = None
     if args.model:

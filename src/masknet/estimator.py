@@ -47,6 +47,7 @@ from sklearn.utils.validation import check_array, check_is_fitted, column_or_1d
 from .config import dotted_keys
 from .registry import model_names, paper_masknets
 from .errors import UserError
+from .runs import LOG, MODEL_CONFIG, RunFolder, parse_log
 
 LABEL = "__masknet_label__"  # the label column of the Parquet files fit writes
 ESTIMATOR_FILE = "estimator.json"  # the estimator's own part of a bundle: classes, columns, params
@@ -396,7 +397,7 @@ class CTRClassifier(ClassifierMixin, BaseEstimator):
             raise EstimatorInputError(_user_rows(str(exc), where, schema_path)) from None
         log = print if self.verbose >= 1 else (lambda *_: None)
         result = train_run(cfg, log=log)
-        self.history_ = [json.loads(line) for line in (Path(result.path) / "log.jsonl").read_text().splitlines() if line]
+        self.history_ = RunFolder(result.path).read_log()
         self._write_estimator_file(Path(result.path))
         return _read_bundle(Path(result.path))
 
@@ -450,8 +451,8 @@ class CTRClassifier(ClassifierMixin, BaseEstimator):
                 self.schema_ = {c: "index" for c in cols}
             self.feature_names_in_ = np.asarray(cols, dtype=object)
             self.n_features_in_ = len(cols)
-        if "history_" not in self.__dict__ and "log.jsonl" in files:
-            self.history_ = [json.loads(line) for line in files["log.jsonl"].decode().splitlines() if line]
+        if "history_" not in self.__dict__ and LOG in files:
+            self.history_ = parse_log(files[LOG])
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -473,7 +474,7 @@ class CTRClassifier(ClassifierMixin, BaseEstimator):
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             if not overwrite:
                 raise EstimatorInputError(f"{path}: exists and is not empty; choose another path or pass overwrite=True")
-            if not (path / "manifest.json").is_file():
+            if not RunFolder(path).is_bundle():
                 raise EstimatorInputError(f"{path}: exists and is not a masknet bundle; refusing to replace it")
             shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -596,7 +597,7 @@ def load(path: str | Path) -> CTRClassifier:
     verify_and_load(path)  # a clear error before anything is read
     files = _read_bundle(path)
     est_doc = json.loads(files[ESTIMATOR_FILE]) if ESTIMATOR_FILE in files else None
-    spec = json.loads(files["model.json"])
+    spec = json.loads(files[MODEL_CONFIG])
     cls = MaskNetClassifier if (est_doc or {}).get("class") == "MaskNetClassifier" else CTRClassifier
     params = dict((est_doc or {}).get("params", {}))
     params["model"] = spec["model"]
@@ -630,9 +631,7 @@ class _WorkFolder:
 
 def _read_bundle(run: Path) -> dict[str, bytes]:
     """The bundle's files: every top-level file the manifest lists, and the manifest."""
-    manifest = json.loads((run / "manifest.json").read_text())
-    names = list(manifest["files"]) + ["manifest.json"]
-    return {name: (run / name).read_bytes() for name in names}
+    return RunFolder(run).bundle_files()
 
 
 def _user_rows(message: str, where: dict[Path, tuple[str, np.ndarray]], schema_path: Optional[Path]) -> str:

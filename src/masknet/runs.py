@@ -74,6 +74,11 @@ class LoadedRun:
     manifest: Optional[dict[str, Any]]
 
 
+def parse_log(data: bytes) -> list[dict[str, Any]]:
+    """log.jsonl's records from its bytes (a run folder's, or a bundle held in memory)."""
+    return [json.loads(line) for line in data.decode().splitlines() if line]
+
+
 @dataclass(frozen=True)
 class RunFolder:
     """One run's folder; every path of a run's file comes from here."""
@@ -253,6 +258,19 @@ class RunFolder:
             return json.loads(p.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise UserError(f"{p}: not valid JSON ({exc})") from None
+
+    def read_log(self) -> list[dict[str, Any]]:
+        """log.jsonl's records in order ([] for a folder without one)."""
+        return parse_log(self.log.read_bytes()) if self.log.is_file() else []
+
+    def bundle_files(self) -> dict[str, bytes]:
+        """The sealed bundle's bytes: every file its manifest lists, and the manifest (verify() first)."""
+        names = list(self._read_manifest()["files"]) + [MANIFEST]
+        return {name: self.file(name).read_bytes() for name in names}
+
+    def is_bundle(self) -> bool:
+        """Whether the folder holds a bundle manifest (a sealed run folder or a saved estimator)."""
+        return self.manifest.is_file()
 
     def read_metrics(self) -> dict[str, Any]:
         """metrics.json ({} for a folder without one)."""

@@ -288,7 +288,7 @@ def _run_metrics(
         }
     metrics["device"] = ctx.device
     metrics["tasks"] = tasks_report.tasks
-    metrics["calibration"] = dict(tasks_report.summary, reliability_png="reliability.png")
+    metrics["calibration"] = dict(tasks_report.summary, reliability_png=RELIABILITY)
     # what ran the step (docs/performance.md): the GEMM kernel and the embedding tables' update
     metrics["kernels"] = {
         "gemm": gemm_backend() if ctx.device == "cpu" else "torch",
