@@ -109,12 +109,13 @@ def main() -> None:
             for name, per_seed in cells.items()
         }
     oracle = {t: next(iter(cells[f"mt-{args.kinds.split(',')[0]}{tag}"].values()))["tasks"][t]["oracle_auc"] for t in tasks}
+    data_seed = cell_config("none", tasks, 0, runs, args.rows, args.set, False).data.synthetic.seed  # --set may change it
     out = {
         "command": "python benchmarks/multitask_auc.py " + " ".join(
             [f"--seeds {args.seeds}", f"--kinds {args.kinds}", f"--rows {args.rows}"] + (["--plain"] if args.plain else [])
             + [f"--set {s}" for s in args.set] + [f"--mt-set {s}" for s in args.mt_set] + ([f"--mt-tag {args.mt_tag}"] if tag else [])),
         "machine": platform.processor() or platform.machine(),
-        "data": {"generator": "masknet.data.synthetic v2, multitask", "rows": args.rows, "seed": 7},
+        "data": {"generator": "masknet.data.synthetic v2, multitask", "rows": args.rows, "seed": data_seed},
         "oracle_auc": oracle,
         "valid_auc": auc_table("valid_auc"),
         "test_auc": auc_table("auc"),
