@@ -6,8 +6,8 @@ For each seed, trains (every cell on the same data, data seed 7):
                      their runs and names get the --mt-tag suffix)
     st-<kind>-<task> the same architecture (one tower) trained on that task alone
     plain-<task>     the single-task model (no tower), optional (--plain)
-and writes every run's per-task test AUC, log loss, ECE and the oracle AUC to a JSON file, plus
-the per-seed differences mt - st. Runs are kept under --runs (rerunning skips finished cells).
+and writes every run's per-task test AUC, log loss, ECE, validation AUC and the oracle AUC to a
+JSON file, plus the per-seed differences mt - st on the validation and on the test split. Runs are kept under --runs (rerunning skips finished cells).
 
     python benchmarks/multitask_auc.py --seeds 1,2,3 --output docs/bench-results/multitask.json
 """
@@ -94,31 +94,39 @@ def main() -> None:
             for t in tasks:
                 cells.setdefault(f"plain-{t}", {})[seed] = run_cell(
                     f"plain-{t} seed {seed}", cell_config("none", [t], seed, runs / f"plain-{t}-s{seed}", args.rows, args.set, False))
-    comparisons = {}
-    for kind in args.kinds.split(","):
-        for t in tasks:
-            for base in [f"st-{kind}-{t}"] + ([f"plain-{t}"] if args.plain else []):
-                diffs = [cells[f"mt-{kind}{tag}"][s]["tasks"][t]["auc"] - cells[base][s]["tasks"][t]["auc"] for s in seeds]
-                comparisons[f"mt-{kind}{tag} - {base} ({t})"] = summary(diffs)
-    table = {
-        name: {t: summary([r["tasks"][t]["auc"] for r in per_seed.values()]) for t in next(iter(per_seed.values()))["tasks"]}
-        for name, per_seed in cells.items()
-    }
+    # the same differences on the validation split (the split every decision is taken on) and the test split
+    comparisons = {split: {} for split in ("valid_auc", "auc")}
+    for split, per_split in comparisons.items():
+        for kind in args.kinds.split(","):
+            for t in tasks:
+                for base in [f"st-{kind}-{t}"] + ([f"plain-{t}"] if args.plain else []):
+                    diffs = [cells[f"mt-{kind}{tag}"][s]["tasks"][t][split] - cells[base][s]["tasks"][t][split] for s in seeds]
+                    per_split[f"mt-{kind}{tag} - {base} ({t})"] = summary(diffs)
+
+    def auc_table(split: str) -> dict:
+        return {
+            name: {t: summary([r["tasks"][t][split] for r in per_seed.values()]) for t in next(iter(per_seed.values()))["tasks"]}
+            for name, per_seed in cells.items()
+        }
     oracle = {t: next(iter(cells[f"mt-{args.kinds.split(',')[0]}{tag}"].values()))["tasks"][t]["oracle_auc"] for t in tasks}
+    data_seed = cell_config("none", tasks, 0, runs, args.rows, args.set, False).data.synthetic.seed  # --set may change it
     out = {
         "command": "python benchmarks/multitask_auc.py " + " ".join(
             [f"--seeds {args.seeds}", f"--kinds {args.kinds}", f"--rows {args.rows}"] + (["--plain"] if args.plain else [])
             + [f"--set {s}" for s in args.set] + [f"--mt-set {s}" for s in args.mt_set] + ([f"--mt-tag {args.mt_tag}"] if tag else [])),
         "machine": platform.processor() or platform.machine(),
-        "data": {"generator": "masknet.data.synthetic v2, multitask", "rows": args.rows, "seed": 7},
+        "data": {"generator": "masknet.data.synthetic v2, multitask", "rows": args.rows, "seed": data_seed},
         "oracle_auc": oracle,
-        "test_auc": table,
-        "mt_minus_baseline": comparisons,
+        "valid_auc": auc_table("valid_auc"),
+        "test_auc": auc_table("auc"),
+        "mt_minus_baseline_valid": comparisons["valid_auc"],
+        "mt_minus_baseline": comparisons["auc"],
         "cells": cells,
     }
     Path(args.output).write_text(json.dumps(out, indent=2))
-    for k, v in comparisons.items():
-        print(f"{k}: {v['mean']:+.4f} ± {v['std']:.4f}  {['%+.4f' % d for d in v['values']]}")
+    for split, per_split in comparisons.items():
+        for k, v in per_split.items():
+            print(f"{'valid' if split == 'valid_auc' else 'test'} {k}: {v['mean']:+.4f} ± {v['std']:.4f}  {['%+.4f' % d for d in v['values']]}")
 
 
 if __name__ == "__main__":
