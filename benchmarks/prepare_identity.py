@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from masknet.cli import main
+from masknet.data.formats import CRITEO_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -49,7 +50,6 @@ CENSUS_COLUMNS = [
     "citizenship", "own_or_self", "vet_question", "vet_benefits", "weeks_worked", "year", "income_50k",
 ]
 CENSUS_NUMERIC = ["age", "wage_per_hour", "capital_gains", "capital_losses", "stock_dividends", "num_emp", "weeks_worked"]
-CRITEO_COLUMNS = ["label"] + [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
 
 
 def census_schema() -> str:
