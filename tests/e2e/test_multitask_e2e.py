@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,35 +20,12 @@ from serving_helpers import need
 TINY = ["--epochs", "2", "--set", "model.block_dim=16", "--set", "model.num_blocks=2", "--set", "model.top_mlp=16",
         "--set", "model.dnn_hidden=16", "--set", "train.threads=1", "--set", "train.batch_size=64", "--quiet"]
 
-ALI_SCHEMA = """labels: [click, purchase]
-categorical: ["101", "121", "122", "124", "125", "126", "127", "128", "129", "205", "206", "207", "210", "216",
-              "508", "509", "702", "853", "301", "109_14", "110_14", "127_14", "150_14"]
-numeric: [D109_14, D110_14, D127_14, D150_14, D508, D509, D702, D853]
-"""
-
-# DeepCTR's run_mtl.py names; the sample's first column is a row id
-CENSUS_COLUMNS = [
-    "id", "age", "class_worker", "det_ind_code", "det_occ_code", "education", "wage_per_hour", "hs_college",
-    "marital_stat", "major_ind_code", "major_occ_code", "race", "hisp_origin", "sex", "union_member", "unemp_reason",
-    "full_or_part_emp", "capital_gains", "capital_losses", "stock_dividends", "tax_filer_stat", "region_prev_res",
-    "state_prev_res", "det_hh_fam_stat", "det_hh_summ", "instance_weight", "mig_chg_msa", "mig_chg_reg", "mig_move_reg",
-    "mig_same", "mig_prev_sunbelt", "num_emp", "fam_under_18", "country_father", "country_mother", "country_self",
-    "citizenship", "own_or_self", "vet_question", "vet_benefits", "weeks_worked", "year", "income_50k",
-]
-CENSUS_NUMERIC = ["age", "wage_per_hour", "capital_gains", "capital_losses", "stock_dividends", "num_emp", "weeks_worked"]
+SCHEMAS = Path(__file__).resolve().parents[2] / "configs" / "schemas"  # also used by benchmarks/prepare_identity.py
+ALI_SCHEMA = (SCHEMAS / "ali-ccp.yaml").read_text()
 
 
 def census_schema() -> str:
-    skip = set(CENSUS_NUMERIC) | {"id", "instance_weight", "marital_stat", "income_50k"}
-    categorical = [c for c in CENSUS_COLUMNS if c not in skip]
-    return (
-        "header: false\n"
-        f"columns: {json.dumps(CENSUS_COLUMNS)}\n"
-        "labels:\n  - {name: income_50k, positive: '50000+.'}\n  - {name: marital_stat, positive: Never married}\n"
-        f"categorical: {json.dumps(categorical)}\n"
-        f"numeric: {json.dumps(CENSUS_NUMERIC)}\n"
-        "missing_values: ['', ' ?']\n"
-    )
+    return (SCHEMAS / "census-income.yaml").read_text()
 
 
 @pytest.fixture(scope="module")
