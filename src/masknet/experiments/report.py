@@ -202,10 +202,7 @@ def _table2(tables: dict, claims: list[dict], plots: dict) -> list[str]:
     L.extend(md_table(["model", "test AUC here", "logloss here", "RelaImp vs FM here", "paper AUC " + " / ".join(ds),
                        "paper RelaImp (Criteo)", "here: Δ AUC vs FM ± SE, paper's ordering (> FM)"], rows))
     L.append("")
-    L.extend(_claim_table([c for c in claims if c["id"].startswith("t2_")]))
-    L.append("")
-    L.append(f"![Table 2]({plots['2']})")
-    L.append("")
+    L.extend(_table_tail(claims, "2", plots))
     return L
 
 
@@ -222,11 +219,13 @@ def _table3(tables: dict, claims: list[dict], plots: dict) -> list[str]:
     L.extend(md_table(["model", "variant", "test AUC here", "logloss here", "paper AUC (Criteo)", "paper: full − variant",
                        "here: full − variant ± SE, verdict"], rows))
     L.append("")
-    L.extend(_claim_table([c for c in claims if c["id"].startswith("t3_")]))
-    L.append("")
-    L.append(f"![Table 3]({plots['3']})")
-    L.append("")
+    L.extend(_table_tail(claims, "3", plots))
     return L
+
+
+def _table_tail(claims: list[dict], t: str, plots: dict) -> list[str]:
+    """What ends each of Tables 2-6's sections: the table's claims, then its plot."""
+    return [*_claim_table([c for c in claims if c["id"].startswith(f"t{t}_")]), "", f"![Table {t}]({plots[t]})", ""]
 
 
 def _sweep_table(t: str, tt: dict, claims: list[dict], plots: dict) -> list[str]:
@@ -246,10 +245,7 @@ def _sweep_table(t: str, tt: dict, claims: list[dict], plots: dict) -> list[str]
     L.extend(md_table([tt["label"], "model", "test AUC here", "paper AUC (Criteo)", f"paper Δ vs {default}",
                        f"here: Δ vs {default} ± SE, verdict"], rows))
     L.append("")
-    L.extend(_claim_table([c for c in claims if c["id"].startswith(f"t{t}_")]))
-    L.append("")
-    L.append(f"![Table {t}]({plots[t]})")
-    L.append("")
+    L.extend(_table_tail(claims, t, plots))
     return L
 
 
