@@ -21,19 +21,14 @@ from masknet.models import build_model
 from masknet.models.layers import MLP, dense, gemm_backend, using_gemm_backend
 from masknet.training.embedding_update import LazyAdam
 
+from model_helpers import random_model
+
 CARDS = [5, 7, 4, 9, 3]
 needs_onednn = pytest.mark.skipif(gemm_backend() != "onednn", reason="this PyTorch has no oneDNN linear op")
 
 
 def small_model(name: str, seed: int = 0):
-    cfg = ModelConfig(name=name, **QUICK_MODEL)
-    torch.manual_seed(seed)
-    model = build_model(cfg, CARDS)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return model
+    return random_model(ModelConfig(name=name, **QUICK_MODEL), CARDS, seed, scale=0.3)
 
 
 def rows(n: int = 64, seed: int = 1) -> torch.Tensor:

@@ -15,25 +15,20 @@ from masknet.cli import main
 from masknet.config import ModelConfig, TrainConfig, load_config
 from masknet.data.dataset import CTRDataset, Split
 from masknet.data.synthetic import generate
-from masknet.models import build_model
 from masknet.models.layers import gemm_backend
 from masknet.training import trainer
 from masknet.training.metrics import auc, logloss, relaimp
 from masknet.training.run import load_model
 from masknet.training.trainer import fit, loss_fn, predict
 
+from model_helpers import random_model
+
 CARDS = [5, 7, 4]
 
 
 def tiny_model(name="sermasknet", seed=0, **over):
     cfg = ModelConfig(name=name, embedding_dim=3, num_blocks=2, block_dim=6, top_mlp=[5, 4], **over)
-    torch.manual_seed(seed)
-    model = build_model(cfg, CARDS)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.5 * torch.randn(p.shape, generator=g))
-    return model
+    return random_model(cfg, CARDS, seed, scale=0.5)
 
 
 def batch(n=32, seed=0):
