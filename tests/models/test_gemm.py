@@ -132,13 +132,18 @@ class _CountLayerNorms(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_paramasknet_normalizes_the_embedding_once():
+def test_paramasknet_normalizes_the_embedding_once(monkeypatch):
     """u blocks on the embedding: one per-field normalization, u block LayerNorms (was 2u)."""
+    import masknet.models.layers as layers
+
     model = small_model("paramasknet")
     u = model.cfg.num_blocks
+    field_norms = []
+    plain = layers.field_normalize
+    monkeypatch.setattr(layers, "field_normalize", lambda x, eps=1e-5: field_norms.append(x.shape) or plain(x, eps))
     with torch.no_grad(), _CountLayerNorms() as counter:
         model(rows())
-    assert counter.calls == 1 + u
+    assert len(field_norms) == 1 and counter.calls == u  # the block LayerNorms; LN_EMB's is the GEMV form
     # and each block still applies its own gain and bias (Eq. 9 per block)
     x = rows()
     with torch.no_grad():
@@ -258,3 +263,59 @@ def test_multitask_and_multivalued_models_run_every_linear_on_onednn(name, multi
         ref = model(x)
     with torch.no_grad(), using_gemm_backend("onednn"):
         torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# LN_EMB's normalization in GEMV form, the mask multiply inside the projection GEMM (prediction)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_field_normalize_is_layer_norm(grad):
+    """layers.field_normalize = F.layer_norm without gain and bias, forward and backward, to
+    float32 rounding; non-contiguous input takes F.layer_norm itself."""
+    from masknet.models.layers import field_normalize
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(300, 7, 10, generator=g) * 3 + 1).requires_grad_(grad)
+    w = torch.randn(300, 7, 10, generator=g)
+    with torch.set_grad_enabled(grad):
+        ours, ref = field_normalize(x), torch.nn.functional.layer_norm(x, (10,))
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=2e-6)
+    if grad:
+        (gx_ours,) = torch.autograd.grad((ours * w).sum(), x)
+        (gx_ref,) = torch.autograd.grad((ref * w).sum(), x)
+        torch.testing.assert_close(gx_ours, gx_ref, rtol=1e-5, atol=2e-6)
+    t = x.detach().transpose(0, 1)  # not contiguous
+    torch.testing.assert_close(field_normalize(t), torch.nn.functional.layer_norm(t, (10,)), rtol=0, atol=0)
+
+
+class _CountBinaryLinears(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.mkldnn._linear_pointwise.binary:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+@needs_onednn
+@pytest.mark.parametrize("name", ["sermasknet", "paramasknet"])
+def test_prediction_multiplies_the_mask_inside_the_gemm(name):
+    """Without autograd and without return_masks, every block's V_mask ⊙ v_in is the projection
+    GEMM's binary post-op; the logits are those of the separate multiply (and of the training path)."""
+    model = small_model(name).eval()
+    x = rows()
+    with torch.no_grad(), _CountBinaryLinears() as fused:
+        logits = model(x)
+    with torch.no_grad(), _CountBinaryLinears() as separate:
+        with_masks, masks = model(x, return_masks=True)
+    assert fused.calls == model.cfg.num_blocks and separate.calls == 0 and len(masks) == model.cfg.num_blocks
+    torch.testing.assert_close(logits, with_masks, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(logits, model(x).detach(), rtol=1e-5, atol=1e-6)
+    # the bench's roofline still sees every product (the fused ones as plain oneDNN products)
+    with torch.no_grad():
+        fused_products = record_products(lambda: model(x))
+        separate_products = record_products(lambda: model(x, return_masks=True))
+    assert fused_products == separate_products

@@ -219,6 +219,64 @@ def dense(layer: nn.Module, x: torch.Tensor, relu: bool = False) -> torch.Tensor
     return linear(x, layer.weight, layer.bias, relu)
 
 
+def dense_times(layer: nn.Module, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """`layer(x) * other` for an nn.Linear `layer`. Without autograd (prediction) on oneDNN the
+    product is applied in the GEMM's output pass (its binary post-op): no second pass over the
+    result. MaskBlock's mask multiply V_mask ⊙ v_in at prediction (docs/performance.md)."""
+    if (type(layer) is nn.Linear and not torch.is_grad_enabled() and x.dim() == 2 and other.shape == (x.shape[0], layer.out_features)
+            and other.dtype == x.dtype and _onednn_applies(x, layer.weight)):
+        return _ONEDNN_LINEAR.binary(x, other, layer.weight, layer.bias, "mul")
+    return dense(layer, x) * other
+
+
+def _field_normalize_gemv(x2: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x - mean) / sqrt(var + eps) over each row of x2 [N, k] -> (normed, mean [N, 1], rstd [N, 1]).
+    The row means are products with a vector of 1/k (one GEMV, aten.mv, over all N rows: not a
+    matrix product, so neither the FLOP count nor the roofline of bench/ counts it)."""
+    col = x2.new_full((x2.shape[1],), 1.0 / x2.shape[1])
+    mean = x2.mv(col).unsqueeze(1)
+    d = x2 - mean
+    rstd = torch.rsqrt((d * d).mv(col).unsqueeze(1) + eps)
+    return d.mul_(rstd), mean, rstd
+
+
+class _FieldNormalize(torch.autograd.Function):
+    """field_normalize with autograd: the forward as _field_normalize_gemv, the backward aten's
+    own LayerNorm backward (native_layer_norm_backward, from the saved mean and rstd)."""
+
+    @staticmethod
+    def forward(ctx, x, eps: float):
+        k = x.shape[-1]
+        normed, mean, rstd = _field_normalize_gemv(x.reshape(-1, k), eps)
+        stats = x.shape[:-1] + (1,)
+        ctx.save_for_backward(x, mean.view(stats), rstd.view(stats))
+        return normed.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, mean, rstd = ctx.saved_tensors
+        gx = torch.ops.aten.native_layer_norm_backward(gy.contiguous(), x, [x.shape[-1]], mean, rstd, None, None, [True, False, False])[0]
+        return gx, None
+
+
+def field_normalize(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """F.layer_norm(x, (k,), eps) without gain and bias, over the last dimension k of x [..., k].
+
+    aten's LayerNorm loops over rows, which is slow on LN_EMB's short rows (k = 10, B·f = 40k rows
+    a batch): the GEMV form (_field_normalize_gemv) takes ~0.45x its time at k = 10 (1 thread,
+    docs/performance.md), the same function up to float rounding (~1e-6). Tracing (ONNX export),
+    torch.compile and other devices or dtypes use F.layer_norm itself."""
+    plain = (
+        x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous() or torch.jit.is_tracing()
+        or torch.jit.is_scripting() or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
+    )
+    if plain:
+        return F.layer_norm(x, (x.shape[-1],), eps=eps)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _FieldNormalize.apply(x, eps)
+    return _field_normalize_gemv(x.reshape(-1, x.shape[-1]), eps)[0].view(x.shape)
+
+
 class FieldEmbedding(nn.Embedding):
     """One embedding table of size k per field (Eq. 4), stored as one concatenated table.
 
@@ -471,7 +529,7 @@ class FieldLayerNorm(nn.Module):
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """(x - mean) / sqrt(var + eps) per field, over its own k values (static k: exportable)."""
-        return F.layer_norm(x, (self.dim,), eps=self.eps)
+        return field_normalize(x, self.eps)
 
     def forward(self, x: torch.Tensor, normed: Optional[torch.Tensor] = None) -> torch.Tensor:
         normed = self.normalize(x) if normed is None else normed
