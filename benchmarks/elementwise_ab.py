@@ -4,8 +4,8 @@ Each change is measured against the same-run baseline, with everything else as t
 
 - field-norm: LN_EMB's per-field normalization as F.layer_norm (A) or layers.field_normalize (B,
   the GEMV form), in the training step and in prediction at batch 1024;
-- mask-fused: prediction with the mask multiply as its own pass (A: the path that also returns
-  the masks) or inside the projection GEMM's output pass (B: layers.dense_times).
+- mask-fused (only at the commit that had it, 2b82eef): prediction with the mask multiply as its
+  own pass (A) or in the projection GEMM's binary post-op (B); measured 0.997x, so not kept.
 
     python benchmarks/elementwise_ab.py [--model sermasknet] [--threads 1] [--rounds 9] [--steps 10] [--reps 20]
 
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--steps", type=int, default=10, help="training steps per round")
     ap.add_argument("--reps", type=int, default=20, help="prediction batches per round")
-    ap.add_argument("--cases", default="field-norm-train,field-norm-predict,mask-fused-predict")
+    ap.add_argument("--cases", default="field-norm-train,field-norm-predict")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     keep_freed_memory()
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     def predict(masks: bool):
         def run(i):
             with torch.inference_mode():
-                model(data[i % len(data)][0], return_masks=masks)
+                model(data[i % len(data)][0])
         return run
 
     cases = args.cases.split(",")
@@ -111,8 +111,6 @@ def main(argv=None) -> int:
         compare("field-norm predict@1024", with_norm(layer_norm_normalize, predict(False)), with_norm(GEMV_NORMALIZE, predict(False)),
                 args.reps, 1024, args.rounds)
     FieldLayerNorm.normalize = GEMV_NORMALIZE
-    if "mask-fused-predict" in cases:
-        compare("mask-fused predict@1024", predict(True), predict(False), args.reps, 1024, args.rounds)
     print(f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f}")
     return 0
 

@@ -266,7 +266,7 @@ def test_multitask_and_multivalued_models_run_every_linear_on_onednn(name, multi
 
 
 # ---------------------------------------------------------------------------
-# LN_EMB's normalization in GEMV form, the mask multiply inside the projection GEMM (prediction)
+# LN_EMB's normalization in GEMV form
 
 
 @pytest.mark.parametrize("grad", [True, False])
@@ -287,35 +287,3 @@ def test_field_normalize_is_layer_norm(grad):
         torch.testing.assert_close(gx_ours, gx_ref, rtol=1e-5, atol=2e-6)
     t = x.detach().transpose(0, 1)  # not contiguous
     torch.testing.assert_close(field_normalize(t), torch.nn.functional.layer_norm(t, (10,)), rtol=0, atol=0)
-
-
-class _CountBinaryLinears(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.mkldnn._linear_pointwise.binary:
-            self.calls += 1
-        return func(*args, **(kwargs or {}))
-
-
-@needs_onednn
-@pytest.mark.parametrize("name", ["sermasknet", "paramasknet"])
-def test_prediction_multiplies_the_mask_inside_the_gemm(name):
-    """Without autograd and without return_masks, every block's V_mask ⊙ v_in is the projection
-    GEMM's binary post-op; the logits are those of the separate multiply (and of the training path)."""
-    model = small_model(name).eval()
-    x = rows()
-    with torch.no_grad(), _CountBinaryLinears() as fused:
-        logits = model(x)
-    with torch.no_grad(), _CountBinaryLinears() as separate:
-        with_masks, masks = model(x, return_masks=True)
-    assert fused.calls == model.cfg.num_blocks and separate.calls == 0 and len(masks) == model.cfg.num_blocks
-    torch.testing.assert_close(logits, with_masks, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(logits, model(x).detach(), rtol=1e-5, atol=1e-6)
-    # the bench's roofline still sees every product (the fused ones as plain oneDNN products)
-    with torch.no_grad():
-        fused_products = record_products(lambda: model(x))
-        separate_products = record_products(lambda: model(x, return_masks=True))
-    assert fused_products == separate_products

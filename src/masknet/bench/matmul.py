@@ -3,8 +3,7 @@ kernel the step runs each of them with, and in the best layout and kernel this m
 
 `record_products` runs one training step's forward + backward (or one prediction forward) and
 records every matrix product it dispatches: aten mm / addmm / bmm (MKL) and
-mkldnn::_linear_pointwise (oneDNN, what models.layers.dense runs; its binary form, a product with
-an elementwise multiply in its output pass, as the product alone), each as
+mkldnn::_linear_pointwise (oneDNN, what models.layers.dense runs), each as
 
     C[M, N] = A[M, K] @ B[K, N]      (batched for bmm)
 
@@ -43,9 +42,6 @@ aten = torch.ops.aten
 _MKL_OPS = {aten.mm.default: "mm", aten.addmm.default: "addmm", aten.bmm.default: "bmm"}
 _ONEDNN = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 _ONEDNN_OPS = {_ONEDNN.default} if _ONEDNN is not None else set()
-# (x, other, W, b, op): a product with an elementwise op by `other` in its output pass (the
-# prediction's mask multiply, layers.dense_times); recorded and replayed as its product alone
-_ONEDNN_BINARY_OPS = {_ONEDNN.binary} if _ONEDNN is not None and hasattr(_ONEDNN, "binary") else set()
 
 
 @dataclass(frozen=True)
@@ -92,11 +88,8 @@ class _Recorder(TorchDispatchMode):
             bias = args[2] if len(args) > 2 else None
             m = x.numel() // x.shape[-1]
             self.products[Product(m, w.shape[0], x.shape[-1], 1, bias is not None, "mkl", x.dim() == 2 and _transposed(x), w.is_contiguous())] += 1
-        elif func in _ONEDNN_OPS or func in _ONEDNN_BINARY_OPS:
-            if func in _ONEDNN_BINARY_OPS:
-                x, w, bias, attr = args[0], args[2], args[3], "none"
-            else:
-                x, w, bias, attr = args[0], args[1], args[2], args[3]
+        elif func in _ONEDNN_OPS:
+            x, w, bias, attr = args[0], args[1], args[2], args[3]
             m = x.numel() // x.shape[-1]
             x_t = x.dim() == 2 and _transposed(x)
             # B = W^T: a contiguous W is a transposed B

@@ -219,16 +219,6 @@ def dense(layer: nn.Module, x: torch.Tensor, relu: bool = False) -> torch.Tensor
     return linear(x, layer.weight, layer.bias, relu)
 
 
-def dense_times(layer: nn.Module, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """`layer(x) * other` for an nn.Linear `layer`. Without autograd (prediction) on oneDNN the
-    product is applied in the GEMM's output pass (its binary post-op): no second pass over the
-    result. MaskBlock's mask multiply V_mask ⊙ v_in at prediction (docs/performance.md)."""
-    if (type(layer) is nn.Linear and not torch.is_grad_enabled() and x.dim() == 2 and other.shape == (x.shape[0], layer.out_features)
-            and other.dtype == x.dtype and _onednn_applies(x, layer.weight)):
-        return _ONEDNN_LINEAR.binary(x, other, layer.weight, layer.bias, "mul")
-    return dense(layer, x) * other
-
-
 def _field_normalize_gemv(x2: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x - mean) / sqrt(var + eps) over each row of x2 [N, k] -> (normed, mean [N, 1], rstd [N, 1]).
     The row means are products with a vector of 1/k (one GEMV, aten.mv, over all N rows: not a

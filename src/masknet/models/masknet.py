@@ -18,9 +18,8 @@ e_i (layers.FieldEmbedding), so every equation below keeps its shape.
 Ablation switches (ModelConfig): use_mask, emb_layernorm, block_layernorm, block_ffn.
 
 How it is computed (the same function, docs/performance.md): every nn.Linear runs through
-layers.dense (oneDNN GEMMs, the ReLU after W_d1 fused into its GEMM; at prediction the mask
-multiply too, into W_d2's), and ParaMaskNet's blocks share one per-field normalization of V_emb,
-each applying its own LN_EMB gain and bias.
+layers.dense (oneDNN GEMMs, the ReLU after W_d1 fused into its GEMM), and ParaMaskNet's blocks
+share one per-field normalization of V_emb, each applying its own LN_EMB gain and bias.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..data.batch import MultiValuedField
 from .base import CTRModel
-from .layers import MLP, FieldEmbedding, FieldLayerNorm, dense, dense_times
+from .layers import MLP, FieldEmbedding, FieldLayerNorm, dense
 from .search import EMBEDDING, TRAINING, Choice, Float, Int, Layers, SearchSpace
 
 
@@ -56,10 +55,6 @@ class InstanceGuidedMask(nn.Module):
     def forward(self, v_emb: torch.Tensor) -> torch.Tensor:
         return dense(self.projection, dense(self.aggregation, v_emb, relu=True))
 
-    def times(self, v_emb: torch.Tensor, v_in: torch.Tensor) -> torch.Tensor:
-        """V_mask ⊙ v_in, at prediction in the projection GEMM's output pass (layers.dense_times)."""
-        return dense_times(self.projection, dense(self.aggregation, v_emb, relu=True), v_in)
-
 
 class MaskBlock(nn.Module):
     """One MaskBlock: instance-guided mask + feed-forward layer + layer normalization.
@@ -68,10 +63,9 @@ class MaskBlock(nn.Module):
                           normalized per field (LN_EMB) before the mask multiplies it.
     on_embedding=False -> MaskBlock on MaskBlock (Eq. 13-14): the input is the previous block's output.
 
-    forward(v_emb [B, m], v_in [B, n], normed, need_mask) -> (V_output [B, output_dim], V_mask [B, n] or None)
+    forward(v_emb [B, m], v_in [B, n], normed) -> (V_output [B, output_dim], V_mask [B, n] or None)
     normed: optionally LN_EMB's normalization of v_in ([B, f, k], FieldLayerNorm.normalize),
-    when blocks on the same embedding share it. need_mask=False: V_mask is not returned (None), so
-    that prediction can multiply it in inside the projection's GEMM.
+    when blocks on the same embedding share it.
     """
 
     def __init__(
@@ -101,15 +95,12 @@ class MaskBlock(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else None
 
     def forward(
-        self, v_emb: torch.Tensor, v_in: torch.Tensor, normed: Optional[torch.Tensor] = None, need_mask: bool = True
+        self, v_emb: torch.Tensor, v_in: torch.Tensor, normed: Optional[torch.Tensor] = None
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         if self.emb_norm is not None:
             v_in = self.emb_norm(v_in.view(-1, self.num_fields, self.embedding_dim), normed).flatten(1)  # [B, m]
-        if self.mask is not None and not need_mask and not torch.is_grad_enabled():
-            h, v_mask = self.mask.times(v_emb, v_in), None  # prediction: V_mask ⊙ v_in in one GEMM pass
-        else:
-            v_mask = self.mask(v_emb) if self.mask is not None else None  # [B, n], from the RAW V_emb
-            h = v_in * v_mask if v_mask is not None else v_in  # Eq. 6 / 11 / 13
+        v_mask = self.mask(v_emb) if self.mask is not None else None  # [B, n], from the RAW V_emb
+        h = v_in * v_mask if v_mask is not None else v_in  # Eq. 6 / 11 / 13
         if self.hidden is None:
             return h, v_mask
         if self.hidden_norm is None:
@@ -144,7 +135,7 @@ class _MaskNet(CTRModel):
         """x: LongTensor [B, f] or a Batch -> logits [B]; with return_masks, also the list of each
         block's V_mask ([B, z_i], in block order; empty when the mask is switched off)."""
         v_emb = self.embedding(x).flatten(1)  # [B, m]  (Eq. 4)
-        logits, masks = self._forward_from_embedding(v_emb, need_masks=return_masks)
+        logits, masks = self._forward_from_embedding(v_emb)
         if return_masks:
             return logits, [m for m in masks if m is not None]
         return logits
@@ -160,11 +151,11 @@ def serial_blocks(num_fields: int, cfg: ModelConfig) -> nn.ModuleList:
     return nn.ModuleList(blocks)
 
 
-def serial_forward(blocks: nn.ModuleList, v_emb: torch.Tensor, need_masks: bool = True) -> tuple[torch.Tensor, list]:
-    """V_emb [B, m] -> (the last block's output [B, q], each block's V_mask (None without need_masks))."""
+def serial_forward(blocks: nn.ModuleList, v_emb: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """V_emb [B, m] -> (the last block's output [B, q], each block's V_mask)."""
     h, masks = v_emb, []
     for block in blocks:
-        h, v_mask = block(v_emb, h, need_mask=need_masks)  # every block's mask reads the raw V_emb
+        h, v_mask = block(v_emb, h)  # every block's mask reads the raw V_emb
         masks.append(v_mask)
     return h, masks
 
@@ -177,8 +168,8 @@ def parallel_blocks(num_fields: int, cfg: ModelConfig) -> tuple[nn.ModuleList, M
     return blocks, MLP(merge_width, cfg.top_mlp, cfg.dropout)  # Eq. 16
 
 
-def parallel_forward(blocks: nn.ModuleList, top: MLP, v_emb: torch.Tensor, need_masks: bool = True) -> tuple[torch.Tensor, list]:
-    """V_emb [B, m] -> (the top MLP's output, each block's V_mask (None without need_masks))."""
+def parallel_forward(blocks: nn.ModuleList, top: MLP, v_emb: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """V_emb [B, m] -> (the top MLP's output, each block's V_mask)."""
     outputs, masks = [], []
     first = blocks[0]
     # LN_EMB's (x - mean) / std is the same for every block: computed once, each block
@@ -187,7 +178,7 @@ def parallel_forward(blocks: nn.ModuleList, top: MLP, v_emb: torch.Tensor, need_
     if first.emb_norm is not None:
         normed = first.emb_norm.normalize(v_emb.view(-1, first.num_fields, first.embedding_dim))
     for block in blocks:
-        h, v_mask = block(v_emb, v_emb, normed, need_mask=need_masks)
+        h, v_mask = block(v_emb, v_emb, normed)
         outputs.append(h)
         masks.append(v_mask)
     v_merge = torch.cat(outputs, dim=1)  # [B, u*q]
@@ -202,8 +193,8 @@ class SerialMaskNet(_MaskNet):
         self.blocks = serial_blocks(self.num_fields, cfg)
         self.prediction = nn.Linear(self.blocks[-1].output_dim, 1)  # Eq. 17
 
-    def _forward_from_embedding(self, v_emb: torch.Tensor, need_masks: bool = True):
-        h, masks = serial_forward(self.blocks, v_emb, need_masks)
+    def _forward_from_embedding(self, v_emb: torch.Tensor):
+        h, masks = serial_forward(self.blocks, v_emb)
         return dense(self.prediction, h).squeeze(-1), masks
 
 
@@ -218,6 +209,6 @@ class ParallelMaskNet(_MaskNet):
         self.blocks, self.top = parallel_blocks(self.num_fields, cfg)
         self.prediction = nn.Linear(self.top.output_dim, 1)  # Eq. 17
 
-    def _forward_from_embedding(self, v_emb: torch.Tensor, need_masks: bool = True):
-        h, masks = parallel_forward(self.blocks, self.top, v_emb, need_masks)
+    def _forward_from_embedding(self, v_emb: torch.Tensor):
+        h, masks = parallel_forward(self.blocks, self.top, v_emb)
         return dense(self.prediction, h).squeeze(-1), masks

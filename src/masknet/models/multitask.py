@@ -44,7 +44,7 @@ class SerialMaskNetBody(nn.Module):
         self.output_dim = self.blocks[-1].output_dim
 
     def forward(self, v_emb: torch.Tensor) -> torch.Tensor:
-        return serial_forward(self.blocks, v_emb, need_masks=False)[0]
+        return serial_forward(self.blocks, v_emb)[0]
 
 
 class ParallelMaskNetBody(nn.Module):
@@ -56,7 +56,7 @@ class ParallelMaskNetBody(nn.Module):
         self.output_dim = self.top.output_dim
 
     def forward(self, v_emb: torch.Tensor) -> torch.Tensor:
-        return parallel_forward(self.blocks, self.top, v_emb, need_masks=False)[0]
+        return parallel_forward(self.blocks, self.top, v_emb)[0]
 
 
 class DNNBody(nn.Module):
