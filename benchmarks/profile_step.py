@@ -1,13 +1,19 @@
 """Where a MaskNet step's time goes, by kind of work (issue 21; docs/performance.md, "Profile").
 
-torch.profiler over `--steps` training steps (the trainer's `train_step`) or prediction forwards
-(eval, inference_mode) of the paper's config at batch `--batch`. Each op (name, input shapes) is
-charged its MEDIAN self time per call x its calls per step: on a shared machine a co-tenant that
-descheduls this process mid-op inflates that one call, and a mean would charge it to whatever op
-was running; the median does not. The ops are then grouped by what they do (GEMMs, LayerNorms,
-ReLU, the mask multiply, embedding + LazyAdam, ...). The profiler times wall clock per op, so
-under load every share is inflated alike; the unprofiled step's wall and process CPU time are
-printed beside it.
+Over `--steps` training steps (the trainer's `train_step`) or prediction forwards (eval,
+inference_mode) of the paper's config at batch `--batch`, every aten / oneDNN op is timed as it
+runs, by wall clock and by process CPU time (a TorchDispatchMode around each call: the mode's own
+Python runs outside the timed interval). Each op (name, input shapes) is charged its mean process
+CPU time per call x its calls per step (CPU time does not count the time a co-tenant holds the
+core, so the ops and the rest add up to the step's CPU time; with --torch-profiler, wall time, the
+MEDIAN per call: a co-tenant that deschedules the process mid-op inflates that one call, and a
+mean would charge it to whatever op was running). The ops are grouped by what they do
+(GEMMs, LayerNorms, ReLU, the mask multiply, embedding + LazyAdam, ...); what the timed ops do not
+cover (Python, autograd bookkeeping) is the step's unprofiled time minus their sum.
+
+torch.profiler (`--torch-profiler`, wall time per op) was the first tool: on this machine it
+inflates some elementwise ops several times (threshold_backward [1024, 800]: 2.7 ms per call under
+the profiler, 0.45 ms without it, timed directly in the step), so it is not the default.
 
     python benchmarks/profile_step.py --model sermasknet --mode train [--threads 2] [--batch 1024] [--steps 20] [--json out.json]
 """
@@ -24,6 +30,7 @@ from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from masknet.config import ModelConfig, TrainConfig
 from masknet.data.synthetic import cardinalities, generate
@@ -71,7 +78,38 @@ def category(name: str, shapes: list, under: str = "") -> str:
         return "loss"
     if name in FINITE_OPS:
         return "finite-gradient check"
-    return "other (views, allocation, autograd, Python)"
+    return "other ops (views, allocation, cat, ...)"
+
+
+class _OpTimer(TorchDispatchMode):
+    """Wall and process-CPU seconds of every op call: {(name, shapes): [(wall, cpu, shapes), ...]}."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = defaultdict(list)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = func(*args, **(kwargs or {}))
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        shapes = [list(a.shape) if isinstance(a, torch.Tensor) else [] for a in args]
+        self.calls[(f"{func.namespace}::{func._opname}", str(shapes))].append((wall, cpu, shapes))
+        return out
+
+
+def _torch_profiler_calls(fn, steps: int) -> dict:
+    """torch.profiler's self time per op call (wall): {(name, shapes, autograd Function): [(wall, None, shapes), ...]}."""
+    calls = defaultdict(list)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for i in range(steps):
+            fn(i)
+    for e in prof.events():
+        under, p = "", e.cpu_parent
+        while p is not None and not under:
+            under = p.name if p.name.startswith("_FieldNormalize") else ""
+            p = p.cpu_parent
+        calls[(e.name, str(e.input_shapes), under)].append((e.self_cpu_time_total / 1e6, None, e.input_shapes))
+    return calls
 
 
 def main(argv=None) -> int:
@@ -83,6 +121,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--top", type=int, default=12, help="print this many single ops too")
     ap.add_argument("--json")
+    ap.add_argument("--torch-profiler", action="store_true", help="torch.profiler's wall time per op instead")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     keep_freed_memory()
@@ -111,25 +150,25 @@ def main(argv=None) -> int:
     for i in range(args.steps):
         fn(i)
     cpu_ms, wall_ms = (1000 * (time.process_time() - c0) / args.steps, 1000 * (time.perf_counter() - t0) / args.steps)
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        for i in range(args.steps):
-            fn(i)
-    calls = defaultdict(list)
-    for e in prof.events():
-        under, p = "", e.cpu_parent
-        while p is not None and not under:
-            under = p.name if p.name.startswith("_FieldNormalize") else ""
-            p = p.cpu_parent
-        calls[(e.name, str(e.input_shapes), under)].append((e.self_cpu_time_total, e.input_shapes))
+    if args.torch_profiler:
+        calls, clock = _torch_profiler_calls(fn, args.steps), 0
+    else:
+        with _OpTimer() as timer:
+            for i in range(args.steps):
+                fn(i)
+        calls, clock = {(n, s, ""): v for (n, s), v in timer.calls.items()}, 1  # process CPU time per op
     groups, ops = defaultdict(float), []
     for (name, shapes, under), v in calls.items():
-        ms = statistics.median(t for t, _ in v) / 1000 * len(v) / args.steps
-        groups[category(name, v[0][1], under)] += ms
+        per_call = statistics.median if clock == 0 else statistics.fmean  # CPU time: descheduling does not inflate it
+        ms = 1000 * per_call(c[clock] for c in v) * len(v) / args.steps
+        groups[category(name, v[0][2], under)] += ms
         ops.append((ms, name, shapes))
+    step_ms = wall_ms if args.torch_profiler else cpu_ms
+    groups["not in an op: Python, autograd, dispatch (step minus the ops)"] = max(0.0, step_ms - sum(groups.values()))
     total = sum(groups.values())
     print(f"{args.model} {args.mode}, batch {args.batch}, {args.threads} threads, {args.steps} steps: unprofiled "
-          f"{wall_ms:.1f} ms wall / {cpu_ms:.1f} ms process CPU per step; profile (median self time x calls) "
-          f"{total:.1f} ms per step; load average {load0:.1f} -> {os.getloadavg()[0]:.1f}")
+          f"{wall_ms:.1f} ms wall / {cpu_ms:.1f} ms process CPU per step; shares of the "
+          f"{'wall time, ops at their median per call' if args.torch_profiler else 'process CPU time, ops at their mean per call'}; load average {load0:.1f} -> {os.getloadavg()[0]:.1f}")
     for g, ms in sorted(groups.items(), key=lambda kv: -kv[1]):
         print(f"  {g:<48} {ms:7.2f} ms {100 * ms / total:5.1f}%")
     print("  largest single ops:")
