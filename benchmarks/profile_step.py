@@ -55,7 +55,8 @@ def _field_rows(shapes: list) -> bool:
 def category(name: str, shapes: list, under: str = "") -> str:
     """What an op does in a MaskNet step (the rows of docs/performance.md's profile table);
     `under`: the autograd Function it runs in, if any."""
-    if under.startswith("_FieldNormalize") or (_field_rows(shapes) and name in (
+    rows_2d = _field_rows(shapes) and len(shapes[0]) == 2  # field_normalize's [B·f, k] (3-D: the gain's terms)
+    if under.startswith("_FieldNormalize") or (rows_2d and name in (
             "aten::mv", "aten::sub", "aten::rsqrt", "aten::mul", "aten::mul_", "aten::add", "aten::new_full", "aten::fill_")):
         return "LN_EMB per-field " + ("backward" if "Backward" in under or "backward" in name else "forward")
     if "linear_pointwise" in name or name in ("aten::mm", "aten::addmm"):
