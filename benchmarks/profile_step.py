@@ -52,13 +52,11 @@ def _field_rows(shapes: list) -> bool:
     return (len(s) == 3 and s[-1] <= 64) or (len(s) == 2 and s[0] >= 8192 and s[1] <= 64)
 
 
-def category(name: str, shapes: list, under: str = "") -> str:
-    """What an op does in a MaskNet step (the rows of docs/performance.md's profile table);
-    `under`: the autograd Function it runs in, if any."""
+def category(name: str, shapes: list) -> str:
+    """What an op does in a MaskNet step (the rows of docs/performance.md's profile table)."""
     rows_2d = _field_rows(shapes) and len(shapes[0]) == 2  # field_normalize's [B·f, k] (3-D: the gain's terms)
-    if under.startswith("_FieldNormalize") or (rows_2d and name in (
-            "aten::mv", "aten::sub", "aten::rsqrt", "aten::mul", "aten::mul_", "aten::add", "aten::new_full", "aten::fill_")):
-        return "LN_EMB per-field " + ("backward" if "Backward" in under or "backward" in name else "forward")
+    if rows_2d and name in ("aten::mv", "aten::addmv_", "aten::sub", "aten::rsqrt", "aten::mul", "aten::mul_", "aten::add", "aten::new_full", "aten::fill_"):
+        return "LN_EMB per-field forward"  # field_normalize's GEMV form (prediction)
     if "linear_pointwise" in name or name in ("aten::mm", "aten::addmm"):
         return "GEMM (oneDNN: forward + 3 backward products)"
     if "layer_norm" in name:
@@ -99,17 +97,13 @@ class _OpTimer(TorchDispatchMode):
 
 
 def _torch_profiler_calls(fn, steps: int) -> dict:
-    """torch.profiler's self time per op call (wall): {(name, shapes, autograd Function): [(wall, None, shapes), ...]}."""
+    """torch.profiler's self time per op call (wall): {(name, shapes): [(wall, None, shapes), ...]}."""
     calls = defaultdict(list)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for i in range(steps):
             fn(i)
     for e in prof.events():
-        under, p = "", e.cpu_parent
-        while p is not None and not under:
-            under = p.name if p.name.startswith("_FieldNormalize") else ""
-            p = p.cpu_parent
-        calls[(e.name, str(e.input_shapes), under)].append((e.self_cpu_time_total / 1e6, None, e.input_shapes))
+        calls[(e.name, str(e.input_shapes))].append((e.self_cpu_time_total / 1e6, None, e.input_shapes))
     return calls
 
 
@@ -157,12 +151,12 @@ def main(argv=None) -> int:
         with _OpTimer() as timer:
             for i in range(args.steps):
                 fn(i)
-        calls, clock = {(n, s, ""): v for (n, s), v in timer.calls.items()}, 1  # process CPU time per op
+        calls, clock = timer.calls, 1  # process CPU time per op
     groups, ops = defaultdict(float), []
-    for (name, shapes, under), v in calls.items():
+    for (name, shapes), v in calls.items():
         per_call = statistics.median if clock == 0 else statistics.fmean  # CPU time: descheduling does not inflate it
         ms = 1000 * per_call(c[clock] for c in v) * len(v) / args.steps
-        groups[category(name, v[0][2], under)] += ms
+        groups[category(name, v[0][2])] += ms
         ops.append((ms, name, shapes))
     step_ms = wall_ms if args.torch_profiler else cpu_ms
     groups["not in an op: Python, autograd, dispatch (step minus the ops)"] = max(0.0, step_ms - sum(groups.values()))

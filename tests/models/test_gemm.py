@@ -269,21 +269,20 @@ def test_multitask_and_multivalued_models_run_every_linear_on_onednn(name, multi
 # LN_EMB's normalization in GEMV form
 
 
-@pytest.mark.parametrize("grad", [True, False])
-def test_field_normalize_is_layer_norm(grad):
-    """layers.field_normalize = F.layer_norm without gain and bias, forward and backward, to
-    float32 rounding; non-contiguous input takes F.layer_norm itself."""
+def test_field_normalize_is_layer_norm():
+    """layers.field_normalize = F.layer_norm without gain and bias, to float32 rounding, in its
+    GEMV form at prediction; training (autograd) and non-contiguous input run F.layer_norm itself."""
     from masknet.models.layers import field_normalize
 
     g = torch.Generator().manual_seed(0)
-    x = (torch.randn(300, 7, 10, generator=g) * 3 + 1).requires_grad_(grad)
-    w = torch.randn(300, 7, 10, generator=g)
-    with torch.set_grad_enabled(grad):
-        ours, ref = field_normalize(x), torch.nn.functional.layer_norm(x, (10,))
+    x = torch.randn(300, 7, 10, generator=g) * 3 + 1
+    ref = torch.nn.functional.layer_norm(x, (10,))
+    with torch.no_grad():
+        ours = field_normalize(x)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=2e-6)
-    if grad:
-        (gx_ours,) = torch.autograd.grad((ours * w).sum(), x)
-        (gx_ref,) = torch.autograd.grad((ref * w).sum(), x)
-        torch.testing.assert_close(gx_ours, gx_ref, rtol=1e-5, atol=2e-6)
-    t = x.detach().transpose(0, 1)  # not contiguous
-    torch.testing.assert_close(field_normalize(t), torch.nn.functional.layer_norm(t, (10,)), rtol=0, atol=0)
+    assert not torch.equal(ours, ref)  # the GEMV form ran (another rounding)
+    xg = x.clone().requires_grad_()
+    assert torch.equal(field_normalize(xg), ref)  # training: aten's LayerNorm, bit for bit
+    t = x.transpose(0, 1)  # not contiguous
+    with torch.no_grad():
+        assert torch.equal(field_normalize(t), torch.nn.functional.layer_norm(t, (10,)))
