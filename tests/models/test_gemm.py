@@ -140,7 +140,7 @@ def test_paramasknet_normalizes_the_embedding_once(monkeypatch):
     u = model.cfg.num_blocks
     field_norms = []
     plain = layers.field_normalize
-    monkeypatch.setattr(layers, "field_normalize", lambda x, eps=1e-5: field_norms.append(x.shape) or plain(x, eps))
+    monkeypatch.setattr(layers, "field_normalize", lambda x, k, eps=1e-5: field_norms.append(x.shape) or plain(x, k, eps))
     with torch.no_grad(), _CountLayerNorms() as counter:
         model(rows())
     assert len(field_norms) == 1 and counter.calls == u  # the block LayerNorms; LN_EMB's is the GEMV form
@@ -278,11 +278,11 @@ def test_field_normalize_is_layer_norm():
     x = torch.randn(300, 7, 10, generator=g) * 3 + 1
     ref = torch.nn.functional.layer_norm(x, (10,))
     with torch.no_grad():
-        ours = field_normalize(x)
+        ours = field_normalize(x, 10)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=2e-6)
     assert not torch.equal(ours, ref)  # the GEMV form ran (another rounding)
     xg = x.clone().requires_grad_()
-    assert torch.equal(field_normalize(xg), ref)  # training: aten's LayerNorm, bit for bit
+    assert torch.equal(field_normalize(xg, 10), ref)  # training: aten's LayerNorm, bit for bit
     t = x.transpose(0, 1)  # not contiguous
     with torch.no_grad():
-        assert torch.equal(field_normalize(t), torch.nn.functional.layer_norm(t, (10,)))
+        assert torch.equal(field_normalize(t, 10), torch.nn.functional.layer_norm(t, (10,)))

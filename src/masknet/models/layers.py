@@ -230,8 +230,9 @@ def _field_normalize_gemv(x2: torch.Tensor, eps: float) -> tuple[torch.Tensor, t
     return d.mul_(rstd), mean, rstd
 
 
-def field_normalize(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """F.layer_norm(x, (k,), eps) without gain and bias, over the last dimension k of x [..., k].
+def field_normalize(x: torch.Tensor, k: int, eps: float = 1e-5) -> torch.Tensor:
+    """F.layer_norm(x, (k,), eps) without gain and bias, over the last dimension k of x [..., k]
+    (k a Python int, static for ONNX export: x.shape[-1] would be traced as a tensor).
 
     At prediction (no autograd) in GEMV form (_field_normalize_gemv): aten's LayerNorm loops
     over rows, slow on LN_EMB's short rows (k = 10, B·f = 40k rows a batch), and the GEMV form
@@ -245,8 +246,8 @@ def field_normalize(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
         and not torch.is_autocast_enabled("cpu")
     )
     if not fast:
-        return F.layer_norm(x, (x.shape[-1],), eps=eps)
-    return _field_normalize_gemv(x.reshape(-1, x.shape[-1]), eps)[0].view(x.shape)
+        return F.layer_norm(x, (k,), eps=eps)
+    return _field_normalize_gemv(x.reshape(-1, k), eps)[0].view(x.shape)
 
 
 class FieldEmbedding(nn.Embedding):
@@ -501,7 +502,7 @@ class FieldLayerNorm(nn.Module):
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """(x - mean) / sqrt(var + eps) per field, over its own k values (static k: exportable)."""
-        return field_normalize(x, self.eps)
+        return field_normalize(x, self.dim, self.eps)
 
     def forward(self, x: torch.Tensor, normed: Optional[torch.Tensor] = None) -> torch.Tensor:
         normed = self.normalize(x) if normed is None else normed
