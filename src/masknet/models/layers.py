@@ -201,9 +201,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     if not _onednn_applies(x, weight):
         y = F.linear(x, weight, bias)
         return torch.relu(y) if relu else y
-    lead = x.shape[:-1]
     if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return _onednn(x, weight, bias, relu)  # prediction: no autograd node
+    lead = x.shape[:-1]
     y = _OneDnnLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias, relu)
     return y.view(*lead, y.shape[-1])
 
@@ -219,15 +219,14 @@ def dense(layer: nn.Module, x: torch.Tensor, relu: bool = False) -> torch.Tensor
     return linear(x, layer.weight, layer.bias, relu)
 
 
-def _field_normalize_gemv(x2: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x - mean) / sqrt(var + eps) over each row of x2 [N, k] -> (normed, mean [N, 1], rstd [N, 1]).
-    The row means are products with a vector of 1/k (one GEMV, aten.mv, over all N rows: not a
+def _field_normalize_gemv(x2: torch.Tensor, eps: float) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over each row of x2 [N, k]. The row means are products with a vector of 1/k (one GEMV, aten.mv, over all N rows: not a
     matrix product, so neither the FLOP count nor the roofline of bench/ counts it)."""
     col = x2.new_full((x2.shape[1],), 1.0 / x2.shape[1])
     mean = x2.mv(col).unsqueeze(1)
     d = x2 - mean
     rstd = torch.rsqrt((d * d).mv(col).unsqueeze(1) + eps)
-    return d.mul_(rstd), mean, rstd
+    return d.mul_(rstd)
 
 
 def field_normalize(x: torch.Tensor, k: int, eps: float = 1e-5) -> torch.Tensor:
@@ -247,7 +246,7 @@ def field_normalize(x: torch.Tensor, k: int, eps: float = 1e-5) -> torch.Tensor:
     )
     if not fast:
         return F.layer_norm(x, (k,), eps=eps)
-    return _field_normalize_gemv(x.reshape(-1, k), eps)[0].view(x.shape)
+    return _field_normalize_gemv(x.reshape(-1, k), eps).view(x.shape)
 
 
 class FieldEmbedding(nn.Embedding):
