@@ -14,9 +14,11 @@ First it checks that the two compute the same function: FuxiCTR's weights are co
 masknet's model (FuxiCTR's single LN_EMB into each of masknet's per-block LN_EMBs) and the
 logits compared (FuxiCTR returns sigmoid probabilities; their logit is compared).
 
-FuxiCTR is never a dependency of masknet. It needs `pip install fuxictr` (its package imports
-ray and pandas) and its MaskNet model file, which the pip package does not ship: give the path of
-`model_zoo/MaskNet/src/MaskNet.py` from a FuxiCTR checkout with --fuxictr-masknet.
+FuxiCTR is never a dependency of masknet. Install it in a venv of its own (tested: torch==2.13.0,
+then `pip install fuxictr==2.3.10 --no-deps` plus what its imports need: pandas scikit-learn tqdm
+h5py pyyaml polars pydantic ray, and `pip install -e` of this checkout), and give the path of its
+MaskNet model file, which the pip package does not ship (`model_zoo/MaskNet/src/MaskNet.py` from a
+FuxiCTR checkout), with --fuxictr-masknet.
 
     python benchmarks/fuxictr_side_by_side.py --fuxictr-masknet PATH [--threads 2] [--rounds 5]
         [--data PREPARED_DIR] [--json out.json]

@@ -127,13 +127,18 @@ class _CountLayerNorms(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_paramasknet_normalizes_the_embedding_once():
+def test_paramasknet_normalizes_the_embedding_once(monkeypatch):
     """u blocks on the embedding: one per-field normalization, u block LayerNorms (was 2u)."""
+    import masknet.models.layers as layers
+
     model = small_model("paramasknet")
     u = model.cfg.num_blocks
+    field_norms = []
+    plain = layers.field_normalize
+    monkeypatch.setattr(layers, "field_normalize", lambda x, k, eps=1e-5: field_norms.append(x.shape) or plain(x, k, eps))
     with torch.no_grad(), _CountLayerNorms() as counter:
         model(rows())
-    assert counter.calls == 1 + u
+    assert len(field_norms) == 1 and counter.calls == u  # the block LayerNorms; LN_EMB's is the GEMV form
     # and each block still applies its own gain and bias (Eq. 9 per block)
     x = rows()
     with torch.no_grad():
@@ -253,3 +258,26 @@ def test_multitask_and_multivalued_models_run_every_linear_on_onednn(name, multi
         ref = model(x)
     with torch.no_grad(), using_gemm_backend("onednn"):
         torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# LN_EMB's normalization in GEMV form
+
+
+def test_field_normalize_is_layer_norm():
+    """layers.field_normalize = F.layer_norm without gain and bias, to float32 rounding, in its
+    GEMV form at prediction; training (autograd) and non-contiguous input run F.layer_norm itself."""
+    from masknet.models.layers import field_normalize
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 7, 10, generator=g) * 3 + 1
+    ref = torch.nn.functional.layer_norm(x, (10,))
+    with torch.no_grad():
+        ours = field_normalize(x, 10)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=2e-6)
+    assert not torch.equal(ours, ref)  # the GEMV form ran (another rounding)
+    xg = x.clone().requires_grad_()
+    assert torch.equal(field_normalize(xg, 10), ref)  # training: aten's LayerNorm, bit for bit
+    t = x.transpose(0, 1)  # not contiguous
+    with torch.no_grad():
+        assert torch.equal(field_normalize(t, 10), torch.nn.functional.layer_norm(t, (10,)))

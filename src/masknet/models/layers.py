@@ -67,7 +67,7 @@ def gemm_backend() -> str:
 
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """fp32 on the CPU, outside autocast (bf16 already runs on oneDNN) and outside tracing
-    (ONNX export and torch.compile see plain aten.linear)."""
+    (ONNX export sees plain aten.linear; torch.compile: `_compiled_linear`)."""
     return (
         x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing() and not torch.jit.is_scripting()
@@ -126,8 +126,78 @@ def _weight_grad(gy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return _onednn(gy.t(), x.t())
 
 
+# ---------------------------------------------------------------------------
+# The same layer as an opaque custom op, for torch.compile (benchmarks/compile_step.py): Inductor
+# then fuses the elementwise work between the linear layers and leaves each GEMM (forward and the
+# three backward products) on oneDNN, in the layouts above. "aten" hands it plain aten.linear
+# instead (Inductor's own choice of GEMM: MKL for fp32 training on the CPU).
+
+_compile_gemm = "onednn"
+
+
+def set_compile_gemm(name: str) -> None:
+    """What a torch.compile'd model's linear layers become: 'onednn' (the custom ops) or 'aten'."""
+    global _compile_gemm
+    if name not in ("onednn", "aten"):
+        raise ValueError(f"compile GEMM must be 'onednn' or 'aten', got {name!r}")
+    _compile_gemm = name
+
+
+@torch.library.custom_op("masknet::onednn_linear", mutates_args=())
+def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
+    return _onednn(x, weight, bias, relu)
+
+
+@_linear_op.register_fake
+def _(x, weight, bias, relu):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("masknet::onednn_linear_backward", mutates_args=())
+def _linear_backward_op(
+    gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, y: Optional[torch.Tensor], has_bias: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if y is not None:
+        gy = torch.ops.aten.threshold_backward(gy, y, 0)
+    gb = gy.sum(0) if has_bias else gy.new_zeros(0)
+    return _onednn(gy, weight.t()), _weight_grad(gy, x), gb
+
+
+@_linear_backward_op.register_fake
+def _(gy, x, weight, y, has_bias):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), gy.new_empty(gy.shape[1] if has_bias else 0)
+
+
+def _linear_op_setup(ctx, inputs, output):
+    x, weight, bias, relu = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, output if relu else None)
+
+
+def _linear_op_backward(ctx, gy):
+    x, weight, y = ctx.saved_tensors
+    gx, gw, gb = _linear_backward_op(gy, x, weight, y, ctx.has_bias)
+    return gx, gw, gb if ctx.has_bias else None, None
+
+
+_linear_op.register_autograd(_linear_op_backward, setup_context=_linear_op_setup)
+
+
+def _compiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
+    """`linear` while torch.compile traces: the custom op (set_compile_gemm("onednn"), where
+    PyTorch has oneDNN: MASKNET_GEMM is not read here, as Dynamo would break the graph on it)
+    or aten.linear. Only checks Dynamo can guard on, so the graph does not break."""
+    if _compile_gemm == "onednn" and _ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == torch.float32 \
+            and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
+        return _linear_op(x.reshape(-1, x.shape[-1]), weight, bias, relu).view(*x.shape[:-1], weight.shape[0])
+    y = F.linear(x, weight, bias)
+    return torch.relu(y) if relu else y
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, relu: bool = False) -> torch.Tensor:
     """x @ weight.T (+ bias) (then ReLU), on oneDNN where that applies. x: [..., in], weight: [out, in]."""
+    if torch.compiler.is_compiling():
+        return _compiled_linear(x, weight, bias, relu)
     if not _onednn_applies(x, weight):
         y = F.linear(x, weight, bias)
         return torch.relu(y) if relu else y
@@ -147,6 +217,36 @@ def dense(layer: nn.Module, x: torch.Tensor, relu: bool = False) -> torch.Tensor
         y = layer(x)
         return torch.relu(y) if relu else y
     return linear(x, layer.weight, layer.bias, relu)
+
+
+def _field_normalize_gemv(x2: torch.Tensor, eps: float) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over each row of x2 [N, k]. The row means are products with a vector of 1/k (one GEMV, aten.mv, over all N rows: not a
+    matrix product, so neither the FLOP count nor the roofline of bench/ counts it)."""
+    col = x2.new_full((x2.shape[1],), 1.0 / x2.shape[1])
+    mean = x2.mv(col).unsqueeze(1)
+    d = x2 - mean
+    rstd = torch.rsqrt((d * d).mv(col).unsqueeze(1) + eps)
+    return d.mul_(rstd)
+
+
+def field_normalize(x: torch.Tensor, k: int, eps: float = 1e-5) -> torch.Tensor:
+    """F.layer_norm(x, (k,), eps) without gain and bias, over the last dimension k of x [..., k]
+    (k a Python int, static for ONNX export: x.shape[-1] would be traced as a tensor).
+
+    At prediction (no autograd) in GEMV form (_field_normalize_gemv): aten's LayerNorm loops
+    over rows, slow on LN_EMB's short rows (k = 10, B·f = 40k rows a batch), and the GEMV form
+    takes 0.45x its time (1 thread, docs/performance.md), the same function up to float rounding
+    (~7e-7). Training keeps F.layer_norm: the GEMV form's rounding moved a same-seed test AUC by
+    -0.0037 (past the 0.003 tolerance) for ~0.5% of a step. Tracing (ONNX export), torch.compile,
+    autocast and other devices or dtypes use F.layer_norm too."""
+    fast = (
+        not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
+        and not torch.jit.is_tracing() and not torch.jit.is_scripting() and not torch.compiler.is_compiling()
+        and not torch.is_autocast_enabled("cpu")
+    )
+    if not fast:
+        return F.layer_norm(x, (k,), eps=eps)
+    return _field_normalize_gemv(x.reshape(-1, k), eps).view(x.shape)
 
 
 class FieldEmbedding(nn.Embedding):
@@ -401,7 +501,7 @@ class FieldLayerNorm(nn.Module):
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """(x - mean) / sqrt(var + eps) per field, over its own k values (static k: exportable)."""
-        return F.layer_norm(x, (self.dim,), eps=self.eps)
+        return field_normalize(x, self.dim, self.eps)
 
     def forward(self, x: torch.Tensor, normed: Optional[torch.Tensor] = None) -> torch.Tensor:
         normed = self.normalize(x) if normed is None else normed
