@@ -257,16 +257,22 @@ def test_recheck_picks_the_best_mean_not_the_best_single_seed():
     assert best(scored(cands, trials, base_seed=7)).default
 
 
-def test_a_study_rechecks_its_best_and_the_default_within_its_trials(tmp_path):
+def tiny_recheck_study(out: Path):
+    """6 trials of the tiny LR study: trial 0 the default, 3 search trials, 2 re-checks (top 1 and the default, 1 seed)."""
     from masknet.tuning import study as study_module
     from masknet.tuning.candidates import Recheck
 
-    out = tmp_path / "rechecked"
     base = RunConfig()
     base.model.name = "lr"
     base.data.synthetic.rows = 3000
     base.train.threads = 1
-    r = study_module.tune(base, 6, out, seed=3, max_steps=24, progress=False, recheck=Recheck(top=1, seeds=1, min_trials=1))
+    return study_module.tune(base, 6, out, seed=3, max_steps=24, progress=False, recheck=Recheck(top=1, seeds=1, min_trials=1))
+
+
+def test_a_study_rechecks_its_best_and_the_default_within_its_trials(tmp_path):
+    base = RunConfig()
+    out = tmp_path / "rechecked"
+    r = tiny_recheck_study(out)
     rows = trials_of(out)
     assert len(rows) == 6 and [row["role"] for row in rows] == ["default"] + ["search"] * 3 + ["recheck"] * 2
     rechecks = rows[4:]
@@ -280,3 +286,35 @@ def test_a_study_rechecks_its_best_and_the_default_within_its_trials(tmp_path):
     chosen = max(r.rechecked, key=lambda c: c.mean)
     assert r.best_params == chosen.params
     assert json.loads((out / "summary.json").read_text())["best_trial"] == chosen.number
+
+
+def test_a_study_killed_in_its_recheck_resumes_to_the_same_choice(tmp_path, monkeypatch):
+    from masknet.tuning import study as study_module
+
+    reference = tiny_recheck_study(tmp_path / "whole")
+    calls, original = [0], study_module.run_trial
+
+    def run_trial(cfg, data, on_eval=None):
+        calls[0] += 1
+        if calls[0] != 5:  # the first re-check dies at its second evaluation
+            return original(cfg, data, on_eval)
+
+        def dying(record):
+            on_eval(record)
+            if record["step"] > 5:
+                raise Killed
+
+        return original(cfg, data, dying)
+
+    monkeypatch.setattr(study_module, "run_trial", run_trial)
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        tiny_recheck_study(out)
+    monkeypatch.setattr(study_module, "run_trial", original)
+    again = tiny_recheck_study(out)
+    rows = trials_of(out)
+    assert [r["role"] for r in rows if r["state"] == "FAIL"] == ["recheck"]  # run again, as itself
+    # the same runs (the retried re-check runs after the one that was queued behind it)
+    assert sorted(finished(rows)) == sorted(finished(trials_of(tmp_path / "whole")))
+    assert [(c.number, c.values) for c in again.rechecked] == [(c.number, c.values) for c in reference.rechecked]
+    assert again.best_params == reference.best_params

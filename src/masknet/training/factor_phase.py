@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 # std of the factors' draw when phase 2 starts: the tables' own init (FieldEmbedding, 1e-4) gives
 # the pairwise term gradients near Adam's eps on 39 fields; chosen on the selection sets (docs/model.md)
 FACTOR_INIT_STD = 1e-2
+LINEAR_FOLLOWS = False  # experiment: in phase 2 the linear prior weakens with the factor path's
 
 
 @dataclass
@@ -54,6 +55,14 @@ class FactorPhase:
         """Phase 1 starts with every factor at zero (where it stays: FM is LR)."""
         for table in self.tables:
             table.weight.zero_()
+
+    def c_linear(self, state: "TrainState", cfg: TrainConfig) -> float:
+        """The prior on the other tables: the l2_prior path's value in force (in phase 2, the
+        stage of the best evaluation of phase 1)."""
+        c = cfg.l2_prior[state.prior_stage] if cfg.l2_prior else 0.0
+        if LINEAR_FOLLOWS and state.factor_stage >= 0:
+            c = min(c, self.path[state.factor_stage])
+        return c
 
     def c_factors(self, state: "TrainState") -> float:
         """The prior on the factor tables now: 0 in phase 1 (they are zero), the path's value in phase 2."""

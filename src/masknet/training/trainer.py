@@ -651,7 +651,7 @@ def fit(
         for x, y in _epoch_batches(train, cfg, schedule.batch_size, state, ctx, device):
             optimizer.set_lr(learning_rate(cfg, state.global_step, state.plateau_scale))
             if prior is not None:
-                prior.c = cfg.l2_prior[state.prior_stage] if cfg.l2_prior else 0.0
+                prior.c = phases.c_linear(state, cfg)
                 if phases.enabled:
                     prior.c_factors = phases.c_factors(state)
             result = train_step(model, optimizer, x, y, cfg, forward, prior)
