@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 # the pairwise term gradients near Adam's eps on 39 fields; chosen on the selection sets (docs/model.md)
 FACTOR_INIT_STD = 1e-2
 LINEAR_FOLLOWS = False  # experiment: in phase 2 the linear prior weakens with the factor path's
+LINEAR_JOINT = False  # experiment: in phase 2 the factor path is every table's
 
 
 @dataclass
@@ -62,6 +63,8 @@ class FactorPhase:
         c = cfg.l2_prior[state.prior_stage] if cfg.l2_prior else 0.0
         if LINEAR_FOLLOWS and state.factor_stage >= 0:
             c = min(c, self.path[state.factor_stage])
+        if LINEAR_JOINT and state.factor_stage >= 0:
+            c = self.path[state.factor_stage]
         return c
 
     def c_factors(self, state: "TrainState") -> float:
