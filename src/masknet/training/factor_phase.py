@@ -28,11 +28,9 @@ from ..models.layers import FieldEmbedding
 if TYPE_CHECKING:
     from .trainer import Schedule, TrainState
 
-# std of the factors' draw when phase 2 starts: the tables' own init (FieldEmbedding, 1e-4) gives
-# the pairwise term gradients near Adam's eps on 39 fields; chosen on the selection sets (docs/model.md)
+# std of the factors' draw when phase 2 starts (the tables' own init is 1e-4). 1e-1 was no better
+# on Frappe-8k (docs/model.md, "FM: LR first"); not otherwise tuned
 FACTOR_INIT_STD = 1e-2
-LINEAR_FOLLOWS = False  # experiment: in phase 2 the linear prior weakens with the factor path's
-LINEAR_JOINT = False  # experiment: in phase 2 the factor path is every table's
 
 
 @dataclass
@@ -60,12 +58,7 @@ class FactorPhase:
     def c_linear(self, state: "TrainState", cfg: TrainConfig) -> float:
         """The prior on the other tables: the l2_prior path's value in force (in phase 2, the
         stage of the best evaluation of phase 1)."""
-        c = cfg.l2_prior[state.prior_stage] if cfg.l2_prior else 0.0
-        if LINEAR_FOLLOWS and state.factor_stage >= 0:
-            c = min(c, self.path[state.factor_stage])
-        if LINEAR_JOINT and state.factor_stage >= 0:
-            c = self.path[state.factor_stage]
-        return c
+        return cfg.l2_prior[state.prior_stage] if cfg.l2_prior else 0.0
 
     def c_factors(self, state: "TrainState") -> float:
         """The prior on the factor tables now: 0 in phase 1 (they are zero), the path's value in phase 2."""
