@@ -26,7 +26,7 @@ from ..models.base import CTRModel
 from ..models.layers import FieldEmbedding
 
 if TYPE_CHECKING:
-    from .trainer import Schedule, TrainState
+    from .trainer import L2Prior, Schedule, TrainState
 
 # std of the factors' draw when phase 2 starts (the tables' own init is 1e-4). 1e-1 was no better
 # on Frappe-8k (docs/model.md, "FM: LR first"); not otherwise tuned
@@ -55,10 +55,12 @@ class FactorPhase:
         for table in self.tables:
             table.weight.zero_()
 
-    def c_linear(self, state: "TrainState", cfg: TrainConfig) -> float:
-        """The prior on the other tables: the l2_prior path's value in force (in phase 2, the
-        stage of the best evaluation of phase 1)."""
-        return cfg.l2_prior[state.prior_stage] if cfg.l2_prior else 0.0
+    def set_prior(self, prior: "L2Prior", state: "TrainState", cfg: TrainConfig) -> None:
+        """The prior in force: the l2_prior path's value on the linear tables (in phase 2, the stage
+        of phase 1's best evaluation), and on the factor tables c_factors."""
+        prior.c = cfg.l2_prior[state.prior_stage] if cfg.l2_prior else 0.0
+        if self.enabled:
+            prior.c_factors = self.c_factors(state)
 
     def c_factors(self, state: "TrainState") -> float:
         """The prior on the factor tables now: 0 in phase 1 (they are zero), the path's value in phase 2."""

@@ -651,9 +651,7 @@ def fit(
         for x, y in _epoch_batches(train, cfg, schedule.batch_size, state, ctx, device):
             optimizer.set_lr(learning_rate(cfg, state.global_step, state.plateau_scale))
             if prior is not None:
-                prior.c = phases.c_linear(state, cfg)
-                if phases.enabled:
-                    prior.c_factors = phases.c_factors(state)
+                phases.set_prior(prior, state, cfg)
             result = train_step(model, optimizer, x, y, cfg, forward, prior)
             _count_step(state, result, len(y), cfg, run_dir, checkpointer.writing)
             progress.step()
