@@ -722,7 +722,9 @@ def _run_tune(args: argparse.Namespace) -> int:
     out = Path(args.output) if args.output else Path("runs") / f"tune-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     r = tune(cfg, args.trials, out, space=space, seed=args.seed, timeout=args.timeout, max_steps=args.max_steps,
              progress=not args.quiet, log=lambda msg: print(msg, file=sys.stderr))
-    print(f"best of {r.finished} trials: validation AUC {r.best_value:.4f}; train it: masknet train --config {out / 'best.yaml'}")
+    chosen = next((c for c in r.rechecked if c.params == r.best_params), None)
+    how = f" (trial {chosen.number}{', the default' if chosen.default else ''}; mean over {len(chosen.values)} seeds {chosen.mean:.4f})" if chosen else ""
+    print(f"best of {r.finished} trials: validation AUC {r.best_value:.4f}{how}; train it: masknet train --config {out / 'best.yaml'}")
     return 0
 
 

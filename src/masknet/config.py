@@ -122,6 +122,9 @@ class TrainConfig:
     # (scikit-learn LogisticRegression's C = 1 / (2c) for `lr`); see trainer.L2Prior. Several values:
     # a regularisation path, the next one each time patience runs out. None = the model's default.
     l2_prior: Optional[list[float]] = None
+    # FM's second phase (training.factor_phase): after the l2_prior path, with the factors held at zero
+    # until then, a path of priors on the factor tables alone. [] = one phase. None = the model's default.
+    factor_prior: Optional[list[float]] = None
     sparse_embeddings: bool = True  # update only the embedding rows a batch touched ("lazy" Adam, see docs)
     # Validation schedule: evals_per_epoch evaluations spread over each epoch, but never two within
     # eval_min_steps optimizer steps (small data: an epoch can be a handful of steps), and one at the
@@ -168,6 +171,8 @@ class TrainConfig:
             raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
         if self.l2_prior is not None and any(not c >= 0 for c in self.l2_prior):
             raise ConfigError(f"train.l2_prior: every value must be >= 0, got {self.l2_prior}")
+        if self.factor_prior is not None and any(not c >= 0 for c in self.factor_prior):
+            raise ConfigError(f"train.factor_prior: every value must be >= 0, got {self.factor_prior}")
         if not 0.0 < self.lr_plateau_factor <= 1.0:
             raise ConfigError(f"train.lr_plateau_factor: must be in (0, 1], got {self.lr_plateau_factor}")
         for key in ("l2_embedding", "l2_dense"):
@@ -220,6 +225,7 @@ PAPER_PROTOCOL: dict[str, Any] = {
     "train.lr_warmup_steps": 0,
     "train.lr_plateau_factor": 1.0,
     "train.l2_prior": [],
+    "train.factor_prior": [],
     "train.evals_per_epoch": 1,
     "train.eval_min_steps": 1,
     "train.patience": 1,

@@ -158,7 +158,7 @@ def test_resume_restores_the_rate_schedule_and_the_prior_path(tmp_path, monkeypa
     monkeypatch.setattr(trainer, "evaluate", scripted)
     cfg = TrainConfig(
         epochs=8, batch_size=64, lr=0.05, threads=1, progress=False, evals_per_epoch=1, eval_min_steps=1, min_steps=0,
-        lr_warmup_steps=7, lr_plateau_factor=0.5, l2_prior=[3.0, 1.0, 0.1], patience=2, keep_checkpoints=20,
+        lr_warmup_steps=7, lr_plateau_factor=0.5, l2_prior=[3.0, 1.0, 0.1], factor_prior=[], patience=2, keep_checkpoints=20,
         min_batches_per_epoch=0,
     )
 
@@ -180,6 +180,64 @@ def test_resume_restores_the_rate_schedule_and_the_prior_path(tmp_path, monkeypa
     assert untimed(again.history) == untimed(reference.history)
     for (k, v), (k2, v2) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(v, v2), k
+
+
+def test_resume_in_either_phase_of_fms_fit_matches_the_uninterrupted_run(tmp_path, monkeypatch):
+    """FM's two phases (training.factor_phase): phase 1 holds the factors at zero while the l2_prior
+    path runs; phase 2 starts from the best evaluation, keeps that stage's prior on the linear
+    weights and runs the factor_prior path. A resume from a checkpoint in either phase ends exactly
+    like the uninterrupted run. Validation AUCs are scripted (patience 2)."""
+    import numpy as np
+
+    from masknet.config import ModelConfig, TrainConfig
+    from masknet.data.dataset import CTRDataset, Split
+    from masknet.models import build_model
+    from masknet.training import trainer
+
+    rng = np.random.default_rng(0)
+    cards = [6, 9, 4]
+
+    def split(n):
+        return Split(np.stack([rng.integers(0, c, n) for c in cards], 1).astype(np.int32), (rng.random(n) < 0.3).astype(np.uint8))
+
+    data = CTRDataset(["a", "b", "c"], cards, {"train": split(320), "valid": split(60), "test": split(60)})
+    # phase 1: best at 2 (prior 3), plateaus at 4 and 6; phase 2: best at 7 and 10, plateaus at 9 and 12
+    aucs = [0.6, 0.7, 0.65, 0.64, 0.66, 0.68, 0.75, 0.74, 0.73, 0.8, 0.7, 0.7]
+    calls = [0]
+
+    def scripted(model, split, batch_size=8192, ctx=None, head=None, tasks=None):
+        calls[0] += 1
+        return {"auc": aucs[calls[0] - 1], "logloss": 0.5}
+
+    monkeypatch.setattr(trainer, "evaluate", scripted)
+    cfg = TrainConfig(
+        epochs=8, batch_size=64, lr=0.05, threads=1, progress=False, evals_per_epoch=1, eval_min_steps=1, min_steps=0,
+        lr_warmup_steps=7, l2_prior=[3.0, 1.0], factor_prior=[1.0, 0.1], patience=2, keep_checkpoints=20,
+        min_batches_per_epoch=0,
+    )
+
+    def model():
+        trainer.seed_everything(0)
+        return build_model(ModelConfig(name="fm", embedding_dim=3), cards)
+
+    full, full_dir = model(), tmp_path / "full"
+    reference = trainer.fit(full, data, cfg, run_dir=full_dir)
+    assert [r["l2_prior"] for r in reference.history] == [3.0] * 4 + [1.0] * 2 + [3.0] * 6  # then the best stage's
+    assert [r.get("factor_prior") for r in reference.history] == [None] * 6 + [1.0] * 3 + [0.1] * 3
+    assert reference.best_step == 50 and full.embedding.weight.abs().sum() > 0
+    points = {p.name: p for p in ckpt.list_checkpoints(full_dir)}
+    from safetensors.torch import load_file
+
+    phase1 = load_file(points["step-000000025"] / "model.safetensors")
+    assert not phase1["embedding.weight"].any()  # phase 1: the factors are exactly zero (FM is LR)
+    for name, done in (("step-000000020", 4), ("step-000000040", 8)):  # phase 1 and phase 2
+        calls[0] = done
+        resumed = model()
+        again = trainer.fit(resumed, data, cfg, run_dir=tmp_path / name, resume_from=points[name])
+        untimed = lambda h: [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_second")} for r in h]  # noqa: E731
+        assert untimed(again.history) == untimed(reference.history), name
+        for (k, v), (k2, v2) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
+            assert k == k2 and torch.equal(v, v2), (name, k)
 
 
 def test_kill_while_writing_a_checkpoint_then_resume_matches(reference, tmp_path):

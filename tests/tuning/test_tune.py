@@ -83,7 +83,7 @@ def test_same_seed_same_trials_other_seed_other_trials(study, tmp_path):
     assert finished(trials_of(again)) == finished(trials_of(study))
     other = tmp_path / "other"
     assert main(["tune", *TINY, "--trials", "2", "--seed", "4", "--output", str(other)]) == 0
-    assert finished(trials_of(other))[0] != finished(trials_of(study))[0]
+    assert finished(trials_of(other))[1] != finished(trials_of(study))[1]  # trial 0 is the default in both
 
 
 def test_more_trials_continue_the_study(study, tmp_path):
@@ -203,3 +203,118 @@ def test_every_models_search_space_is_valid(name):
     space = REGISTRY[name].search_space
     check_space(space, cfg)  # every key a config key, every edge of every range a valid value
     assert "train.lr" in space
+
+
+# --- the default is a candidate, and the best is re-checked on more seeds (tuning.candidates) ----------
+
+
+def test_the_default_is_trial_0_and_trains_what_masknet_train_trains(study, tmp_path):
+    rows = trials_of(study)
+    assert [r["role"] for r in rows] == ["default", "search", "search", "search"]
+    default = rows[0]
+    assert float(default["train.lr"]) == 1e-2 and default["train.batch_size"] == "1024"  # LR's defaults
+    assert default["train.l2_prior"] == ""  # LR's prior path is not one value of the range: left as the default
+    run = tmp_path / "default"
+    args = ["train", "--model", "lr", "--set", "data.synthetic.rows=3000", "--set", "train.threads=1",
+            "--set", "train.max_steps=24", "--output", str(run), "--quiet"]
+    assert main(args) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["valid"]["auc"] == pytest.approx(float(default["valid_auc"]), abs=1e-12)
+
+
+def test_default_settings_take_the_batch_the_default_trains_at():
+    from masknet.tuning.candidates import default_settings
+
+    cfg = RunConfig()
+    cfg.model.name = "sermasknet"
+    settings = default_settings(cfg, REGISTRY["sermasknet"].search_space, train_rows=8000)
+    assert settings["train.batch_size"] == 256  # the batch rule's, on 8,000 rows (a study does not halve)
+    assert settings["train.lr"] == 1e-3 and "train.l2_prior" not in settings  # no prior: not in 0.01..100
+    assert settings["model.embedding_dim"] == cfg.model.embedding_dim
+
+
+class FakeTrial:
+    def __init__(self, number, value, attrs=None, state="COMPLETE"):
+        from types import SimpleNamespace
+
+        self.number, self.value, self.user_attrs = number, value, attrs or {}
+        self.params, self.state = {"train.lr": 0.001 * (number + 1)}, SimpleNamespace(name=state)
+
+
+def test_recheck_picks_the_best_mean_not_the_best_single_seed():
+    from masknet.tuning.candidates import Recheck, best, candidates, scored
+
+    trials = [FakeTrial(0, 0.70, {"default": True}), FakeTrial(1, 0.74), FakeTrial(2, 0.72), FakeTrial(3, 0.60),
+              FakeTrial(4, 0.75, state="PRUNED")]
+    cands = candidates(trials, Recheck(top=2, seeds=2))
+    assert [c.number for c in cands] == [1, 2, 0]  # the two best complete trials, then the default
+    rechecks = {(1, 8): 0.66, (1, 9): 0.67, (2, 8): 0.71, (2, 9): 0.70, (0, 8): 0.71, (0, 9): 0.69}
+    trials += [FakeTrial(5 + i, v, {"recheck_of": c, "seed": s}) for i, ((c, s), v) in enumerate(rechecks.items())]
+    cands = scored(cands, trials, base_seed=7)
+    assert cands[0].values == {7: 0.74, 8: 0.66, 9: 0.67}
+    assert best(cands).number == 2  # mean 0.71: trial 1 was best on seed 7 only (mean 0.69)
+    trials[-1].value = 0.80  # the default's seed 9: now the best mean (0.7367)
+    assert best(scored(cands, trials, base_seed=7)).default
+
+
+def tiny_recheck_study(out: Path):
+    """6 trials of the tiny LR study: trial 0 the default, 3 search trials, 2 re-checks (top 1 and the default, 1 seed)."""
+    from masknet.tuning import study as study_module
+    from masknet.tuning.candidates import Recheck
+
+    base = RunConfig()
+    base.model.name = "lr"
+    base.data.synthetic.rows = 3000
+    base.train.threads = 1
+    return study_module.tune(base, 6, out, seed=3, max_steps=24, progress=False, recheck=Recheck(top=1, seeds=1, min_trials=1))
+
+
+def test_a_study_rechecks_its_best_and_the_default_within_its_trials(tmp_path):
+    base = RunConfig()
+    out = tmp_path / "rechecked"
+    r = tiny_recheck_study(out)
+    rows = trials_of(out)
+    assert len(rows) == 6 and [row["role"] for row in rows] == ["default"] + ["search"] * 3 + ["recheck"] * 2
+    rechecks = rows[4:]
+    assert [row["seed"] for row in rechecks] == [str(base.train.seed + 1)] * 2
+    assert rechecks[1]["recheck_of"] == "0"  # the default, after the best drawn trial
+    means = {c.number: c.mean for c in r.rechecked}
+    by_number = {int(row["number"]): float(row["valid_auc"]) for row in rows}
+    for row in rechecks:  # mean over the base seed (the search trial) and the re-check seed
+        n = int(row["recheck_of"])
+        assert means[n] == pytest.approx((by_number[n] + float(row["valid_auc"])) / 2)
+    chosen = max(r.rechecked, key=lambda c: c.mean)
+    assert r.best_params == chosen.params
+    assert json.loads((out / "summary.json").read_text())["best_trial"] == chosen.number
+
+
+def test_a_study_killed_in_its_recheck_resumes_to_the_same_choice(tmp_path, monkeypatch):
+    from masknet.tuning import study as study_module
+
+    reference = tiny_recheck_study(tmp_path / "whole")
+    calls, original = [0], study_module.run_trial
+
+    def run_trial(cfg, data, on_eval=None):
+        calls[0] += 1
+        if calls[0] != 5:  # the first re-check dies at its second evaluation
+            return original(cfg, data, on_eval)
+
+        def dying(record):
+            on_eval(record)
+            if record["step"] > 5:
+                raise Killed
+
+        return original(cfg, data, dying)
+
+    monkeypatch.setattr(study_module, "run_trial", run_trial)
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        tiny_recheck_study(out)
+    monkeypatch.setattr(study_module, "run_trial", original)
+    again = tiny_recheck_study(out)
+    rows = trials_of(out)
+    assert [r["role"] for r in rows if r["state"] == "FAIL"] == ["recheck"]  # run again, as itself
+    # the same runs (the retried re-check runs after the one that was queued behind it)
+    assert sorted(finished(rows)) == sorted(finished(trials_of(tmp_path / "whole")))
+    assert [(c.number, c.values) for c in again.rechecked] == [(c.number, c.values) for c in reference.rechecked]
+    assert again.best_params == reference.best_params

@@ -27,7 +27,7 @@ class CTRModel(nn.Module):
     # the ModelConfig keys this model reads (every other key is ignored by it; tests/models/test_model_conformance.py checks both)
     config_fields: tuple[str, ...] = ("embedding_dim",)
     # what `train.lr` and `train.l2_prior` mean when a config leaves them unset (None); docs/model.md
-    train_defaults: dict = {"lr": 1e-3, "l2_prior": [], "min_batches_per_epoch": 32}
+    train_defaults: dict = {"lr": 1e-3, "l2_prior": [], "factor_prior": [], "min_batches_per_epoch": 32}
 
     def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig, multi_valued: Sequence[MultiValuedField] = ()):
         super().__init__()
@@ -39,6 +39,10 @@ class CTRModel(nn.Module):
     def embeddings(self) -> list[FieldEmbedding]:
         """The embedding tables (sparse rows; L2 is applied to the rows a batch looks up)."""
         return [m for m in self.modules() if isinstance(m, FieldEmbedding)]
+
+    def factor_tables(self) -> list[FieldEmbedding]:
+        """Tables trained after the rest, from zero (training.factor_phase): FM's factors; none here."""
+        return []
 
     def dense_weights(self) -> list[nn.Parameter]:
         """Weight matrices outside the embeddings (the dense L2 term); biases and norms excluded."""

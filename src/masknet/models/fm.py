@@ -32,6 +32,11 @@ def fm_pairwise(e: torch.Tensor) -> torch.Tensor:
     return 0.5 * (square_of_sum - sum_of_square).sum(dim=1)  # [B]
 
 
+# FM's phase-2 path (`train.factor_prior`): priors on the factors alone, strong to weak, after LR's path.
+# Chosen on the selection sets (docs/model.md, "FM: LR first")
+FACTOR_PATH = [50.0, 17.0, 5.0, 1.7, 0.5, 0.17, 0.05]
+
+
 class FM(CTRModel):
     """FM: logit = w_0 + Σ_i w[x_i] + Σ_{i<j} <e_i, e_j>.
 
@@ -41,13 +46,17 @@ class FM(CTRModel):
     config_fields = ("embedding_dim",)
 
     search_space: SearchSpace = {**TRAINING, "train.lr": Float(1e-3, 1e-1, log=True), **EMBEDDING}
-    # trained as LR is (docs/model.md, "Training defaults"): the prior path keeps rare rows' factors small
-    train_defaults = {"lr": 1e-2, "l2_prior": PRIOR_PATH, "min_batches_per_epoch": 0}
+    # LR first, then the factors (docs/model.md, "FM: LR first"): phase 1 is LR's run (its rate and prior
+    # path) with the factors held at zero, phase 2 a prior path on the factors alone (training.factor_phase)
+    train_defaults = {"lr": 1e-2, "l2_prior": PRIOR_PATH, "factor_prior": FACTOR_PATH, "min_batches_per_epoch": 0}
 
     def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig, multi_valued: Sequence[MultiValuedField] = ()):
         super().__init__(cardinalities, cfg, multi_valued)
         self.linear = LinearTerm(self.cardinalities, self.multi_valued)
         self.embedding = FieldEmbedding(self.cardinalities, cfg.embedding_dim, multi_valued=self.multi_valued)
+
+    def factor_tables(self) -> list[FieldEmbedding]:
+        return [self.embedding]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x) + fm_pairwise(self.embedding(x))  # [B]

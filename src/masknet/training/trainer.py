@@ -30,6 +30,7 @@ from ..models.base import CTRModel
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import DistContext, gather_concat, rng_states
 from .embedding_update import LazyAdam
+from .factor_phase import FactorPhase
 from .memory import keep_freed_memory
 from .metrics import auc, logloss
 from .tasks import (
@@ -47,10 +48,13 @@ class L2Prior:
     costs O(rows looked up), so rare rows are shrunk hard and frequent ones hardly at all.
     Dense weights are left to `l2_dense`: a prior of the same strength on a deep network's
     ~10^5-10^6 weights outweighs the log loss on small data (docs/model.md).
-    `c` is the current strength (a regularisation path changes it between stages)."""
+    `c` is the current strength (a regularisation path changes it between stages); `c_factors`, when
+    set, replaces it on the tables in `factor_ids` (FM's second phase, training.factor_phase)."""
 
     inverse_counts: torch.Tensor  # [Σ cardinalities] 1 / n_j (0 for rows absent from train)
     c: float = 0.0
+    c_factors: Optional[float] = None
+    factor_ids: frozenset[int] = frozenset()  # id() of the tables c_factors is for
 
     @classmethod
     def for_data(cls, train: Split, cardinalities: list[int], device: torch.device, chunk_rows: int = 1 << 20) -> "L2Prior":
@@ -68,8 +72,11 @@ class L2Prior:
         tables = model.embeddings()  # every table has the fields' layout (one row per category)
         rows = ids + tables[0].offsets
         per_lookup = self.inverse_counts[rows].unsqueeze(-1)  # [B, f_s, 1]
-        looked_up = (F.embedding(rows, table.weight, sparse=table.sparse) for table in tables)
-        return self.c * sum((per_lookup * e.pow(2)).sum() for e in looked_up) / ids.shape[0]
+        strengths = [(self.c_factors if id(t) in self.factor_ids and self.c_factors is not None else self.c, t) for t in tables]
+        total = sum(
+            c * (per_lookup * F.embedding(rows, t.weight, sparse=t.sparse).pow(2)).sum() for c, t in strengths if c > 0
+        )
+        return total / ids.shape[0]
 
 
 def with_model_defaults(cfg: TrainConfig, model: type[CTRModel]) -> TrainConfig:
@@ -255,6 +262,7 @@ class Schedule:
     eval_every: int
     max_epochs: int
     last_step: int  # the epoch cap (raised to reach min_steps) or max_steps, whichever comes first
+    budget_steps: int = 0  # the epoch cap in steps, before max_steps (each of FM's phases gets it)
 
     @classmethod
     def for_run(cls, cfg: TrainConfig, train_rows: int) -> "Schedule":
@@ -264,13 +272,15 @@ class Schedule:
         per_epoch = math.ceil(train_rows / batch)
         eval_every = max(cfg.eval_min_steps, math.ceil(per_epoch / cfg.evals_per_epoch))
         max_epochs = max(cfg.epochs, math.ceil(cfg.min_steps / per_epoch))
-        last = max_epochs * per_epoch
+        budget = last = max_epochs * per_epoch
         if cfg.max_steps:
             last = min(last, cfg.max_steps)
-        return cls(batch, per_epoch, eval_every, max_epochs, last)
+        return cls(batch, per_epoch, eval_every, max_epochs, last, budget)
 
-    def evaluates_at(self, global_step: int) -> bool:
-        return global_step % self.eval_every == 0 or global_step >= self.last_step
+    def evaluates_at(self, global_step: int, last_step: Optional[int] = None) -> bool:
+        """Whether to validate after `global_step`: on the schedule, and at the last step (the
+        run's, or `last_step`: the end of FM's current phase)."""
+        return global_step % self.eval_every == 0 or global_step >= (self.last_step if last_step is None else last_step)
 
 
 MIN_AUTO_BATCH = 64  # min_batches_per_epoch never halves the batch below this
@@ -301,6 +311,9 @@ class TrainState:
     bad_evals: int = 0  # evaluations in a row without a better validation AUC
     plateau_scale: float = 1.0  # product of the learning-rate reductions on plateau
     prior_stage: int = 0  # which value of the l2_prior path is in force
+    best_prior_stage: int = 0  # the prior_stage of the best evaluation
+    factor_stage: int = -1  # which value of the factor_prior path is in force (-1: FM's phase 2 has not begun)
+    phase_start: int = 0  # the global step FM's phase 2 began at
     history: list[dict] = field(default_factory=list)  # one record per evaluation
     train_seconds: float = 0.0
     samples_seen: int = 0
@@ -446,6 +459,8 @@ def _validate(
     }
     if cfg.l2_prior:
         record["l2_prior"] = cfg.l2_prior[state.prior_stage]
+    if state.factor_stage >= 0:
+        record["factor_prior"] = cfg.factor_prior[state.factor_stage]
     if state.skipped_batches:
         record["skipped_batches"] = state.skipped_batches
     if "tasks" in metrics:
@@ -453,7 +468,7 @@ def _validate(
         record["valid_score"] = selection_score(metrics, cfg)
     if selection_score(metrics, cfg) > selection_score(state.best_valid, cfg):
         state.best_epoch, state.best_step, state.best_valid = state.epoch, state.global_step, metrics
-        state.bad_evals = 0
+        state.best_prior_stage, state.bad_evals = state.prior_stage, 0
     else:
         state.bad_evals += 1
         state.plateau_scale *= cfg.lr_plateau_factor
@@ -467,9 +482,16 @@ def _out_of_patience(state: TrainState, cfg: TrainConfig) -> bool:
     """`patience` evaluations in a row without a better validation AUC: the run stops, unless an
     l2_prior path has a weaker prior left, which then takes over (and patience starts again).
     Not during the warm-up: a model judged at a fraction of its learning rate may just be slow
-    (AutoInt on criteo-8k stopped at step 75 of 300 with its best at step 15)."""
+    (AutoInt on criteo-8k stopped at step 75 of 300 with its best at step 15).
+    In FM's phase 2 the factor_prior path is the one that moves on (training.factor_phase)."""
     if state.bad_evals < cfg.patience or state.global_step < cfg.lr_warmup_steps:
         return False
+    if state.factor_stage >= 0:
+        if state.factor_stage + 1 < len(cfg.factor_prior):
+            state.factor_stage += 1
+            state.bad_evals = 0
+            return False
+        return True
     if state.prior_stage + 1 < len(cfg.l2_prior):
         state.prior_stage += 1
         state.bad_evals = 0
@@ -519,6 +541,10 @@ class _Progress:
 
     def step(self) -> None:
         self.bar.update(1)
+
+    def extend(self, last_step: int) -> None:
+        self.bar.total = last_step
+        self.bar.refresh()
 
     def evaluated(self, record: dict, state: TrainState) -> None:
         self.bar.set_postfix(loss=f"{record['train_logloss']:.4f}", valid_auc=f"{record['valid_auc']:.4f}",
@@ -602,11 +628,16 @@ def fit(
     head, tasks = _training_head(cfg), data.task_names
     device, optimizer, forward = _place(model, cfg, ctx)
     schedule = Schedule.for_run(cfg, len(train))
-    prior = L2Prior.for_data(train, data.cardinalities, device) if any(cfg.l2_prior) else None
+    phases = FactorPhase.for_run(model, cfg)  # FM: the linear part first, then the factors
+    prior = L2Prior.for_data(train, data.cardinalities, device) if any(cfg.l2_prior) or phases.enabled else None
+    if prior is not None:
+        prior.factor_ids = phases.factor_ids()
+    if phases.enabled and resume_from is None:
+        phases.hold_at_zero()
     state, best_weights = _start(model, optimizer, resume_from, ctx)
     state.steps_per_epoch = schedule.steps_per_epoch
     checkpointer = _Checkpointer(run_dir, cfg, model, optimizer, ctx, device, checkpoint_meta)
-    if not state.done and state.global_step >= schedule.last_step:
+    if not state.done and state.global_step >= phases.end_step(schedule, cfg, state) and not phases.pending(state):
         # a resume whose cap (train.epochs lowered to the epochs already trained) is behind it: stop here
         state.done = True
         checkpointer.save(state, best_weights)
@@ -620,17 +651,22 @@ def fit(
         for x, y in _epoch_batches(train, cfg, schedule.batch_size, state, ctx, device):
             optimizer.set_lr(learning_rate(cfg, state.global_step, state.plateau_scale))
             if prior is not None:
-                prior.c = cfg.l2_prior[state.prior_stage]
+                phases.set_prior(prior, state, cfg)
             result = train_step(model, optimizer, x, y, cfg, forward, prior)
             _count_step(state, result, len(y), cfg, run_dir, checkpointer.writing)
             progress.step()
-            if schedule.evaluates_at(state.global_step):
+            phase_end = phases.end_step(schedule, cfg, state)
+            if schedule.evaluates_at(state.global_step, phase_end):
                 record = _validate(model, valid, cfg, ctx, state, time.perf_counter() - window_start, device, head, tasks)
                 model.train()
-                state.done = _out_of_patience(state, cfg) or state.global_step >= schedule.last_step
+                state.done = _out_of_patience(state, cfg) or state.global_step >= phase_end
                 progress.evaluated(record, state)
                 if state.best_step == state.global_step:
                     best_weights = copy.deepcopy(model.state_dict())
+                if state.done and phases.pending(state) and state.global_step < (cfg.max_steps or math.inf):
+                    phases.begin(model, state, best_weights, cfg.seed)  # FM: now the factors
+                    state.done = False
+                    progress.extend(phases.end_step(schedule, cfg, state))
                 if on_eval is not None:
                     on_eval(record)
                 checkpointer.save(state, best_weights)

@@ -21,17 +21,19 @@ DPI = 110
 
 
 def trial_rows(study) -> list[dict[str, Any]]:
-    """One row per trial, in order: number, state, value (best validation AUC; for a pruned trial
-    the best it had reached), every parameter, evaluations, steps, seconds."""
+    """One row per trial, in order: number, state, role (default / search / recheck), value (best
+    validation AUC; for a pruned trial the best it had reached), every parameter, evaluations, steps,
+    seconds, and for a re-check the trial it re-checks and its seed."""
     names = sorted({p for t in study.trials for p in t.params})
     rows = []
     for t in study.trials:
         reached = max(t.intermediate_values.values()) if t.intermediate_values else None
+        role = "recheck" if "recheck_of" in t.user_attrs else "default" if t.user_attrs.get("default") else "search"
         row: dict[str, Any] = {
-            "number": t.number, "state": t.state.name, "valid_auc": t.value if t.value is not None else reached,
+            "number": t.number, "state": t.state.name, "role": role, "valid_auc": t.value if t.value is not None else reached,
         }
         row.update({name: t.params.get(name) for name in names})
-        for attr in ("evaluations", "steps", "best_step", "seconds", "retry_of", "diverged"):
+        for attr in ("evaluations", "steps", "best_step", "seconds", "retry_of", "diverged", "recheck_of", "seed"):
             row[attr] = t.user_attrs.get(attr)
         rows.append(row)
     return rows
@@ -77,8 +79,12 @@ def _plot_importances(study, path: Path) -> str:
     from optuna.importance import PedAnovaImportanceEvaluator
     from optuna.visualization.matplotlib import plot_param_importances
 
+    # every parameter the search drew (the default trial lacks those its ranges cannot express;
+    # without `params`, Optuna would keep only the ones every trial has)
+    params = sorted({p for t in study.trials if "recheck_of" not in t.user_attrs and not t.user_attrs.get("default") for p in t.params})
     try:
-        ax = plot_param_importances(study, evaluator=PedAnovaImportanceEvaluator(), target_name="validation AUC")
+        ax = plot_param_importances(study, evaluator=PedAnovaImportanceEvaluator(), params=params or None,
+                                    target_name="validation AUC")
     except (ValueError, RuntimeError, ZeroDivisionError) as exc:
         return f"no importances: {exc}"
     ax.set_title("parameter importances (PED-ANOVA over the complete trials)", loc="left")
@@ -89,12 +95,20 @@ def _plot_importances(study, path: Path) -> str:
     return ""
 
 
-def write_outputs(study, output: Path, best_cfg: RunConfig, space: SearchSpace, seed: int, trials: int) -> dict[str, Any]:
+def write_outputs(
+    study, output: Path, best_cfg: RunConfig, space: SearchSpace, seed: int, trials: int, best_number: int,
+    rechecked: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Everything but study.db. `best_number`: the chosen trial; `rechecked`: the re-check's
+    candidates (Candidate.to_dict; empty without a re-check)."""
     write_tables(study, output)
-    best = study.best_trial
+    best = study.trials[best_number]
+    chosen = next((c for c in rechecked if c["trial"] == best_number), None)
+    how = f", mean over seeds {', '.join(map(str, chosen['valid_auc_by_seed']))} {chosen['mean_valid_auc']:.4f}" if chosen else ""
     header = (
-        f"# masknet tune: best of {len(study.trials)} trials ({best_cfg.model.name}, seed {seed}): trial {best.number}, "
-        f"validation AUC {best.value:.4f}\n# Train it: masknet train --config {output / 'best.yaml'}\n"
+        f"# masknet tune: best of {len(study.trials)} trials ({best_cfg.model.name}, seed {seed}): trial {best.number}"
+        f"{' (the default)' if best.user_attrs.get('default') else ''}, validation AUC {best.value:.4f}{how}\n"
+        f"# Train it: masknet train --config {output / 'best.yaml'}\n"
     )
     save_best(best_cfg, output / "best.yaml", header)
     _plot_history(study, output / "history.png")
@@ -109,7 +123,10 @@ def write_outputs(study, output: Path, best_cfg: RunConfig, space: SearchSpace, 
         "trials_by_state": states,
         "best_trial": best.number,
         "best_valid_auc": best.value,
+        "best_is_default": bool(best.user_attrs.get("default")),
         "best_params": best.params,
+        "best_mean_valid_auc": chosen["mean_valid_auc"] if chosen else None,
+        "recheck": rechecked,
         "seed": seed,
         "max_steps_per_trial": best_cfg.train.max_steps or None,
         "space": space_to_yaml(space),

@@ -6,18 +6,21 @@ OUTPUT/study.db        the study (Optuna RDB storage in SQLite): every trial, it
 OUTPUT/best.yaml       the best trial's full config: `masknet train --config OUTPUT/best.yaml`
 OUTPUT/trials.csv, trials.parquet   one row per trial (state, validation AUC, parameters, steps)
 OUTPUT/history.png, importances.png the optimisation history and the parameters' importances
-OUTPUT/summary.json    best value and parameters, trial counts, the space, the seed
+OUTPUT/summary.json    best value and parameters, trial counts, the space, the seed, the re-check
 
 Protocol. Each trial trains on the train split and is scored on the valid split only (the test
 split is never read). The sampler is TPE; the pruner (median) is fed, at each evaluation, the best
 validation AUC so far, and stops a trial below the median of earlier trials at the same evaluation.
 Repeatability: trial i draws from a TPE sampler seeded by (seed, i), so a study with the same seed
 and data draws the same trials, and a resumed study the same ones as an uninterrupted one.
+Robustness (tuning.candidates): trial 0 is the model's default; a study of 20 trials or more ends
+with re-checks of its best trials and the default on more seeds, and best.yaml is the best mean.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import sys
 import time
@@ -37,6 +40,10 @@ from ..models.search import Layers, SearchSpace
 from ..training.distributed import DistContext, resolve_device
 from ..training.run import load_data
 from ..training.trainer import FitResult, TrainingDiverged, fit, seed_everything
+from .candidates import (
+    CARRIED, DEFAULT, KEYS, RECHECK_OF, SEED, Candidate, Recheck, best, candidates, default_settings, optuna_params,
+    recheck_seeds, scored, trial_keys,
+)
 from .outputs import write_outputs, write_tables
 from .space import apply_params, check_space, space_to_yaml, suggest
 
@@ -69,6 +76,7 @@ class TuneResult:
     best_settings: dict[str, Any]  # the best trial's values by config key (what best.yaml changes)
     finished: int  # trials complete or pruned
     ran: int  # trials this invocation ran
+    rechecked: list[Candidate] = dataclasses.field(default_factory=list)  # with their values by seed
 
 
 def run_trial(cfg: RunConfig, data: CTRDataset, on_eval: Optional[Callable[[dict], None]] = None) -> FitResult:
@@ -92,7 +100,7 @@ def _sampler_seed(seed: int, finished: int) -> int:
     return int(np.random.SeedSequence([seed, finished]).generate_state(1)[0])
 
 
-def _open_study(optuna, output: Path, identity: dict[str, Any]):
+def _open_study(optuna, output: Path, identity: dict[str, Any], default: dict[str, Any]):
     output.mkdir(parents=True, exist_ok=True)
     storage = optuna.storages.RDBStorage(f"sqlite:///{(output / 'study.db').resolve()}")
     pruner = optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=PRUNER_WARMUP_EVALS)
@@ -100,6 +108,8 @@ def _open_study(optuna, output: Path, identity: dict[str, Any]):
     saved = study.user_attrs.get("identity")
     if saved is None:
         study.set_user_attr("identity", identity)
+        # trial 0: the default setting (its keys only: the rest stay as the base config has them)
+        study.enqueue_trial(default, user_attrs={DEFAULT: True, KEYS: list(default)})
     elif saved != json.loads(json.dumps(identity)):
         differs = [k for k in identity if saved.get(k) != json.loads(json.dumps(identity[k]))]
         raise TuningError(
@@ -115,24 +125,31 @@ def _retry_interrupted(optuna, study) -> None:
     again, so the resumed study runs the same trials as an uninterrupted one."""
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-        if t.params:
-            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
+        if t.params or KEYS in t.user_attrs:
+            kept = {k: t.user_attrs[k] for k in CARRIED if k in t.user_attrs}
+            params = t.params or t.system_attrs.get("fixed_params", {})
+            study.enqueue_trial(params, user_attrs={**kept, "retry_of": t.number}, skip_if_exists=False)
 
 
-def _finished(optuna, study) -> int:
+def _finished(optuna, study, search_only: bool = False) -> int:
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    return len(study.get_trials(deepcopy=False, states=states))
+    done = study.get_trials(deepcopy=False, states=states)
+    return len([t for t in done if RECHECK_OF not in t.user_attrs]) if search_only else len(done)
 
 
 def _objective(optuna, base: RunConfig, space: SearchSpace, data: CTRDataset):
     def objective(trial) -> float:
-        cfg = apply_params(base, suggest(trial, space))
+        keys = trial.user_attrs.get(KEYS)  # a fixed trial (the default, a re-check): only these keys
+        cfg = apply_params(base, suggest(trial, space if keys is None else {k: space[k] for k in keys}))
+        if SEED in trial.user_attrs:
+            cfg.train.seed = trial.user_attrs[SEED]
+        rechecking = RECHECK_OF in trial.user_attrs  # runs to its end: its value is compared at the end
         evals: list[float] = []
 
         def on_eval(record: dict) -> None:
             evals.append(record["valid_auc"])
             trial.report(max(evals), step=len(evals))
-            if trial.should_prune():
+            if not rechecking and trial.should_prune():
                 raise optuna.TrialPruned()
 
         t0 = time.perf_counter()
@@ -162,10 +179,12 @@ def tune(
     data: Optional[CTRDataset] = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    recheck: Recheck = Recheck(),
 ) -> TuneResult:
     """Run (or continue) a study of `trials` trials of `base.model.name` on `base.data`; write
     OUTPUT's files. `max_steps` caps every trial's training steps (the same budget for each);
-    `timeout` (seconds) stops starting new trials after that long."""
+    `timeout` (seconds) stops starting new trials after that long. Trial 0 is the default; the
+    last `recheck.runs(trials)` trials re-check the best and the default on more seeds (candidates)."""
     optuna = require_optuna()
     if trials < 1:
         raise TuningError(f"--trials: must be >= 1, got {trials}")
@@ -177,35 +196,79 @@ def tune(
         base.train.max_steps = pristine.train.max_steps = max_steps
     space = dict(space if space is not None else REGISTRY[base.model.name].search_space)
     check_space(space, base)
+    data = data if data is not None else load_data(base)
+    default = optuna_params(default_settings(base, space, len(data.splits["train"])), space)
     if "train.batch_size" in space:  # a trial trains at the batch it drew, not one halved for small data
         base.train.min_batches_per_epoch = pristine.train.min_batches_per_epoch = 0
     base.train.progress, base.train.checkpoints = False, False
     output = Path(output)
-    study = _open_study(optuna, output, _identity(base, space, seed))
-    data = data if data is not None else load_data(base)
+    study = _open_study(optuna, output, _identity(base, space, seed), default)
     objective = _objective(optuna, base, space, data)
-    start, ran = time.perf_counter(), 0
-    bar = tqdm(total=trials, initial=min(_finished(optuna, study), trials), desc=f"tune {base.model.name}", unit="trial",
-               disable=not progress, file=sys.stderr)
-    while (done := _finished(optuna, study)) < trials:
-        if timeout is not None and time.perf_counter() - start > timeout:
-            log(f"masknet tune: --timeout {timeout:g} s reached after {ran} trials this run ({done} of {trials} finished)")
-            break
-        study.sampler = optuna.samplers.TPESampler(seed=_sampler_seed(seed, done))
-        study.optimize(objective, n_trials=1, gc_after_trial=True)
-        ran += 1
-        bar.update(_finished(optuna, study) - done)
-        if _completed(optuna, study):
-            bar.set_postfix(best=f"{study.best_value:.4f}", trial=study.best_trial.number)
-        write_tables(study, output)
-    bar.close()
+    runner = _Runner(optuna, study, objective, output, seed, timeout, log)
+    runner.bar = tqdm(total=trials, initial=min(_finished(optuna, study), trials), desc=f"tune {base.model.name}",
+                      unit="trial", disable=not progress, file=sys.stderr)
+    searched = runner.run_until(lambda: _finished(optuna, study, search_only=True) >= trials - recheck.runs(trials), trials)
     if not _completed(optuna, study):
+        runner.bar.close()
         raise TuningError(f"{output}: no trial finished without pruning; run more --trials")
-    settings = _config_params(study.best_trial.params, space)
+    chosen = _recheck(runner, study, space, base.train.seed, recheck, trials) if searched and recheck.runs(trials) else []
+    runner.bar.close()
+    pick = best(chosen)
+    number, params = (pick.number, pick.params) if pick else (study.best_trial.number, study.best_trial.params)
+    value = study.trials[number].value
+    settings = _config_params(params, space)
     best_cfg = apply_params(pristine, settings)
     best_cfg.output = None
-    write_outputs(study, output, best_cfg, space, seed, trials)
-    return TuneResult(output, study.best_value, study.best_trial.params, best_cfg, settings, _finished(optuna, study), ran)
+    write_outputs(study, output, best_cfg, space, seed, trials, number, [c.to_dict() for c in chosen])
+    return TuneResult(output, value, params, best_cfg, settings, _finished(optuna, study), runner.ran, chosen)
+
+
+class _Runner:
+    """Runs a study's trials one at a time (each from its own seeded sampler), with the progress
+    bar, the timeout and the trials table kept up to date."""
+
+    def __init__(self, optuna, study, objective, output: Path, seed: int, timeout: Optional[float], log):
+        self.optuna, self.study, self.objective, self.output, self.seed, self.timeout, self.log = (
+            optuna, study, objective, output, seed, timeout, log)
+        self.start, self.ran, self.bar = time.perf_counter(), 0, None
+
+    def run_until(self, done: Callable[[], bool], trials: int) -> bool:
+        """Run trials until `done()`; False when the timeout stopped it first."""
+        optuna, study = self.optuna, self.study
+        while not done():
+            finished = _finished(optuna, study)
+            if self.timeout is not None and time.perf_counter() - self.start > self.timeout:
+                self.log(f"masknet tune: --timeout {self.timeout:g} s reached after {self.ran} trials this run "
+                         f"({finished} of {trials} finished)")
+                return False
+            study.sampler = optuna.samplers.TPESampler(seed=_sampler_seed(self.seed, finished))
+            study.optimize(self.objective, n_trials=1, gc_after_trial=True)
+            self.ran += 1
+            self.bar.update(min(_finished(optuna, study), trials) - min(finished, trials))
+            if _completed(optuna, study):
+                self.bar.set_postfix(best=f"{study.best_value:.4f}", trial=study.best_trial.number)
+            write_tables(study, self.output)
+        return True
+
+
+def _recheck(runner: _Runner, study, space: SearchSpace, base_seed: int, recheck: Recheck, trials: int) -> list[Candidate]:
+    """Train the best trials and the default on more seeds (re-check trials, queued once: a resumed
+    study reuses the ones it has); returns the candidates with their values by seed."""
+    cands = candidates(study.trials, recheck)
+    have = {(t.user_attrs.get(RECHECK_OF), t.user_attrs.get(SEED)) for t in study.trials
+            if t.state.name in ("COMPLETE", "PRUNED", "WAITING")}
+    for c in cands:
+        for s in recheck_seeds(base_seed, recheck):
+            if (c.number, s) not in have:
+                attrs = {KEYS: trial_keys(c.params, space), SEED: s, RECHECK_OF: c.number}
+                study.enqueue_trial(c.params, user_attrs=attrs, skip_if_exists=False)
+    waiting = lambda: not study.get_trials(deepcopy=False, states=(runner.optuna.trial.TrialState.WAITING,))  # noqa: E731
+    if not runner.run_until(waiting, trials):
+        return []
+    cands = scored(cands, study.trials, base_seed)
+    runner.log("masknet tune: re-check (mean validation AUC over seeds " + ", ".join(map(str, [base_seed, *recheck_seeds(base_seed, recheck)]))
+               + "): " + "; ".join(f"trial {c.number}{' (default)' if c.default else ''} {c.mean:.4f}" for c in cands))
+    return cands
 
 
 def _completed(optuna, study) -> bool:
@@ -215,8 +278,8 @@ def _completed(optuna, study) -> bool:
 def _config_params(params: dict[str, Any], space: SearchSpace) -> dict[str, Any]:
     """Optuna's flat parameters back to config values (a Layers key is two parameters)."""
     out = {}
-    for key, r in space.items():
-        if isinstance(r, Layers):
+    for key in trial_keys(params, space):  # a default trial sets only the keys its ranges can express
+        if isinstance(space[key], Layers):
             out[key] = [params[f"{key}.width"]] * params[f"{key}.depth"]
         else:
             out[key] = params[key]
