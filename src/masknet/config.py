@@ -62,8 +62,13 @@ class ModelConfig:
     num_experts: int = 3  # mmoe: OPEN (MMoE's paper uses 8 small experts; 3 full MaskNets cost 3x)
     tower_hidden: list[int] = field(default_factory=lambda: [64])  # per-task tower, OPEN: one ReLU layer of 64
     # which tasks' losses train the shared embedding and bottom: all, or first (the others' towers and
-    # gates read them detached: they learn from the first task's representation, never change it)
+    # gates read them detached: they learn from the first task's representation, never change it), or
+    # pcgrad (all, but per row the part of another task's gradient that points against the first task's
+    # is projected out, at the bottom's output; models/multitask.py TaskViews)
     shared_gradient: str = "all"
+    # the factor on the other tasks' gradients into the shared parts (all, pcgrad): 1 = all of it,
+    # 0 = none (the gradient of `first`)
+    shared_gradient_scale: float = 1.0
 
     def validate(self) -> None:
 
@@ -84,8 +89,15 @@ class ModelConfig:
         _positive("model.attention_layers", self.attention_layers)
         _positive("model.attention_heads", self.attention_heads)
         _positive("model.attention_dim", self.attention_dim)
-        if self.shared_gradient not in ("all", "first"):
-            raise ConfigError(f"model.shared_gradient: expected 'all' or 'first', got {self.shared_gradient!r}")
+        if self.shared_gradient not in ("all", "first", "pcgrad"):
+            raise ConfigError(f"model.shared_gradient: expected 'all', 'first' or 'pcgrad', got {self.shared_gradient!r}")
+        if not 0.0 <= self.shared_gradient_scale <= 1.0:
+            raise ConfigError(f"model.shared_gradient_scale: must be in [0, 1], got {self.shared_gradient_scale}")
+        if self.shared_gradient == "first" and self.shared_gradient_scale != 1.0:
+            raise ConfigError(
+                "model.shared_gradient_scale: has no effect with model.shared_gradient=first (no other task's gradient "
+                "reaches the shared parts); use shared_gradient=all or pcgrad with it"
+            )
         if self.multitask not in MULTITASK_KINDS:
             raise ConfigError(f"model.multitask: expected one of {', '.join(MULTITASK_KINDS)}, got {self.multitask!r}")
         if self.multitask != "none" and not entry.multitask_backbone:
