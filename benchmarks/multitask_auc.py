@@ -127,6 +127,26 @@ def main() -> None:
     for split, per_split in comparisons.items():
         for k, v in per_split.items():
             print(f"{'valid' if split == 'valid_auc' else 'test'} {k}: {v['mean']:+.4f} ± {v['std']:.4f}  {['%+.4f' % d for d in v['values']]}")
+    for kind in args.kinds.split(","):
+        print(markdown_table(cells, f"mt-{kind}{tag}", f"st-{kind}", tasks, seeds, oracle))
+
+
+def markdown_table(cells: dict, mt: str, st: str, tasks: list[str], seeds: list[int], oracle: dict) -> str:
+    """docs/multitask.md's table: per task and split, multi-task vs that task alone (per seed), the difference, the oracle."""
+    def cell(values: list[float], signed: bool = False) -> str:
+        f = "%+.4f" if signed else "%.4f"
+        return f"{f % statistics.mean(values)} ({', '.join(f % v for v in values)})"
+
+    rows = ["| task | split | multi-task | that task alone | multi − alone (±1 sd over seeds) | oracle (test) |", "|---|---|---|---|---|---|"]
+    for t in tasks:
+        for split, key in (("valid", "valid_auc"), ("test", "auc")):
+            a = [cells[mt][s]["tasks"][t][key] for s in seeds]
+            b = [cells[f"{st}-{t}"][s]["tasks"][t][key] for s in seeds]
+            d = [x - y for x, y in zip(a, b)]
+            sd = statistics.stdev(d) if len(d) > 1 else 0.0
+            rows.append(f"| {t} | {split} | {cell(a)} | {cell(b)} | **{statistics.mean(d):+.4f} ± {sd:.4f}** "
+                        f"({', '.join('%+.4f' % v for v in d)}) | {oracle[t]:.4f} |")
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":
