@@ -22,6 +22,7 @@ V_emb; towers are one ReLU layer of `tower_hidden` (OPEN).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import torch
@@ -154,7 +155,13 @@ class MultiTaskModel(CTRModel):
         width = self.experts[0].output_dim
         m = self.num_fields * cfg.embedding_dim
         self.gates = nn.ModuleList(nn.Linear(m, n_experts) for _ in self.tasks) if cfg.multitask == "mmoe" else None
-        self.towers = nn.ModuleList(Tower(width, cfg) for _ in self.tasks)
+        # task_blocks: each task but the first also reads its own MaskBlocks on V_emb (built last, so every
+        # part before them starts from the same weights as without them)
+        own = [0] + [cfg.block_dim if cfg.task_blocks else 0] * (len(self.tasks) - 1)
+        self.towers = nn.ModuleList(Tower(width + w, cfg) for w in own)
+        self.task_blocks = nn.ModuleList(
+            serial_blocks(self.num_fields, replace(cfg, num_blocks=cfg.task_blocks)) for _ in self.tasks[1:]
+        ) if cfg.task_blocks else None
 
     @property
     def num_tasks(self) -> int:
@@ -166,6 +173,11 @@ class MultiTaskModel(CTRModel):
         if self.gates is None:
             h = self.experts[0](v_emb)  # [B, d], the same input for every tower
             inputs = self._views(h) if self._surgery() else [h] + [h.detach() if detached else h] * (self.num_tasks - 1)
+            if self.task_blocks is not None:  # the other tasks' own blocks read V_emb routed as h is (not projected)
+                v = list(TaskViews.apply(v_emb, self.num_tasks, self.cfg.shared_gradient_scale, False)) if self._surgery() else (
+                    [v_emb] + [v_emb.detach() if detached else v_emb] * (self.num_tasks - 1))
+                inputs = inputs[:1] + [torch.cat([i, serial_forward(b, e)[0]], dim=-1)
+                                       for i, b, e in zip(inputs[1:], self.task_blocks, v[1:])]
         elif self._surgery():  # each task's gate and mixture gets its own view of the shared V_emb and experts
             inputs = [self._mixture(gate, v, hv, False) for gate, v, hv in zip(self.gates, self._views(v_emb), self._views(
                 torch.stack([e(v_emb) for e in self.experts], dim=1)))]
