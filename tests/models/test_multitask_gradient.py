@@ -104,10 +104,12 @@ def test_pcgrad_model_gradient_is_the_per_row_projection(kind):
     ({"shared_gradient_scale": 1.5}, "model.shared_gradient_scale"),
     ({"shared_gradient_scale": float("nan")}, "model.shared_gradient_scale"),
     ({"shared_gradient": "first", "shared_gradient_scale": 0.3}, "model.shared_gradient_scale"),
+    ({"task_blocks": -1}, "model.task_blocks"),
+    ({"task_blocks": 1, "multitask": "mmoe"}, "model.task_blocks"),
 ])
 def test_config_errors_are_one_line(over, field):
     with pytest.raises(ConfigError, match=field) as e:
-        ModelConfig(name="sermasknet", multitask="shared_bottom", **over).validate()
+        ModelConfig(name="sermasknet", **({"multitask": "shared_bottom"} | over)).validate()
     assert "\n" not in str(e.value)
 
 
@@ -118,9 +120,14 @@ def test_cli_refuses_a_bad_scale_with_exit_code_2(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("kind, mode", [("shared_bottom", "pcgrad"), ("mmoe", "all")])
-def test_models_trained_with_gradient_surgery_export_to_onnx(tmp_path, kind, mode):
-    """The surgery is training-only: the exported graph matches PyTorch within 1e-5 on every output."""
+@pytest.mark.parametrize("kind, mode, sets", [
+    ("shared_bottom", "pcgrad", ["model.shared_gradient_scale=0.5"]),
+    ("mmoe", "all", ["model.shared_gradient_scale=0.5"]),
+    ("shared_bottom", "first", ["model.task_blocks=1"]),
+])
+def test_models_trained_with_gradient_surgery_export_to_onnx(tmp_path, kind, mode, sets):
+    """The surgery is training-only (and task blocks plain layers): the exported graph matches PyTorch
+    within 1e-5 on every output."""
     pytest.importorskip("onnxruntime")
     from masknet.serving.bundle import verify_and_load
     from masknet.serving.export import export_onnx_bytes, parity_by_output
@@ -128,8 +135,25 @@ def test_models_trained_with_gradient_surgery_export_to_onnx(tmp_path, kind, mod
     run = tmp_path / "run"
     assert main(["train", "--output", str(run), "--epochs", "1", "--set", "data.synthetic.rows=2000",
                  "--set", "data.synthetic.multitask=true", "--set", f"model.multitask={kind}", "--set", "model.num_experts=2",
-                 "--set", f"model.shared_gradient={mode}", "--set", "model.shared_gradient_scale=0.5",
+                 "--set", f"model.shared_gradient={mode}", *[a for kv in sets for a in ("--set", kv)],
                  "--set", "model.block_dim=16", "--set", "model.num_blocks=2", "--set", "train.threads=1", "--quiet"]) == 0
     b = verify_and_load(run)
     diffs = parity_by_output(b, export_onnx_bytes(b), rows=500)
     assert max(diffs.values()) < 1e-5, diffs
+
+
+@pytest.mark.parametrize("mode", ["first", "all"])
+def test_task_blocks_are_the_other_tasks_own_and_leave_the_rest_as_without_them(mode):
+    model = _model(shared_gradient=mode, task_blocks=1)
+    plain = _model(shared_gradient=mode)
+    theirs = plain.state_dict()
+    same = {k: v for k, v in model.state_dict().items() if not k.startswith(("task_blocks.", "towers.1."))}
+    assert all(torch.equal(v, theirs[k]) for k, v in same.items())  # same initial weights on the first task's path
+    assert len(model.task_blocks) == 1 and plain.task_blocks is None
+    model(_x())[:, 1].sum().backward()  # the second task alone
+    assert any(p.grad is not None and p.grad.any() for p in model.task_blocks.parameters())
+    reached = any(p.grad is not None and p.grad.any() for p in _shared(model))
+    assert reached == (mode == "all")  # first: the own blocks read V_emb detached too
+    model.zero_grad()
+    model(_x())[:, 0].sum().backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.task_blocks.parameters())
