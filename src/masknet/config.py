@@ -69,8 +69,8 @@ class ModelConfig:
     # the factor on the other tasks' gradients into the shared parts (all, pcgrad): 1 = all of it,
     # 0 = none (the gradient of `first`)
     shared_gradient_scale: float = 1.0
-    # shared_bottom: every task but the first also gets this many MaskBlocks of its own on V_emb (block_dim
-    # wide), its tower reading [bottom ; own]; 0 = none
+    # every task but the first also gets this many MaskBlocks of its own on V_emb (block_dim
+    # wide), its tower reading [bottom or its MMoE mixture ; own]; 0 = none
     task_blocks: int = 0
 
     def validate(self) -> None:
@@ -110,8 +110,6 @@ class ModelConfig:
         _positive("model.num_experts", self.num_experts)
         if self.task_blocks < 0:
             raise ConfigError(f"model.task_blocks: must be >= 0, got {self.task_blocks}")
-        if self.task_blocks and self.multitask != "shared_bottom":
-            raise ConfigError(f"model.task_blocks: goes with model.multitask=shared_bottom, got {self.multitask!r}")
         for width in self.tower_hidden:
             _positive("model.tower_hidden", width)
 

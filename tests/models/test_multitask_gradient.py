@@ -105,7 +105,6 @@ def test_pcgrad_model_gradient_is_the_per_row_projection(kind):
     ({"shared_gradient_scale": float("nan")}, "model.shared_gradient_scale"),
     ({"shared_gradient": "first", "shared_gradient_scale": 0.3}, "model.shared_gradient_scale"),
     ({"task_blocks": -1}, "model.task_blocks"),
-    ({"task_blocks": 1, "multitask": "mmoe"}, "model.task_blocks"),
 ])
 def test_config_errors_are_one_line(over, field):
     with pytest.raises(ConfigError, match=field) as e:
@@ -142,10 +141,11 @@ def test_models_trained_with_gradient_surgery_export_to_onnx(tmp_path, kind, mod
     assert max(diffs.values()) < 1e-5, diffs
 
 
+@pytest.mark.parametrize("kind", ["shared_bottom", "mmoe"])
 @pytest.mark.parametrize("mode", ["first", "all"])
-def test_task_blocks_are_the_other_tasks_own_and_leave_the_rest_as_without_them(mode):
-    model = _model(shared_gradient=mode, task_blocks=1)
-    plain = _model(shared_gradient=mode)
+def test_task_blocks_are_the_other_tasks_own_and_leave_the_rest_as_without_them(mode, kind):
+    model = _model(kind, shared_gradient=mode, task_blocks=1)
+    plain = _model(kind, shared_gradient=mode)
     theirs = plain.state_dict()
     same = {k: v for k, v in model.state_dict().items() if not k.startswith(("task_blocks.", "towers.1."))}
     assert all(torch.equal(v, theirs[k]) for k, v in same.items())  # same initial weights on the first task's path

@@ -169,21 +169,18 @@ class MultiTaskModel(CTRModel):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         v_emb = self.embedding(x).flatten(1)  # [B, m]
-        detached = self.cfg.shared_gradient == "first" and self.training  # only task 0 trains the shared parts
         if self.gates is None:
-            h = self.experts[0](v_emb)  # [B, d], the same input for every tower
-            inputs = self._views(h) if self._surgery() else [h] + [h.detach() if detached else h] * (self.num_tasks - 1)
-            if self.task_blocks is not None:  # the other tasks' own blocks read V_emb routed as h is (not projected)
-                v = list(TaskViews.apply(v_emb, self.num_tasks, self.cfg.shared_gradient_scale, False)) if self._surgery() else (
-                    [v_emb] + [v_emb.detach() if detached else v_emb] * (self.num_tasks - 1))
-                inputs = inputs[:1] + [torch.cat([i, serial_forward(b, e)[0]], dim=-1)
-                                       for i, b, e in zip(inputs[1:], self.task_blocks, v[1:])]
+            inputs = self._routed(self.experts[0](v_emb))  # [B, d] per task: the same tensor, routed for training
         elif self._surgery():  # each task's gate and mixture gets its own view of the shared V_emb and experts
-            inputs = [self._mixture(gate, v, hv, False) for gate, v, hv in zip(self.gates, self._views(v_emb), self._views(
-                torch.stack([e(v_emb) for e in self.experts], dim=1)))]
+            h = torch.stack([e(v_emb) for e in self.experts], dim=1)  # [B, E, d]
+            inputs = [self._mixture(gate, v, hv, False) for gate, v, hv in zip(self.gates, self._routed(v_emb), self._routed(h))]
         else:
+            detached = self.cfg.shared_gradient == "first" and self.training  # only task 0 trains the shared parts
             h = torch.stack([e(v_emb) for e in self.experts], dim=1)  # [B, E, d]
             inputs = [self._mixture(gate, v_emb, h, detached and t > 0) for t, gate in enumerate(self.gates)]
+        if self.task_blocks is not None:  # the other tasks' own blocks, on V_emb routed as the bottom is (never projected)
+            own = self._routed(v_emb, project=False)[1:]
+            inputs = inputs[:1] + [torch.cat([i, serial_forward(b, v)[0]], dim=-1) for i, b, v in zip(inputs[1:], self.task_blocks, own)]
         return torch.stack([tower(i) for tower, i in zip(self.towers, inputs)], dim=1)  # [B, T]
 
     def _surgery(self) -> bool:
@@ -192,8 +189,13 @@ class MultiTaskModel(CTRModel):
         return self.training and self.num_tasks > 1 and (cfg.shared_gradient == "pcgrad" or (
             cfg.shared_gradient == "all" and cfg.shared_gradient_scale != 1.0))
 
-    def _views(self, h: torch.Tensor) -> list[torch.Tensor]:
-        return list(TaskViews.apply(h, self.num_tasks, self.cfg.shared_gradient_scale, self.cfg.shared_gradient == "pcgrad"))
+    def _routed(self, t: torch.Tensor, project: bool = True) -> list[torch.Tensor]:
+        """A shared tensor as each task's input: one per task; their gradients combined as model.shared_gradient says."""
+        cfg = self.cfg
+        if self._surgery():
+            return list(TaskViews.apply(t, self.num_tasks, cfg.shared_gradient_scale, project and cfg.shared_gradient == "pcgrad"))
+        detached = cfg.shared_gradient == "first" and self.training
+        return [t] + [t.detach() if detached else t] * (self.num_tasks - 1)
 
     @staticmethod
     def _mixture(gate: nn.Module, v_emb: torch.Tensor, h: torch.Tensor, detached: bool) -> torch.Tensor:
