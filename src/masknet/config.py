@@ -61,17 +61,20 @@ class ModelConfig:
     multitask: str = "none"
     num_experts: int = 3  # mmoe: OPEN (MMoE's paper uses 8 small experts; 3 full MaskNets cost 3x)
     tower_hidden: list[int] = field(default_factory=lambda: [64])  # per-task tower, OPEN: one ReLU layer of 64
-    # which tasks' losses train the shared embedding and bottom: all, or first (the others' towers and
-    # gates read them detached: they learn from the first task's representation, never change it), or
-    # pcgrad (all, but per row the part of another task's gradient that points against the first task's
-    # is projected out, at the bottom's output; models/multitask.py TaskViews)
-    shared_gradient: str = "all"
+    # Defaults chosen on validation AUC (docs/multitask.md "Results": built-in multi-task data, data seeds 7
+    # and 11, 3 training seeds): `first` + one task block keeps the click's validation AUC exactly the click
+    # alone's and gave the purchase the largest gain of every mode tried (all, pcgrad, scales 0.1-0.5).
+    # Which tasks' losses train the shared embedding and bottom: all; first (the others' towers, gates and
+    # task blocks read them detached: they learn from the first task's representation, never change it);
+    # or pcgrad (all, but per row the part of another task's gradient that points against the first task's
+    # is projected out at the bottom's output; models/multitask.py TaskViews)
+    shared_gradient: str = "first"
     # the factor on the other tasks' gradients into the shared parts (all, pcgrad): 1 = all of it,
     # 0 = none (the gradient of `first`)
     shared_gradient_scale: float = 1.0
-    # every task but the first also gets this many MaskBlocks of its own on V_emb (block_dim
-    # wide), its tower reading [bottom or its MMoE mixture ; own]; 0 = none
-    task_blocks: int = 0
+    # every task but the first also gets this many MaskBlocks of its own on V_emb (block_dim wide), its
+    # tower reading [bottom or its MMoE mixture ; own]; 0 = none
+    task_blocks: int = 1
 
     def validate(self) -> None:
 

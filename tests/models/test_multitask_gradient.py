@@ -16,6 +16,7 @@ CARDS = [5, 7, 9]
 
 def _model(kind="shared_bottom", **over):
     torch.manual_seed(0)
+    over = {"shared_gradient": "all", "task_blocks": 0} | over  # the plain model unless a test says otherwise
     cfg = ModelConfig(name="sermasknet", multitask=kind, num_experts=2, block_dim=8, num_blocks=2, **over)
     return MultiTaskModel(CARDS, cfg, ["click", "purchase"])
 
@@ -157,3 +158,15 @@ def test_task_blocks_are_the_other_tasks_own_and_leave_the_rest_as_without_them(
     model.zero_grad()
     model(_x())[:, 0].sum().backward()
     assert all(p.grad is None or not p.grad.any() for p in model.task_blocks.parameters())
+
+
+def test_model_json_without_the_new_keys_loads_the_model_it_was_written_for(tmp_path):
+    """A model.json written before task_blocks existed has no task blocks (its weights have none)."""
+    from masknet.runs import model_config_of
+
+    old = model_config_of(tmp_path / "model.json", {"model_config": {"name": "sermasknet", "multitask": "shared_bottom"}})
+    assert old.task_blocks == 0 and old.shared_gradient == "all"
+    new = model_config_of(tmp_path / "model.json", {"model_config": {"name": "sermasknet", "multitask": "shared_bottom",
+                                                                     "task_blocks": 1, "shared_gradient": "first"}})
+    assert new.task_blocks == 1 and new.shared_gradient == "first"
+    assert ModelConfig().task_blocks == 1 and ModelConfig().shared_gradient == "first"  # docs/multitask.md's defaults
