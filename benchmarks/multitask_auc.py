@@ -7,7 +7,9 @@ For each seed, trains (every cell on the same data, data seed 7):
     st-<kind>-<task> the same architecture (one tower) trained on that task alone
     plain-<task>     the single-task model (no tower), optional (--plain)
 and writes every run's per-task test AUC, log loss, ECE, validation AUC and the oracle AUC to a
-JSON file, plus the per-seed differences mt - st on the validation and on the test split. Runs are kept under --runs (rerunning skips finished cells).
+JSON file, plus the per-seed differences mt - st on the validation and on the test split, and prints
+docs/multitask.md's table (per task and split: multi-task, alone, difference, oracle). Runs are kept
+under --runs (rerunning skips finished cells).
 
     python benchmarks/multitask_auc.py --seeds 1,2,3 --output docs/bench-results/multitask.json
 """
