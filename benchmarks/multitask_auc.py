@@ -7,7 +7,9 @@ For each seed, trains (every cell on the same data, data seed 7):
     st-<kind>-<task> the same architecture (one tower) trained on that task alone
     plain-<task>     the single-task model (no tower), optional (--plain)
 and writes every run's per-task test AUC, log loss, ECE, validation AUC and the oracle AUC to a
-JSON file, plus the per-seed differences mt - st on the validation and on the test split. Runs are kept under --runs (rerunning skips finished cells).
+JSON file, plus the per-seed differences mt - st on the validation and on the test split, and prints
+docs/multitask.md's table (per task and split: multi-task, alone, difference, oracle). Runs are kept
+under --runs (rerunning skips finished cells).
 
     python benchmarks/multitask_auc.py --seeds 1,2,3 --output docs/bench-results/multitask.json
 """
@@ -127,6 +129,26 @@ def main() -> None:
     for split, per_split in comparisons.items():
         for k, v in per_split.items():
             print(f"{'valid' if split == 'valid_auc' else 'test'} {k}: {v['mean']:+.4f} ± {v['std']:.4f}  {['%+.4f' % d for d in v['values']]}")
+    for kind in args.kinds.split(","):
+        print(markdown_table(cells, f"mt-{kind}{tag}", f"st-{kind}", tasks, seeds, oracle))
+
+
+def markdown_table(cells: dict, mt: str, st: str, tasks: list[str], seeds: list[int], oracle: dict) -> str:
+    """docs/multitask.md's table: per task and split, multi-task vs that task alone (per seed), the difference, the oracle."""
+    def cell(values: list[float], signed: bool = False) -> str:
+        f = "%+.4f" if signed else "%.4f"
+        return f"{f % statistics.mean(values)} ({', '.join(f % v for v in values)})"
+
+    rows = ["| task | split | multi-task | that task alone | multi − alone (±1 sd over seeds) | oracle (test) |", "|---|---|---|---|---|---|"]
+    for t in tasks:
+        for split, key in (("valid", "valid_auc"), ("test", "auc")):
+            a = [cells[mt][s]["tasks"][t][key] for s in seeds]
+            b = [cells[f"{st}-{t}"][s]["tasks"][t][key] for s in seeds]
+            d = [x - y for x, y in zip(a, b)]
+            sd = statistics.stdev(d) if len(d) > 1 else 0.0
+            rows.append(f"| {t} | {split} | {cell(a)} | {cell(b)} | **{statistics.mean(d):+.4f} ± {sd:.4f}** "
+                        f"({', '.join('%+.4f' % v for v in d)}) | {oracle[t]:.4f} |")
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

@@ -61,9 +61,20 @@ class ModelConfig:
     multitask: str = "none"
     num_experts: int = 3  # mmoe: OPEN (MMoE's paper uses 8 small experts; 3 full MaskNets cost 3x)
     tower_hidden: list[int] = field(default_factory=lambda: [64])  # per-task tower, OPEN: one ReLU layer of 64
-    # which tasks' losses train the shared embedding and bottom: all, or first (the others' towers and
-    # gates read them detached: they learn from the first task's representation, never change it)
-    shared_gradient: str = "all"
+    # Defaults chosen on validation AUC (docs/multitask.md "Results": built-in multi-task data, data seeds 7
+    # and 11, 3 training seeds): `first` + one task block keeps the click's validation AUC exactly the click
+    # alone's and gave the purchase the largest gain of every mode tried (all, pcgrad, scales 0.1-0.5).
+    # Which tasks' losses train the shared embedding and bottom: all; first (the others' towers, gates and
+    # task blocks read them detached: they learn from the first task's representation, never change it);
+    # or pcgrad (all, but per row the part of another task's gradient that points against the first task's
+    # is projected out at the bottom's output; models/multitask.py TaskViews)
+    shared_gradient: str = "first"
+    # the factor on the other tasks' gradients into the shared parts (all, pcgrad): 1 = all of it,
+    # 0 = none (the gradient of `first`)
+    shared_gradient_scale: float = 1.0
+    # every task but the first also gets this many MaskBlocks of its own on V_emb (block_dim wide), its
+    # tower reading [bottom or its MMoE mixture ; own]; 0 = none
+    task_blocks: int = 1
 
     def validate(self) -> None:
 
@@ -84,8 +95,15 @@ class ModelConfig:
         _positive("model.attention_layers", self.attention_layers)
         _positive("model.attention_heads", self.attention_heads)
         _positive("model.attention_dim", self.attention_dim)
-        if self.shared_gradient not in ("all", "first"):
-            raise ConfigError(f"model.shared_gradient: expected 'all' or 'first', got {self.shared_gradient!r}")
+        if self.shared_gradient not in ("all", "first", "pcgrad"):
+            raise ConfigError(f"model.shared_gradient: expected 'all', 'first' or 'pcgrad', got {self.shared_gradient!r}")
+        if not 0.0 <= self.shared_gradient_scale <= 1.0:
+            raise ConfigError(f"model.shared_gradient_scale: must be in [0, 1], got {self.shared_gradient_scale}")
+        if self.shared_gradient == "first" and self.shared_gradient_scale != 1.0:
+            raise ConfigError(
+                "model.shared_gradient_scale: has no effect with model.shared_gradient=first (no other task's gradient "
+                "reaches the shared parts); use shared_gradient=all or pcgrad with it"
+            )
         if self.multitask not in MULTITASK_KINDS:
             raise ConfigError(f"model.multitask: expected one of {', '.join(MULTITASK_KINDS)}, got {self.multitask!r}")
         if self.multitask != "none" and not entry.multitask_backbone:
@@ -93,6 +111,8 @@ class ModelConfig:
                 f"model.multitask: {self.multitask} is built on {', '.join(multitask_backbones())}; got model.name={self.name!r}"
             )
         _positive("model.num_experts", self.num_experts)
+        if self.task_blocks < 0:
+            raise ConfigError(f"model.task_blocks: must be >= 0, got {self.task_blocks}")
         for width in self.tower_hidden:
             _positive("model.tower_hidden", width)
 

@@ -375,10 +375,15 @@ def _check_spec_fields(path: Path, spec: dict[str, Any]) -> None:
         raise bad("tasks", "the task names of a multi-task model")
 
 
+# model config keys whose default changed after model.json files were written without them: such a model
+# had the old value (no task blocks; every task's gradient into the shared parts)
+_ABSENT_MEANS = {"task_blocks": 0, "shared_gradient": "all"}
+
+
 def model_config_of(path: Path, spec: dict[str, Any]) -> ModelConfig:
     """model.json's model_config as a validated ModelConfig (a UserError naming the file)."""
     try:
-        model_cfg = from_dict(ModelConfig, spec["model_config"], prefix="model_config.")
+        model_cfg = from_dict(ModelConfig, _ABSENT_MEANS | spec["model_config"], prefix="model_config.")
         model_cfg.validate()
     except ConfigError as exc:
         raise UserError(f"{path}: {str(exc).replace('model.', 'model_config.', 1)}") from None

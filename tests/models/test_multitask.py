@@ -195,7 +195,7 @@ def test_shared_gradient_first_keeps_the_other_tasks_out_of_the_shared_parts(kin
     model.zero_grad()
     model(x)[:, 0].sum().backward()
     assert any(p.grad is not None and p.grad.any() for p in model.experts.parameters())
-    all_cfg = ModelConfig(name="sermasknet", multitask=kind, num_experts=2, block_dim=8, num_blocks=2)
+    all_cfg = ModelConfig(name="sermasknet", multitask=kind, num_experts=2, block_dim=8, num_blocks=2, shared_gradient="all")
     torch.manual_seed(0)
     other = MultiTaskModel([5, 7, 9], all_cfg, ["click", "purchase"])
     model.eval(), other.eval()

@@ -22,6 +22,7 @@ V_emb; towers are one ReLU layer of `tower_hidden` (OPEN).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import torch
@@ -105,6 +106,35 @@ class Tower(nn.Sequential):
         return dense(output, mlp(h)).squeeze(-1)  # the output unit on the fast GEMM too (layers.dense)
 
 
+class TaskViews(torch.autograd.Function):
+    """h [B, ...] -> one view of h per task; backward: the first task's gradient plus each other task's
+    times `scale`, with (`project`) the part of it that conflicts with the first task's removed row by row.
+
+    Row b's loss depends on row b of h alone, so row b of a task's gradient at h is that sample's own
+    gradient: PCGrad (Yu et al., NeurIPS 2020) per sample, kept one-sided (the first task is the main
+    one, only the others yield): where <g_t[b], g_0[b]> < 0, g_t[b] -= <g_t[b], g_0[b]> / |g_0[b]|^2 g_0[b].
+    One backward pass; the forward is the identity (eval and the ONNX graph never see this)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, tasks: int, scale: float, project: bool):  # type: ignore[override]
+        ctx.scale, ctx.project = scale, project
+        return tuple(h.view_as(h) for _ in range(tasks))
+
+    @staticmethod
+    def backward(ctx, first: torch.Tensor, *others: torch.Tensor):  # type: ignore[override]
+        total = first
+        rows = first.flatten(1)
+        norm2 = (rows * rows).sum(1, keepdim=True)
+        for g in others:
+            if ctx.project:
+                flat = g.flatten(1)
+                dot = (flat * rows).sum(1, keepdim=True)
+                coef = torch.where(dot < 0, dot / norm2.clamp_min(torch.finfo(norm2.dtype).tiny), torch.zeros_like(dot))
+                g = (flat - coef * rows).view_as(g)
+            total = total + ctx.scale * g
+        return total, None, None, None
+
+
 class MultiTaskModel(CTRModel):
     """Shared-bottom or MMoE over `cfg.name`'s body; forward(x [B, f] or a data.batch.Batch) -> logits [B, T].
 
@@ -125,7 +155,13 @@ class MultiTaskModel(CTRModel):
         width = self.experts[0].output_dim
         m = self.num_fields * cfg.embedding_dim
         self.gates = nn.ModuleList(nn.Linear(m, n_experts) for _ in self.tasks) if cfg.multitask == "mmoe" else None
-        self.towers = nn.ModuleList(Tower(width, cfg) for _ in self.tasks)
+        # task_blocks: each task but the first also reads its own MaskBlocks on V_emb (built last, so every
+        # part before them starts from the same weights as without them)
+        own = [0] + [cfg.block_dim if cfg.task_blocks else 0] * (len(self.tasks) - 1)
+        self.towers = nn.ModuleList(Tower(width + w, cfg) for w in own)
+        self.task_blocks = nn.ModuleList(
+            serial_blocks(self.num_fields, replace(cfg, num_blocks=cfg.task_blocks)) for _ in self.tasks[1:]
+        ) if cfg.task_blocks else None
 
     @property
     def num_tasks(self) -> int:
@@ -133,14 +169,33 @@ class MultiTaskModel(CTRModel):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         v_emb = self.embedding(x).flatten(1)  # [B, m]
-        detached = self.cfg.shared_gradient == "first" and self.training  # only task 0 trains the shared parts
         if self.gates is None:
-            h = self.experts[0](v_emb)  # [B, d], the same input for every tower
-            inputs = [h] + [h.detach() if detached else h] * (self.num_tasks - 1)
+            inputs = self._routed(self.experts[0](v_emb))  # [B, d] per task: the same tensor, routed for training
+        elif self._surgery():  # each task's gate and mixture gets its own view of the shared V_emb and experts
+            h = torch.stack([e(v_emb) for e in self.experts], dim=1)  # [B, E, d]
+            inputs = [self._mixture(gate, v, hv, False) for gate, v, hv in zip(self.gates, self._routed(v_emb), self._routed(h))]
         else:
+            detached = self.cfg.shared_gradient == "first" and self.training  # only task 0 trains the shared parts
             h = torch.stack([e(v_emb) for e in self.experts], dim=1)  # [B, E, d]
             inputs = [self._mixture(gate, v_emb, h, detached and t > 0) for t, gate in enumerate(self.gates)]
+        if self.task_blocks is not None:  # the other tasks' own blocks, on V_emb routed as the bottom is (never projected)
+            own = self._routed(v_emb, project=False)[1:]
+            inputs = inputs[:1] + [torch.cat([i, serial_forward(b, v)[0]], dim=-1) for i, b, v in zip(inputs[1:], self.task_blocks, own)]
         return torch.stack([tower(i) for tower, i in zip(self.towers, inputs)], dim=1)  # [B, T]
+
+    def _surgery(self) -> bool:
+        """Whether training routes the other tasks' gradients through TaskViews (scaled or projected)."""
+        cfg = self.cfg
+        return self.training and self.num_tasks > 1 and (cfg.shared_gradient == "pcgrad" or (
+            cfg.shared_gradient == "all" and cfg.shared_gradient_scale != 1.0))
+
+    def _routed(self, t: torch.Tensor, project: bool = True) -> list[torch.Tensor]:
+        """A shared tensor as each task's input: one per task; their gradients combined as model.shared_gradient says."""
+        cfg = self.cfg
+        if self._surgery():
+            return list(TaskViews.apply(t, self.num_tasks, cfg.shared_gradient_scale, project and cfg.shared_gradient == "pcgrad"))
+        detached = cfg.shared_gradient == "first" and self.training
+        return [t] + [t.detach() if detached else t] * (self.num_tasks - 1)
 
     @staticmethod
     def _mixture(gate: nn.Module, v_emb: torch.Tensor, h: torch.Tensor, detached: bool) -> torch.Tensor:
