@@ -35,7 +35,7 @@ class ModelConfig:
     name: str = "sermasknet"
     embedding_dim: int = 10  # k, per field (paper: 10 for all models)
     # OPEN (the paper does not state it): after every hidden ReLU. None = the model's default for the
-    # train split's size (its class's `model_defaults`): 0.3 for the MaskNets below 50,000 train
+    # train split's size (its class's `model_defaults`): 0.3 for the MaskNets below 20,000 train
     # rows, where they overfit within a few dozen steps (docs/model.md, "Dropout on small data"); 0 otherwise
     dropout: Optional[float] = None
 

@@ -1,5 +1,5 @@
 """Model settings whose default depends on the train split's size (docs/model.md, "Dropout on small
-data"): the MaskNets' `model.dropout` is 0.3 below 50,000 train rows and 0 from there on; every
+data"): the MaskNets' `model.dropout` is 0.3 below 20,000 train rows and 0 from there on; every
 other model, a multi-task model, a set value and the paper preset keep theirs."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def test_masknet_dropout_follows_the_train_rows(name):
     assert cfg.dropout is None  # left to the model
     assert with_size_defaults(cfg, 7_200).dropout == SMALL_DATA_DROPOUT == 0.3
     assert with_size_defaults(cfg, SMALL_DATA_ROWS - 1).dropout == 0.3
-    assert with_size_defaults(cfg, SMALL_DATA_ROWS).dropout == 0.0  # 50,000 rows and more: none, as before
+    assert with_size_defaults(cfg, SMALL_DATA_ROWS).dropout == 0.0  # 20,000 rows and more: none, as before
     assert with_size_defaults(cfg, 96_000).dropout == 0.0  # the built-in data's train split
     assert with_size_defaults(cfg, None).dropout == 0.0  # size not known: the large-data value
     assert cfg.dropout is None  # the config passed in is not changed
