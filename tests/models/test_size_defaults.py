@@ -60,3 +60,27 @@ def test_a_small_run_records_the_dropout_it_trained_with(tmp_path):
     assert _trained_dropout(tmp_path, "default") == 0.3
     assert _trained_dropout(tmp_path, "paper", "--preset", "paper") == 0.0
     assert _trained_dropout(tmp_path, "set", "--set", "model.dropout=0.05") == 0.05
+
+
+def test_a_tune_trial_trains_what_masknet_train_trains():
+    """`masknet tune`'s trial fills the size default as `masknet train` does, so best.yaml (which
+    leaves model.dropout unset) retrains to the trial's validation AUC on small data too."""
+    import copy
+    import tempfile
+
+    from masknet.data.synthetic import generate
+    from masknet.training.run import train_run
+    from masknet.tuning.study import run_trial
+
+    data = generate(1_000, 7)
+    cfg = RunConfig()
+    for key, value in {"model.block_dim": 8, "model.num_blocks": 1, "train.max_steps": 20, "train.threads": 1,
+                       "train.progress": False, "train.checkpoints": False}.items():
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
+    trial = run_trial(copy.deepcopy(cfg), data)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg.output = tmp
+        run = train_run(cfg, data=data, log=lambda *_: None)
+    assert cfg.model.dropout == 0.3  # the run filled it for its 800 train rows
+    assert trial.best_valid["auc"] == run.metrics["valid"]["auc"]
