@@ -13,7 +13,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..config import PAPER_PROTOCOL, RunConfig, apply_override
+from ..config import PAPER_MODEL_SETTINGS, PAPER_PROTOCOL, RunConfig, apply_override
 from ..errors import UserError
 from ..registry import paper_masknets
 
@@ -56,6 +56,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "synthetic_fields": ["I1", "I2", "I3", "C1", "C9", "C14", "C17", "C20", "C23", "C25"],
         "overrides": {
             **PAPER_PROTOCOL,  # its recorded results (docs/reproduce.md) were run with the paper's protocol
+            **PAPER_MODEL_SETTINGS,
             "data.synthetic.rows": 10_000,
             "model.embedding_dim": 10,
             "model.block_dim": 64,
@@ -73,7 +74,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # The paper's settings (section 4.1): embedding 10, 3x400 DNNs, 3 blocks, r = 2, Adam, batch 1024,
     # and its protocol: validation once per epoch, patience 1, constant learning rate 1e-3 for every model.
-    "paper": {"seeds": 3, "synthetic_fields": None, "overrides": dict(PAPER_PROTOCOL)},
+    "paper": {"seeds": 3, "synthetic_fields": None, "overrides": {**PAPER_PROTOCOL, **PAPER_MODEL_SETTINGS}},
 }
 
 

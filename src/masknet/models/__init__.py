@@ -3,6 +3,7 @@ a multi-task model (model.multitask, models/multitask.py) -> logits [B, T], one 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Mapping
 from typing import Iterator, Optional, Sequence
@@ -52,11 +53,24 @@ class _Registry(Mapping):
 REGISTRY: Mapping[str, type[CTRModel]] = _Registry()
 
 
+def with_size_defaults(cfg: ModelConfig, train_rows: Optional[int]) -> ModelConfig:
+    """`cfg` with every setting it leaves to the model (None) set to the model's default for a train
+    split of `train_rows` rows (`model_defaults`; None rows: not known, the large-data value). A
+    multi-task model takes the large-data values: the small-data rule was measured on one task."""
+    rows = train_rows if cfg.multitask == "none" else None
+    defaults = model_class(cfg.name).model_defaults(rows)
+    filled = {k: v for k, v in defaults.items() if getattr(cfg, k) is None}
+    return dataclasses.replace(cfg, **filled) if filled else cfg
+
+
 def build_model(
     cfg: ModelConfig, cardinalities: Sequence[int], multi_valued: Sequence[MultiValuedField] = (), tasks: Optional[Sequence[str]] = None
 ) -> CTRModel:
     """Instantiate `cfg.name` for single-valued fields with the given cardinalities (and multi-valued
-    fields); with `cfg.multitask`, a MultiTaskModel on that backbone with one output per task in `tasks`."""
+    fields); with `cfg.multitask`, a MultiTaskModel on that backbone with one output per task in `tasks`.
+    Settings left to the model (None) take its large-data value here; a run fills them for its train
+    split first (`with_size_defaults`)."""
+    cfg = with_size_defaults(cfg, None)
     if cfg.multitask != "none":
         if not tasks:
             raise ValueError("a multi-task model needs the names of its tasks")
@@ -65,6 +79,6 @@ def build_model(
 
 
 __all__ = [
-    "CTRModel", "REGISTRY", "model_class", "model_names", "register_model", "build_model", "SerialMaskNet", "ParallelMaskNet", "LogisticRegression",
+    "CTRModel", "REGISTRY", "model_class", "model_names", "register_model", "build_model", "with_size_defaults", "SerialMaskNet", "ParallelMaskNet", "LogisticRegression",
     "FM", "DNN", "DeepFM", "DCN", "DCNV2", "XDeepFM", "AutoInt", "MultiTaskModel",
 ]

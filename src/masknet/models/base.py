@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -28,6 +28,12 @@ class CTRModel(nn.Module):
     config_fields: tuple[str, ...] = ("embedding_dim",)
     # what `train.lr` and `train.l2_prior` mean when a config leaves them unset (None); docs/model.md
     train_defaults: dict = {"lr": 1e-3, "l2_prior": [], "factor_prior": [], "min_batches_per_epoch": 32}
+
+    @classmethod
+    def model_defaults(cls, train_rows: Optional[int]) -> dict[str, Any]:
+        """What the ModelConfig settings a config leaves to the model (None) mean for a train split
+        of `train_rows` rows (None: not known, e.g. a model built outside a run; the large-data value)."""
+        return {"dropout": 0.0}
 
     def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig, multi_valued: Sequence[MultiValuedField] = ()):
         super().__init__()

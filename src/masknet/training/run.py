@@ -29,7 +29,7 @@ from ..config import RunConfig, apply_override, load_config
 from ..data.dataset import CTRDataset, load_prepared
 from ..data.synthetic import generate
 from ..errors import ConfigError, UserError
-from ..models import REGISTRY, CTRModel, build_model
+from ..models import REGISTRY, CTRModel, build_model, with_size_defaults
 from ..models.layers import gemm_backend
 from ..models.scoring import CALIBRATION_FILE
 from ..runs import RELIABILITY, RunFolder
@@ -107,6 +107,8 @@ def train_run(
         cfg.data.path = os.path.realpath(cfg.data.path)  # a resume from another directory finds the same data
     identity = runfolder.data_identity(cfg, data, given)
     data = select_tasks(data, cfg.train.tasks)
+    # settings left to the model that depend on the data's size (MaskNets' dropout below 20,000 train rows)
+    cfg.model = with_size_defaults(cfg.model, len(data.splits["train"]))  # config.yaml records the values used
     check_tasks(data, cfg.train, multitask_model=cfg.model.multitask != "none")  # refusals leave no run folder
     ctx = init_from_env(cfg.train.device)  # rank 0 of 1 unless launched by torchrun
     if not ctx.is_main:

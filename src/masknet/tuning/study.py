@@ -35,7 +35,7 @@ from tqdm import tqdm
 from ..config import RunConfig
 from ..data.dataset import CTRDataset
 from ..errors import UserError
-from ..models import REGISTRY, build_model
+from ..models import REGISTRY, build_model, with_size_defaults
 from ..models.search import Layers, SearchSpace
 from ..training.distributed import DistContext, resolve_device
 from ..training.run import load_data
@@ -83,7 +83,7 @@ def run_trial(cfg: RunConfig, data: CTRDataset, on_eval: Optional[Callable[[dict
     """Train `cfg` as `masknet train` does (same seed, same model, same loop) without a run folder:
     its validation AUC is the one `masknet train --config` with this config reaches."""
     seed_everything(cfg.train.seed)
-    model = build_model(cfg.model, data.cardinalities)
+    model = build_model(with_size_defaults(cfg.model, len(data.splits["train"])), data.cardinalities)  # as train_run fills it
     return fit(model, data, cfg.train, on_eval, ctx=DistContext(device=resolve_device(cfg.train.device)))
 
 
