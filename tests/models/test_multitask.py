@@ -17,8 +17,8 @@ from masknet.data.prepare import prepare
 from masknet.data.schema import load_schema_file
 from masknet.data.synthetic import generate
 from masknet.errors import DataError, UserError
-from masknet.models import build_model
-from masknet.models.multitask import BODIES, MultiTaskModel
+from masknet.models import build_model, with_size_defaults
+from masknet.models.multitask import BODIES
 from masknet.training.metrics import auc
 from masknet.training.tasks import multitask_loss, select_tasks, selection_score
 
@@ -170,7 +170,7 @@ def test_body_is_the_single_task_model_without_its_prediction_layer(name):
     """A body computes exactly what the single-task model feeds its prediction layer."""
     cfg = _cfg(name, "none")
     single = build_model(cfg, CARDS)
-    body = BODIES[name](len(CARDS), cfg)
+    body = BODIES[name](len(CARDS), with_size_defaults(cfg, None))  # as build_model resolves it
     state = {k: v for k, v in single.state_dict().items() if not k.startswith(("embedding.", "prediction.", "tower.output.", "output."))}
     body.load_state_dict({k.replace("tower.", ""): v for k, v in state.items()})
     head = {"sermasknet": "prediction", "paramasknet": "prediction", "dnn": "tower.output", "dcnv2": "output"}[name]
@@ -186,7 +186,7 @@ def test_body_is_the_single_task_model_without_its_prediction_layer(name):
 def test_shared_gradient_first_keeps_the_other_tasks_out_of_the_shared_parts(kind):
     torch.manual_seed(0)
     cfg = ModelConfig(name="sermasknet", multitask=kind, num_experts=2, block_dim=8, num_blocks=2, shared_gradient="first")
-    model = MultiTaskModel([5, 7, 9], cfg, ["click", "purchase"])
+    model = build_model(cfg, [5, 7, 9], tasks=["click", "purchase"])
     x = torch.randint(0, 5, (16, 3))
     model(x)[:, 1].sum().backward()  # the second task's output alone
     shared = list(model.embedding.parameters()) + list(model.experts.parameters())
@@ -197,7 +197,7 @@ def test_shared_gradient_first_keeps_the_other_tasks_out_of_the_shared_parts(kin
     assert any(p.grad is not None and p.grad.any() for p in model.experts.parameters())
     all_cfg = ModelConfig(name="sermasknet", multitask=kind, num_experts=2, block_dim=8, num_blocks=2, shared_gradient="all")
     torch.manual_seed(0)
-    other = MultiTaskModel([5, 7, 9], all_cfg, ["click", "purchase"])
+    other = build_model(all_cfg, [5, 7, 9], tasks=["click", "purchase"])
     model.eval(), other.eval()
     assert torch.equal(model(x), other(x))  # the same function; only training differs
 

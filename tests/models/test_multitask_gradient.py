@@ -9,7 +9,8 @@ import torch
 from masknet.cli import main
 from masknet.config import ModelConfig
 from masknet.errors import ConfigError
-from masknet.models.multitask import MultiTaskModel, TaskViews
+from masknet.models import build_model
+from masknet.models.multitask import TaskViews
 
 CARDS = [5, 7, 9]
 
@@ -18,7 +19,7 @@ def _model(kind="shared_bottom", **over):
     torch.manual_seed(0)
     over = {"shared_gradient": "all", "task_blocks": 0} | over  # the plain model unless a test says otherwise
     cfg = ModelConfig(name="sermasknet", multitask=kind, num_experts=2, block_dim=8, num_blocks=2, **over)
-    return MultiTaskModel(CARDS, cfg, ["click", "purchase"])
+    return build_model(cfg, CARDS, tasks=["click", "purchase"])
 
 
 def _x():
