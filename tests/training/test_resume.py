@@ -129,6 +129,33 @@ def test_kill_at_random_steps_then_resume_matches_uninterrupted(reference, tmp_p
         assert_same_run(reference, kill_and_resume(tmp_path, "step", n))
 
 
+def _random_three_fields(cards: list[int]):
+    """A 320/60/60-row dataset of random ids in three fields (labels 30% positive), seed 0."""
+    import numpy as np
+
+    from masknet.data.dataset import CTRDataset, Split
+
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        return Split(np.stack([rng.integers(0, c, n) for c in cards], 1).astype(np.int32), (rng.random(n) < 0.3).astype(np.uint8))
+
+    return CTRDataset(["a", "b", "c"], cards, {"train": split(320), "valid": split(60), "test": split(60)})
+
+
+def _script_validation(monkeypatch, trainer, aucs: list[float]) -> list[int]:
+    """Make the trainer's evaluations return `aucs` in turn; the returned counter (calls[0]) can be
+    set back to replay from an evaluation."""
+    calls = [0]
+
+    def scripted(model, split, batch_size=8192, ctx=None, head=None, tasks=None):
+        calls[0] += 1
+        return {"auc": aucs[calls[0] - 1], "logloss": 0.5}
+
+    monkeypatch.setattr(trainer, "evaluate", scripted)
+    return calls
+
+
 def test_resume_restores_the_rate_schedule_and_the_prior_path(tmp_path, monkeypatch):
     """Warm-up, reduce-on-plateau and the L2-prior path are in the saved state: resuming from a
     checkpoint taken after a plateau (rate halved, prior on its second value) ends exactly like the
@@ -141,21 +168,10 @@ def test_resume_restores_the_rate_schedule_and_the_prior_path(tmp_path, monkeypa
     from masknet.config import ModelConfig
     from masknet.training import trainer
 
-    rng = np.random.default_rng(0)
     cards = [6, 9, 4]
-
-    def split(n):
-        return Split(np.stack([rng.integers(0, c, n) for c in cards], 1).astype(np.int32), (rng.random(n) < 0.3).astype(np.uint8))
-
-    data = CTRDataset(["a", "b", "c"], cards, {"train": split(320), "valid": split(60), "test": split(60)})
+    data = _random_three_fields(cards)
     aucs = [0.6, 0.7, 0.65, 0.64, 0.8, 0.75, 0.74, 0.73]  # plateaus at evaluations 3 and 6 (patience 2)
-    calls = [0]
-
-    def scripted(model, split, batch_size=8192, ctx=None, head=None, tasks=None):
-        calls[0] += 1
-        return {"auc": aucs[calls[0] - 1], "logloss": 0.5}
-
-    monkeypatch.setattr(trainer, "evaluate", scripted)
+    calls = _script_validation(monkeypatch, trainer, aucs)
     cfg = TrainConfig(
         epochs=8, batch_size=64, lr=0.05, threads=1, progress=False, evals_per_epoch=1, eval_min_steps=1, min_steps=0,
         lr_warmup_steps=7, lr_plateau_factor=0.5, l2_prior=[3.0, 1.0, 0.1], factor_prior=[], patience=2, keep_checkpoints=20,
@@ -194,22 +210,11 @@ def test_resume_in_either_phase_of_fms_fit_matches_the_uninterrupted_run(tmp_pat
     from masknet.models import build_model
     from masknet.training import trainer
 
-    rng = np.random.default_rng(0)
     cards = [6, 9, 4]
-
-    def split(n):
-        return Split(np.stack([rng.integers(0, c, n) for c in cards], 1).astype(np.int32), (rng.random(n) < 0.3).astype(np.uint8))
-
-    data = CTRDataset(["a", "b", "c"], cards, {"train": split(320), "valid": split(60), "test": split(60)})
+    data = _random_three_fields(cards)
     # phase 1: best at 2 (prior 3), plateaus at 4 and 6; phase 2: best at 7 and 10, plateaus at 9 and 12
     aucs = [0.6, 0.7, 0.65, 0.64, 0.66, 0.68, 0.75, 0.74, 0.73, 0.8, 0.7, 0.7]
-    calls = [0]
-
-    def scripted(model, split, batch_size=8192, ctx=None, head=None, tasks=None):
-        calls[0] += 1
-        return {"auc": aucs[calls[0] - 1], "logloss": 0.5}
-
-    monkeypatch.setattr(trainer, "evaluate", scripted)
+    calls = _script_validation(monkeypatch, trainer, aucs)
     cfg = TrainConfig(
         epochs=8, batch_size=64, lr=0.05, threads=1, progress=False, evals_per_epoch=1, eval_min_steps=1, min_steps=0,
         lr_warmup_steps=7, l2_prior=[3.0, 1.0], factor_prior=[1.0, 0.1], patience=2, keep_checkpoints=20,
