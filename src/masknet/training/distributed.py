@@ -18,6 +18,7 @@ Design (docs/distributed.md):
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -78,7 +79,15 @@ def init_from_env(device: str = "cpu") -> DistContext:
     backend = "nccl" if where.startswith("cuda") else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend)
+        # a process that exits with the group alive can abort in teardown ("terminate called without an
+        # active exception", seen once in CI on a rank that had finished): leave it before exit
+        atexit.register(_leave_process_group)
     return DistContext(dist.get_rank(), dist.get_world_size(), where, backend)
+
+
+def _leave_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def gather_concat(local: np.ndarray, ctx: DistContext) -> np.ndarray:
