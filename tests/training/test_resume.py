@@ -143,6 +143,16 @@ def _random_three_fields(cards: list[int]):
     return CTRDataset(["a", "b", "c"], cards, {"train": split(320), "valid": split(60), "test": split(60)})
 
 
+def _seeded_fm(cards: list[int]):
+    """The same FM (k = 3) every call: the model a resume test trains twice."""
+    from masknet.config import ModelConfig
+    from masknet.models import build_model
+    from masknet.training import trainer
+
+    trainer.seed_everything(0)
+    return build_model(ModelConfig(name="fm", embedding_dim=3), cards)
+
+
 def _script_validation(monkeypatch, trainer, aucs: list[float]) -> list[int]:
     """Make the trainer's evaluations return `aucs` in turn; the returned counter (calls[0]) can be
     set back to replay from an evaluation."""
@@ -179,8 +189,7 @@ def test_resume_restores_the_rate_schedule_and_the_prior_path(tmp_path, monkeypa
     )
 
     def model():
-        trainer.seed_everything(0)
-        return build_model(ModelConfig(name="fm", embedding_dim=3), cards)
+        return _seeded_fm(cards)
 
     full, full_dir = model(), tmp_path / "full"
     reference = trainer.fit(full, data, cfg, run_dir=full_dir)
@@ -222,8 +231,7 @@ def test_resume_in_either_phase_of_fms_fit_matches_the_uninterrupted_run(tmp_pat
     )
 
     def model():
-        trainer.seed_everything(0)
-        return build_model(ModelConfig(name="fm", embedding_dim=3), cards)
+        return _seeded_fm(cards)
 
     full, full_dir = model(), tmp_path / "full"
     reference = trainer.fit(full, data, cfg, run_dir=full_dir)
