@@ -66,15 +66,19 @@ DRIVER = textwrap.dedent(
 )
 
 
+def _untimed(history: list[dict]) -> list[dict]:
+    """A run's history without its timings (they differ between any two runs)."""
+    return [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_second")} for r in history]
+
+
 def comparable(run: Path) -> dict:
     metrics = json.loads((run / "metrics.json").read_text())
     history = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    drop = ("seconds", "samples_per_second")  # timings
     return {
         "valid": metrics["valid"],
         "test": metrics["test"],
         "best_epoch": metrics["best_epoch"],
-        "history": [{k: v for k, v in r.items() if k not in drop} for r in history],
+        "history": _untimed(history),
     }
 
 
@@ -170,12 +174,7 @@ def test_resume_restores_the_rate_schedule_and_the_prior_path(tmp_path, monkeypa
     """Warm-up, reduce-on-plateau and the L2-prior path are in the saved state: resuming from a
     checkpoint taken after a plateau (rate halved, prior on its second value) ends exactly like the
     uninterrupted run. Validation AUCs are scripted so that the plateaus happen where intended."""
-    import numpy as np
-
     from masknet.config import TrainConfig
-    from masknet.data.dataset import CTRDataset, Split
-    from masknet.models import build_model
-    from masknet.config import ModelConfig
     from masknet.training import trainer
 
     cards = [6, 9, 4]
@@ -188,21 +187,15 @@ def test_resume_restores_the_rate_schedule_and_the_prior_path(tmp_path, monkeypa
         min_batches_per_epoch=0,
     )
 
-    def model():
-        return _seeded_fm(cards)
-
-    full, full_dir = model(), tmp_path / "full"
+    full, full_dir = _seeded_fm(cards), tmp_path / "full"
     reference = trainer.fit(full, data, cfg, run_dir=full_dir)
     assert [r["l2_prior"] for r in reference.history] == [3.0] * 4 + [1.0] * 3 + [0.1]
     assert len({r["lr"] for r in reference.history}) >= 4  # warm-up, then halvings on plateau
     after_plateau = next(p for p in ckpt.list_checkpoints(full_dir) if p.name == "step-000000020")  # after evaluation 4
     calls[0] = 4
-    resumed = model()
+    resumed = _seeded_fm(cards)
     again = trainer.fit(resumed, data, cfg, run_dir=tmp_path / "resumed", resume_from=after_plateau)
-    def untimed(history):  # timings differ between any two runs
-        return [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_second")} for r in history]
-
-    assert untimed(again.history) == untimed(reference.history)
+    assert _untimed(again.history) == _untimed(reference.history)
     for (k, v), (k2, v2) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(v, v2), k
 
@@ -212,11 +205,7 @@ def test_resume_in_either_phase_of_fms_fit_matches_the_uninterrupted_run(tmp_pat
     path runs; phase 2 starts from the best evaluation, keeps that stage's prior on the linear
     weights and runs the factor_prior path. A resume from a checkpoint in either phase ends exactly
     like the uninterrupted run. Validation AUCs are scripted (patience 2)."""
-    import numpy as np
-
-    from masknet.config import ModelConfig, TrainConfig
-    from masknet.data.dataset import CTRDataset, Split
-    from masknet.models import build_model
+    from masknet.config import TrainConfig
     from masknet.training import trainer
 
     cards = [6, 9, 4]
@@ -230,10 +219,7 @@ def test_resume_in_either_phase_of_fms_fit_matches_the_uninterrupted_run(tmp_pat
         min_batches_per_epoch=0,
     )
 
-    def model():
-        return _seeded_fm(cards)
-
-    full, full_dir = model(), tmp_path / "full"
+    full, full_dir = _seeded_fm(cards), tmp_path / "full"
     reference = trainer.fit(full, data, cfg, run_dir=full_dir)
     assert [r["l2_prior"] for r in reference.history] == [3.0] * 4 + [1.0] * 2 + [3.0] * 6  # then the best stage's
     assert [r.get("factor_prior") for r in reference.history] == [None] * 6 + [1.0] * 3 + [0.1] * 3
@@ -245,10 +231,9 @@ def test_resume_in_either_phase_of_fms_fit_matches_the_uninterrupted_run(tmp_pat
     assert not phase1["embedding.weight"].any()  # phase 1: the factors are exactly zero (FM is LR)
     for name, done in (("step-000000020", 4), ("step-000000040", 8)):  # phase 1 and phase 2
         calls[0] = done
-        resumed = model()
+        resumed = _seeded_fm(cards)
         again = trainer.fit(resumed, data, cfg, run_dir=tmp_path / name, resume_from=points[name])
-        untimed = lambda h: [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_second")} for r in h]  # noqa: E731
-        assert untimed(again.history) == untimed(reference.history), name
+        assert _untimed(again.history) == _untimed(reference.history), name
         for (k, v), (k2, v2) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
             assert k == k2 and torch.equal(v, v2), (name, k)
 
