@@ -48,6 +48,11 @@ class ModelConfig:
     block_layernorm: bool = True  # LayerNorm inside each block's FFN, before ReLU (Eq. 10)
     block_ffn: bool = True  # ablation "w/o block FFN": block output = masked input
     top_mlp: list[int] = field(default_factory=lambda: [400, 400, 400])  # ParaMaskNet, OPEN: 3x400
+    # DEVIATION (not in the paper): a first-order term w_0 + Σ_i w[x_i] added to the MaskNets' logit and
+    # fitted first, as LR's own run, before the deep part joins (training.factor_phase, docs/model.md
+    # "MaskNet: LR first"): on small data LR beat every MaskNet. None = the model's default for the train
+    # split's size: on below 100,000 train rows, off above and in the paper preset
+    linear_term: Optional[bool] = None
 
     # --- baselines (the paper's Section 4.1: DNN parts 3x400 ReLU) ---
     dnn_hidden: list[int] = field(default_factory=lambda: [400, 400, 400])
@@ -133,6 +138,14 @@ class TrainConfig:
     # None = the model's own default (its class's `train_defaults`): 1e-3 for the deep models (the
     # paper's summary; its text says 1e-4, see docs/model.md), larger for the linear ones
     lr: Optional[float] = None
+    # the rate of the first phase of a two-phase fit (training.factor_phase): a MaskNet's first-order
+    # term fitted alone, as LR is. None = the model's default (LR's 1e-2; unset: `lr`)
+    first_phase_lr: Optional[float] = None
+    # whether phase 2 of a two-phase fit has a warm-up of its own (lr_warmup_steps from its first step;
+    # no early stop within it). None = the model's default: yes for a MaskNet's deep part (on small data
+    # it peaks within a warm-up: +0.007-0.013 valid AUC on three selection sets, docs/model.md); unset
+    # (no) for FM, where it was no better ("FM: LR first", variant W)
+    second_phase_warmup: Optional[bool] = None
     # the learning rate rises linearly from lr/300 to lr over the first 300 steps: on small data the best
     # model is found within them (at about the paper's 1e-4), on large data they are a rounding error
     lr_warmup_steps: int = 300
@@ -192,6 +205,8 @@ class TrainConfig:
         _positive("train.shuffle_block_rows", self.shuffle_block_rows)
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
+        if self.first_phase_lr is not None and not self.first_phase_lr > 0:
+            raise ConfigError(f"train.first_phase_lr: must be > 0, got {self.first_phase_lr}")
         if self.l2_prior is not None and any(not c >= 0 for c in self.l2_prior):
             raise ConfigError(f"train.l2_prior: every value must be >= 0, got {self.l2_prior}")
         if self.factor_prior is not None and any(not c >= 0 for c in self.factor_prior):
@@ -257,7 +272,7 @@ PAPER_PROTOCOL: dict[str, Any] = {
 }
 # the model settings the defaults choose by data size, as the paper protocol ran them (no dropout:
 # the paper states none); every preset built on PAPER_PROTOCOL takes these too
-PAPER_MODEL_SETTINGS: dict[str, Any] = {"model.dropout": 0.0}
+PAPER_MODEL_SETTINGS: dict[str, Any] = {"model.dropout": 0.0, "model.linear_term": False}
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {"paper": {**PAPER_PROTOCOL, **PAPER_MODEL_SETTINGS}}
 
 

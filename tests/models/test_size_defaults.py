@@ -11,7 +11,7 @@ from masknet.cli import main
 from masknet.config import ModelConfig, RunConfig, apply_preset
 from masknet.experiments.plan import PRESETS
 from masknet.models import build_model, with_size_defaults
-from masknet.models.masknet import SMALL_DATA_DROPOUT, SMALL_DATA_ROWS
+from masknet.models.masknet import LINEAR_TERM_ROWS, SMALL_DATA_DROPOUT, SMALL_DATA_ROWS
 
 
 @pytest.mark.parametrize("name", ["sermasknet", "paramasknet"])
@@ -24,6 +24,32 @@ def test_masknet_dropout_follows_the_train_rows(name):
     assert with_size_defaults(cfg, 96_000).dropout == 0.0  # the built-in data's train split
     assert with_size_defaults(cfg, None).dropout == 0.0  # size not known: the large-data value
     assert cfg.dropout is None  # the config passed in is not changed
+
+
+@pytest.mark.parametrize("name", ["sermasknet", "paramasknet"])
+def test_masknet_first_order_term_follows_the_train_rows(name):
+    """LR first (model.linear_term) below 100,000 train rows only, and with it LR's training settings for
+    phase 1; a set value, a multi-task model and the paper preset keep theirs."""
+    from masknet.models import model_class
+    from masknet.models.lr import PRIOR_PATH
+    from masknet.training.trainer import with_model_defaults
+    from masknet.config import TrainConfig
+
+    cfg = ModelConfig(name=name)
+    assert cfg.linear_term is None
+    assert with_size_defaults(cfg, 7_200).linear_term is True
+    assert with_size_defaults(cfg, SMALL_DATA_ROWS).linear_term is True  # the dropout stops at 20,000 rows, not this
+    assert with_size_defaults(cfg, 96_000).linear_term is True  # the built-in data's train split
+    assert with_size_defaults(cfg, LINEAR_TERM_ROWS).linear_term is False
+    assert with_size_defaults(cfg, None).linear_term is False
+    assert with_size_defaults(ModelConfig(name=name, linear_term=False), 7_200).linear_term is False
+    assert with_size_defaults(ModelConfig(name=name, multitask="mmoe"), 7_200).linear_term is False
+    assert apply_preset(RunConfig(), "paper").model.linear_term is False
+    small = with_model_defaults(TrainConfig(), model_class(name), with_size_defaults(cfg, 7_200))
+    assert small.l2_prior == PRIOR_PATH and small.factor_prior == [0.0] and small.first_phase_lr == 1e-2
+    assert small.lr == 1e-3 and small.second_phase_warmup is True
+    large = with_model_defaults(TrainConfig(), model_class(name), with_size_defaults(cfg, 1_000_000))
+    assert large.l2_prior == [] and large.factor_prior == [] and large.first_phase_lr is None
 
 
 def test_a_set_dropout_and_other_models_are_left_alone():

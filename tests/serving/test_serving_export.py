@@ -27,10 +27,10 @@ def real_rows():
     return ds, np.asarray(ds.splits["test"].x, dtype=np.int64)  # 391 real Criteo rows, encoded
 
 
-def tiny_bundle(name: str, cardinalities: list[int], field_names: list[str]) -> Bundle:
+def tiny_bundle(name: str, cardinalities: list[int], field_names: list[str], **settings) -> Bundle:
     cfg = ModelConfig(
         name=name, block_dim=16, num_blocks=2, top_mlp=[16], dnn_hidden=[16], cin_layers=[8, 8],
-        attention_layers=2, attention_heads=2, attention_dim=8, cross_layers=2,
+        attention_layers=2, attention_heads=2, attention_dim=8, cross_layers=2, **settings,
     )
     torch.manual_seed(0)
     model = build_model(cfg, cardinalities)
@@ -42,10 +42,15 @@ def tiny_bundle(name: str, cardinalities: list[int], field_names: list[str]) -> 
     return Bundle(None, model, None, spec, {"bundle_sha256": "0" * 64})
 
 
-@pytest.mark.parametrize("name", list(REGISTRY))
-def test_onnx_parity_every_model(name, real_rows):
+CASES = [(name, {}) for name in REGISTRY] + [(name, {"linear_term": True}) for name in ("sermasknet", "paramasknet")]
+
+
+@pytest.mark.parametrize(("name", "settings"), CASES, ids=[f"{n}{'-linear' if s else ''}" for n, s in CASES])
+def test_onnx_parity_every_model(name, settings, real_rows):
+    """Every model, and the MaskNets with their small-data first-order term (model.linear_term)."""
     ds, x = real_rows
-    bundle = tiny_bundle(name, ds.cardinalities, ds.field_names)
+    bundle = tiny_bundle(name, ds.cardinalities, ds.field_names, **settings)
+    assert (getattr(bundle.model, "linear", None) is not None) == bool(settings) or name in ("lr", "fm")
     sess = onnx_session(export_onnx_bytes(bundle))
     with torch.inference_mode():
         want_logit = bundle.model(torch.from_numpy(x)).numpy()
@@ -68,6 +73,7 @@ def test_cli_export_of_a_trained_bundle(tmp_path, real_rows, capsys):
     meta = {p.key: p.value for p in proto.metadata_props}
     bundle = verify_and_load(run)
     assert meta["masknet.model"] == "sermasknet" and meta["masknet.bundle_sha256"] == bundle.bundle_hash
+    assert bundle.model.linear is not None  # criteo-8k's 7,200 train rows: the small-data first-order term
     assert json.loads(meta["masknet.field_names"]) == bundle.field_names
     sess = onnx_session(out.read_bytes())
     got = sess.run(["score"], {"x": x})[0]

@@ -157,6 +157,16 @@ def _seeded_fm(cards: list[int]):
     return build_model(ModelConfig(name="fm", embedding_dim=3), cards)
 
 
+def _seeded_linear_masknet(cards: list[int]):
+    """The same small SerMaskNet with a first-order term (LR first) every call."""
+    from masknet.config import ModelConfig
+    from masknet.models import build_model
+    from masknet.training import trainer
+
+    trainer.seed_everything(0)
+    return build_model(ModelConfig(name="sermasknet", embedding_dim=3, num_blocks=2, block_dim=8, linear_term=True, dropout=0.0), cards)
+
+
 def _script_validation(monkeypatch, trainer, aucs: list[float]) -> list[int]:
     """Make the trainer's evaluations return `aucs` in turn; the returned counter (calls[0]) can be
     set back to replay from an evaluation."""
@@ -959,3 +969,42 @@ def test_overwrite_replaces_a_run_that_logged_to_tensorboard(tmp_path, capsys):
     (out / "tensorboard" / "notes.txt").write_text("mine")
     assert main(tiny + ["--output", str(out), "--overwrite"]) == 2
     assert "tensorboard/notes.txt is nothing masknet train writes" in one_line_error(capsys)
+
+
+def test_resume_in_either_phase_of_a_masknets_lr_first_fit_matches_the_uninterrupted_run(tmp_path, monkeypatch):
+    """A MaskNet with a first-order term (model.linear_term) fits in two phases: LR's run at
+    first_phase_lr with the deep part off (its prediction layer exactly zero), then the deep part
+    from the best evaluation, at lr with its own warm-up (second_phase_warmup). A resume from a
+    checkpoint in either phase ends exactly like the uninterrupted run. Scripted AUCs (patience 2)."""
+    from masknet.config import TrainConfig
+    from masknet.training import trainer
+
+    cards = [6, 9, 4]
+    data = _random_three_fields(cards)
+    # phase 1: best at 2, plateaus at 4 and 6; phase 2 (one stage): best at 7, stops at 9 after its warm-up
+    aucs = [0.6, 0.7, 0.65, 0.64, 0.66, 0.68, 0.75, 0.74, 0.73, 0.72, 0.71, 0.7]
+    calls = _script_validation(monkeypatch, trainer, aucs)
+    cfg = TrainConfig(
+        epochs=8, batch_size=64, lr=0.01, first_phase_lr=0.05, threads=1, progress=False, evals_per_epoch=1, eval_min_steps=1,
+        min_steps=0, lr_warmup_steps=7, l2_prior=[3.0, 1.0], factor_prior=[0.0], second_phase_warmup=True, patience=2,
+        keep_checkpoints=20, min_batches_per_epoch=0,
+    )
+
+    full, full_dir = _seeded_linear_masknet(cards), tmp_path / "full"
+    reference = trainer.fit(full, data, cfg, run_dir=full_dir)
+    phase2 = [r for r in reference.history if "factor_prior" in r]
+    assert len(reference.history) - len(phase2) == 6 and len(phase2) >= 3
+    assert reference.history[5]["lr"] == pytest.approx(0.05)  # phase 1 at first_phase_lr
+    assert phase2[0]["lr"] == pytest.approx(0.01 * 5 / 7)  # phase 2: its own warm-up (5 steps per epoch, 7-step warm-up)
+    assert reference.best_step == 35 and full.prediction.weight.abs().sum() > 0 and full.deep_active
+    points = {p.name: p for p in ckpt.list_checkpoints(full_dir)}
+    phase1 = load_file(points["step-000000025"] / "model.safetensors")
+    assert not phase1["prediction.weight"].any() and not phase1["prediction.bias"].any()  # the deep part adds nothing
+    assert phase1["linear.weights.weight"].any()  # while LR trains
+    for name, done in (("step-000000020", 4), ("step-000000040", 8)):  # phase 1 and phase 2
+        calls[0] = done
+        resumed = _seeded_linear_masknet(cards)
+        again = trainer.fit(resumed, data, cfg, run_dir=tmp_path / name, resume_from=points[name])
+        assert _untimed(again.history) == _untimed(reference.history), name
+        for (k, v), (k2, v2) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
+            assert k == k2 and torch.equal(v, v2), (name, k)

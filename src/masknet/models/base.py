@@ -30,6 +30,11 @@ class CTRModel(nn.Module):
     train_defaults: dict = {"lr": 1e-3, "l2_prior": [], "factor_prior": [], "min_batches_per_epoch": 32}
 
     @classmethod
+    def train_defaults_for(cls, cfg: Optional[ModelConfig]) -> dict:
+        """`train_defaults` for a model built from `cfg` (None: not known; the class's)."""
+        return cls.train_defaults
+
+    @classmethod
     def model_defaults(cls, train_rows: Optional[int]) -> dict[str, Any]:
         """What the ModelConfig settings a config leaves to the model (None) mean for a train split
         of `train_rows` rows (None: not known, e.g. a model built outside a run; the large-data value)."""
@@ -47,8 +52,18 @@ class CTRModel(nn.Module):
         return [m for m in self.modules() if isinstance(m, FieldEmbedding)]
 
     def factor_tables(self) -> list[FieldEmbedding]:
-        """Tables trained after the rest, from zero (training.factor_phase): FM's factors; none here."""
+        """Tables phase 2 of a two-phase fit brings in, under `train.factor_prior` (training.factor_phase):
+        FM's factors, a MaskNet's embedding when it has a first-order term; none here (one phase)."""
         return []
+
+    def hold_second_phase(self) -> None:
+        """Phase 1 of a two-phase fit: what phase 2 brings in contributes exactly zero (the model is LR)."""
+
+    def release_second_phase(self, generator: torch.Generator) -> None:
+        """Phase 2 begins: what phase 1 held at zero starts to train (a draw from `generator`, if any)."""
+
+    def set_phase(self, second: bool) -> None:
+        """A resumed two-phase fit: the phase it is in (for what the model does differently in phase 1)."""
 
     def dense_weights(self) -> list[nn.Parameter]:
         """Weight matrices outside the embeddings (the dense L2 term); biases and norms excluded."""

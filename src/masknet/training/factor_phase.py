@@ -1,16 +1,22 @@
-"""FM's fit in two phases: the linear part first, then the factors (docs/model.md, "FM: LR first").
+"""Two-phase fits: LR first, then what the model adds to it (docs/model.md, "FM: LR first" and
+"MaskNet: LR first").
 
 An FM contains LR: with every factor at zero its pairwise term is zero, and so is every factor's
-gradient (v_i's is Σ_{j≠i} v_j · dL/dlogit), so Adam leaves them there. Phase 1 therefore holds
-the factor tables at exactly zero and runs `train.l2_prior` (LR's path): it is the LR run, step for
-step. When that path runs out (or its step budget does), the best evaluation so far is restored, the
-linear tables keep the prior of the stage that evaluation came from, the factors start from a small
-random draw, and phase 2 runs `train.factor_prior`, a path of priors on the factor tables alone,
-strong to weak, with a step budget of its own. The best evaluation of either phase is kept, so on
-validation the FM is never below its own LR stage.
+gradient (v_i's is Σ_{j≠i} v_j · dL/dlogit), so Adam leaves them there. A MaskNet with a first-order
+term (`model.linear_term`) contains LR too: with its prediction layer at zero the deep part adds
+nothing, and in phase 1 it is not even run. Phase 1 therefore holds the second phase's part at
+exactly zero (`CTRModel.hold_second_phase`) and runs `train.l2_prior` (LR's path) at
+`train.first_phase_lr`: it is the LR run, step for step. When that path runs out (or its step
+budget does), the best evaluation so far is restored, the linear tables keep the prior of the stage
+that evaluation came from, the second part is released (FM: the factors start from a small random
+draw; MaskNet: the deep part joins from its prediction layer at zero, so the logit starts at LR's),
+and phase 2 runs `train.factor_prior`, a path of priors on the factor tables alone (a MaskNet's:
+[0], none), strong to weak, at `train.lr` with a warm-up and a step budget of its own. The best
+evaluation of either phase is kept, so on validation the model is never below its own LR stage.
 
-A model takes part through `CTRModel.factor_tables()` (FM: its factor table; [] for every other
-model, which then trains as before); an empty `train.factor_prior` turns the phases off.
+A model takes part through `CTRModel.factor_tables()` and its phase hooks (FM, the MaskNets with a
+first-order term; [] for every other model, which then trains as before); an empty
+`train.factor_prior` turns the phases off.
 """
 
 from __future__ import annotations
@@ -27,10 +33,6 @@ from ..models.layers import FieldEmbedding
 
 if TYPE_CHECKING:
     from .trainer import L2Prior, Schedule, TrainState
-
-# std of the factors' draw when phase 2 starts (the tables' own init is 1e-4). 1e-1 was no better
-# on Frappe-8k (docs/model.md, "FM: LR first"); not otherwise tuned
-FACTOR_INIT_STD = 1e-2
 
 
 @dataclass
@@ -49,11 +51,9 @@ class FactorPhase:
     def factor_ids(self) -> frozenset[int]:
         return frozenset(id(t) for t in self.tables) if self.enabled else frozenset()
 
-    @torch.no_grad()
-    def hold_at_zero(self) -> None:
-        """Phase 1 starts with every factor at zero (where it stays: FM is LR)."""
-        for table in self.tables:
-            table.weight.zero_()
+    def hold_at_zero(self, model: CTRModel) -> None:
+        """Phase 1 starts with phase 2's part at zero (where it stays: the model is LR)."""
+        model.hold_second_phase()
 
     def set_prior(self, prior: "L2Prior", state: "TrainState", cfg: TrainConfig) -> None:
         """The prior in force: the l2_prior path's value on the linear tables (in phase 2, the stage
@@ -83,13 +83,8 @@ class FactorPhase:
     @torch.no_grad()
     def begin(self, model: CTRModel, state: "TrainState", best_weights: dict[str, torch.Tensor], seed: int) -> None:
         """Phase 2: from the best evaluation so far, with the linear tables at that stage's prior and
-        the factors drawn (seeded by the run's seed: a resumed run draws the same)."""
+        phase 2's part released (its draw seeded by the run's seed: a resumed run draws the same)."""
         model.load_state_dict(best_weights)
-        generator = torch.Generator().manual_seed(seed)
-        for table in self.tables:
-            draw = torch.randn(table.weight.shape, generator=generator) * FACTOR_INIT_STD
-            table.weight.copy_(draw.to(table.weight.device))
-            if table.multi_valued:  # the padding row stays zero
-                table.weight[table.pad_row].zero_()
+        model.release_second_phase(torch.Generator().manual_seed(seed))
         state.prior_stage = state.best_prior_stage
         state.factor_stage, state.bad_evals, state.phase_start = 0, 0, state.global_step

@@ -98,7 +98,6 @@ def train_run(
     checkpoint; either holds the folder's lock until it returns (see training/runfolder.py for the
     rules). A relative `cfg.data.path` is resolved here (the run folder records the absolute one)."""
     cfg.validate()
-    cfg.train = with_model_defaults(cfg.train, REGISTRY[cfg.model.name])  # config.yaml records the values used
     check_trackers(cfg)  # a tracker that is not installed: one line, before the run folder exists
     base_auc = read_base_auc(cfg.base_run) if cfg.base_run else None  # fail before training, not after
     data = data if data is not None else load_data(cfg)  # a bad data path fails before the run folder is touched
@@ -109,6 +108,7 @@ def train_run(
     data = select_tasks(data, cfg.train.tasks)
     # settings left to the model that depend on the data's size (MaskNets' dropout below 20,000 train rows)
     cfg.model = with_size_defaults(cfg.model, len(data.splits["train"]))  # config.yaml records the values used
+    cfg.train = with_model_defaults(cfg.train, REGISTRY[cfg.model.name], cfg.model)  # as the model's settings ask
     check_tasks(data, cfg.train, multitask_model=cfg.model.multitask != "none")  # refusals leave no run folder
     ctx = init_from_env(cfg.train.device)  # rank 0 of 1 unless launched by torchrun
     if not ctx.is_main:

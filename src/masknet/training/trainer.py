@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..config import TrainConfig
+from ..config import ModelConfig, TrainConfig
 from ..data.batch import Batch
 from ..data.dataset import CTRDataset, Split, iterate_batches
 from ..errors import UserError
@@ -79,9 +79,11 @@ class L2Prior:
         return total / ids.shape[0]
 
 
-def with_model_defaults(cfg: TrainConfig, model: type[CTRModel]) -> TrainConfig:
-    """`cfg` with every setting it leaves to the model (None) set to the model's `train_defaults`."""
-    filled = {k: copy.deepcopy(v) for k, v in model.train_defaults.items() if getattr(cfg, k) is None}
+def with_model_defaults(cfg: TrainConfig, model: type[CTRModel], model_cfg: Optional[ModelConfig] = None) -> TrainConfig:
+    """`cfg` with every setting it leaves to the model (None) set to the model's `train_defaults`
+    (for a model built from `model_cfg`: a MaskNet with a first-order term takes LR's as well)."""
+    defaults = model.train_defaults_for(model_cfg)
+    filled = {k: copy.deepcopy(v) for k, v in defaults.items() if getattr(cfg, k) is None}
     return dataclasses.replace(cfg, **filled) if filled else cfg
 
 
@@ -179,7 +181,7 @@ class Optimizer:
     """
 
     def __init__(self, model: CTRModel, cfg: TrainConfig, sparse: Optional[bool] = None):
-        cfg = with_model_defaults(cfg, type(model))
+        cfg = with_model_defaults(cfg, type(model), model.cfg)
         sparse = cfg.sparse_embeddings if sparse is None else sparse
         tables = model.embeddings()
         for table in tables:
@@ -193,8 +195,10 @@ class Optimizer:
         else:
             self.optimizers = [torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)]
         self.embedding_update = embedding_update(sparse)
+        self.lr = cfg.lr
 
     def set_lr(self, lr: float) -> None:
+        self.lr = lr  # the rate of the last step (history records it)
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -286,11 +290,23 @@ class Schedule:
 MIN_AUTO_BATCH = 64  # min_batches_per_epoch never halves the batch below this
 
 
-def learning_rate(cfg: TrainConfig, global_step: int, plateau_scale: float) -> float:
-    """The rate for the next step: linear warm-up over `lr_warmup_steps`, then `lr`, times the
-    reductions on plateau so far."""
+def learning_rate(cfg: TrainConfig, global_step: int, plateau_scale: float, first_phase: bool = False) -> float:
+    """The rate for the next step: linear warm-up over `lr_warmup_steps`, then `lr` (in the first
+    phase of a two-phase fit, `first_phase_lr` where set), times the reductions on plateau so far."""
     warm = min(1.0, (global_step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else 1.0
-    return cfg.lr * warm * plateau_scale
+    rate = cfg.first_phase_lr if first_phase and cfg.first_phase_lr is not None else cfg.lr
+    return rate * warm * plateau_scale
+
+
+def warmup_start(cfg: TrainConfig, state: "TrainState") -> int:
+    """The global step the warm-up in force began at: 0, or phase 2's first (`second_phase_warmup`)."""
+    return state.phase_start if cfg.second_phase_warmup and state.factor_stage >= 0 else 0
+
+
+def phase_rate(cfg: TrainConfig, state: "TrainState", phases: FactorPhase) -> float:
+    """learning_rate for the run's next step, in the phase it is in."""
+    step = state.global_step - warmup_start(cfg, state)
+    return learning_rate(cfg, step, state.plateau_scale, first_phase=phases.pending(state))
 
 
 # ---------------------------------------------------------------------------
@@ -437,7 +453,7 @@ def _diverged(state: TrainState, loss: torch.Tensor, run_dir: Optional[Path], wr
 
 def _validate(
     model: CTRModel, valid: Split, cfg: TrainConfig, ctx: DistContext, state: TrainState, seconds: float, device: torch.device,
-    head: Optional[Any] = None, tasks: Optional[list[str]] = None,
+    head: Optional[Any] = None, tasks: Optional[list[str]] = None, lr: float = 0.0,
 ) -> dict:
     """Score the valid split, close the window into a history record, and update early stopping
     (on `selection_score`: the AUC, or with several tasks the one `train.early_stopping` names).
@@ -453,7 +469,7 @@ def _validate(
         "train_logloss": state.window_loss_sum / max(state.window_seen, 1),
         "valid_auc": metrics["auc"],
         "valid_logloss": metrics["logloss"],
-        "lr": learning_rate(cfg, state.global_step - 1, state.plateau_scale),
+        "lr": lr,
         "seconds": seconds,
         "samples_per_second": state.window_seen / seconds if seconds > 0 else 0.0,
     }
@@ -484,7 +500,7 @@ def _out_of_patience(state: TrainState, cfg: TrainConfig) -> bool:
     Not during the warm-up: a model judged at a fraction of its learning rate may just be slow
     (AutoInt on criteo-8k stopped at step 75 of 300 with its best at step 15).
     In FM's phase 2 the factor_prior path is the one that moves on (training.factor_phase)."""
-    if state.bad_evals < cfg.patience or state.global_step < cfg.lr_warmup_steps:
+    if state.bad_evals < cfg.patience or state.global_step - warmup_start(cfg, state) < cfg.lr_warmup_steps:
         return False
     if state.factor_stage >= 0:
         if state.factor_stage + 1 < len(cfg.factor_prior):
@@ -558,7 +574,7 @@ def _training_data(model: CTRModel, data: CTRDataset, cfg: TrainConfig) -> tuple
     """The train and valid splits (negatives down-sampled when asked) and the config with the
     model's defaults filled in; refuses data the run cannot train on."""
     train, valid = _check_splits(data)
-    cfg = with_model_defaults(cfg, type(model))
+    cfg = with_model_defaults(cfg, type(model), model.cfg)
     check_tasks(data, cfg, multitask_model=getattr(model, "tasks", None) is not None)
     if cfg.negative_sampling_rate < 1:
         train = downsample_negatives(train, cfg.negative_sampling_rate, cfg.seed)
@@ -633,8 +649,10 @@ def fit(
     if prior is not None:
         prior.factor_ids = phases.factor_ids()
     if phases.enabled and resume_from is None:
-        phases.hold_at_zero()
+        phases.hold_at_zero(model)
     state, best_weights = _start(model, optimizer, resume_from, ctx)
+    if phases.enabled:  # a resumed run: the model does what its phase does
+        model.set_phase(second=not phases.pending(state))
     state.steps_per_epoch = schedule.steps_per_epoch
     checkpointer = _Checkpointer(run_dir, cfg, model, optimizer, ctx, device, checkpoint_meta)
     if not state.done and state.global_step >= phases.end_step(schedule, cfg, state) and not phases.pending(state):
@@ -649,7 +667,7 @@ def fit(
             state.next_epoch()
         progress.epoch(state)
         for x, y in _epoch_batches(train, cfg, schedule.batch_size, state, ctx, device):
-            optimizer.set_lr(learning_rate(cfg, state.global_step, state.plateau_scale))
+            optimizer.set_lr(phase_rate(cfg, state, phases))
             if prior is not None:
                 phases.set_prior(prior, state, cfg)
             result = train_step(model, optimizer, x, y, cfg, forward, prior)
@@ -657,7 +675,9 @@ def fit(
             progress.step()
             phase_end = phases.end_step(schedule, cfg, state)
             if schedule.evaluates_at(state.global_step, phase_end):
-                record = _validate(model, valid, cfg, ctx, state, time.perf_counter() - window_start, device, head, tasks)
+                record = _validate(model, valid, cfg, ctx, state, time.perf_counter() - window_start, device, head, tasks, optimizer.lr)
+                if phases.enabled:  # which phase of a two-phase fit this evaluation is in (a tuner's pruner skips phase 1)
+                    record["phase"] = 1 if phases.pending(state) else 2
                 model.train()
                 state.done = _out_of_patience(state, cfg) or state.global_step >= phase_end
                 progress.evaluated(record, state)
@@ -678,6 +698,8 @@ def fit(
                 checkpointer.save(state, best_weights)
     progress.close()
     model.load_state_dict(best_weights)
+    if phases.enabled:  # stopped in phase 1: the deep part's prediction layer is zero, the full forward is LR's
+        model.set_phase(second=True)
     return FitResult(
         best_epoch=state.best_epoch, best_valid=state.best_valid, history=state.history, train_seconds=state.train_seconds,
         samples_seen=state.samples_seen, best_step=state.best_step, steps=state.global_step, batch_size=schedule.batch_size,

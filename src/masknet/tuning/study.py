@@ -145,10 +145,14 @@ def _objective(optuna, base: RunConfig, space: SearchSpace, data: CTRDataset):
             cfg.train.seed = trial.user_attrs[SEED]
         rechecking = RECHECK_OF in trial.user_attrs  # runs to its end: its value is compared at the end
         evals: list[float] = []
+        pruned_on: list[float] = []  # the evaluations the pruner sees
 
         def on_eval(record: dict) -> None:
             evals.append(record["valid_auc"])
-            trial.report(max(evals), step=len(evals))
+            if record.get("phase") == 1:  # LR first (training.factor_phase): LR's run, alike in every trial
+                return
+            pruned_on.append(record["valid_auc"])
+            trial.report(max(evals), step=len(pruned_on))
             if not rechecking and trial.should_prune():
                 raise optuna.TrialPruned()
 
