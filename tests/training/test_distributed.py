@@ -119,12 +119,14 @@ def test_nproc_refuses_a_run_folder_before_launching(tmp_path, capsys):
 
 def test_resumed_two_process_run_with_dropout_continues_exactly(tmp_path):
     """With dropout every rank draws its own masks; a checkpoint holds every rank's RNG state, so
-    a two-process run resumed from a mid-epoch checkpoint ends with the very same weights."""
+    a two-process run resumed from a mid-epoch checkpoint ends with the very same weights. 4,800
+    train rows: the MaskNet fits LR first, so the resume starts in phase 1 (DDP leaves the deep part
+    out) and goes through phase 2 (DDP built again with it)."""
     import shutil
 
     args = [
         *ARGS, "--epochs", "2", "--set", "model.dropout=0.3", "--set", "train.checkpoint_every_steps=7",
-        "--set", "train.keep_checkpoints=20", "--nproc", "2",
+        "--set", "train.keep_checkpoints=1000", "--nproc", "2",  # all of them: step 7 is kept
     ]
     full = tmp_path / "full"
     run([sys.executable, "-m", "masknet", *args, "--output", str(full)])
@@ -147,6 +149,7 @@ def test_resumed_two_process_run_with_dropout_continues_exactly(tmp_path):
     assert (resumed / "model.safetensors").read_bytes() == (full / "model.safetensors").read_bytes()
     untimed = lambda h: [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_second")} for r in h]  # noqa: E731
     assert untimed(history(resumed)) == untimed(history(full))
+    assert {r.get("phase") for r in history(full)} == {1, 2}
 
 
 def test_device_resolution_and_backend_choice(monkeypatch):

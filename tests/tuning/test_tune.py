@@ -66,6 +66,22 @@ def test_pruner_is_fed_every_evaluation(study):
         assert values == sorted(values)  # the best validation AUC so far, at each evaluation
 
 
+def test_the_pruner_sees_phase_2_only_of_a_masknet_fitted_lr_first(tmp_path):
+    """A small SerMaskNet fits LR first (model.linear_term): phase 1 is LR's run, alike in every
+    trial, so only phase 2's evaluations reach the pruner, indexed from phase 2's first."""
+    import optuna
+
+    out = tmp_path / "study"
+    args = ["tune", "--model", "sermasknet", "--set", "data.synthetic.rows=2000", "--set", "model.block_dim=16",
+            "--set", "model.num_blocks=1", "--set", "train.threads=1", "--set", "train.eval_min_steps=2",
+            "--max-steps", "40", "--trials", "2", "--seed", "3", "--quiet", "--output", str(out)]
+    assert main(args) == 0
+    s = optuna.load_study(study_name="masknet", storage=f"sqlite:///{out / 'study.db'}")
+    for t in s.trials:
+        assert 0 < len(t.intermediate_values) < t.user_attrs["evaluations"], t.number
+        assert min(t.intermediate_values) == 1
+
+
 def test_best_yaml_trains_to_the_best_trials_validation_auc(study, tmp_path):
     cfg = load_config(study / "best.yaml")
     assert cfg.model.name == "lr" and cfg.train.max_steps == 24 and cfg.output is None

@@ -62,6 +62,10 @@ class CTRModel(nn.Module):
     def release_second_phase(self, generator: torch.Generator) -> None:
         """Phase 2 begins: what phase 1 held at zero starts to train (a draw from `generator`, if any)."""
 
+    def unused_in_first_phase(self) -> list[str]:
+        """Names of the parameters phase 1 of a two-phase fit does not use (no gradient at all)."""
+        return []
+
     def set_phase(self, second: bool) -> None:
         """A resumed two-phase fit: the phase it is in (for what the model does differently in phase 1)."""
 

@@ -203,6 +203,9 @@ class _MaskNet(CTRModel):
     def set_phase(self, second: bool) -> None:
         self.deep_active = second or self.linear is None
 
+    def unused_in_first_phase(self) -> list[str]:
+        return [name for name, _ in self.named_parameters() if not name.startswith("linear.")] if self.linear is not None else []
+
 
 def serial_blocks(num_fields: int, cfg: ModelConfig) -> nn.ModuleList:
     """SerMaskNet's blocks: the first on the embedding, each next one on the previous one's output."""

@@ -581,8 +581,8 @@ def _training_data(model: CTRModel, data: CTRDataset, cfg: TrainConfig) -> tuple
     return train, valid, cfg
 
 
-def _place(model: CTRModel, cfg: TrainConfig, ctx: DistContext) -> tuple[torch.device, Optimizer, torch.nn.Module]:
-    """Threads, allocator, device; the optimizer; the module to call (DDP in a multi-process run)."""
+def _place(model: CTRModel, cfg: TrainConfig, ctx: DistContext) -> tuple[torch.device, Optimizer]:
+    """Threads, allocator, device; the optimizer (before DDP, which `_forward_module` builds)."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     keep_freed_memory()  # every step allocates the same tensors again: no page faults for them
@@ -590,8 +590,19 @@ def _place(model: CTRModel, cfg: TrainConfig, ctx: DistContext) -> tuple[torch.d
     model.to(device)
     # NCCL cannot all-reduce sparse gradients: multi-GPU runs update the tables densely
     optimizer = Optimizer(model, cfg, sparse=cfg.sparse_embeddings and ctx.sparse_allreduce)  # before DDP
-    forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.enabled else model
-    return device, optimizer, forward
+    return device, optimizer
+
+
+def _forward_module(model: CTRModel, ctx: DistContext, device: torch.device, first_phase: bool) -> torch.nn.Module:
+    """The module a step calls: the model, or in a multi-process run its DDP wrapper. In phase 1 of
+    LR first (training.factor_phase) a MaskNet's deep part is not run: DDP is told to leave its
+    parameters out (it cannot wait for sparse gradients that never come), and is built again when
+    phase 2 brings them in."""
+    if not ctx.enabled:
+        return model
+    ignored = model.unused_in_first_phase() if first_phase else []
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def _start(
@@ -642,7 +653,7 @@ def fit(
     """
     train, valid, cfg = _training_data(model, data, cfg)
     head, tasks = _training_head(cfg), data.task_names
-    device, optimizer, forward = _place(model, cfg, ctx)
+    device, optimizer = _place(model, cfg, ctx)
     schedule = Schedule.for_run(cfg, len(train))
     phases = FactorPhase.for_run(model, cfg)  # FM: the linear part first, then the factors
     prior = L2Prior.for_data(train, data.cardinalities, device) if any(cfg.l2_prior) or phases.enabled else None
@@ -653,6 +664,7 @@ def fit(
     state, best_weights = _start(model, optimizer, resume_from, ctx)
     if phases.enabled:  # a resumed run: the model does what its phase does
         model.set_phase(second=not phases.pending(state))
+    forward = _forward_module(model, ctx, device, first_phase=phases.pending(state))
     state.steps_per_epoch = schedule.steps_per_epoch
     checkpointer = _Checkpointer(run_dir, cfg, model, optimizer, ctx, device, checkpoint_meta)
     if not state.done and state.global_step >= phases.end_step(schedule, cfg, state) and not phases.pending(state):
@@ -685,6 +697,7 @@ def fit(
                     best_weights = copy.deepcopy(model.state_dict())
                 if state.done and phases.pending(state) and state.global_step < (cfg.max_steps or math.inf):
                     phases.begin(model, state, best_weights, cfg.seed)  # FM: now the factors
+                    forward = _forward_module(model, ctx, device, first_phase=False)
                     state.done = False
                     progress.extend(phases.end_step(schedule, cfg, state))
                 if on_eval is not None:
