@@ -31,7 +31,7 @@ TINY_TRAIN = [
     "--set", "data.synthetic.rows=5000", "--set", "train.epochs=2", "--set", "train.batch_size=256",
     "--set", "train.lr=0.005", "--set", "model.block_dim=8",
     "--set", "model.num_blocks=1", "--set", "model.top_mlp=[8]", "--set", "model.dnn_hidden=[8]",
-    "--set", "train.threads=1", "--quiet",
+    "--set", "train.threads=1", "--set", "model.linear_term=false", "--quiet",
 ]
 FENCE = re.compile(r"(?:<!-- readme-test: (\w+)[^>]*-->\n)?```(bash|python)\n(.*?)\n```", re.S)
 

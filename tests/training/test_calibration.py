@@ -290,7 +290,7 @@ def test_negative_downsampling_keeps_served_probabilities_unbiased(tmp_path):
                     # the epoch protocol this was measured under (issue #16's defaults halve the batch to 128,
                     # warm up over 300 steps, longer than the run, and count patience in mid-epoch evaluations)
                     "--set", "train.lr_warmup_steps=0", "--set", "train.evals_per_epoch=1", "--set", "train.eval_min_steps=1",
-                    "--set", "train.min_batches_per_epoch=0")
+                    "--set", "train.min_batches_per_epoch=0", "--set", "model.linear_term=false")
     spec = json.loads((out / "calibration.json").read_text())
     assert spec["negative_sampling_rate"] == 0.1 and spec["method"] == "none"
     data = generate(20000, 7)

@@ -32,6 +32,7 @@ ARGS = [
     "--set", "train.checkpoint_every_steps=4", "--set", "train.shuffle_block_rows=1024",
     "--set", "train.min_batches_per_epoch=0",  # batch 256 as set, not halved for a small split
     "--set", "train.lr_warmup_steps=0",  # a constant rate: the resume tests check the optimizer's rate
+    "--set", "model.linear_term=false",  # one phase (LR first's resume: the scripted two-phase test below)
 ]
 # evaluations (train.evals_per_epoch=4, eval_min_steps=10): at steps 10, 20, 30 and 39, mid-epoch ones too
 STEPS_PER_EPOCH = 13  # ceil(3200 / 256)

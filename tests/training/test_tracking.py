@@ -14,7 +14,8 @@ from masknet.cli import main
 from masknet.training.tracking import scalars
 
 TINY = ["--epochs", "2", "--quiet", "--set", "data.synthetic.rows=2000", "--set", "model.block_dim=8",
-        "--set", "model.num_blocks=1", "--set", "train.threads=1", "--set", "train.batch_size=256"]
+        "--set", "model.num_blocks=1", "--set", "train.threads=1", "--set", "train.batch_size=256",
+        "--set", "model.linear_term=false"]  # one phase: the tracked history is the plain one
 
 
 def _sha(path):

@@ -313,6 +313,7 @@ TINY = [
     "--epochs", "2",
     "--set", "model.block_dim=16",
     "--set", "model.num_blocks=2",
+    "--set", "model.linear_term=false",  # one phase: the schedule below is the plain one
     "--set", "train.threads=1",
     "--quiet",
 ]  # fmt: skip

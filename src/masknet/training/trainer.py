@@ -630,6 +630,31 @@ def _count_step(state: TrainState, result: StepResult, rows: int, cfg: TrainConf
         raise _diverged(state, result.loss, run_dir, writing)
 
 
+def _phases_and_prior(
+    model: CTRModel, cfg: TrainConfig, train: Split, cardinalities: list[int], device: torch.device, fresh: bool
+) -> tuple[FactorPhase, Optional[L2Prior]]:
+    """A two-phase fit's phases (FM, a MaskNet with its first-order term: LR first; a new run starts
+    phase 1 with phase 2's part at zero) and the L2 prior, when the run has one."""
+    phases = FactorPhase.for_run(model, cfg)
+    prior = L2Prior.for_data(train, cardinalities, device) if any(cfg.l2_prior) or phases.enabled else None
+    if prior is not None:
+        prior.factor_ids = phases.factor_ids()
+    if phases.enabled and fresh:
+        phases.hold_at_zero(model)
+    return phases, prior
+
+
+def _begin_second_phase(
+    model: CTRModel, phases: FactorPhase, state: TrainState, best_weights: dict[str, torch.Tensor], cfg: TrainConfig,
+    ctx: DistContext, device: torch.device,
+) -> torch.nn.Module:
+    """Phase 1 has run out: phase 2 begins (FM: the factors; a MaskNet: its deep part), and the run
+    goes on. Returns the module a step now calls (DDP built again, with the deep part in)."""
+    phases.begin(model, state, best_weights, cfg.seed)
+    state.done = False
+    return _forward_module(model, ctx, device, first_phase=False)
+
+
 def fit(
     model: CTRModel,
     data: CTRDataset,
@@ -655,12 +680,7 @@ def fit(
     head, tasks = _training_head(cfg), data.task_names
     device, optimizer = _place(model, cfg, ctx)
     schedule = Schedule.for_run(cfg, len(train))
-    phases = FactorPhase.for_run(model, cfg)  # FM: the linear part first, then the factors
-    prior = L2Prior.for_data(train, data.cardinalities, device) if any(cfg.l2_prior) or phases.enabled else None
-    if prior is not None:
-        prior.factor_ids = phases.factor_ids()
-    if phases.enabled and resume_from is None:
-        phases.hold_at_zero(model)
+    phases, prior = _phases_and_prior(model, cfg, train, data.cardinalities, device, fresh=resume_from is None)
     state, best_weights = _start(model, optimizer, resume_from, ctx)
     if phases.enabled:  # a resumed run: the model does what its phase does
         model.set_phase(second=not phases.pending(state))
@@ -696,9 +716,7 @@ def fit(
                 if state.best_step == state.global_step:
                     best_weights = copy.deepcopy(model.state_dict())
                 if state.done and phases.pending(state) and state.global_step < (cfg.max_steps or math.inf):
-                    phases.begin(model, state, best_weights, cfg.seed)  # FM: now the factors
-                    forward = _forward_module(model, ctx, device, first_phase=False)
-                    state.done = False
+                    forward = _begin_second_phase(model, phases, state, best_weights, cfg, ctx, device)
                     progress.extend(phases.end_step(schedule, cfg, state))
                 if on_eval is not None:
                     on_eval(record)
