@@ -168,6 +168,20 @@ def _seeded_linear_masknet(cards: list[int]):
     return build_model(ModelConfig(name="sermasknet", embedding_dim=3, num_blocks=2, block_dim=8, linear_term=True, dropout=0.0), cards)
 
 
+def _resumes_match_in_both_phases(build, cards, data, cfg, reference, full, points, calls, tmp_path) -> None:
+    """A two-phase fit resumed from its checkpoints at steps 20 (phase 1, after evaluation 4) and 40
+    (phase 2, after evaluation 8) ends with the uninterrupted run's history and weights."""
+    from masknet.training import trainer
+
+    for name, done in (("step-000000020", 4), ("step-000000040", 8)):
+        calls[0] = done
+        resumed = build(cards)
+        again = trainer.fit(resumed, data, cfg, run_dir=tmp_path / name, resume_from=points[name])
+        assert _untimed(again.history) == _untimed(reference.history), name
+        for (k, v), (k2, v2) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
+            assert k == k2 and torch.equal(v, v2), (name, k)
+
+
 def _script_validation(monkeypatch, trainer, aucs: list[float]) -> list[int]:
     """Make the trainer's evaluations return `aucs` in turn; the returned counter (calls[0]) can be
     set back to replay from an evaluation."""
@@ -240,13 +254,8 @@ def test_resume_in_either_phase_of_fms_fit_matches_the_uninterrupted_run(tmp_pat
 
     phase1 = load_file(points["step-000000025"] / "model.safetensors")
     assert not phase1["embedding.weight"].any()  # phase 1: the factors are exactly zero (FM is LR)
-    for name, done in (("step-000000020", 4), ("step-000000040", 8)):  # phase 1 and phase 2
-        calls[0] = done
-        resumed = _seeded_fm(cards)
-        again = trainer.fit(resumed, data, cfg, run_dir=tmp_path / name, resume_from=points[name])
-        assert _untimed(again.history) == _untimed(reference.history), name
-        for (k, v), (k2, v2) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
-            assert k == k2 and torch.equal(v, v2), (name, k)
+    # phase 1 and phase 2: resumed after evaluation 4 and after evaluation 8
+    _resumes_match_in_both_phases(_seeded_fm, cards, data, cfg, reference, full, points, calls, tmp_path)
 
 
 def test_kill_while_writing_a_checkpoint_then_resume_matches(reference, tmp_path):
@@ -1002,10 +1011,5 @@ def test_resume_in_either_phase_of_a_masknets_lr_first_fit_matches_the_uninterru
     phase1 = load_file(points["step-000000025"] / "model.safetensors")
     assert not phase1["prediction.weight"].any() and not phase1["prediction.bias"].any()  # the deep part adds nothing
     assert phase1["linear.weights.weight"].any()  # while LR trains
-    for name, done in (("step-000000020", 4), ("step-000000040", 8)):  # phase 1 and phase 2
-        calls[0] = done
-        resumed = _seeded_linear_masknet(cards)
-        again = trainer.fit(resumed, data, cfg, run_dir=tmp_path / name, resume_from=points[name])
-        assert _untimed(again.history) == _untimed(reference.history), name
-        for (k, v), (k2, v2) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
-            assert k == k2 and torch.equal(v, v2), (name, k)
+    # phase 1 and phase 2: resumed after evaluation 4 and after evaluation 8
+    _resumes_match_in_both_phases(_seeded_linear_masknet, cards, data, cfg, reference, full, points, calls, tmp_path)
