@@ -180,6 +180,10 @@ class TrainConfig:
     checkpoints: bool = True  # checkpoint after every evaluation (RUN/checkpoints), for --resume
     checkpoint_every_steps: int = 0  # also every N steps; 0 = at evaluations only
     keep_checkpoints: int = 2  # how many recent checkpoints to keep
+    # at most this share of the run's wall time goes to checkpoints at evaluations: one is written when the
+    # time since the last one is at least (1 - x) / x times that one's write (1 = after every evaluation;
+    # the run's last evaluation always writes). docs/runs.md: why 0.1
+    checkpoint_overhead: float = 0.1
     precision: str = "fp32"  # "bf16": autocast the forward to bfloat16 (weights, optimizer, loss stay fp32)
     on_nan: str = "stop"  # non-finite loss/gradient: "stop" (keep the last good checkpoint) or "skip-batch"
     device: str = "auto"  # "auto" (CUDA when present, else CPU), "cpu" or "cuda"; torchrun ranks use cuda:LOCAL_RANK
@@ -225,6 +229,8 @@ class TrainConfig:
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}: must be >= 0, got {getattr(self, key)}")
         _positive("train.keep_checkpoints", self.keep_checkpoints)
+        if not 0.0 < self.checkpoint_overhead <= 1.0:
+            raise ConfigError(f"train.checkpoint_overhead: must be in (0, 1], got {self.checkpoint_overhead}")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"train.precision: must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.on_nan not in ("stop", "skip-batch"):

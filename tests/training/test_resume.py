@@ -33,6 +33,7 @@ ARGS = [
     "--set", "train.min_batches_per_epoch=0",  # batch 256 as set, not halved for a small split
     "--set", "train.lr_warmup_steps=0",  # a constant rate: the resume tests check the optimizer's rate
     "--set", "model.linear_term=false",  # one phase (LR first's resume: the scripted two-phase test below)
+    "--set", "train.checkpoint_overhead=1",  # a checkpoint after every evaluation: the tests name their steps
 ]
 # evaluations (train.evals_per_epoch=4, eval_min_steps=10): at steps 10, 20, 30 and 39, mid-epoch ones too
 STEPS_PER_EPOCH = 13  # ceil(3200 / 256)
@@ -209,7 +210,7 @@ def test_resume_restores_the_rate_schedule_and_the_prior_path(tmp_path, monkeypa
     cfg = TrainConfig(
         epochs=8, batch_size=64, lr=0.05, threads=1, progress=False, evals_per_epoch=1, eval_min_steps=1, min_steps=0,
         lr_warmup_steps=7, lr_plateau_factor=0.5, l2_prior=[3.0, 1.0, 0.1], factor_prior=[], patience=2, keep_checkpoints=20,
-        min_batches_per_epoch=0,
+        checkpoint_overhead=1.0, min_batches_per_epoch=0,
     )
 
     full, full_dir = _seeded_fm(cards), tmp_path / "full"
@@ -241,7 +242,7 @@ def test_resume_in_either_phase_of_fms_fit_matches_the_uninterrupted_run(tmp_pat
     cfg = TrainConfig(
         epochs=8, batch_size=64, lr=0.05, threads=1, progress=False, evals_per_epoch=1, eval_min_steps=1, min_steps=0,
         lr_warmup_steps=7, l2_prior=[3.0, 1.0], factor_prior=[1.0, 0.1], patience=2, keep_checkpoints=20,
-        min_batches_per_epoch=0,
+        checkpoint_overhead=1.0, min_batches_per_epoch=0,
     )
 
     full, full_dir = _seeded_fm(cards), tmp_path / "full"
@@ -816,7 +817,7 @@ def test_partial_step_folders_are_removed_on_resume(reference, tmp_path):
 
 SMALL = ["train", "--quiet", "--epochs", "2", "--seed", "3", "--set", "model.block_dim=8", "--set", "model.num_blocks=1",
          "--set", "train.batch_size=256", "--set", "train.threads=1", "--set", "train.patience=3",
-         "--set", "train.keep_checkpoints=20"]
+         "--set", "train.keep_checkpoints=20", "--set", "train.checkpoint_overhead=1"]
 
 
 @pytest.fixture(scope="module")
@@ -997,7 +998,7 @@ def test_resume_in_either_phase_of_a_masknets_lr_first_fit_matches_the_uninterru
     cfg = TrainConfig(
         epochs=8, batch_size=64, lr=0.01, first_phase_lr=0.05, threads=1, progress=False, evals_per_epoch=1, eval_min_steps=1,
         min_steps=0, lr_warmup_steps=7, l2_prior=[3.0, 1.0], factor_prior=[0.0], second_phase_warmup=True, patience=2,
-        keep_checkpoints=20, min_batches_per_epoch=0,
+        keep_checkpoints=20, checkpoint_overhead=1.0, min_batches_per_epoch=0,
     )
 
     full, full_dir = _seeded_linear_masknet(cards), tmp_path / "full"

@@ -428,3 +428,47 @@ def test_load_model_reproduces_predictions(runs):
     for (k, v), (k2, v2) in zip(model.state_dict().items(), other.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(v, v2)
     assert math.isfinite(float(probs.sum()))
+
+
+def _checkpointed_steps(monkeypatch, tmp_path, write_seconds, **extra):
+    """Fit the tiny dataset for 12 evaluations into a run folder; each checkpoint write takes at
+    least `write_seconds`. Returns (steps written, steps evaluated)."""
+    import time
+
+    written = []
+    real_save = trainer.save_checkpoint
+
+    def slow_save(run_dir, model, optimizers, best, state, *rest):
+        time.sleep(write_seconds)
+        written.append(state["global_step"])
+        return real_save(run_dir, model, optimizers, best, state, *rest)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", slow_save)
+    cfg = TrainConfig(epochs=12, patience=100, batch_size=64, lr=0.05, threads=1, progress=False, keep_checkpoints=50,
+                      **{**EPOCH_EVALS, **extra})
+    result = fit(tiny_model(), tiny_dataset(), cfg, run_dir=tmp_path / "run")
+    return written, [r["step"] for r in result.history]
+
+
+def test_slow_checkpoint_writes_are_skipped_at_evaluations_but_the_last_always_writes(monkeypatch, tmp_path):
+    """Default train.checkpoint_overhead=0.1: a 0.3 s write earns the next one only after 2.7 s of
+    training; these evaluations come every few milliseconds, so only the first and the last write."""
+    written, evaluated = _checkpointed_steps(monkeypatch, tmp_path, 0.3)
+    assert len(evaluated) == 12
+    assert written[0] == evaluated[0] and written[-1] == evaluated[-1]
+    assert len(written) < 4, written  # 12 writes would be 3.6 s of sleeping; the bound allows ~10% of the run
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpts[-1] == f"step-{evaluated[-1]:09d}"  # the finished run's checkpoint is the last evaluation's
+
+
+def test_checkpoint_overhead_one_writes_after_every_evaluation(monkeypatch, tmp_path):
+    written, evaluated = _checkpointed_steps(monkeypatch, tmp_path, 0.01, checkpoint_overhead=1.0)
+    assert written == evaluated
+
+
+def test_checkpoint_overhead_outside_zero_to_one_is_a_config_error():
+    from masknet.config import ConfigError
+
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ConfigError, match="train.checkpoint_overhead"):
+            TrainConfig(checkpoint_overhead=bad).validate()

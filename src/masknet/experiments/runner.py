@@ -59,7 +59,7 @@ def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     d.pop("output", None)
     d["train"].pop("progress", None)
     d["train"].pop("threads", None)  # threads do not change results enough to force a re-run
-    for key in ("checkpoints", "checkpoint_every_steps", "keep_checkpoints"):
+    for key in ("checkpoints", "checkpoint_every_steps", "keep_checkpoints", "checkpoint_overhead"):
         d["train"].pop(key, None)  # bookkeeping, not results
     return d
 

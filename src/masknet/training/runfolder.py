@@ -54,7 +54,7 @@ RUN_FILES = runs.RUN_FILES  # everything a run writes at the top of its folder: 
 # Keys a resume may change: how long and how fast the run goes on, not what it trains.
 RESUMABLE = (
     "train.lr", "train.epochs", "train.min_steps", "train.patience", "train.on_nan", "train.threads", "train.progress",
-    "train.checkpoint_every_steps", "train.keep_checkpoints",
+    "train.checkpoint_every_steps", "train.keep_checkpoints", "train.checkpoint_overhead",
 )
 UNRECORDED = ("train.progress",)  # the progress bar changes nothing worth recording
 # what a finished run was trained with: changing one on a run with nothing left to train would

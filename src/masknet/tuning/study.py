@@ -91,7 +91,7 @@ def _identity(base: RunConfig, space: SearchSpace, seed: int) -> dict[str, Any]:
     """What makes a study the same study (resume only into the same one)."""
     cfg = json.loads(json.dumps(base.to_dict()))
     cfg.pop("output", None)
-    for key in ("threads", "progress", "checkpoints", "checkpoint_every_steps", "keep_checkpoints"):
+    for key in ("threads", "progress", "checkpoints", "checkpoint_every_steps", "keep_checkpoints", "checkpoint_overhead"):
         cfg["train"].pop(key, None)  # bookkeeping, not results
     return {"base_config": cfg, "space": space_to_yaml(space), "seed": seed}
 
