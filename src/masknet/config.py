@@ -177,7 +177,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 = PyTorch's default (all cores)
     shuffle_block_rows: int = 1 << 18  # rows read (and shuffled) together from a memory-mapped split
     progress: bool = True  # tqdm progress bar on stderr
-    checkpoints: bool = True  # checkpoint after every evaluation (RUN/checkpoints), for --resume
+    checkpoints: bool = True  # checkpoint at evaluations (RUN/checkpoints, see checkpoint_overhead), for --resume
     checkpoint_every_steps: int = 0  # also every N steps; 0 = at evaluations only
     keep_checkpoints: int = 2  # how many recent checkpoints to keep
     # at most this share of the run's wall time goes to checkpoints at evaluations: one is written when the
