@@ -221,6 +221,24 @@ def test_every_models_search_space_is_valid(name):
     assert "train.lr" in space
 
 
+LAYERED = sorted(n for n, e in REGISTRY.items() if "model.dnn_hidden" in e.search_space)  # a widths x depths key
+
+
+@pytest.mark.parametrize("name", LAYERED)
+def test_a_default_with_a_layers_key_runs_as_trial_0(name, tmp_path):
+    """Before: the default trial named its keys by Optuna's flat parameters (`model.dnn_hidden.width`),
+    so `masknet tune --model deepfm` (every model with a widths x depths key whose default is in the
+    grid) failed on its first trial with a KeyError."""
+    out = tmp_path / "s"
+    args = ["tune", "--model", name, "--set", "data.synthetic.rows=2000", "--set", "train.threads=1", "--max-steps", "4",
+            "--trials", "1", "--quiet", "--output", str(out)]
+    assert main(args) == 0
+    default = trials_of(out)[0]
+    assert default["role"] == "default" and default["state"] == "COMPLETE"
+    # the models' default hidden layers, [400, 400, 400], as the grid's parameters
+    assert (default["model.dnn_hidden.width"], default["model.dnn_hidden.depth"]) == ("400", "3")
+
+
 # --- the default is a candidate, and the best is re-checked on more seeds (tuning.candidates) ----------
 
 

@@ -100,7 +100,7 @@ def _sampler_seed(seed: int, finished: int) -> int:
     return int(np.random.SeedSequence([seed, finished]).generate_state(1)[0])
 
 
-def _open_study(optuna, output: Path, identity: dict[str, Any], default: dict[str, Any]):
+def _open_study(optuna, output: Path, identity: dict[str, Any], default: dict[str, Any], default_keys: list[str]):
     output.mkdir(parents=True, exist_ok=True)
     storage = optuna.storages.RDBStorage(f"sqlite:///{(output / 'study.db').resolve()}")
     pruner = optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=PRUNER_WARMUP_EVALS)
@@ -109,7 +109,7 @@ def _open_study(optuna, output: Path, identity: dict[str, Any], default: dict[st
     if saved is None:
         study.set_user_attr("identity", identity)
         # trial 0: the default setting (its keys only: the rest stay as the base config has them)
-        study.enqueue_trial(default, user_attrs={DEFAULT: True, KEYS: list(default)})
+        study.enqueue_trial(default, user_attrs={DEFAULT: True, KEYS: default_keys})
     elif saved != json.loads(json.dumps(identity)):
         differs = [k for k in identity if saved.get(k) != json.loads(json.dumps(identity[k]))]
         raise TuningError(
@@ -140,6 +140,8 @@ def _finished(optuna, study, search_only: bool = False) -> int:
 def _objective(optuna, base: RunConfig, space: SearchSpace, data: CTRDataset):
     def objective(trial) -> float:
         keys = trial.user_attrs.get(KEYS)  # a fixed trial (the default, a re-check): only these keys
+        if keys is not None:  # config keys; a study begun before they were, Optuna's (`<key>.width`) names
+            keys = trial_keys(dict.fromkeys(keys), space)
         cfg = apply_params(base, suggest(trial, space if keys is None else {k: space[k] for k in keys}))
         if SEED in trial.user_attrs:
             cfg.train.seed = trial.user_attrs[SEED]
@@ -206,7 +208,7 @@ def tune(
         base.train.min_batches_per_epoch = pristine.train.min_batches_per_epoch = 0
     base.train.progress, base.train.checkpoints = False, False
     output = Path(output)
-    study = _open_study(optuna, output, _identity(base, space, seed), default)
+    study = _open_study(optuna, output, _identity(base, space, seed), default, trial_keys(default, space))
     objective = _objective(optuna, base, space, data)
     runner = _Runner(optuna, study, objective, output, seed, timeout, log)
     runner.bar = tqdm(total=trials, initial=min(_finished(optuna, study), trials), desc=f"tune {base.model.name}",
