@@ -86,8 +86,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         metavar="RUN",
         help="continue an interrupted run from its latest intact checkpoint, with its saved config; only --epochs, "
         "--quiet, --nproc and --set of train.lr, train.epochs, train.min_steps, train.patience, train.on_nan, "
-        "train.threads, train.progress, train.checkpoint_every_steps, train.keep_checkpoints, train.checkpoint_overhead may be given (recorded "
-        "in log.jsonl and config.yaml; a given epochs is an exact cap: it sets min_steps to 0)",
+        "train.threads, train.progress, train.checkpoint_every_steps, train.keep_checkpoints, train.checkpoint_overhead "
+        "may be given (recorded in log.jsonl and config.yaml; a given epochs is an exact cap: it sets min_steps to 0)",
     )
     p.add_argument(
         "--nproc",

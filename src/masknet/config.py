@@ -276,6 +276,9 @@ PAPER_PROTOCOL: dict[str, Any] = {
     "train.min_steps": 0,
     "train.min_batches_per_epoch": 0,
 }
+# train keys that change how a run is watched and checkpointed, not its results: a study's identity
+# (tuning.study) and whether an experiment's saved run counts as done (experiments.runner) ignore them
+TRAIN_BOOKKEEPING = ("threads", "progress", "checkpoints", "checkpoint_every_steps", "keep_checkpoints", "checkpoint_overhead")
 # the model settings the defaults choose by data size, as the paper protocol ran them (no dropout:
 # the paper states none); every preset built on PAPER_PROTOCOL takes these too
 PAPER_MODEL_SETTINGS: dict[str, Any] = {"model.dropout": 0.0, "model.linear_term": False}

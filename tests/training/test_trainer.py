@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -433,8 +434,6 @@ def test_load_model_reproduces_predictions(runs):
 def _checkpointed_steps(monkeypatch, tmp_path, write_seconds, **extra):
     """Fit the tiny dataset for 12 evaluations into a run folder; each checkpoint write takes at
     least `write_seconds`. Returns (steps written, steps evaluated)."""
-    import time
-
     written = []
     real_save = trainer.save_checkpoint
 

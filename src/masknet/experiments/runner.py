@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..config import RunConfig
+from ..config import TRAIN_BOOKKEEPING, RunConfig
 from ..data.dataset import CTRDataset, load_prepared
 from ..data.synthetic import generate
 from ..data.synthetic import source as synthetic_source
@@ -57,10 +57,8 @@ def select_fields(data: CTRDataset, fields: list[str]) -> CTRDataset:
 def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     d = json.loads(json.dumps(cfg_dict))
     d.pop("output", None)
-    d["train"].pop("progress", None)
-    d["train"].pop("threads", None)  # threads do not change results enough to force a re-run
-    for key in ("checkpoints", "checkpoint_every_steps", "keep_checkpoints", "checkpoint_overhead"):
-        d["train"].pop(key, None)  # bookkeeping, not results
+    for key in TRAIN_BOOKKEEPING:  # threads do not change results enough to force a re-run
+        d["train"].pop(key, None)
     return d
 
 

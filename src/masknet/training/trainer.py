@@ -546,7 +546,7 @@ class _Checkpointer:
             return False
         share = self.cfg.checkpoint_overhead
         since = time.perf_counter() - self.last_write_end
-        due = state.done or share >= 1.0 or since * share >= self.last_write_seconds * (1.0 - share)
+        due = state.done or since * share >= self.last_write_seconds * (1.0 - share)  # share 1: always
         if self.ctx.enabled:
             flag = torch.tensor([float(due)], device=self.device if self.ctx.backend == "nccl" else "cpu")
             torch.distributed.broadcast(flag, src=0)
@@ -694,12 +694,12 @@ def fit(
     restore the best evaluation's weights.
 
     `on_eval(record)` is called after every evaluation (an exception it raises, e.g. a tuner's
-    pruning signal, ends the run). With `run_dir`, checkpoints are written after evaluations
-    (`cfg.checkpoints`; as often as `cfg.checkpoint_overhead` allows, and always after the last) and every `cfg.checkpoint_every_steps` steps; `resume_from` (a checkpoint
-    folder) continues a run exactly where it stopped: same batches, same RNG, same optimizer
-    moments. In a multi-process run (`ctx`), each rank trains on its slice of every global batch
-    through DistributedDataParallel, and only rank 0 writes checkpoints. `checkpoint_meta` is
-    stored in every checkpoint's manifest (train_run: the run's config and fingerprint).
+    pruning signal, ends the run). With `run_dir`, checkpoints are written after evaluations (as often
+    as `cfg.checkpoint_overhead` allows, always after the last) and every `cfg.checkpoint_every_steps`
+    steps; `resume_from` (a checkpoint folder) continues a run exactly where it stopped: same batches,
+    same RNG, same optimizer moments. In a multi-process run (`ctx`), each rank trains on its slice of
+    every global batch through DistributedDataParallel, and only rank 0 writes checkpoints.
+    `checkpoint_meta` is stored in every checkpoint's manifest (train_run: the run's config and fingerprint).
     """
     train, valid, cfg = _training_data(model, data, cfg)
     head, tasks = _training_head(cfg), data.task_names

@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 from tqdm import tqdm
 
-from ..config import RunConfig
+from ..config import TRAIN_BOOKKEEPING, RunConfig
 from ..data.dataset import CTRDataset
 from ..errors import UserError
 from ..models import REGISTRY, build_model, with_size_defaults
@@ -91,8 +91,8 @@ def _identity(base: RunConfig, space: SearchSpace, seed: int) -> dict[str, Any]:
     """What makes a study the same study (resume only into the same one)."""
     cfg = json.loads(json.dumps(base.to_dict()))
     cfg.pop("output", None)
-    for key in ("threads", "progress", "checkpoints", "checkpoint_every_steps", "keep_checkpoints", "checkpoint_overhead"):
-        cfg["train"].pop(key, None)  # bookkeeping, not results
+    for key in TRAIN_BOOKKEEPING:
+        cfg["train"].pop(key, None)
     return {"base_config": cfg, "space": space_to_yaml(space), "seed": seed}
 
 
