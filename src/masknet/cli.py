@@ -700,6 +700,9 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--space", metavar="FILE", help="a YAML search space replacing the model's (see docs/model.md)")
     p.add_argument("--config", metavar="FILE", help="a YAML run config every trial starts from")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fix a config key for every trial (repeatable)")
+    p.add_argument("--margin", type=float, default=1.0, metavar="SE",
+                   help="keep the default unless the re-check's best beats it by more than SE standard errors of "
+                        "the paired validation AUC difference (DeLong; default 1, 0: best mean wins)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_tune)
 
@@ -710,8 +713,10 @@ def _run_tune(args: argparse.Namespace) -> int:
 
     _require("tune", "masknet tune")
     from .config import RunConfig, apply_override, load_config
-    from .tuning import load_space, tune
+    from .tuning import Recheck, load_space, tune
 
+    if not args.margin >= 0:
+        raise UserError(f"--margin: must be >= 0, got {args.margin:g}")
     cfg = load_config(args.config) if args.config else RunConfig()
     cfg.model.name = args.model
     if args.data:
@@ -721,7 +726,7 @@ def _run_tune(args: argparse.Namespace) -> int:
     space = load_space(args.space) if args.space else None
     out = Path(args.output) if args.output else Path("runs") / f"tune-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     r = tune(cfg, args.trials, out, space=space, seed=args.seed, timeout=args.timeout, max_steps=args.max_steps,
-             progress=not args.quiet, log=lambda msg: print(msg, file=sys.stderr))
+             progress=not args.quiet, log=lambda msg: print(msg, file=sys.stderr), recheck=Recheck(margin_se=args.margin))
     chosen = next((c for c in r.rechecked if c.params == r.best_params), None)
     how = f" (trial {chosen.number}{', the default' if chosen.default else ''}; mean over {len(chosen.values)} seeds {chosen.mean:.4f})" if chosen else ""
     print(f"best of {r.finished} trials: validation AUC {r.best_value:.4f}{how}; train it: masknet train --config {out / 'best.yaml'}")

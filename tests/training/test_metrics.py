@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import log_loss, roc_auc_score
 
-from masknet.training.metrics import auc, logloss, relaimp
+from masknet.training.metrics import auc, logloss, midranks, paired_auc_difference, relaimp
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -98,3 +98,39 @@ def test_relaimp_eq20():
     assert relaimp(0.6, 0.7) == pytest.approx(-0.5)
     with pytest.raises(ValueError):
         relaimp(0.8, 0.5)
+
+
+def _delong_by_pairs(y, a, b):
+    """DeLong's variance of AUC(a) - AUC(b) from its definition: every positive-negative pair."""
+    y = y.astype(bool)
+    comps = []
+    for s in (a, b):
+        psi = (s[y][:, None] > s[~y][None, :]) + 0.5 * (s[y][:, None] == s[~y][None, :])
+        comps.append((psi.mean(axis=1), psi.mean(axis=0)))  # V10 per positive, V01 per negative
+    d10, d01 = comps[0][0] - comps[1][0], comps[0][1] - comps[1][1]
+    return d10.mean(), math.sqrt(d10.var(ddof=1) / y.sum() + d01.var(ddof=1) / (~y).sum())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_paired_auc_difference_is_delongs_by_its_definition(seed):
+    rng = np.random.default_rng(seed)
+    y = (rng.random(300) < 0.3).astype(float)
+    a = np.round(y + rng.normal(0, 1, 300), 1)  # rounded: ties within and across classes
+    b = np.round(0.5 * y + rng.normal(0, 1, 300), 1)
+    diff, se = paired_auc_difference(y, a, b)
+    ref_diff, ref_se = _delong_by_pairs(y, a, b)
+    assert diff == pytest.approx(auc(y, a) - auc(y, b), abs=1e-12)
+    assert diff == pytest.approx(ref_diff, abs=1e-12)
+    assert se == pytest.approx(ref_se, rel=1e-9)
+    assert se > 0
+
+
+def test_paired_auc_difference_of_a_model_with_itself_is_zero_and_one_class_is_nan():
+    rng = np.random.default_rng(3)
+    y, s = (rng.random(100) < 0.5).astype(float), rng.random(100)
+    assert paired_auc_difference(y, s, 2 * s + 1) == (0.0, 0.0)  # the same ranking
+    assert all(math.isnan(v) for v in paired_auc_difference(np.ones(10), s[:10], s[:10]))
+
+
+def test_midranks_average_ties():
+    assert midranks(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("optuna", reason="masknet tune needs Optuna (pip install 'masknet[tune]')")
@@ -14,7 +16,10 @@ pytest.importorskip("optuna", reason="masknet tune needs Optuna (pip install 'ma
 from masknet.cli import main  # noqa: E402
 from masknet.config import RunConfig, load_config  # noqa: E402
 from masknet.models import REGISTRY  # noqa: E402
-from masknet.tuning import check_space  # noqa: E402
+from masknet.training.metrics import auc, paired_auc_difference  # noqa: E402
+from masknet.training.run import load_data  # noqa: E402
+from masknet.tuning import Recheck, check_space  # noqa: E402
+from masknet.tuning.candidates import best  # noqa: E402
 
 # LR on 3,000 built-in rows, at most 24 steps per trial: a trial takes well under a second
 TINY = ["--model", "lr", "--set", "data.synthetic.rows=3000", "--set", "train.threads=1", "--max-steps", "24", "--quiet"]
@@ -122,17 +127,17 @@ def test_killed_tune_resumes_to_the_uninterrupted_study(study, tmp_path, monkeyp
 
     calls, original = [0], study_module.run_trial
 
-    def run_trial(cfg, data, on_eval=None):
+    def run_trial(cfg, data, on_eval=None, scores_to=None):
         calls[0] += 1
         if calls[0] != 3:
-            return original(cfg, data, on_eval)
+            return original(cfg, data, on_eval, scores_to)
 
         def dying(record):  # the third trial dies at its second evaluation, after reporting it
             on_eval(record)
             if record["step"] > 5:
                 raise Killed
 
-        return original(cfg, data, dying)
+        return original(cfg, data, dying, scores_to)
 
     monkeypatch.setattr(study_module, "run_trial", run_trial)
     out = tmp_path / "killed"
@@ -188,6 +193,14 @@ def test_unknown_model_is_one_line_exit_2(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "nosuchnet" in err
+
+
+@pytest.mark.parametrize("margin", ["-1", "nan"])
+def test_a_bad_margin_is_one_line_exit_2(margin, tmp_path, capsys):
+    assert main(["tune", *TINY, "--trials", "2", "--margin", margin, "--output", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--margin" in err
+    assert not (tmp_path / "s").exists()  # refused before a study is opened
 
 
 def test_other_study_in_output_is_refused(study, capsys):
@@ -291,16 +304,52 @@ def test_recheck_picks_the_best_mean_not_the_best_single_seed():
     assert best(scored(cands, trials, base_seed=7)).default
 
 
+def test_the_default_is_kept_unless_the_best_beats_it_by_the_margin():
+    from masknet.tuning.candidates import Candidate, best
+
+    default = Candidate(0, {}, {1: 0.70, 2: 0.70}, default=True)
+    top = Candidate(3, {}, {1: 0.72, 2: 0.72}, default=False, edge_se=0.015)  # edge 0.02
+    other = Candidate(5, {}, {1: 0.71, 2: 0.71}, default=False, edge_se=0.001)
+    assert best([top, other, default]) is top  # no margin: the best mean
+    assert best([top, other, default], margin_se=1.0) is top  # 0.02 > 1 x 0.015
+    assert best([top, other, default], margin_se=2.0) is default  # 0.02 < 2 x 0.015: not the runner-up either
+    top.edge_se = None  # no saved scores (an older study): the mean alone
+    assert best([top, other, default], margin_se=2.0) is top
+    assert best([top, other], margin_se=2.0) is top  # no default among the candidates
+
+
+def test_the_edge_se_is_delongs_on_the_saved_scores_over_the_seeds():
+    from masknet.training.metrics import paired_auc_difference
+    from masknet.tuning.candidates import Candidate, with_edge_se
+
+    rng = np.random.default_rng(0)
+    y = (rng.random(400) < 0.25).astype(float)
+    scores = {(n, s): y * (0.3 + 0.2 * n) + rng.normal(0, 1, 400) for n in (0, 4) for s in (8, 9)}
+    cands = with_edge_se([Candidate(4, {}, {}, False), Candidate(0, {}, {}, True)], y, [8, 9], lambda n, s: scores.get((n, s)))
+    ses = [paired_auc_difference(y, scores[4, s], scores[0, s])[1] for s in (8, 9)]
+    assert cands[0].edge_se == pytest.approx(math.sqrt((ses[0] ** 2 + ses[1] ** 2) / 2))  # not averaged down
+    assert cands[1].edge_se is None  # the default has no edge over itself
+    del scores[0, 9]  # a seed the default has no scores for is left out
+    assert with_edge_se([Candidate(4, {}, {}, False), Candidate(0, {}, {}, True)], y, [8, 9],
+                        lambda n, s: scores.get((n, s)))[0].edge_se == pytest.approx(ses[0])
+    quarter = with_edge_se([Candidate(4, {}, {}, False), Candidate(0, {}, {}, True)], y, [8], lambda n, s: scores.get((n, s)), 0.25)
+    assert quarter[0].edge_se == pytest.approx(ses[0] / 2)  # scores of a quarter of the rows: SE for all rows
+
+
+def base_tiny() -> RunConfig:
+    base = RunConfig()
+    base.model.name = "lr"
+    base.data.synthetic.rows = 3000
+    base.train.threads = 1
+    return base
+
+
 def tiny_recheck_study(out: Path):
     """6 trials of the tiny LR study: trial 0 the default, 3 search trials, 2 re-checks (top 1 and the default, 1 seed)."""
     from masknet.tuning import study as study_module
     from masknet.tuning.candidates import Recheck
 
-    base = RunConfig()
-    base.model.name = "lr"
-    base.data.synthetic.rows = 3000
-    base.train.threads = 1
-    return study_module.tune(base, 6, out, seed=3, max_steps=24, progress=False, recheck=Recheck(top=1, seeds=1, min_trials=1))
+    return study_module.tune(base_tiny(), 6, out, seed=3, max_steps=24, progress=False, recheck=Recheck(top=1, seeds=1, min_trials=1))
 
 
 def test_a_study_rechecks_its_best_and_the_default_within_its_trials(tmp_path):
@@ -317,9 +366,18 @@ def test_a_study_rechecks_its_best_and_the_default_within_its_trials(tmp_path):
     for row in rechecks:  # mean over the base seed (the search trial) and the re-check seed
         n = int(row["recheck_of"])
         assert means[n] == pytest.approx((by_number[n] + float(row["valid_auc"])) / 2)
-    chosen = max(r.rechecked, key=lambda c: c.mean)
+    chosen = best(r.rechecked, Recheck().margin_se)
     assert r.best_params == chosen.params
-    assert json.loads((out / "summary.json").read_text())["best_trial"] == chosen.number
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_trial"] == chosen.number
+    labels = load_data(base_tiny()).splits["valid"].y
+    for row in rechecks:  # each re-check saved its validation scores: what the margin is computed on
+        saved = np.load(out / "scores" / f"trial{row['recheck_of']}-seed{row['seed']}.npy")
+        assert saved.shape == (len(labels),) and saved.dtype == np.float32
+        assert auc(labels, saved) == pytest.approx(float(row["valid_auc"]), abs=1e-4)
+    drawn = next(c for c in summary["recheck"] if not c["default"])
+    scores = [np.load(out / "scores" / f"trial{n}-seed{base.train.seed + 1}.npy") for n in (drawn["trial"], 0)]
+    assert drawn["edge_se"] == pytest.approx(paired_auc_difference(labels, *scores)[1], rel=1e-6)
 
 
 def test_a_study_killed_in_its_recheck_resumes_to_the_same_choice(tmp_path, monkeypatch):
@@ -328,17 +386,17 @@ def test_a_study_killed_in_its_recheck_resumes_to_the_same_choice(tmp_path, monk
     reference = tiny_recheck_study(tmp_path / "whole")
     calls, original = [0], study_module.run_trial
 
-    def run_trial(cfg, data, on_eval=None):
+    def run_trial(cfg, data, on_eval=None, scores_to=None):
         calls[0] += 1
         if calls[0] != 5:  # the first re-check dies at its second evaluation
-            return original(cfg, data, on_eval)
+            return original(cfg, data, on_eval, scores_to)
 
         def dying(record):
             on_eval(record)
             if record["step"] > 5:
                 raise Killed
 
-        return original(cfg, data, dying)
+        return original(cfg, data, dying, scores_to)
 
     monkeypatch.setattr(study_module, "run_trial", run_trial)
     out = tmp_path / "killed"

@@ -1,4 +1,5 @@
-"""Evaluation metrics: AUC (ties handled exactly), log loss, RelaImp (Eq. 20)."""
+"""Evaluation metrics: AUC (ties handled exactly), log loss, RelaImp (Eq. 20), and the standard
+error of a paired AUC difference (DeLong)."""
 
 from __future__ import annotations
 
@@ -18,16 +19,41 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     n_neg = len(y) - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    s_sorted = s[order]
-    # average rank (1-based) of each run of tied scores
+    pos_rank_sum = midranks(s)[y].sum()
+    return float((pos_rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def midranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks of `values`, each run of ties at its average rank (scipy's rankdata 'average')."""
+    order = np.argsort(values, kind="mergesort")
+    s_sorted = values[order]
     boundaries = np.flatnonzero(np.diff(s_sorted)) + 1
     starts = np.concatenate(([0], boundaries))
-    ends = np.concatenate((boundaries, [len(s)]))
-    avg_rank = (starts + ends + 1) / 2.0  # mean of ranks starts+1 .. ends
-    ranks = np.repeat(avg_rank, ends - starts)
-    pos_rank_sum = ranks[y[order]].sum()
-    return float((pos_rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    ends = np.concatenate((boundaries, [len(values)]))
+    ranks = np.empty(len(values))
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)  # mean of ranks starts+1 .. ends
+    return ranks
+
+
+def paired_auc_difference(labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray) -> tuple[float, float]:
+    """AUC(a) - AUC(b) on the same rows, and its standard error by DeLong, DeLong & Clarke-Pearson
+    (1988), computed from midranks as in Sun & Xu (2014): O(n log n). The two AUCs are correlated
+    (same rows), which is what makes the SE of their difference smaller than either AUC's own."""
+    y = np.asarray(labels).astype(bool).ravel()
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos < 2 or n_neg < 2:
+        return float("nan"), float("nan")
+    v10, v01 = [], []  # per model: each positive's (negative's) share of pairs it ranks correctly
+    for s in (scores_a, scores_b):
+        s = np.asarray(s, dtype=np.float64).ravel()
+        if s.shape != y.shape:
+            raise ValueError(f"labels {y.shape} and scores {s.shape} differ in shape")
+        ranks = midranks(s)
+        v10.append((ranks[y] - midranks(s[y])) / n_neg)
+        v01.append(1.0 - (ranks[~y] - midranks(s[~y])) / n_pos)
+    diff = float(v10[0].mean() - v10[1].mean())
+    var = np.var(v10[0] - v10[1], ddof=1) / n_pos + np.var(v01[0] - v01[1], ddof=1) / n_neg
+    return diff, float(np.sqrt(max(var, 0.0)))
 
 
 def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:

@@ -4,7 +4,8 @@ Optuna is an optional dependency (`pip install 'masknet[tune]'`): it is imported
 runs, so everything else works without it.
 """
 
+from .candidates import Recheck
 from .space import SearchSpaceError, check_space, load_space
 from .study import TuneResult, TuningError, run_trial, tune
 
-__all__ = ["tune", "TuneResult", "TuningError", "SearchSpaceError", "check_space", "load_space", "run_trial"]
+__all__ = ["tune", "Recheck", "TuneResult", "TuningError", "SearchSpaceError", "check_space", "load_space", "run_trial"]

@@ -7,6 +7,7 @@ OUTPUT/best.yaml       the best trial's full config: `masknet train --config OUT
 OUTPUT/trials.csv, trials.parquet   one row per trial (state, validation AUC, parameters, steps)
 OUTPUT/history.png, importances.png the optimisation history and the parameters' importances
 OUTPUT/summary.json    best value and parameters, trial counts, the space, the seed, the re-check
+OUTPUT/scores/         each re-check's validation scores (float32 .npy), for the re-check's margin
 
 Protocol. Each trial trains on the train split and is scored on the valid split only (the test
 split is never read). The sampler is TPE; the pruner (median) is fed, at each evaluation, the best
@@ -14,7 +15,8 @@ validation AUC so far, and stops a trial below the median of earlier trials at t
 Repeatability: trial i draws from a TPE sampler seeded by (seed, i), so a study with the same seed
 and data draws the same trials, and a resumed study the same ones as an uninterrupted one.
 Robustness (tuning.candidates): trial 0 is the model's default; a study of 20 trials or more ends
-with re-checks of its best trials and the default on more seeds, and best.yaml is the best mean.
+with re-checks of its best trials and the default on more seeds, and best.yaml is the best mean,
+if it beats the default's by more than one standard error of the paired AUC difference.
 """
 
 from __future__ import annotations
@@ -39,10 +41,10 @@ from ..models import REGISTRY, build_model, with_size_defaults
 from ..models.search import Layers, SearchSpace
 from ..training.distributed import DistContext, resolve_device
 from ..training.run import load_data
-from ..training.trainer import FitResult, TrainingDiverged, fit, seed_everything
+from ..training.trainer import FitResult, TrainingDiverged, fit, predict, seed_everything
 from .candidates import (
     CARRIED, DEFAULT, KEYS, RECHECK_OF, SEED, Candidate, Recheck, best, candidates, default_settings, optuna_params,
-    recheck_seeds, scored, trial_keys,
+    recheck_seeds, scored, trial_keys, with_edge_se,
 )
 from .outputs import write_outputs, write_tables
 from .space import apply_params, check_space, space_to_yaml, suggest
@@ -51,6 +53,7 @@ STUDY_NAME = "masknet"
 INSTALL_HINT = "pip install 'masknet[tune]' (or: pip install 'optuna>=5,<6')"
 PRUNER_STARTUP_TRIALS = 5  # trials that always run to the end: the median needs something to compare with
 PRUNER_WARMUP_EVALS = 2  # evaluations before a trial can be pruned (the first ones are noisy)
+SCORED_ROWS = 1_000_000  # a re-check saves the scores of at most this many validation rows (a fixed sample)
 
 
 class TuningError(UserError):
@@ -79,12 +82,32 @@ class TuneResult:
     rechecked: list[Candidate] = dataclasses.field(default_factory=list)  # with their values by seed
 
 
-def run_trial(cfg: RunConfig, data: CTRDataset, on_eval: Optional[Callable[[dict], None]] = None) -> FitResult:
+def run_trial(cfg: RunConfig, data: CTRDataset, on_eval: Optional[Callable[[dict], None]] = None,
+              scores_to: Optional[Path] = None) -> FitResult:
     """Train `cfg` as `masknet train` does (same seed, same model, same loop) without a run folder:
-    its validation AUC is the one `masknet train --config` with this config reaches."""
+    its validation AUC is the one `masknet train --config` with this config reaches. With
+    `scores_to`, the trained model's validation scores (first task) are saved there (.npy)."""
     seed_everything(cfg.train.seed)
     model = build_model(with_size_defaults(cfg.model, len(data.splits["train"])), data.cardinalities)  # as train_run fills it
-    return fit(model, data, cfg.train, on_eval, ctx=DistContext(device=resolve_device(cfg.train.device)))
+    ctx = DistContext(device=resolve_device(cfg.train.device))
+    result = fit(model, data, cfg.train, on_eval, ctx=ctx)
+    if scores_to is not None:
+        first_task = predict(model, data.splits["valid"], ctx=ctx).reshape(len(data.splits["valid"]), -1)[:, 0]
+        rows = _scored_rows(len(first_task))
+        scores_to.parent.mkdir(parents=True, exist_ok=True)
+        partial = scores_to.with_suffix(".partial.npy")  # a killed write leaves no file the re-check would read
+        np.save(partial, (first_task if rows is None else first_task[rows]).astype(np.float32))
+        partial.replace(scores_to)
+    return result
+
+
+def _scored_rows(n: int) -> Optional[np.ndarray]:
+    """The validation rows a re-check's scores are kept for: all, or a fixed sample of SCORED_ROWS."""
+    return None if n <= SCORED_ROWS else np.sort(np.random.default_rng(0).choice(n, SCORED_ROWS, replace=False))
+
+
+def _scores_path(output: Path, trial: int, seed: int) -> Path:
+    return output / "scores" / f"trial{trial}-seed{seed}.npy"
 
 
 def _identity(base: RunConfig, space: SearchSpace, seed: int) -> dict[str, Any]:
@@ -137,7 +160,7 @@ def _finished(optuna, study, search_only: bool = False) -> int:
     return len([t for t in done if RECHECK_OF not in t.user_attrs]) if search_only else len(done)
 
 
-def _objective(optuna, base: RunConfig, space: SearchSpace, data: CTRDataset):
+def _objective(optuna, base: RunConfig, space: SearchSpace, data: CTRDataset, output: Path):
     def objective(trial) -> float:
         keys = trial.user_attrs.get(KEYS)  # a fixed trial (the default, a re-check): only these keys
         if keys is not None:  # config keys; a study begun before they were, Optuna's (`<key>.width`) names
@@ -160,7 +183,8 @@ def _objective(optuna, base: RunConfig, space: SearchSpace, data: CTRDataset):
 
         t0 = time.perf_counter()
         try:
-            result = run_trial(cfg, data, on_eval)
+            scores_to = _scores_path(output, trial.user_attrs[RECHECK_OF], cfg.train.seed) if rechecking else None
+            result = run_trial(cfg, data, on_eval, scores_to)
         except TrainingDiverged as exc:  # a rate too large for this model: a (pruned) result, not a crash
             trial.set_user_attr("diverged", str(exc).split(";")[0])
             raise optuna.TrialPruned() from None
@@ -209,7 +233,7 @@ def tune(
     base.train.progress, base.train.checkpoints = False, False
     output = Path(output)
     study = _open_study(optuna, output, _identity(base, space, seed), default, trial_keys(default, space))
-    objective = _objective(optuna, base, space, data)
+    objective = _objective(optuna, base, space, data, output)
     runner = _Runner(optuna, study, objective, output, seed, timeout, log)
     runner.bar = tqdm(total=trials, initial=min(_finished(optuna, study), trials), desc=f"tune {base.model.name}",
                       unit="trial", disable=not progress, file=sys.stderr)
@@ -217,9 +241,10 @@ def tune(
     if not _completed(optuna, study):
         runner.bar.close()
         raise TuningError(f"{output}: no trial finished without pruning; run more --trials")
-    chosen = _recheck(runner, study, space, base.train.seed, recheck, trials) if searched and recheck.runs(trials) else []
+    chosen = _recheck(runner, study, space, base.train.seed, recheck, trials, data) if searched and recheck.runs(trials) else []
     runner.bar.close()
-    pick = best(chosen)
+    pick = best(chosen, recheck.margin_se)
+    _log_margin(chosen, pick, recheck, log)
     number, params = (pick.number, pick.params) if pick else (study.best_trial.number, study.best_trial.params)
     value = study.trials[number].value
     settings = _config_params(params, space)
@@ -257,9 +282,11 @@ class _Runner:
         return True
 
 
-def _recheck(runner: _Runner, study, space: SearchSpace, base_seed: int, recheck: Recheck, trials: int) -> list[Candidate]:
+def _recheck(runner: _Runner, study, space: SearchSpace, base_seed: int, recheck: Recheck, trials: int,
+             data: CTRDataset) -> list[Candidate]:
     """Train the best trials and the default on more seeds (re-check trials, queued once: a resumed
-    study reuses the ones it has); returns the candidates with their values by seed."""
+    study reuses the ones it has); returns the candidates with their values by seed and their
+    edge's SE over the default."""
     cands = candidates(study.trials, recheck)
     have = {(t.user_attrs.get(RECHECK_OF), t.user_attrs.get(SEED)) for t in study.trials
             if t.state.name in ("COMPLETE", "PRUNED", "WAITING")}
@@ -272,9 +299,35 @@ def _recheck(runner: _Runner, study, space: SearchSpace, base_seed: int, recheck
     if not runner.run_until(waiting, trials):
         return []
     cands = scored(cands, study.trials, base_seed)
+    labels = data.splits["valid"].label_matrix()[:, 0]
+    rows = _scored_rows(len(labels))
+
+    def saved(trial: int, seed: int) -> Optional[np.ndarray]:
+        path = _scores_path(runner.output, trial, seed)
+        return np.load(path, allow_pickle=False) if path.exists() else None
+
+    cands = with_edge_se(cands, labels if rows is None else labels[rows], recheck_seeds(base_seed, recheck), saved,
+                         1.0 if rows is None else len(rows) / len(labels))
     runner.log("masknet tune: re-check (mean validation AUC over seeds " + ", ".join(map(str, [base_seed, *recheck_seeds(base_seed, recheck)]))
                + "): " + "; ".join(f"trial {c.number}{' (default)' if c.default else ''} {c.mean:.4f}" for c in cands))
     return cands
+
+
+def _log_margin(cands: list[Candidate], pick: Optional[Candidate], recheck: Recheck, log) -> None:
+    """Say why the default was kept over a better mean, or that the margin could not be checked."""
+    top = max(cands, key=lambda c: (c.mean, -c.number), default=None)
+    default = next((c for c in cands if c.default), None)
+    if top is None or default is None or top is default:
+        return
+    edge = top.mean - default.mean
+    if top.edge_se is None:
+        log(f"masknet tune: trial {top.number} has no saved validation scores (a re-check from an older masknet): "
+            f"chosen on its mean alone, {edge:+.4f} over the default")
+    elif pick is default:
+        log(f"masknet tune: trial {top.number}'s edge over the default, {edge:+.4f} (SE {top.edge_se:.4f}), is within "
+            f"{recheck.margin_se:g} SE: best.yaml is the default")
+    else:
+        log(f"masknet tune: trial {top.number} beats the default by {edge:+.4f} (SE {top.edge_se:.4f})")
 
 
 def _completed(optuna, study) -> bool:
