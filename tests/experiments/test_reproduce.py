@@ -7,6 +7,7 @@ import json
 import pytest
 
 from masknet.cli import main
+from masknet.experiments.analysis import MODEL_LABELS
 from masknet.experiments.plan import ALL_TABLES, make_plan, parse_tables
 from masknet.experiments.reproduce import base_config
 from masknet.experiments.stats import compare
@@ -190,4 +191,9 @@ def test_reproduce_with_equal_tuning(tmp_path):
     section = report.split("## Under equal tuning (BARS protocol)")[1].split("\n## ")[0]
     assert "| claim (paper) | default protocol | equal tuning |" in section
     assert section.count("the instance-guided mask helps") == 1
+    for model, study in tuning["models"].items():  # a study the default won says so in the report
+        summary = json.loads((out / "tuning" / model / "summary.json").read_text())
+        assert study["is_default"] == summary["best_is_default"]
+        row = next(line for line in section.splitlines() if line.startswith(f"| {MODEL_LABELS[model]} |"))
+        assert ("the default" in row) == study["is_default"]
     assert {c["id"] for c in tuning["claims"]} == {c["id"] for c in doc["claims"]}

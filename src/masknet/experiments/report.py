@@ -69,6 +69,8 @@ def _tuning_section(tuned: dict, analysis: dict) -> list[str]:
     L.append("|---|---|---|")
     for model, s in tuned["models"].items():
         setting = ", ".join(f"`{k}={v:.3g}`" if isinstance(v, float) else f"`{k}={v}`" for k, v in s["settings"].items())
+        if s.get("is_default"):  # the default won its study (or its re-check margin)
+            setting = f"the default ({setting})" if setting else "the default"
         L.append(f"| {MODEL_LABELS.get(model, model)} | {s['best_valid_auc']:.4f} | {setting} |")
     L.append("")
     if "2" in t_analysis["tables"]:

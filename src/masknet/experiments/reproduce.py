@@ -109,7 +109,8 @@ def tune_models(plan: Plan, data, spec: EqualTuning, out: Path, log=print) -> di
         log(f"reproduce: tuning {model} ({spec.trials} trials, at most {cap:,} steps each)")
         r = tune(cfg, spec.trials, out / "tuning" / model, seed=spec.seed, max_steps=cap, data=data, progress=False, log=log)
         settings[model] = {**r.best_settings, "train.max_steps": cap}
-        studies[model] = {"best_valid_auc": r.best_value, "settings": r.best_settings, "study": str(r.output), "trials": r.finished}
+        studies[model] = {"best_valid_auc": r.best_value, "settings": r.best_settings, "study": str(r.output), "trials": r.finished,
+                          "is_default": r.is_default}
     return {"settings": settings, "budget": {"trials": spec.trials, "max_steps": cap, "seed": spec.seed}, "models": studies}
 
 

@@ -80,6 +80,7 @@ class TuneResult:
     finished: int  # trials complete or pruned
     ran: int  # trials this invocation ran
     rechecked: list[Candidate] = dataclasses.field(default_factory=list)  # with their values by seed
+    is_default: bool = False  # best.yaml is the model's default setting (trial 0 won, or kept by the margin)
 
 
 def run_trial(cfg: RunConfig, data: CTRDataset, on_eval: Optional[Callable[[dict], None]] = None,
@@ -251,7 +252,8 @@ def tune(
     best_cfg = apply_params(pristine, settings)
     best_cfg.output = None
     write_outputs(study, output, best_cfg, space, seed, trials, number, [c.to_dict() for c in chosen])
-    return TuneResult(output, value, params, best_cfg, settings, _finished(optuna, study), runner.ran, chosen)
+    return TuneResult(output, value, params, best_cfg, settings, _finished(optuna, study), runner.ran, chosen,
+                      bool(study.trials[number].user_attrs.get(DEFAULT)))
 
 
 class _Runner:
