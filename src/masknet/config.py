@@ -51,7 +51,8 @@ class ModelConfig:
     # DEVIATION (not in the paper): a first-order term w_0 + Σ_i w[x_i] added to the MaskNets' logit and
     # fitted first, as LR's own run, before the deep part joins (training.factor_phase, docs/model.md
     # "MaskNet: LR first"): on small data LR beat every MaskNet. None = the model's default for the train
-    # split's size: on below 100,000 train rows, off above and in the paper preset
+    # split's size: on below 100,000 train rows, off above and in the paper preset. DeepFM has the term
+    # already: for it `true` fits it first (opt-in, no size default; docs/model.md "DeepFM: LR first")
     linear_term: Optional[bool] = None
 
     # --- baselines (the paper's Section 4.1: DNN parts 3x400 ReLU) ---

@@ -27,7 +27,7 @@ def test_masknet_dropout_follows_the_train_rows(name):
 
 
 @pytest.mark.parametrize("name", ["sermasknet", "paramasknet"])
-def test_masknet_first_order_term_follows_the_train_rows(name):
+def test_lr_first_follows_the_train_rows(name):
     """LR first (model.linear_term) below 100,000 train rows only, and with it LR's training settings for
     phase 1; a set value, a multi-task model and the paper preset keep theirs."""
     from masknet.models import model_class
@@ -50,6 +50,23 @@ def test_masknet_first_order_term_follows_the_train_rows(name):
     assert small.lr == 1e-3 and small.second_phase_warmup is True
     large = with_model_defaults(TrainConfig(), model_class(name), with_size_defaults(cfg, 1_000_000))
     assert large.l2_prior == [] and large.factor_prior == [] and large.first_phase_lr is None
+
+
+def test_deepfm_fits_lr_first_only_when_asked():
+    """DeepFM's LR first is opt-in: no size turns it on; `model.linear_term=true` brings LR's phase-1
+    settings, as for the MaskNets."""
+    from masknet.config import TrainConfig
+    from masknet.models import model_class
+    from masknet.models.lr import PRIOR_PATH
+    from masknet.training.trainer import with_model_defaults
+
+    for rows in (7_200, 96_000, None):
+        cfg = with_size_defaults(ModelConfig(name="deepfm"), rows)
+        assert not cfg.linear_term
+        assert with_model_defaults(TrainConfig(), model_class("deepfm"), cfg).factor_prior == []
+    asked = with_model_defaults(TrainConfig(), model_class("deepfm"), ModelConfig(name="deepfm", linear_term=True))
+    assert asked.l2_prior == PRIOR_PATH and asked.factor_prior == [0.0] and asked.first_phase_lr == 1e-2
+    assert asked.lr == 1e-3 and asked.second_phase_warmup is True
 
 
 def test_a_set_dropout_and_other_models_are_left_alone():

@@ -42,12 +42,12 @@ def tiny_bundle(name: str, cardinalities: list[int], field_names: list[str], **s
     return Bundle(None, model, None, spec, {"bundle_sha256": "0" * 64})
 
 
-CASES = [(name, {}) for name in REGISTRY] + [(name, {"linear_term": True}) for name in ("sermasknet", "paramasknet")]
+CASES = [(name, {}) for name in REGISTRY] + [(name, {"linear_term": True}) for name in ("sermasknet", "paramasknet", "deepfm")]
 
 
 @pytest.mark.parametrize(("name", "settings"), CASES, ids=[f"{n}{'-linear' if s else ''}" for n, s in CASES])
 def test_onnx_parity_every_model(name, settings, real_rows):
-    """Every model, and the MaskNets with their small-data first-order term (model.linear_term)."""
+    """Every model, and the MaskNets and DeepFM fitted LR first (model.linear_term, the small-data default)."""
     ds, x = real_rows
     bundle = tiny_bundle(name, ds.cardinalities, ds.field_names, **settings)
     if name in ("sermasknet", "paramasknet"):

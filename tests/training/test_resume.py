@@ -1014,3 +1014,43 @@ def test_resume_in_either_phase_of_a_masknets_lr_first_fit_matches_the_uninterru
     assert phase1["linear.weights.weight"].any()  # while LR trains
     # phase 1 and phase 2: resumed after evaluation 4 and after evaluation 8
     _resumes_match_in_both_phases(_seeded_linear_masknet, cards, data, cfg, reference, full, points, calls, tmp_path)
+
+
+def _seeded_linear_deepfm(cards: list[int]):
+    """The same small DeepFM fitted LR first every call."""
+    from masknet.config import ModelConfig
+    from masknet.models import build_model
+    from masknet.training import trainer
+
+    trainer.seed_everything(0)
+    return build_model(ModelConfig(name="deepfm", embedding_dim=3, dnn_hidden=[8], linear_term=True), cards)
+
+
+def test_resume_in_either_phase_of_a_deepfms_lr_first_fit_matches_the_uninterrupted_run(tmp_path, monkeypatch):
+    """DeepFM fitted LR first: phase 1 holds the shared embedding and the tower's output unit at
+    exactly zero (the model is LR), phase 2 starts them from the best evaluation. A resume from a
+    checkpoint in either phase ends exactly like the uninterrupted run. Scripted AUCs (patience 2)."""
+    from masknet.config import TrainConfig
+    from masknet.training import trainer
+
+    cards = [6, 9, 4]
+    data = _random_three_fields(cards)
+    aucs = [0.6, 0.7, 0.65, 0.64, 0.66, 0.68, 0.75, 0.74, 0.73, 0.72, 0.71, 0.7]
+    calls = _script_validation(monkeypatch, trainer, aucs)
+    cfg = TrainConfig(
+        epochs=8, batch_size=64, lr=0.01, first_phase_lr=0.05, threads=1, progress=False, evals_per_epoch=1, eval_min_steps=1,
+        min_steps=0, lr_warmup_steps=7, l2_prior=[3.0, 1.0], factor_prior=[0.0], second_phase_warmup=True, patience=2,
+        keep_checkpoints=20, checkpoint_overhead=1.0, min_batches_per_epoch=0,
+    )
+
+    full, full_dir = _seeded_linear_deepfm(cards), tmp_path / "full"
+    reference = trainer.fit(full, data, cfg, run_dir=full_dir)
+    phase2 = [r for r in reference.history if "factor_prior" in r]
+    assert len(reference.history) - len(phase2) == 6 and len(phase2) >= 3
+    assert reference.best_step == 35 and full.second_active
+    assert full.tower.output.weight.abs().sum() > 0 and full.embedding.weight.abs().sum() > 0
+    points = {p.name: p for p in ckpt.list_checkpoints(full_dir)}
+    phase1 = load_file(points["step-000000025"] / "model.safetensors")
+    assert not phase1["embedding.weight"].any() and not phase1["tower.output.weight"].any()  # LR, exactly
+    assert phase1["linear.weights.weight"].any()
+    _resumes_match_in_both_phases(_seeded_linear_deepfm, cards, data, cfg, reference, full, points, calls, tmp_path)

@@ -4,7 +4,8 @@
 An FM contains LR: with every factor at zero its pairwise term is zero, and so is every factor's
 gradient (v_i's is Σ_{j≠i} v_j · dL/dlogit), so Adam leaves them there. A MaskNet with a first-order
 term (`model.linear_term`) contains LR too: with its prediction layer at zero the deep part adds
-nothing, and in phase 1 it is not even run. Phase 1 therefore holds the second phase's part at
+nothing, and in phase 1 it is not even run; so does a DeepFM with its embedding and its tower's
+output unit at zero (fitted LR first: the same key). Phase 1 therefore holds the second phase's part at
 exactly zero (`CTRModel.hold_second_phase`) and runs `train.l2_prior` (LR's path) at
 `train.first_phase_lr`: it is the LR run, step for step. When that path runs out (or its step
 budget does), the best evaluation so far is restored, the linear tables keep the prior of the stage
@@ -15,7 +16,7 @@ and phase 2 runs `train.factor_prior`, a path of priors on the factor tables alo
 evaluation of either phase is kept, so on validation the model is never below its own LR stage.
 
 A model takes part through `CTRModel.factor_tables()` and its phase hooks (FM, the MaskNets with a
-first-order term; [] for every other model, which then trains as before); an empty
+first-order term, DeepFM fitted LR first; [] for every other model, which then trains as before); an empty
 `train.factor_prior` turns the phases off.
 """
 
