@@ -24,10 +24,10 @@ from ..config import ModelConfig
 from ..data.batch import MultiValuedField
 from .base import CTRModel
 from .dnn import DNNTower
-from .fm import FACTOR_INIT_STD, fm_pairwise
+from .fm import draw_factors, fm_pairwise
 from .layers import FieldEmbedding
-from .lr import PRIOR_PATH, LinearTerm
-from .masknet import LINEAR_FIRST_LR
+from .lr import LinearTerm
+from .masknet import lr_first_train_defaults
 from .search import DNN, EMBEDDING, TRAINING, SearchSpace
 
 
@@ -39,11 +39,7 @@ class DeepFM(CTRModel):
     def train_defaults_for(cls, cfg: Optional[ModelConfig]) -> dict:
         # opt-in (model.linear_term=true), not yet a size default: it gained valid AUC on 4 of 5 selection
         # draws (docs/model.md, "DeepFM: LR first"), but issue 16's evidence was measured without it
-        if cfg is None or not cfg.linear_term:
-            return cls.train_defaults
-        # phase 1 is LR's run (its rate, its prior path); phase 2 one stage with no prior on the embedding
-        return {**cls.train_defaults, "l2_prior": PRIOR_PATH, "factor_prior": [0.0], "first_phase_lr": LINEAR_FIRST_LR,
-                "second_phase_warmup": True}
+        return lr_first_train_defaults(cls.train_defaults) if cfg is not None and cfg.linear_term else cls.train_defaults
 
     def __init__(self, cardinalities: Sequence[int], cfg: ModelConfig, multi_valued: Sequence[MultiValuedField] = ()):
         super().__init__(cardinalities, cfg, multi_valued)
@@ -68,13 +64,8 @@ class DeepFM(CTRModel):
         self.tower.output.weight.zero_()  # y_DNN and every gradient through it: zero
         self.second_active = False
 
-    @torch.no_grad()
     def release_second_phase(self, generator: torch.Generator) -> None:
-        table = self.embedding
-        draw = torch.randn(table.weight.shape, generator=generator) * FACTOR_INIT_STD
-        table.weight.copy_(draw.to(table.weight.device))
-        if table.multi_valued:  # the padding row stays zero
-            table.weight[table.pad_row].zero_()
+        draw_factors(self.embedding, generator)
         self.second_active = True
 
     def set_phase(self, second: bool) -> None:

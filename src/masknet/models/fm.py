@@ -40,6 +40,15 @@ FACTOR_PATH = [50.0, 17.0, 5.0, 1.7, 0.5, 0.17, 0.05]
 FACTOR_INIT_STD = 1e-2
 
 
+@torch.no_grad()
+def draw_factors(table: FieldEmbedding, generator: torch.Generator) -> None:
+    """Phase 2 of LR first: a factor table held at zero starts from N(0, FACTOR_INIT_STD²)."""
+    draw = torch.randn(table.weight.shape, generator=generator) * FACTOR_INIT_STD
+    table.weight.copy_(draw.to(table.weight.device))
+    if table.multi_valued:  # the padding row stays zero
+        table.weight[table.pad_row].zero_()
+
+
 class FM(CTRModel):
     """FM: logit = w_0 + Σ_i w[x_i] + Σ_{i<j} <e_i, e_j>.
 
@@ -65,13 +74,8 @@ class FM(CTRModel):
     def hold_second_phase(self) -> None:
         self.embedding.weight.zero_()  # every factor's gradient is then zero too: Adam leaves them there
 
-    @torch.no_grad()
     def release_second_phase(self, generator: torch.Generator) -> None:
-        table = self.embedding
-        draw = torch.randn(table.weight.shape, generator=generator) * FACTOR_INIT_STD
-        table.weight.copy_(draw.to(table.weight.device))
-        if table.multi_valued:  # the padding row stays zero
-            table.weight[table.pad_row].zero_()
+        draw_factors(self.embedding, generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x) + fm_pairwise(self.embedding(x))  # [B]

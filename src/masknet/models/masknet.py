@@ -143,6 +143,12 @@ LINEAR_TERM_ROWS = 100_000
 LINEAR_FIRST_LR = 1e-2  # phase 1's rate: LR's (models/lr.py)
 
 
+def lr_first_train_defaults(base: dict) -> dict:
+    """A deep model fitted LR first (MaskNet, DeepFM): phase 1 is LR's run (its rate, its prior path);
+    phase 2 (the deep part) one stage with no prior on the embedding, with the warm-up again."""
+    return {**base, "l2_prior": PRIOR_PATH, "factor_prior": [0.0], "first_phase_lr": LINEAR_FIRST_LR, "second_phase_warmup": True}
+
+
 class _MaskNet(CTRModel):
     @classmethod
     def model_defaults(cls, train_rows: Optional[int]) -> dict:
@@ -152,11 +158,7 @@ class _MaskNet(CTRModel):
 
     @classmethod
     def train_defaults_for(cls, cfg: Optional[ModelConfig]) -> dict:
-        if cfg is None or not cfg.linear_term:
-            return cls.train_defaults
-        # phase 1 is LR's run; phase 2 (the deep part) one stage with no prior on the embedding
-        return {**cls.train_defaults, "l2_prior": PRIOR_PATH, "factor_prior": [0.0], "first_phase_lr": LINEAR_FIRST_LR,
-                "second_phase_warmup": True}
+        return lr_first_train_defaults(cls.train_defaults) if cfg is not None and cfg.linear_term else cls.train_defaults
 
     config_fields = (
         "embedding_dim", "dropout", "num_blocks", "block_dim", "reduction_ratio", "use_mask", "emb_layernorm", "block_layernorm", "block_ffn",
