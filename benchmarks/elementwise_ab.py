@@ -6,7 +6,10 @@ Each change is measured against the same-run baseline, with everything else as t
   the GEMV form), in prediction at batch 1024 (field-norm-train: the training step; since
   field_normalize runs F.layer_norm under autograd, A and B are the same code there now);
 - mask-fused (only at the commit that had it, 2b82eef): prediction with the mask multiply as its
-  own pass (A) or in the projection GEMM's binary post-op (B); measured 0.997x, so not kept.
+  own pass (A) or in the projection GEMM's binary post-op (B); measured 0.997x, so not kept;
+- gemm-train, gemm-predict: the linear layers' kernels (layers.GEMM_BACKENDS), each against the
+  first of `--gemm` (default torch,hybrid,onednn: MKL's nn.Linear; oneDNN forward + MKL backward;
+  oneDNN both ways), in the training step and in prediction at batch 1024 and 8192.
 
     python benchmarks/elementwise_ab.py [--model sermasknet] [--threads 1] [--rounds 9] [--steps 10] [--reps 20]
 
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 from masknet.config import ModelConfig, TrainConfig
 from masknet.data.synthetic import cardinalities, generate
 from masknet.models import build_model
-from masknet.models.layers import FieldLayerNorm
+from masknet.models.layers import FieldLayerNorm, using_gemm_backend
 from masknet.training.memory import keep_freed_memory
 from masknet.training.trainer import Optimizer, train_step
 
@@ -69,6 +72,25 @@ def compare(name: str, a, b, n: int, rows: int, rounds: int) -> None:
               f"B/A {statistics.median(ratios):.3f} (rounds {min(ratios):.3f}-{max(ratios):.3f})")
 
 
+def compare_variants(name: str, variants: dict, n: int, rows: int, rounds: int) -> None:
+    """Like `compare`, for any number of variants: each against the first, rounds alternating."""
+    for f in variants.values():
+        timed(f, 3)
+    res: dict = {k: [] for k in variants}
+    for _ in range(rounds):
+        for k, f in variants.items():
+            wall, cpu = timed(f, n)
+            res[k].append((n * rows / wall, n * rows / cpu))
+    first = next(iter(variants))
+    for clock, i in (("wall", 0), ("CPU", 1)):
+        cells = []
+        for k in variants:
+            ratios = [b[i] / a[i] for a, b in zip(res[first], res[k])]
+            cells.append(f"{k} {statistics.median(r[i] for r in res[k]):>8,.0f}"
+                         + ("" if k == first else f" ({statistics.median(ratios):.3f}x, {min(ratios):.3f}-{max(ratios):.3f})"))
+        print(f"  {name:<22} {clock:<4} " + "  ".join(cells))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="sermasknet")
@@ -77,6 +99,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="training steps per round")
     ap.add_argument("--reps", type=int, default=20, help="prediction batches per round")
     ap.add_argument("--cases", default="field-norm-predict")
+    ap.add_argument("--gemm", default="torch,hybrid,onednn", help="GEMM backends for the gemm-* cases")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     keep_freed_memory()
@@ -103,7 +126,30 @@ def main(argv=None) -> int:
                 model(data[i % len(data)][0])
         return run
 
+    def on(backend: str, fn):
+        def run(i):
+            with using_gemm_backend(backend):
+                fn(i)
+        return run
+
+    def predict_at(rows: int):
+        x = torch.cat([b[0] for b in data])[:rows]
+
+        def run(i):
+            with torch.inference_mode():
+                model(x)
+        return run
+
     cases = args.cases.split(",")
+    gemms = args.gemm.split(",")
+    if "gemm-train" in cases:
+        model.train()
+        compare_variants("gemm train step", {g: on(g, step) for g in gemms}, args.steps, 1024, args.rounds)
+    if "gemm-predict" in cases:
+        model.eval()
+        for rows in (1024, 8192):
+            compare_variants(f"gemm predict@{rows}", {g: on(g, predict_at(rows)) for g in gemms},
+                             max(1, args.reps * 1024 // rows), rows, args.rounds)
     if "field-norm-train" in cases:
         model.train()
         compare("field-norm train step", with_norm(layer_norm_normalize, step), with_norm(GEMV_NORMALIZE, step), args.steps, 1024, args.rounds)

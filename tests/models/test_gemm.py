@@ -5,6 +5,7 @@ LazyAdam against torch.optim.SparseAdam, and the allocator setting that keeps fr
 from __future__ import annotations
 
 import copy
+import platform
 import subprocess
 import sys
 
@@ -18,13 +19,14 @@ from masknet.bench.runner import QUICK_MODEL
 from masknet.config import ModelConfig
 from masknet.registry import model_names
 from masknet.models import build_model
-from masknet.models.layers import MLP, dense, gemm_backend, using_gemm_backend
+from masknet.models import layers
+from masknet.models.layers import MLP, dense, gemm_backend, onednn_available, using_gemm_backend
 from masknet.training.embedding_update import LazyAdam
 
 from model_helpers import random_model
 
 CARDS = [5, 7, 4, 9, 3]
-needs_onednn = pytest.mark.skipif(gemm_backend() != "onednn", reason="this PyTorch has no oneDNN linear op")
+needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this PyTorch has no oneDNN linear op")
 
 
 def small_model(name: str, seed: int = 0):
@@ -71,6 +73,46 @@ def test_onednn_path_equals_torch_path(name):
 
 
 @needs_onednn
+@pytest.mark.parametrize("name", ["sermasknet", "paramasknet", "deepfm"])
+def test_hybrid_trains_on_mkl_and_predicts_on_onednn(name):
+    """'hybrid' (the default on Intel CPUs): autograd's products are MKL's, prediction's oneDNN's,
+    and the gradients are nn.Linear's exactly; the logits agree with 'torch' to float32 rounding."""
+    model = small_model(name)
+    x = rows()
+    ref_logits, ref_grads = forward_backward(model, x, "torch")
+    logits, grads = forward_backward(model, x, "hybrid")
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=0)  # training's forward: the same kernels
+    for n, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[n], rtol=0, atol=0, msg=n)
+    with using_gemm_backend("hybrid"):
+        assert kernels_of(model, x) == {"mkl"}
+        with torch.no_grad():
+            predicted = {p.kernel for p in record_products(lambda: model(x))}
+            torch.testing.assert_close(model(x), ref_logits, rtol=1e-5, atol=1e-5)
+    assert predicted == {"onednn"}
+
+
+@pytest.mark.parametrize("vendor,expected", [("GenuineIntel", "hybrid"), ("AuthenticAMD", "onednn"), ("", "onednn")])
+def test_auto_backend_follows_the_cpu_vendor(monkeypatch, vendor, expected):
+    monkeypatch.delenv("MASKNET_GEMM", raising=False)
+    monkeypatch.setattr(layers, "cpu_vendor", lambda: vendor)
+    layers.auto_gemm_backend.cache_clear()
+    try:
+        assert layers.auto_gemm_backend() == expected
+        assert gemm_backend() == (expected if onednn_available() else "torch")
+        monkeypatch.setenv("MASKNET_GEMM", "torch")
+        assert gemm_backend() == "torch"  # the variable overrides the vendor rule
+    finally:
+        layers.auto_gemm_backend.cache_clear()
+
+
+def test_cpu_vendor_reads_proc_cpuinfo():
+    vendor = layers.cpu_vendor()
+    assert isinstance(vendor, str)
+    if sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64"):
+        assert vendor, "no vendor_id line in /proc/cpuinfo"
+
+
 @needs_onednn
 @pytest.mark.parametrize("fin,fout", [(13, 29), (29, 13), (16, 16)])  # widening (X^T dY), narrowing, square
 def test_weight_gradient_in_either_layout_is_dy_t_x(fin, fout):

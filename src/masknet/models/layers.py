@@ -7,6 +7,7 @@ Shapes: B = batch, f = number of fields, k = embedding size.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Iterator, Optional, Sequence
 
@@ -23,24 +24,28 @@ LOOKUPS = ("auto", "compact", "gather")
 # ---------------------------------------------------------------------------
 # Dense layers on the fastest fp32 GEMM (docs/performance.md, "GEMM kernels")
 #
-# PyTorch runs an fp32 nn.Linear on the CPU through MKL's sgemm. On this project's AMD EPYC
-# (AVX-512) MKL takes its AVX2 code path and reaches ~100 GFLOP/s per core at the models'
-# shapes, while oneDNN's AVX-512 kernels (the same library PyTorch uses for bf16) reach ~225
-# (~1.15x MKL with oneDNN limited to AVX2). So the models run their linear layers through
-# oneDNN (`torch.ops.mkldnn._linear_pointwise`, the op Inductor emits for CPU linears), with a
-# hand-written backward whose three products are oneDNN calls too. Same arithmetic, another
+# PyTorch runs an fp32 nn.Linear on the CPU through MKL's sgemm. MKL takes its AVX-512 code
+# path on Intel CPUs only: on an AMD EPYC with AVX-512 it reaches ~100 GFLOP/s per core at the
+# models' shapes, while oneDNN's AVX-512 kernels (the same library PyTorch uses for bf16) reach
+# ~225. So there the models run their linear layers through oneDNN
+# (`torch.ops.mkldnn._linear_pointwise`, the op Inductor emits for CPU linears), with a
+# hand-written backward whose three products are oneDNN calls too ('onednn'). On Intel MKL trains
+# faster, and prediction stays on oneDNN ('hybrid'; `auto_gemm_backend`). Same arithmetic, another
 # summation order: outputs agree with MKL's to float32 rounding (~1e-6 relative).
-# MASKNET_GEMM=torch (or set_gemm_backend("torch")) returns to plain nn.Linear.
+# MASKNET_GEMM=torch|hybrid|onednn (or set_gemm_backend) overrides the choice.
 
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 _backend: Optional[str] = None
 
 
+GEMM_BACKENDS = ("onednn", "hybrid", "torch")
+
+
 def set_gemm_backend(name: Optional[str]) -> None:
-    """'onednn', 'torch', or None (the default: MASKNET_GEMM, else oneDNN where PyTorch has it)."""
+    """'onednn', 'hybrid', 'torch', or None (the default: MASKNET_GEMM, else `auto_gemm_backend`)."""
     global _backend
-    if name not in (None, "onednn", "torch"):
-        raise ValueError(f"GEMM backend must be 'onednn' or 'torch', got {name!r}")
+    if name not in (None, *GEMM_BACKENDS):
+        raise ValueError(f"GEMM backend must be one of {', '.join(GEMM_BACKENDS)}, got {name!r}")
     _backend = name
 
 
@@ -57,12 +62,44 @@ def using_gemm_backend(name: Optional[str]) -> Iterator[None]:
 
 
 def gemm_backend() -> str:
-    """The kernel fp32 CPU linear layers run on: 'onednn' or 'torch' (MKL)."""
+    """The kernels fp32 CPU linear layers run on: 'onednn' (training and prediction), 'hybrid'
+    (training on MKL, i.e. nn.Linear's forward and autograd's backward; prediction on oneDNN)
+    or 'torch' (nn.Linear: MKL both ways)."""
     name = _backend or os.environ.get("MASKNET_GEMM", "").strip().lower() or "auto"
-    if name not in ("auto", "onednn", "torch"):
-        raise ValueError(f"MASKNET_GEMM must be 'onednn' or 'torch', got {name!r}")
-    available = _ONEDNN_LINEAR is not None and torch.backends.mkldnn.is_available()
-    return "onednn" if name != "torch" and available else "torch"
+    if name not in ("auto", *GEMM_BACKENDS):
+        raise ValueError(f"MASKNET_GEMM must be one of auto, {', '.join(GEMM_BACKENDS)}, got {name!r}")
+    if not onednn_available():
+        return "torch"
+    return auto_gemm_backend() if name == "auto" else name
+
+
+def onednn_available() -> bool:
+    """Whether this PyTorch has oneDNN's linear op (otherwise every backend is 'torch')."""
+    return _ONEDNN_LINEAR is not None and torch.backends.mkldnn.is_available()
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor string ('GenuineIntel', 'AuthenticAMD', ...) from /proc/cpuinfo, or ''."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+@functools.lru_cache(maxsize=1)
+def auto_gemm_backend() -> str:
+    """The default backend where PyTorch has oneDNN (docs/performance.md, "GEMM kernels by CPU").
+
+    MKL picks its AVX-512 code path on Intel CPUs only: there it trains faster than oneDNN (the
+    products at the step's shapes 1.1-2x, the step 1.25x, 2 threads, Intel Xeon with AVX-512),
+    while prediction on oneDNN (ReLU fused into the GEMM, no autograd) is as fast or faster
+    (1.00x at batch 1024, 1.09x at 8192): so 'hybrid' on Intel. Elsewhere (AMD EPYC with
+    AVX-512: MKL on its AVX2 path, 2.2x slower than oneDNN) 'onednn' both ways."""
+    return "hybrid" if cpu_vendor() == "GenuineIntel" else "onednn"
 
 
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -71,7 +108,7 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
         x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing() and not torch.jit.is_scripting()
-        and not torch.compiler.is_compiling() and gemm_backend() == "onednn"
+        and not torch.compiler.is_compiling() and gemm_backend() != "torch"
     )
 
 
@@ -203,6 +240,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         return torch.relu(y) if relu else y
     if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return _onednn(x, weight, bias, relu)  # prediction: no autograd node
+    if gemm_backend() == "hybrid":  # training on MKL (nn.Linear's kernels and autograd's backward)
+        y = F.linear(x, weight, bias)
+        return torch.relu(y) if relu else y
     lead = x.shape[:-1]
     y = _OneDnnLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias, relu)
     return y.view(*lead, y.shape[-1])
