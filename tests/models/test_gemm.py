@@ -76,14 +76,17 @@ def test_onednn_path_equals_torch_path(name):
 @pytest.mark.parametrize("name", ["sermasknet", "paramasknet", "deepfm"])
 def test_hybrid_trains_on_mkl_and_predicts_on_onednn(name):
     """'hybrid' (the default on Intel CPUs): autograd's products are MKL's, prediction's oneDNN's,
-    and the gradients are nn.Linear's exactly; the logits agree with 'torch' to float32 rounding."""
+    and logits and gradients are nn.Linear's (to float32 rounding: MKL may run a product on fewer
+    threads when the machine is busy, another summation order)."""
     model = small_model(name)
     x = rows()
     ref_logits, ref_grads = forward_backward(model, x, "torch")
     logits, grads = forward_backward(model, x, "hybrid")
-    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=0)  # training's forward: the same kernels
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-6, atol=1e-6)  # training's forward: the same kernels
+    assert grads.keys() == ref_grads.keys()
     for n, g in grads.items():
-        torch.testing.assert_close(g, ref_grads[n], rtol=0, atol=0, msg=n)
+        scale = max(1.0, ref_grads[n].abs().max().item())
+        torch.testing.assert_close(g, ref_grads[n], rtol=1e-5, atol=1e-6 * scale, msg=n)
     with using_gemm_backend("hybrid"):
         assert kernels_of(model, x) == {"mkl"}
         with torch.no_grad():

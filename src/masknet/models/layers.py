@@ -242,7 +242,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         return _onednn(x, weight, bias, relu)  # prediction: no autograd node
     if gemm_backend() == "hybrid":  # training on MKL (nn.Linear's kernels and autograd's backward)
         y = F.linear(x, weight, bias)
-        return torch.relu(y) if relu else y
+        return torch.relu_(y) if relu else y  # in place: addmm's backward keeps its inputs, not y
     lead = x.shape[:-1]
     y = _OneDnnLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias, relu)
     return y.view(*lead, y.shape[-1])
