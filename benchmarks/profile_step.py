@@ -58,7 +58,7 @@ def category(name: str, shapes: list) -> str:
     if rows_2d and name in ("aten::mv", "aten::addmv_", "aten::sub", "aten::rsqrt", "aten::mul", "aten::mul_", "aten::add", "aten::new_full", "aten::fill_"):
         return "LN_EMB per-field forward"  # field_normalize's GEMV form (prediction)
     if "linear_pointwise" in name or name in ("aten::mm", "aten::addmm"):
-        return "GEMM (oneDNN: forward + 3 backward products)"
+        return "GEMM (forward + backward products, oneDNN or MKL)"
     if "layer_norm" in name:
         return ("LN_EMB per-field " if _field_rows(shapes) else "LayerNorm ") + ("backward" if "backward" in name else "forward")
     if name in ("aten::threshold_backward", "aten::clamp_min_", "aten::relu_", "aten::clamp_min"):
