@@ -98,8 +98,10 @@ def auto_gemm_backend() -> str:
     products at the step's shapes 1.1-2x, the step 1.25x, 2 threads, Intel Xeon with AVX-512),
     while prediction on oneDNN (ReLU fused into the GEMM, no autograd) is as fast or faster
     (1.00x at batch 1024, 1.09x at 8192): so 'hybrid' on Intel. Elsewhere (AMD EPYC with
-    AVX-512: MKL on its AVX2 path, 2.2x slower than oneDNN) 'onednn' both ways."""
-    return "hybrid" if cpu_vendor() == "GenuineIntel" else "onednn"
+    AVX-512: MKL on its AVX2 path, 2.2x slower than oneDNN) 'onednn' both ways, as on Intel CPUs
+    without AVX-512 (not measured). torch.compile keeps its own choice (`set_compile_gemm`)."""
+    avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")  # the measured case; AVX2-only Intel: unmeasured
+    return "hybrid" if cpu_vendor() == "GenuineIntel" and avx512 else "onednn"
 
 
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -140,6 +142,7 @@ class _OneDnnLinear(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # oneDNN's ops have no autograd: a 2nd derivative raises, never silently wrong
     def backward(ctx, gy):
         x, weight, y = ctx.saved_tensors
         if ctx.relu:
@@ -238,11 +241,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     if not _onednn_applies(x, weight):
         y = F.linear(x, weight, bias)
         return torch.relu(y) if relu else y
-    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+    needs_grad = x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    if not (torch.is_grad_enabled() and needs_grad):
         return _onednn(x, weight, bias, relu)  # prediction: no autograd node
     if gemm_backend() == "hybrid":  # training on MKL (nn.Linear's kernels and autograd's backward)
         y = F.linear(x, weight, bias)
-        return torch.relu_(y) if relu else y  # in place: addmm's backward keeps its inputs, not y
+        if not relu:
+            return y
+        # in place where y is addmm's own output (its backward keeps the inputs, not y); a view
+        # (F.linear's output for [.., in] input of 3+ dimensions) out of place, so autograd need not rewrite it
+        return torch.relu_(y) if y._base is None else torch.relu(y)
     lead = x.shape[:-1]
     y = _OneDnnLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias, relu)
     return y.view(*lead, y.shape[-1])
