@@ -58,22 +58,13 @@ def timed(fn, n: int) -> tuple[float, float]:
 
 
 def compare(name: str, a, b, n: int, rows: int, rounds: int) -> None:
-    for f in (a, b):
-        timed(f, 3)
-    res = {"A": [], "B": []}
-    for _ in range(rounds):
-        for k, f in (("A", a), ("B", b)):
-            wall, cpu = timed(f, n)
-            res[k].append((n * rows / wall, n * rows / cpu))
-    for clock, i in (("wall", 0), ("CPU", 1)):
-        ra, rb = [r[i] for r in res["A"]], [r[i] for r in res["B"]]
-        ratios = [y / x for x, y in zip(ra, rb)]
-        print(f"  {name:<26} {clock:<4} A {statistics.median(ra):>8,.0f}  B {statistics.median(rb):>8,.0f} samples/s  "
-              f"B/A {statistics.median(ratios):.3f} (rounds {min(ratios):.3f}-{max(ratios):.3f})")
+    """A against B in alternating rounds: `compare_variants` with the two."""
+    compare_variants(name, {"A": a, "B": b}, n, rows, rounds)
 
 
 def compare_variants(name: str, variants: dict, n: int, rows: int, rounds: int) -> None:
-    """Like `compare`, for any number of variants: each against the first, rounds alternating."""
+    """samples/s of each variant (median of the rounds, which alternate) and its ratio to the
+    first's (median and range of the per-round ratios), by wall time and per process-CPU second."""
     for f in variants.values():
         timed(f, 3)
     res: dict = {k: [] for k in variants}
@@ -88,7 +79,7 @@ def compare_variants(name: str, variants: dict, n: int, rows: int, rounds: int) 
             ratios = [b[i] / a[i] for a, b in zip(res[first], res[k])]
             cells.append(f"{k} {statistics.median(r[i] for r in res[k]):>8,.0f}"
                          + ("" if k == first else f" ({statistics.median(ratios):.3f}x, {min(ratios):.3f}-{max(ratios):.3f})"))
-        print(f"  {name:<22} {clock:<4} " + "  ".join(cells))
+        print(f"  {name:<26} {clock:<4} " + "  ".join(cells))
 
 
 def main(argv=None) -> int:

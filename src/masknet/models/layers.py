@@ -95,22 +95,22 @@ def auto_gemm_backend() -> str:
     """The default backend where PyTorch has oneDNN (docs/performance.md, "GEMM kernels by CPU").
 
     MKL picks its AVX-512 code path on Intel CPUs only: there it trains faster than oneDNN (the
-    products at the step's shapes 1.1-2x, the step 1.25x, 2 threads, Intel Xeon with AVX-512),
-    while prediction on oneDNN (ReLU fused into the GEMM, no autograd) is as fast or faster
-    (1.00x at batch 1024, 1.09x at 8192): so 'hybrid' on Intel. Elsewhere (AMD EPYC with
+    products at the step's shapes 1.1-2x, the step 1.19-1.25x, 2 threads, Intel Xeon with
+    AVX-512), while prediction on oneDNN (ReLU fused into the GEMM, no autograd) is as fast at
+    batch 1024 (within the noise) and 1.07-1.10x faster at 8192: so 'hybrid' on Intel. Elsewhere (AMD EPYC with
     AVX-512: MKL on its AVX2 path, 2.2x slower than oneDNN) 'onednn' both ways, as on Intel CPUs
     without AVX-512 (not measured). torch.compile keeps its own choice (`set_compile_gemm`)."""
     avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")  # the measured case; AVX2-only Intel: unmeasured
     return "hybrid" if cpu_vendor() == "GenuineIntel" and avx512 else "onednn"
 
 
-def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, backend: str) -> bool:
     """fp32 on the CPU, outside autocast (bf16 already runs on oneDNN) and outside tracing
     (ONNX export sees plain aten.linear; torch.compile: `_compiled_linear`)."""
     return (
         x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing() and not torch.jit.is_scripting()
-        and not torch.compiler.is_compiling() and gemm_backend() != "torch"
+        and not torch.compiler.is_compiling() and backend != "torch"
     )
 
 
@@ -238,13 +238,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     """x @ weight.T (+ bias) (then ReLU), on oneDNN where that applies. x: [..., in], weight: [out, in]."""
     if torch.compiler.is_compiling():
         return _compiled_linear(x, weight, bias, relu)
-    if not _onednn_applies(x, weight):
+    backend = gemm_backend()  # once per call: it reads MASKNET_GEMM
+    if not _onednn_applies(x, weight, backend):
         y = F.linear(x, weight, bias)
         return torch.relu(y) if relu else y
     needs_grad = x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     if not (torch.is_grad_enabled() and needs_grad):
         return _onednn(x, weight, bias, relu)  # prediction: no autograd node
-    if gemm_backend() == "hybrid":  # training on MKL (nn.Linear's kernels and autograd's backward)
+    if backend == "hybrid":  # training on MKL (nn.Linear's kernels and autograd's backward)
         y = F.linear(x, weight, bias)
         if not relu:
             return y
